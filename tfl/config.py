@@ -1,0 +1,184 @@
+"""One frozen Config for a run: plain dataclasses, defaults, and validation before any heavy work.
+
+``main.py`` builds it from flags; library users can build it directly::
+
+    config = tfl.Config(data=tfl.DataConfig(source="asset:rotten_tomatoes"),
+                        model=tfl.ModelConfig(backbone="lstm"), model_dir="/tmp/run")
+    config.validate()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Optional
+
+TASKS = ("classification", "multilabel", "regression")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+JIT_CHOICES = ("auto", "true", "false")
+STRATEGIES = ("auto", "default", "mirrored", "tpu")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+POOLINGS = ("mean", "cls", "pooled")
+SOURCE_KINDS = ("tfds", "keras", "csv", "jsonl", "images", "asset")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from and how they are split and batched."""
+
+    source: str = "asset:rotten_tomatoes"  # kind:name, e.g. tfds:glue/sst2, csv:/path/data.csv
+    text_column: str = "text"  # csv/jsonl: the text (or image path) column
+    label_column: str = "label"  # csv/jsonl: the label column
+    train_split: str = "train"  # tfds split names (slicing allowed: train[:90%])
+    validation_split: str = ""  # tfds: empty = carve validation_fraction out of train
+    test_split: str = "test"
+    validation_fraction: float = 0.1  # for sources without a validation split
+    test_fraction: float = 0.1  # for sources without a test split
+    max_examples: int = 0  # 0 = all; caps the pool before splitting (each split for pre-split sources)
+    classes: tuple = ()  # keep only these label ids (e.g. Fashion-MNIST 0..4), relabelled 0..k-1
+    num_words: int = 10000  # keras:imdb / keras:reuters vocabulary size
+    maxlen: int = 500  # keras:imdb / keras:reuters sequence length
+    batch_size: int = 32
+    shuffle_buffer: int = 10000
+    cache: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The backbone and the head on top of it."""
+
+    backbone: str = "lstm"  # keras-hub preset or folder, keras.applications name, lstm, small_cnn, asset:minilm
+    weights: str = "imagenet"  # keras.applications: imagenet | none | <path>.weights.h5
+    task: str = "classification"
+    sequence_length: int = 128  # text backbones: tokens per example
+    image_size: int = 0  # image backbones: 0 = the backbone's own input size
+    pooling: str = "mean"  # text encoders: mean over tokens, the CLS token, or the backbone's pooler
+    head_dropout: float = 0.1
+    head_hidden_units: int = 0  # 0 = a single Dense layer on the pooled features
+    lstm_units: int = 100  # the seed IMDB model: Embedding(num_words, 50) -> LSTM(100)
+    embedding_dim: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeConfig:
+    """Which blocks of the backbone train."""
+
+    freeze_all: bool = False  # linear probe: only the head trains
+    freeze_blocks: int = 0  # freeze the first N blocks (embeddings first)
+    trainable: str = ""  # regex on layer names; matching layers train, others are frozen
+    unfreeze_every_epochs: int = 0  # gradual unfreezing: one more block from the top every K epochs
+    layer_lr_decay: float = 1.0  # learning rate x decay**(depth from the top) per block; 1 = off
+    lora_rank: int = 0  # keras-hub LoRA on the backbone; 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and devices."""
+
+    epochs: int = 3
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    lr_schedule: str = "linear"
+    precision: str = "auto"
+    jit_compile: str = "auto"
+    strategy: str = "auto"
+    tpu: str = ""
+    early_stopping_patience: int = 0  # 0 = off
+    steps_per_execution: int = 1
+    max_steps_per_epoch: int = 0  # 0 = a full pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    train: TrainConfig = TrainConfig()
+    model_dir: str = ""
+    seed: int = 0
+    export: bool = True
+    overwrite: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def validate(self) -> "Config":
+        """Raises ConfigError naming the first problem and its fix; returns self when valid."""
+        d, m, f, t = self.data, self.model, self.freeze, self.train
+        kind = d.source.split(":", 1)[0]
+        if ":" not in d.source or kind not in SOURCE_KINDS:
+            raise ConfigError(
+                f"--source='{d.source}' is not valid; expected <kind>:<name> with kind one of "
+                f"{list(SOURCE_KINDS)}, e.g. --source=asset:rotten_tomatoes")
+        _check_positive("batch_size", d.batch_size)
+        _check_positive("epochs", t.epochs)
+        _check_positive("sequence_length", m.sequence_length)
+        _check_non_negative("max_examples", d.max_examples)
+        _check_non_negative("freeze_blocks", f.freeze_blocks)
+        _check_non_negative("lora_rank", f.lora_rank)
+        _check_non_negative("unfreeze_every_epochs", f.unfreeze_every_epochs)
+        if not 0.0 < d.validation_fraction < 1.0 or not 0.0 < d.test_fraction < 1.0 \
+                or d.validation_fraction + d.test_fraction >= 1.0:
+            raise ConfigError("--validation_fraction and --test_fraction must each be in (0, 1) and sum "
+                              f"to less than 1; got {d.validation_fraction} and {d.test_fraction}")
+        if not t.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0; got {t.learning_rate}")
+        if not 0.0 <= m.head_dropout < 1.0:
+            raise ConfigError(f"--head_dropout must be in [0, 1); got {m.head_dropout}")
+        if not 0.0 < f.layer_lr_decay <= 1.0:
+            raise ConfigError(f"--layer_lr_decay must be in (0, 1]; got {f.layer_lr_decay}")
+        if not 0.0 <= t.warmup_fraction < 1.0:
+            raise ConfigError(f"--warmup_fraction must be in [0, 1); got {t.warmup_fraction}")
+        for name, value, choices in [("task", m.task, TASKS), ("precision", t.precision, PRECISIONS),
+                                     ("jit_compile", t.jit_compile, JIT_CHOICES),
+                                     ("strategy", t.strategy, STRATEGIES),
+                                     ("lr_schedule", t.lr_schedule, LR_SCHEDULES),
+                                     ("pooling", m.pooling, POOLINGS)]:
+            if value not in choices:
+                raise ConfigError(f"Unknown --{name}='{value}'; expected one of {list(choices)}")
+        if f.freeze_all and (f.lora_rank or f.freeze_blocks or f.trainable or f.unfreeze_every_epochs):
+            raise ConfigError("--freeze_all trains only the head, so it conflicts with --lora_rank, "
+                              "--freeze_blocks, --trainable and --unfreeze_every_epochs; drop one of them")
+        if f.lora_rank and (f.freeze_blocks or f.trainable):
+            raise ConfigError("--lora_rank freezes the backbone's own weights already; drop --freeze_blocks/--trainable")
+        if f.trainable:
+            try:
+                re.compile(f.trainable)
+            except re.error as e:
+                raise ConfigError(f"--trainable='{f.trainable}' is not a valid regular expression ({e})")
+        if t.strategy == "tpu" and not t.tpu:
+            raise ConfigError("--strategy=tpu needs --tpu=local|<grpc address>|<TPU name>")
+        return self
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not value > 0:
+        raise ConfigError(f"--{name} must be a positive number; got {value}")
+
+
+def _check_non_negative(name: str, value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"--{name} must be >= 0; got {value}")
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuilds a Config from ``to_dict()`` output (e.g. a run's config.json)."""
+    sections = {"data": DataConfig, "model": ModelConfig, "freeze": FreezeConfig, "train": TrainConfig}
+    kwargs = dict(values)
+    for key, cls in sections.items():
+        section = dict(kwargs.get(key, {}))
+        if "classes" in section:
+            section["classes"] = tuple(section["classes"])
+        kwargs[key] = cls(**section)
+    return Config(**kwargs)

@@ -1,0 +1,207 @@
+"""tf.data input pipelines: sources -> deterministic splits -> batches.
+
+    splits = tfl.data.load_data("asset:rotten_tomatoes", seed=0)
+    train = tfl.data.make_batches(splits.train, splits.modality, batch_size=32, training=True)
+
+``load_data`` returns unbatched ``(feature, label)`` datasets: raw strings for text, uint8 images,
+image file paths, or token ids (keras:imdb). ``make_batches`` applies the model's preprocessing
+(tokenizer, image resizing) and caches, shuffles, batches and prefetches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfl.data.sources import (IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS, DataError, Examples, SourceData,
+                              load_source)
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+__all__ = ["DataSplits", "DataError", "load_data", "make_batches", "stratified_split",
+           "TEXT", "IMAGE", "IMAGE_FILE", "TOKEN_IDS"]
+
+
+@dataclasses.dataclass
+class DataSplits:
+    """Unbatched (feature, label) datasets for train/validation/test, plus what they hold."""
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    label_names: list
+    modality: str
+    sizes: dict  # split -> number of examples (None where tfds cannot say cheaply)
+    label_counts: dict = dataclasses.field(default_factory=dict)  # split -> {label name: count}
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple, seed: int) -> list:
+    """Index arrays, one per fraction (summing to <= 1; the rest goes to the last), stratified by label.
+
+    Deterministic for a seed. Multi-hot or float labels are split without stratification.
+    """
+    rng = np.random.RandomState(seed)
+    groups = [np.arange(len(labels))]
+    if labels.ndim == 1 and labels.dtype.kind in "iu":
+        groups = [np.flatnonzero(labels == value) for value in np.unique(labels)]
+    parts = [[] for _ in fractions]
+    for group in groups:
+        group = rng.permutation(group)
+        start = 0
+        for i, fraction in enumerate(fractions):
+            end = len(group) if i == len(fractions) - 1 else start + int(round(fraction * len(group)))
+            parts[i].append(group[start:end])
+            start = end
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def _cap(examples: Examples, max_examples: int, seed: int) -> Examples:
+    if not max_examples or len(examples) <= max_examples:
+        return examples
+    keep, _ = stratified_split(examples.labels, (max_examples / len(examples), 1.0), seed)
+    return examples.subset(keep[:max_examples])
+
+
+def _keep_classes(data: SourceData, classes: tuple) -> SourceData:
+    """Keeps only the listed label ids and renumbers them 0..k-1 (for class-split transfer tasks)."""
+    if not classes:
+        return data
+    bad = [c for c in classes if not 0 <= c < len(data.label_names)]
+    if bad:
+        raise DataError(f"--classes={list(classes)} names label id {bad[0]}, but the data has labels "
+                        f"0..{len(data.label_names) - 1}")
+    remap = np.full(len(data.label_names), -1)
+    remap[list(classes)] = np.arange(len(classes))
+
+    def select(ex: Optional[Examples]) -> Optional[Examples]:
+        if ex is None:
+            return None
+        kept = ex.subset(np.flatnonzero(np.isin(ex.labels, classes)))
+        return Examples(kept.features, remap[kept.labels].astype(np.int64))
+
+    return SourceData(data.modality, [data.label_names[c] for c in classes], pool=select(data.pool),
+                      splits={k: select(v) for k, v in data.splits.items()})
+
+
+def _to_dataset(examples: Examples, modality: str) -> tf.data.Dataset:
+    features = examples.features
+    if modality in (TEXT, IMAGE_FILE):
+        features = features.astype(str).astype(object)
+    return tf.data.Dataset.from_tensor_slices((features, examples.labels))
+
+
+def _counts(examples: Examples, label_names: list) -> dict:
+    if examples.labels.ndim != 1 or examples.labels.dtype.kind not in "iu":
+        return {}
+    values, counts = np.unique(examples.labels, return_counts=True)
+    return {label_names[v]: int(c) for v, c in zip(values, counts)}
+
+
+def load_data(source: str, *, seed: int = 0, task: str = "classification", text_column: str = "text",
+              label_column: str = "label", validation_fraction: float = 0.1, test_fraction: float = 0.1,
+              max_examples: int = 0, classes: tuple = (), num_words: int = 10000, maxlen: int = 500,
+              train_split: str = "train", validation_split: str = "", test_split: str = "test",
+              data_dir: Optional[str] = None) -> DataSplits:
+    """Loads ``source`` and splits it deterministically from ``seed`` (stratified by label).
+
+    Sources with their own train/test splits keep them; a missing validation (or test) split is
+    carved from train. ``max_examples`` caps the pool before splitting, or each given split.
+    """
+    if source.startswith("tfds:"):
+        return _load_tfds(source[len("tfds:"):], train_split, validation_split, test_split,
+                          validation_fraction, max_examples, data_dir)
+    data = _keep_classes(load_source(source, text_column=text_column, label_column=label_column, task=task,
+                                     num_words=num_words, maxlen=maxlen), classes)
+    if data.pool is not None:
+        pool = _cap(data.pool, max_examples, seed)
+        train_fraction = 1.0 - validation_fraction - test_fraction
+        parts = stratified_split(pool.labels, (train_fraction, validation_fraction, test_fraction), seed)
+        split = dict(zip(("train", "validation", "test"), (pool.subset(p) for p in parts)))
+    else:
+        split = {k: _cap(v, max_examples, seed) for k, v in data.splits.items()}
+        if "validation" not in split:
+            share = validation_fraction / (1.0 - test_fraction)
+            train_index, val_index = stratified_split(split["train"].labels, (1.0 - share, share), seed)
+            split["train"], split["validation"] = split["train"].subset(train_index), split["train"].subset(val_index)
+    if task == "classification":
+        _check_classification_labels(split, data.label_names)
+    return DataSplits(
+        train=_to_dataset(split["train"], data.modality),
+        validation=_to_dataset(split["validation"], data.modality),
+        test=_to_dataset(split["test"], data.modality),
+        label_names=list(data.label_names), modality=data.modality,
+        sizes={k: len(v) for k, v in split.items()},
+        label_counts={k: _counts(v, data.label_names) for k, v in split.items()})
+
+
+def _check_classification_labels(split: dict, label_names: list) -> None:
+    if len(label_names) < 2:
+        raise DataError(f"The label column has a single class ({label_names}); classification needs at "
+                        "least two. Check --label_column or use --task=regression")
+    train_labels = set(np.unique(split["train"].labels).tolist())
+    for name in ("validation", "test"):
+        unseen = set(np.unique(split[name].labels).tolist()) - train_labels
+        if unseen:
+            raise DataError(f"The {name} split has labels that train never saw: "
+                            f"{sorted(label_names[u] for u in unseen)}; add training examples of them "
+                            "or drop them (--classes)")
+
+
+def _load_tfds(name: str, train_split: str, validation_split: str, test_split: str,
+               validation_fraction: float, max_examples: int, data_dir: Optional[str]) -> DataSplits:
+    import tensorflow_datasets as tfds
+
+    if not validation_split:
+        # Deterministic tfds slicing; tfds splits are already shuffled at preparation time.
+        percent = int(round(100 * (1.0 - validation_fraction)))
+        validation_split = f"{train_split}[{percent}%:]"
+        train_split = f"{train_split}[:{percent}%]"
+    try:
+        (train, validation, test), info = tfds.load(
+            name, split=[train_split, validation_split, test_split], as_supervised=True, with_info=True,
+            data_dir=data_dir)
+    except Exception as e:  # tfds raises many types for a bad name/split or no network
+        raise DataError(f"Could not load tfds:{name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "check the name and split flags, and that the data set is downloaded")
+    label_feature = info.features[info.supervised_keys[1]]
+    label_names = list(getattr(label_feature, "names", None) or ["value"])
+    feature = info.features[info.supervised_keys[0]]
+    modality = IMAGE if "Image" in type(feature).__name__ else TEXT
+    if max_examples:
+        train, validation, test = (d.take(max_examples) for d in (train, validation, test))
+    return DataSplits(train, validation, test, label_names, modality, sizes={})
+
+
+def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optional[Callable] = None,
+                 training: bool = False, seed: int = 0, shuffle_buffer: int = 10000, cache: bool = True,
+                 modality: str = TEXT, decode_image: Optional[Callable] = None,
+                 drop_remainder: bool = False) -> tf.data.Dataset:
+    """Preprocesses, caches, shuffles, batches and prefetches an unbatched (feature, label) dataset.
+
+    ``preprocess`` maps a *batch* of features to model inputs (a keras-hub preprocessor, an image
+    resizer). For text, preprocessing is deterministic and cheap to store, so it runs once and is
+    cached; for images, the small raw images are cached and resizing runs per batch.
+    ``decode_image`` maps one image path to a decoded image (image-file sources).
+    """
+    with_model_inputs = lambda x, y: (preprocess(x), y) if preprocess else (x, y)  # noqa: E731
+    if modality in (TEXT, TOKEN_IDS):
+        dataset = dataset.batch(256).map(with_model_inputs, num_parallel_calls=AUTOTUNE).unbatch()
+        if cache:
+            dataset = dataset.cache()
+        if training:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+    if modality == IMAGE_FILE:
+        if decode_image is None:
+            raise ValueError("image-file datasets need decode_image")
+        dataset = dataset.map(lambda path, y: (decode_image(path), y), num_parallel_calls=AUTOTUNE)
+        dataset = dataset.ignore_errors(log_warning=True)  # a corrupt file is skipped, with a warning
+    if cache:
+        dataset = dataset.cache()
+    if training:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    return dataset.map(with_model_inputs, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)

@@ -1,0 +1,295 @@
+"""Data sources: each returns labelled examples in memory (or tfds datasets) with label names.
+
+A source name is ``kind:name``: ``tfds:glue/sst2``, ``keras:imdb``, ``csv:/data/x.csv``,
+``jsonl:/data/x.jsonl``, ``images:/data/photos``, ``asset:rotten_tomatoes``.
+Text stays raw strings; images stay uint8 arrays or encoded files until the pipeline decodes them.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from tfl import assets
+
+
+class DataError(ValueError):
+    """A user mistake in the data; the message names the problem and the fix."""
+
+
+# What a feature is, so the model side can check it fits its backbone.
+TEXT, IMAGE, IMAGE_FILE, TOKEN_IDS = "text", "image", "image_file", "token_ids"
+
+
+@dataclasses.dataclass
+class Examples:
+    """Labelled examples in memory. ``features``: str array (text or image paths), uint8 images or ids."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "Examples":
+        return Examples(self.features[index], self.labels[index])
+
+
+@dataclasses.dataclass
+class SourceData:
+    """What a source yields: either one pool to split, or named splits (any may be missing)."""
+
+    modality: str
+    label_names: list
+    pool: Optional[Examples] = None
+    splits: dict = dataclasses.field(default_factory=dict)  # "train"/"validation"/"test" -> Examples
+
+
+FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DIGIT_LABELS = [str(i) for i in range(10)]
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
+
+
+# ---- offline assets -------------------------------------------------------------------------
+
+def load_rotten_tomatoes() -> SourceData:
+    """Rotten Tomatoes review sentences: fresh=1, rotten=0; plot synopses dropped."""
+    path = os.path.join(assets.asset_path("rotten_tomatoes"), "rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    texts = np.array([r["text"] for r in rows], dtype=object)
+    labels = np.array([int(r["category"] == "fresh") for r in rows], dtype=np.int64)
+    return SourceData(TEXT, ["rotten", "fresh"], pool=Examples(texts, labels))
+
+
+def load_spam_assassin() -> SourceData:
+    """SpamAssassin public corpus as raw e-mails: spam=1, ham=0."""
+    root = assets.asset_path("spam_assassin")
+    texts, labels = [], []
+    for group in sorted(os.listdir(root)):
+        folder = os.path.join(root, group)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".json"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    texts.append(json.load(f)["text"])
+                labels.append(int(group.startswith("spam")))
+    return SourceData(TEXT, ["ham", "spam"], pool=Examples(np.array(texts, dtype=object), np.array(labels)))
+
+
+def load_political_speeches() -> SourceData:
+    """2012 US convention speeches: democrat=0, republican=1."""
+    path = os.path.join(assets.asset_path("political_speeches"), "political_data.csv")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    label_names = ["democrat", "republican"]
+    texts = np.array([r["text"] for r in rows], dtype=object)
+    labels = np.array([label_names.index(r["party"]) for r in rows], dtype=np.int64)
+    return SourceData(TEXT, label_names, pool=Examples(texts, labels))
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads a (gzipped) IDX file, the MNIST/Fashion-MNIST format."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist_asset() -> SourceData:
+    root = assets.asset_path("fashion_mnist")
+    splits = {}
+    for split, prefix in [("train", "train"), ("test", "t10k")]:
+        images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"))[..., None]
+        labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
+        splits[split] = Examples(images, labels)
+    return SourceData(IMAGE, FASHION_MNIST_LABELS, splits=splits)
+
+
+def load_mnist5k() -> SourceData:
+    path = os.path.join(assets.asset_path("mnist5k"), "mnist_5k.csv.gz")
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    images = table[:, :784].reshape(-1, 28, 28, 1).astype(np.uint8)
+    return SourceData(IMAGE, DIGIT_LABELS, pool=Examples(images, table[:, 784]))
+
+
+ASSET_SOURCES = {
+    "rotten_tomatoes": load_rotten_tomatoes,
+    "spam_assassin": load_spam_assassin,
+    "political_speeches": load_political_speeches,
+    "fashion_mnist": load_fashion_mnist_asset,
+    "mnist5k": load_mnist5k,
+}
+
+
+# ---- keras.datasets -------------------------------------------------------------------------
+
+def load_keras_dataset(name: str, num_words: int = 10000, maxlen: int = 500) -> SourceData:
+    """keras.datasets by name; imdb/reuters give token ids padded to ``maxlen`` as in the seed model."""
+    import keras
+
+    if name in ("imdb", "reuters"):
+        module = getattr(keras.datasets, name)
+        (x_train, y_train), (x_test, y_test) = module.load_data(num_words=num_words)
+        pad = lambda x: keras.utils.pad_sequences(x, maxlen=maxlen)  # noqa: E731 (pre-padding, as the seed)
+        label_names = (["negative", "positive"] if name == "imdb"
+                       else list(keras.datasets.reuters.get_label_names()))
+        return SourceData(TOKEN_IDS, label_names, splits={
+            "train": Examples(pad(x_train), np.asarray(y_train, np.int64)),
+            "test": Examples(pad(x_test), np.asarray(y_test, np.int64))})
+    image_sets = {"mnist": DIGIT_LABELS, "fashion_mnist": FASHION_MNIST_LABELS, "cifar10": CIFAR10_LABELS,
+                  "cifar100": [f"class_{i}" for i in range(100)]}
+    if name not in image_sets:
+        raise DataError(f"Unknown keras dataset '{name}'; expected one of "
+                        f"{['imdb', 'reuters'] + list(image_sets)}")
+    (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, name).load_data()
+    as_nhwc = lambda x: x[..., None] if x.ndim == 3 else x  # noqa: E731 (grayscale -> one channel)
+    flat = lambda y: np.asarray(y, np.int64).reshape(-1)  # noqa: E731
+    return SourceData(IMAGE, image_sets[name], splits={
+        "train": Examples(as_nhwc(x_train), flat(y_train)), "test": Examples(as_nhwc(x_test), flat(y_test))})
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+def _read_text_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise DataError(f"Data file {path} does not exist; check the path after csv:/jsonl:")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8")
+    except OSError as e:
+        raise DataError(f"Cannot read {path}: {e.strerror}; check its permissions")
+    if not text.strip():
+        raise DataError(f"{path} is empty; give a file with a header row and examples")
+    return text
+
+
+def read_csv_rows(path: str, columns: list) -> list:
+    """Rows of a CSV file as dicts; checks the header has ``columns`` and no row is ragged."""
+    reader = csv.reader(io.StringIO(_read_text_file(path), newline=""))
+    header = next(reader)
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{path} has no column {missing[0]!r}; its columns are {header}. "
+                        "Set --text_column/--label_column")
+    rows = []
+    for line_number, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path} line {line_number} has {len(row)} fields, the header has "
+                            f"{len(header)}; fix that row (quote fields that contain commas)")
+        rows.append(dict(zip(header, row)))
+    if not rows:
+        raise DataError(f"{path} has a header but no examples")
+    return rows
+
+
+def read_jsonl_rows(path: str, columns: list) -> list:
+    rows = []
+    for line_number, line in enumerate(_read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path} line {line_number} is not valid JSON; one JSON object per line")
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise DataError(f"{path} line {line_number} has no key {missing[0]!r}; "
+                            "set --text_column/--label_column")
+        rows.append(row)
+    return rows
+
+
+def labels_from_values(values: list, task: str) -> tuple:
+    """(label array, label names) for raw label values: class names, tag lists, or numbers."""
+    if task == "regression":
+        try:
+            return np.array([float(v) for v in values], np.float32), ["value"]
+        except ValueError:
+            raise DataError("--task=regression needs numeric labels; found a non-number in the label column")
+    if task == "multilabel":
+        tags = [v if isinstance(v, list) else [t for t in str(v).split("|") if t] for v in values]
+        names = sorted({str(t) for row in tags for t in row})
+        multi_hot = np.zeros((len(tags), len(names)), np.float32)
+        for i, row in enumerate(tags):
+            for t in row:
+                multi_hot[i, names.index(str(t))] = 1.0
+        return multi_hot, names
+    names = sorted({str(v) for v in values}, key=_natural_key)
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[str(v)] for v in values], np.int64), names
+
+
+def _natural_key(name: str):
+    """Sorts '2' before '10', and numbers before words."""
+    try:
+        return (0, float(name), "")
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def load_table(kind: str, path: str, text_column: str, label_column: str, task: str) -> SourceData:
+    rows = (read_csv_rows if kind == "csv" else read_jsonl_rows)(path, [text_column, label_column])
+    labels, names = labels_from_values([r[label_column] for r in rows], task)
+    features = np.array([str(r[text_column]) for r in rows], dtype=object)
+    modality = TEXT
+    if len(features) and all(str(f).lower().endswith(IMAGE_EXTENSIONS) for f in features):
+        # An image-path column: paths are relative to the file's folder.
+        base = os.path.dirname(os.path.abspath(path))
+        features = np.array([os.path.join(base, f) for f in features], dtype=object)
+        modality = IMAGE_FILE
+    return SourceData(modality, names, pool=Examples(features, labels))
+
+
+def load_image_folder(root: str) -> SourceData:
+    """``root/<class name>/*.png|jpg|...``: one sub-folder per class."""
+    if not os.path.isdir(root):
+        raise DataError(f"Image folder {root} does not exist; give images:<folder with one sub-folder per class>")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted(os.listdir(os.path.join(root, name))):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(root, name, file))
+                labels.append(label)
+    if not paths:
+        raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in sub-folders of {root}; "
+                        "put each class's images in its own sub-folder")
+    return SourceData(IMAGE_FILE, classes, pool=Examples(np.array(paths, dtype=object), np.array(labels)))
+
+
+def load_source(source: str, *, text_column: str = "text", label_column: str = "label",
+                task: str = "classification", num_words: int = 10000, maxlen: int = 500) -> SourceData:
+    """Loads any non-tfds source by ``kind:name``."""
+    kind, _, name = source.partition(":")
+    if kind == "asset":
+        if name not in ASSET_SOURCES:
+            raise DataError(f"Unknown data asset '{name}'; expected one of {sorted(ASSET_SOURCES)}")
+        try:
+            return ASSET_SOURCES[name]()
+        except assets.AssetError as e:
+            raise DataError(str(e))
+    if kind == "keras":
+        return load_keras_dataset(name, num_words=num_words, maxlen=maxlen)
+    if kind in ("csv", "jsonl"):
+        return load_table(kind, name, text_column, label_column, task)
+    if kind == "images":
+        return load_image_folder(name)
+    raise DataError(f"Unknown data source kind '{kind}' in '{source}'; expected asset:, keras:, csv:, "
+                    "jsonl:, images: or tfds:")
