@@ -1,0 +1,41 @@
+"""tfl command line: python main.py --flagfile=configs/<name>.flags [--flag=value ...]
+
+Reads flags into one Config, checks it before any heavy work, writes it to <model_dir>/config.json
+and calls tfl.run. A user mistake prints one line naming the fix and exits 2.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
+
+from absl import app, flags  # noqa: E402
+
+from tfl import cli  # noqa: E402
+
+FLAGS = flags.FLAGS
+cli.define_flags(FLAGS)
+
+
+def main(argv):
+    if len(argv) > 1:
+        return fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
+    from tfl import errors  # imports TensorFlow: after flag parsing, so --helpfull stays fast
+    try:
+        config = cli.config_from_flags(FLAGS)
+        errors.check_before_run(config)
+        metrics = errors.run_checked(config)
+    except errors.USER_ERRORS as e:
+        return fail(str(e).splitlines()[0])
+    print(f"tfl: done; metrics in {os.path.join(config.model_dir, 'metrics.json')}" if config.model_dir
+          else "tfl: done")
+    return 0 if metrics else 1
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=lambda argv: cli.parse_flags_or_exit(argv, FLAGS))

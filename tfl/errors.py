@@ -1,0 +1,50 @@
+"""The user-mistake errors tfl reports as one line, and the checks that run before any heavy work."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tfl.assets import AssetError
+from tfl.backbones import BackboneError, check_backbone_name
+from tfl.config import Config, ConfigError
+from tfl.data.sources import DataError
+
+# Raised for a user mistake; main.py prints the message on one line and exits 2.
+USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError)
+
+
+def check_model_dir(config: Config) -> None:
+    """Refuses a --model_dir that holds a run with a different config, unless --overwrite."""
+    if not config.model_dir:
+        return
+    path = os.path.join(config.model_dir, "config.json")
+    if os.path.exists(path) and not config.overwrite:
+        with open(path) as f:
+            previous = json.load(f)
+        current = json.loads(config.to_json())
+        ignore = {"overwrite"}
+        if {k: v for k, v in previous.items() if k not in ignore} != {k: v for k, v in current.items() if k not in ignore}:
+            raise ConfigError(f"--model_dir={config.model_dir} holds a run with a different config; use a new "
+                              "--model_dir, or --overwrite to replace it")
+
+
+def check_before_run(config: Config) -> None:
+    """Everything that can be checked cheaply, before data or weights load."""
+    config.validate()
+    check_backbone_name(config.model.backbone)
+    check_model_dir(config)
+
+
+def run_checked(config: Config) -> dict:
+    """Writes the resolved config next to the run, then runs it."""
+    from tfl.run import run, write_json_atomically
+
+    if config.model_dir:
+        write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
+    try:
+        return run(config)
+    except ValueError as e:
+        if isinstance(e, USER_ERRORS) or "not divisible" in str(e):
+            raise ConfigError(str(e)) from e
+        raise

@@ -1,0 +1,202 @@
+"""Devices, precision, optimizer and schedule, callbacks, fit, and evaluation.
+
+    strategy = tfl.train.make_strategy("auto")
+    precision = tfl.train.resolve_precision("auto")          # mixed_bfloat16 on this CPU
+    history = tfl.train.fit(model, train_ds, val_ds, epochs=3, learning_rate=5e-5, model_dir=d, ...)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfl import heads
+from tfl.freeze import LayerwiseAdamW
+
+
+# ---- device, precision, compilation ---------------------------------------------------------
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512_BF16 or AMX: the CPU computes bfloat16 matmuls natively (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_kind(strategy: Optional[tf.distribute.Strategy] = None) -> str:
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "tpu"
+    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+
+
+def resolve_precision(precision: str, kind: Optional[str] = None) -> str:
+    """auto: bf16 on TPUs and bf16-native CPUs; on GPUs bf16 from Ampere (8.0), fp16 from Volta (7.0)."""
+    if precision != "auto":
+        return precision
+    kind = kind or device_kind()
+    if kind == "tpu":
+        return "mixed_bfloat16"
+    if kind == "gpu":
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        major, _ = details.get("compute_capability", (0, 0))
+        return "mixed_bfloat16" if major >= 8 else ("mixed_float16" if major >= 7 else "float32")
+    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def resolve_jit_compile(jit_compile: str, kind: Optional[str] = None) -> bool:
+    """auto: XLA on GPU/TPU; off on CPU, where it did not pay for MiniLM on this machine (NOTES.md)."""
+    if jit_compile != "auto":
+        return jit_compile == "true"
+    return (kind or device_kind()) in ("gpu", "tpu")
+
+
+def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
+    """default / mirrored (all local GPUs, or CPU) / tpu; auto picks tpu if --tpu is set, mirrored for >1 GPU."""
+    if strategy == "auto":
+        strategy = "tpu" if tpu else ("mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default")
+    if strategy == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="" if tpu == "local" else tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    if strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+# ---- optimizer and schedule -----------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="tfl")
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then linear or cosine decay to 0 (or constant)."""
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0, decay: str = "linear"):
+        self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = tf.cast(max(self.warmup_steps, 1), tf.float32)
+        decay_steps = tf.cast(max(self.total_steps - self.warmup_steps, 1), tf.float32)
+        progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+        if self.decay == "cosine":
+            after = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        elif self.decay == "linear":
+            after = 1.0 - progress
+        else:
+            after = tf.constant(1.0)
+        factor = tf.where(step < self.warmup_steps, (step + 1.0) / warmup, after)
+        return self.peak * factor
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "decay": self.decay}
+
+
+def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: float = 0.1,
+                   schedule: str = "linear", weight_decay: float = 0.01,
+                   lr_multipliers: Optional[dict] = None) -> keras.optimizers.Optimizer:
+    """AdamW with warm-up and decay; per-variable learning-rate factors for layer-wise decay."""
+    lr = WarmupDecay(learning_rate, total_steps, int(warmup_fraction * total_steps), schedule)
+    kwargs = dict(learning_rate=lr, weight_decay=weight_decay, global_clipnorm=1.0)
+    if lr_multipliers:
+        return LayerwiseAdamW(lr_multipliers=lr_multipliers, **kwargs)
+    return keras.optimizers.AdamW(**kwargs)
+
+
+# ---- training -------------------------------------------------------------------------------
+
+def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: bool = True) -> list:
+    """Resume state, best checkpoint, early stopping, TensorBoard and CSV logs under ``model_dir``."""
+    callbacks = [keras.callbacks.TerminateOnNaN()]
+    if not model_dir:
+        return callbacks
+    if backup:
+        callbacks.append(keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")))
+    callbacks += [
+        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_loss",
+                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
+        keras.callbacks.CSVLogger(os.path.join(model_dir, "training_log.csv"), append=True),
+    ]
+    if early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience,
+                                                       restore_best_weights=True))
+    return callbacks
+
+
+def compile_model(model: keras.Model, optimizer, *, task: str, num_labels: int, jit_compile: bool,
+                  steps_per_execution: int = 1) -> None:
+    loss, metrics = heads.loss_and_metrics(task, num_labels)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile,
+                  steps_per_execution=steps_per_execution)
+
+
+def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset, *, task: str, num_labels: int,
+        epochs: int, learning_rate: float, steps_per_epoch: int, model_dir: str = "",
+        warmup_fraction: float = 0.1, schedule: str = "linear", weight_decay: float = 0.01,
+        jit_compile: bool = False, steps_per_execution: int = 1, early_stopping_patience: int = 0,
+        lr_multipliers: Optional[dict] = None, unfreeze_stages: Optional[list] = None, verbose: int = 1) -> dict:
+    """Compiles and trains; returns the merged Keras history.
+
+    ``unfreeze_stages``: [(first_epoch, set_trainable_fn), ...] for gradual unfreezing. Changing
+    ``trainable`` needs a recompile, so each stage compiles a fresh optimizer whose schedule continues
+    where the previous one stopped (Adam moments restart for the newly trained blocks).
+    """
+    stages = unfreeze_stages or [(0, None)]
+    total_steps = epochs * steps_per_epoch
+    history: dict = {}
+    callbacks = make_callbacks(model_dir, early_stopping_patience=early_stopping_patience,
+                               backup=len(stages) == 1)
+    for index, (first_epoch, set_trainable) in enumerate(stages):
+        if first_epoch >= epochs:
+            break
+        last_epoch = stages[index + 1][0] if index + 1 < len(stages) else epochs
+        last_epoch = min(last_epoch, epochs)
+        if set_trainable is not None:
+            set_trainable()
+        optimizer = make_optimizer(learning_rate, total_steps, warmup_fraction=warmup_fraction, schedule=schedule,
+                                   weight_decay=weight_decay, lr_multipliers=lr_multipliers)
+        optimizer.iterations.assign(first_epoch * steps_per_epoch)
+        compile_model(model, optimizer, task=task, num_labels=num_labels, jit_compile=jit_compile,
+                      steps_per_execution=steps_per_execution)
+        result = model.fit(train, validation_data=validation, epochs=last_epoch, initial_epoch=first_epoch,
+                           steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose,
+                           shuffle=False)  # tf.data shuffles
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        if model.stop_training:
+            break
+    return history
+
+
+def predict_with_labels(model: keras.Model, dataset: tf.data.Dataset) -> tuple:
+    """(outputs, labels) as numpy arrays over a batched (inputs, labels) dataset, in one pass."""
+    outputs, labels = [], []
+    predict_step = tf.function(lambda x: model(x, training=False))
+    for x, y in dataset:
+        outputs.append(np.asarray(predict_step(x), np.float32))
+        labels.append(y.numpy())
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def evaluate(model: keras.Model, dataset: tf.data.Dataset, *, task: str, num_labels: int) -> dict:
+    outputs, labels = predict_with_labels(model, dataset)
+    return heads.evaluation_metrics(task, num_labels, outputs, labels)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
