@@ -118,6 +118,8 @@ def parse_flags_or_exit(argv: list, flag_values: flags.FlagValues) -> list:
     """absl parsing, but a bad flag or flagfile prints one line naming the fix and exits 2."""
     try:
         return flag_values(argv)
+    except SystemExit as e:  # absl exits 1 after printing --help/--helpfull; asking for help is no error
+        sys.exit(0 if e.code == 1 and any(a.startswith("--help") for a in argv) else e.code)
     except flags.Error as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {message}. See `python main.py --helpfull` for the flags, or fix the --flagfile path.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from tfl.assets import AssetError
 from tfl.backbones import BackboneError, check_backbone_name
@@ -40,11 +41,14 @@ def run_checked(config: Config) -> dict:
     """Writes the resolved config next to the run, then runs it."""
     from tfl.run import run, write_json_atomically
 
+    created = bool(config.model_dir) and not os.path.exists(config.model_dir)
     if config.model_dir:
         write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
     try:
         return run(config)
     except ValueError as e:
+        if created:  # a user mistake found while loading: leave no half-made run behind
+            shutil.rmtree(config.model_dir, ignore_errors=True)
         if isinstance(e, USER_ERRORS) or "not divisible" in str(e):
             raise ConfigError(str(e)) from e
         raise

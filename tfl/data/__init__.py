@@ -112,7 +112,7 @@ def load_data(source: str, *, seed: int = 0, task: str = "classification", text_
     """
     if source.startswith("tfds:"):
         return _load_tfds(source[len("tfds:"):], train_split, validation_split, test_split,
-                          validation_fraction, max_examples, data_dir)
+                          validation_fraction, max_examples, data_dir, text_column, label_column)
     data = _keep_classes(load_source(source, text_column=text_column, label_column=label_column, task=task,
                                      num_words=num_words, maxlen=maxlen), classes)
     if data.pool is not None:
@@ -150,8 +150,8 @@ def _check_classification_labels(split: dict, label_names: list) -> None:
                             "or drop them (--classes)")
 
 
-def _load_tfds(name: str, train_split: str, validation_split: str, test_split: str,
-               validation_fraction: float, max_examples: int, data_dir: Optional[str]) -> DataSplits:
+def _load_tfds(name: str, train_split: str, validation_split: str, test_split: str, validation_fraction: float,
+               max_examples: int, data_dir: Optional[str], text_column: str, label_column: str) -> DataSplits:
     import tensorflow_datasets as tfds
 
     if not validation_split:
@@ -160,16 +160,20 @@ def _load_tfds(name: str, train_split: str, validation_split: str, test_split: s
         validation_split = f"{train_split}[{percent}%:]"
         train_split = f"{train_split}[:{percent}%]"
     try:
-        (train, validation, test), info = tfds.load(
-            name, split=[train_split, validation_split, test_split], as_supervised=True, with_info=True,
-            data_dir=data_dir)
+        datasets, info = tfds.load(name, split=[train_split, validation_split, test_split], with_info=True,
+                                   data_dir=data_dir)
     except Exception as e:  # tfds raises many types for a bad name/split or no network
         raise DataError(f"Could not load tfds:{name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         "check the name and split flags, and that the data set is downloaded")
-    label_feature = info.features[info.supervised_keys[1]]
-    label_names = list(getattr(label_feature, "names", None) or ["value"])
-    feature = info.features[info.supervised_keys[0]]
-    modality = IMAGE if "Image" in type(feature).__name__ else TEXT
+    # The data set's own (input, label) keys where it declares them (cifar10); else the column flags (glue).
+    feature_key, label_key = info.supervised_keys or (text_column, label_column)
+    for key, flag in [(feature_key, "--text_column"), (label_key, "--label_column")]:
+        if key not in info.features:
+            raise DataError(f"tfds:{name} has no feature '{key}'; set {flag} to one of {sorted(info.features)}")
+    label_names = list(getattr(info.features[label_key], "names", None) or ["value"])
+    modality = IMAGE if "Image" in type(info.features[feature_key]).__name__ else TEXT
+    as_pairs = lambda example: (example[feature_key], example[label_key])  # noqa: E731
+    train, validation, test = (d.map(as_pairs) for d in datasets)
     if max_examples:
         train, validation, test = (d.take(max_examples) for d in (train, validation, test))
     return DataSplits(train, validation, test, label_names, modality, sizes={})

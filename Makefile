@@ -1,0 +1,28 @@
+# Two entry points, each does its own set-up on a fresh machine (Python 3.11, pip, apt, npm):
+#   make demo   # venv + install + offline assets, then the offline demo on real data
+#   make test   # venv + install + offline assets, then the test suite
+VENV := .venv
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install assets test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+assets: install
+	$(PY) -m tfl.assets fetch all
+
+test: assets
+	$(PY) -m pytest -q tests
+
+demo: assets
+	$(PY) -m tfl.demo
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,195 @@
+"""The data layer on small data the tests write: CSV, JSONL, image folders, tfds mock data, keras cache."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfl import data as data_lib
+from tfl.data import DataError, load_data, make_batches, stratified_split
+
+
+def _texts(dataset):
+    return sorted(x.decode() for x, _ in dataset.as_numpy_iterator())
+
+
+def test_stratified_split_is_deterministic_and_stratified():
+    labels = np.array([0] * 80 + [1] * 20)
+    a = stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
+    b = stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
+    c = stratified_split(labels, (0.8, 0.1, 0.1), seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+    assert sorted(np.concatenate(a).tolist()) == list(range(100))  # a partition
+    assert [int((labels[p] == 1).sum()) for p in a] == [16, 2, 2]  # 20% positives in each part
+
+
+def test_csv_source_splits_and_label_names(text_csv):
+    splits = load_data(f"csv:{text_csv}", seed=0, validation_fraction=0.2, test_fraction=0.2)
+    assert splits.label_names == ["neg", "pos"]
+    assert splits.modality == data_lib.TEXT
+    assert splits.sizes == {"train": 24, "validation": 8, "test": 8}
+    assert splits.label_counts["test"] == {"neg": 4, "pos": 4}
+    again = load_data(f"csv:{text_csv}", seed=0, validation_fraction=0.2, test_fraction=0.2)
+    assert _texts(splits.test) == _texts(again.test)
+    all_texts = _texts(splits.train) + _texts(splits.validation) + _texts(splits.test)
+    assert len(set(all_texts)) == len(all_texts) or len(all_texts) == 40
+
+
+def test_max_examples_caps_the_pool(text_csv):
+    splits = load_data(f"csv:{text_csv}", seed=0, max_examples=20)
+    assert sum(splits.sizes.values()) == 20
+
+
+def test_jsonl_multilabel_and_regression(tmp_path):
+    path = tmp_path / "tags.jsonl"
+    rows = [{"text": f"t{i}", "tags": ["a", "b"] if i % 3 == 0 else ["b"], "score": i / 10} for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    multi = load_data(f"jsonl:{path}", task="multilabel", label_column="tags")
+    assert multi.label_names == ["a", "b"]
+    _, label = next(iter(multi.train))
+    assert label.shape == (2,) and label.dtype == tf.float32
+    regression = load_data(f"jsonl:{path}", task="regression", label_column="score")
+    assert regression.label_names == ["value"]
+    assert sum(regression.sizes.values()) == 30
+
+
+def _write_png(path, value, size=(12, 10)):
+    image = np.full(size + (3,), value, np.uint8)
+    tf.io.write_file(str(path), tf.io.encode_png(image))
+
+
+def test_image_folder_decodes_and_resizes(tmp_path):
+    for cls, value in [("cat", 10), ("dog", 200)]:
+        os.makedirs(tmp_path / cls)
+        for i in range(10):
+            _write_png(tmp_path / cls / f"{i}.png", value)
+    splits = load_data(f"images:{tmp_path}", seed=0)
+    assert splits.label_names == ["cat", "dog"] and splits.modality == data_lib.IMAGE_FILE
+    from tfl.backbones import decode_image_file
+    batches = make_batches(splits.train, batch_size=4, modality=splits.modality,
+                           decode_image=lambda p: decode_image_file(p, (8, 8, 3)))
+    images, labels = next(iter(batches))
+    assert images.shape == (4, 8, 8, 3) and images.dtype == tf.float32
+    for image, label in zip(images.numpy(), labels.numpy()):
+        assert np.allclose(image, 10 if label == 0 else 200)
+
+
+def test_image_folder_skips_a_corrupt_file(tmp_path):
+    os.makedirs(tmp_path / "a"), os.makedirs(tmp_path / "b")
+    for i in range(10):
+        _write_png(tmp_path / "a" / f"{i}.png", 1)
+        _write_png(tmp_path / "b" / f"{i}.png", 2)
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
+    splits = load_data(f"images:{tmp_path}", seed=0, validation_fraction=0.05, test_fraction=0.05)
+    from tfl.backbones import decode_image_file
+    total = sum(int(x.shape[0]) for x, _ in make_batches(
+        splits.train, batch_size=4, modality=splits.modality, decode_image=lambda p: decode_image_file(p, (4, 4, 3))))
+    assert total == splits.sizes["train"] - 1 or total == splits.sizes["train"]
+    assert total >= splits.sizes["train"] - 1
+
+
+def test_tfds_source_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=20):
+        splits = load_data("tfds:glue/sst2", test_split="validation", text_column="sentence")
+        assert splits.label_names == ["negative", "positive"]
+        assert splits.modality == data_lib.TEXT
+        text, label = next(iter(splits.train))
+        assert text.dtype == tf.string and label.dtype == tf.int64
+        # mock_data fills every requested split (it ignores slicing), so check each is a real dataset.
+        assert len(list(splits.train)) == 20 and len(list(splits.validation)) == 20
+
+
+def test_tfds_cifar10_mock_is_an_image_source():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=10):
+        splits = load_data("tfds:cifar10", max_examples=4)
+        image, _ = next(iter(splits.train))
+        assert splits.modality == data_lib.IMAGE and image.shape == (32, 32, 3)
+        assert len(list(splits.train)) == 4
+
+
+def test_keras_imdb_through_keras_datasets(tmp_path, monkeypatch):
+    """The real keras.datasets.imdb code path on a stand-in cache file (its hash check is bypassed)."""
+    import keras
+    from keras.src.datasets import imdb as keras_imdb
+
+    rng = np.random.RandomState(0)
+    seqs = lambda n: np.array([[int(v) for v in rng.randint(1, 20000, size=rng.randint(5, 30))] for _ in range(n)],  # noqa
+                              dtype=object)
+    npz = tmp_path / "imdb.npz"
+    np.savez(npz, x_train=seqs(30), y_train=np.arange(30) % 2, x_test=seqs(10), y_test=np.arange(10) % 2)
+    monkeypatch.setattr(keras_imdb, "get_file", lambda *a, **k: str(npz))
+    splits = load_data("keras:imdb", num_words=1000, maxlen=50)
+    assert splits.modality == data_lib.TOKEN_IDS and splits.label_names == ["negative", "positive"]
+    assert splits.sizes["train"] + splits.sizes["validation"] == 30 and splits.sizes["test"] == 10
+    assert splits.sizes["validation"] == 4  # 2 of each class, stratified
+    ids, _ = next(iter(splits.train))
+    assert ids.shape == (50,) and int(tf.reduce_max(ids)) < 1000  # num_words applied, padded to maxlen
+    assert keras.datasets.imdb.load_data is not None
+
+
+def test_classes_filter_renumbers(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"x{i},{i % 4}\n" for i in range(40)))
+    splits = load_data(f"csv:{path}", classes=(2, 3))
+    assert splits.label_names == ["2", "3"]
+    labels = {int(y) for _, y in splits.train.as_numpy_iterator()}
+    assert labels == {0, 1}
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "is empty"),
+    ("text,other\nhello,1\n", "no column 'label'"),
+    ("text,label\nhello,1\nbad,row,extra\n", "line 3 has 3 fields"),
+    ("text,label\n" + "".join(f"x{i},same\n" for i in range(10)), "single class"),
+])
+def test_csv_mistakes_give_clear_errors(tmp_path, content, needle):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=needle):
+        load_data(f"csv:{path}")
+
+
+def test_non_utf8_and_missing_files(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ncaf\xe9,1\nb,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_data(f"csv:{path}")
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(f"csv:{tmp_path}/missing.csv")
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(f"images:{tmp_path}/nowhere")
+    os.makedirs(tmp_path / "empty" / "cls")
+    with pytest.raises(DataError, match="No images"):
+        load_data(f"images:{tmp_path}/empty")
+
+
+def test_unseen_test_labels_are_refused(tmp_path):
+    path = tmp_path / "d.csv"
+    # 'rare' has one example: after a split it sits in one part only.
+    path.write_text("text,label\n" + "".join(f"x{i},{i % 2}\n" for i in range(20)) + "lonely,rare\n")
+    with pytest.raises(DataError, match="never saw"):
+        load_data(f"csv:{path}", seed=1, validation_fraction=0.3, test_fraction=0.3)
+
+
+def test_text_batches_preprocess_once_and_shuffle(text_csv):
+    splits = load_data(f"csv:{text_csv}", seed=0)
+    calls = []
+
+    def preprocess(texts):
+        calls.append(1)
+        return tf.strings.length(texts)
+
+    batches = make_batches(splits.train, batch_size=8, preprocess=preprocess, training=True, seed=1)
+    first = [y.numpy().tolist() for _, y in batches]
+    second = [y.numpy().tolist() for _, y in batches]
+    assert sum(len(b) for b in first) == splits.sizes["train"]
+    assert first != second  # reshuffled each epoch
+    x, _ = next(iter(batches))
+    assert x.dtype == tf.int32  # preprocessed
