@@ -26,3 +26,34 @@ def text_csv(tmp_path):
         lines.append(f"\"a {word} film, number {rng.randint(100)}\",{label}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "great", "awful", "film", "movie", "plot"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_preset(tmp_path_factory):
+    """A saved keras-hub preset folder of a 2-layer BERT with a 12-token vocabulary (random weights)."""
+    import keras_hub
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=8,
+                                             intermediate_dim=16, max_sequence_length=16, dropout=0.0)
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True)
+    backbone.save_to_preset(str(folder))
+    tokenizer.save_to_preset(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_preset(tmp_path_factory):
+    """A saved keras-hub preset folder of a 2-layer ViT on 16x16 images (random weights)."""
+    import keras_hub
+
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    backbone = keras_hub.models.ViTBackbone(image_shape=(16, 16, 3), patch_size=8, num_layers=2, num_heads=2,
+                                            hidden_dim=8, mlp_dim=16)
+    backbone.save_to_preset(str(folder))
+    converter = keras_hub.layers.ViTImageConverter(image_size=(16, 16), scale=1 / 255.0)
+    converter.save_to_preset(str(folder))
+    return str(folder)

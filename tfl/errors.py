@@ -46,7 +46,7 @@ def run_checked(config: Config) -> dict:
         write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
     try:
         return run(config)
-    except ValueError as e:
+    except (ValueError, AssetError) as e:
         if created:  # a user mistake found while loading: leave no half-made run behind
             shutil.rmtree(config.model_dir, ignore_errors=True)
         if isinstance(e, USER_ERRORS) or "not divisible" in str(e):

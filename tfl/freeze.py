@@ -107,9 +107,15 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
     def __init__(self, lr_multipliers: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
         self.lr_multipliers = dict(lr_multipliers or {})
+        self._factors: list = []
+
+    def build(self, variables):
+        super().build(variables)
+        # update_step sees backend variables without Keras paths: look factors up by the optimizer's index.
+        self._factors = [float(self.lr_multipliers.get(v.path, 1.0)) for v in variables]
 
     def update_step(self, gradient, variable, learning_rate):
-        factor = self.lr_multipliers.get(variable.path, 1.0)
+        factor = self._factors[self._get_variable_index(variable)]
         if factor != 1.0:
             learning_rate = learning_rate * factor
         return super().update_step(gradient, variable, learning_rate)

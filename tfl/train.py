@@ -133,9 +133,16 @@ def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: 
     return callbacks
 
 
+def uses_float16(model: keras.Model) -> bool:
+    return any(layer.dtype_policy.compute_dtype == "float16" for layer in model._flatten_layers())
+
+
 def compile_model(model: keras.Model, optimizer, *, task: str, num_labels: int, jit_compile: bool,
                   steps_per_execution: int = 1) -> None:
     loss, metrics = heads.loss_and_metrics(task, num_labels)
+    if uses_float16(model) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # float16 gradients underflow without loss scaling; Keras adds it only for a float16 outer model.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile,
                   steps_per_execution=steps_per_execution)
 
