@@ -137,7 +137,7 @@ def run(config: Config, verbose: int = 1) -> dict:
                             weight_decay=t.weight_decay, jit_compile=jit_compile,
                             steps_per_execution=t.steps_per_execution,
                             early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
-                            unfreeze_stages=stages, verbose=verbose)
+                            unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch))
     fit_seconds = time.perf_counter() - fit_started
     epochs_run = len(history.get("loss", [])) or 1
 

@@ -151,9 +151,13 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         epochs: int, learning_rate: float, steps_per_epoch: int, model_dir: str = "",
         warmup_fraction: float = 0.1, schedule: str = "linear", weight_decay: float = 0.01,
         jit_compile: bool = False, steps_per_execution: int = 1, early_stopping_patience: int = 0,
-        lr_multipliers: Optional[dict] = None, unfreeze_stages: Optional[list] = None, verbose: int = 1) -> dict:
+        lr_multipliers: Optional[dict] = None, unfreeze_stages: Optional[list] = None, verbose: int = 1,
+        train_repeats: bool = False) -> dict:
     """Compiles and trains; returns the merged Keras history.
 
+    ``steps_per_epoch`` sizes the learning-rate schedule. It is passed on to Keras only for a repeating
+    ``train`` dataset (``train_repeats``): Keras keeps one iterator across epochs when given steps, so a
+    finite dataset would run dry in the second epoch.
     ``unfreeze_stages``: [(first_epoch, set_trainable_fn), ...] for gradual unfreezing. Changing
     ``trainable`` needs a recompile, so each stage compiles a fresh optimizer whose schedule continues
     where the previous one stopped (Adam moments restart for the newly trained blocks).
@@ -176,7 +180,7 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         compile_model(model, optimizer, task=task, num_labels=num_labels, jit_compile=jit_compile,
                       steps_per_execution=steps_per_execution)
         result = model.fit(train, validation_data=validation, epochs=last_epoch, initial_epoch=first_epoch,
-                           steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose,
+                           steps_per_epoch=steps_per_epoch if train_repeats else None, callbacks=callbacks, verbose=verbose,
                            shuffle=False)  # tf.data shuffles
         for key, values in result.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)

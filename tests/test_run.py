@@ -1,0 +1,55 @@
+"""A whole run through the CLI and through tfl.run on small data: outputs under --model_dir."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfl
+from tfl.config import Config, DataConfig, FreezeConfig, ModelConfig, TrainConfig
+
+from test_cli import run_main
+
+
+def test_cli_run_writes_metrics_model_and_export(text_csv, tmp_path):
+    model_dir = tmp_path / "run"
+    result = run_main(f"--source=csv:{text_csv}", "--backbone=lstm", "--maxlen=8", "--num_words=50",
+                      "--epochs=2", "--batch_size=8", "--learning_rate=1e-2", f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"accuracy", "macro_f1", "auc"}
+    assert metrics["config"]["model"]["backbone"] == "lstm"
+    assert metrics["precision"] in ("float32", "mixed_bfloat16") and metrics["train_examples_per_second"] > 0
+    assert len(metrics["history"]["loss"]) == 2
+    assert [r["block"] for r in metrics["freeze_table"]] == ["embedding", "lstm"]
+    assert json.loads((model_dir / "config.json").read_text()) == metrics["config"]
+    assert os.listdir(model_dir / "export") == ["1"]
+    for name in ("model.keras", "training_log.csv", "best.weights.h5", "logs"):
+        assert (model_dir / name).exists(), name
+    import tfl.train  # noqa: F401  (registers the schedule and layers that model.keras refers to)
+    reloaded = keras.saving.load_model(model_dir / "model.keras", safe_mode=True)
+    assert reloaded.count_params() == metrics["total_params"]
+    # The same command again is refused only if the config changed.
+    changed = run_main(f"--source=csv:{text_csv}", "--backbone=lstm", "--epochs=3", f"--model_dir={model_dir}")
+    assert changed.returncode == 2 and "different config" in changed.stderr
+
+
+def test_library_run_on_an_image_folder_with_a_frozen_block(tmp_path):
+    rng = np.random.RandomState(0)
+    for cls, value in [("dark", 30), ("light", 220)]:
+        os.makedirs(tmp_path / "img" / cls)
+        for i in range(12):
+            image = np.clip(rng.normal(value, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+            tf.io.write_file(str(tmp_path / "img" / cls / f"{i}.png"), tf.io.encode_png(image))
+    config = Config(data=DataConfig(source=f"images:{tmp_path / 'img'}", batch_size=4, validation_fraction=0.2,
+                                    test_fraction=0.2),
+                    model=ModelConfig(backbone="small_cnn", image_size=16, head_dropout=0.0),
+                    freeze=FreezeConfig(freeze_blocks=1),
+                    train=TrainConfig(epochs=10, learning_rate=3e-3, precision="float32"),
+                    model_dir=str(tmp_path / "run"))
+    metrics = tfl.run(config, verbose=0)
+    assert [r["status"] for r in metrics["freeze_table"]] == ["frozen", "trainable", "trainable"]
+    assert metrics["test"]["accuracy"] >= 0.75  # dark vs light is easy
+    assert os.path.isdir(tmp_path / "run" / "export" / "1")
