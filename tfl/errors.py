@@ -41,6 +41,9 @@ def run_checked(config: Config) -> dict:
     """Writes the resolved config next to the run, then runs it."""
     from tfl.run import run, write_json_atomically
 
+    if config.model_dir and config.overwrite and os.path.isdir(config.model_dir):
+        # --overwrite starts over: an old run's resume state must not leak into the new one.
+        shutil.rmtree(config.model_dir)
     created = bool(config.model_dir) and not os.path.exists(config.model_dir)
     if config.model_dir:
         write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())

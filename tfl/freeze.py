@@ -14,6 +14,7 @@ import re
 from typing import Optional
 
 import keras
+import numpy as np
 
 from tfl.backbones import Backbone, BackboneError
 
@@ -63,12 +64,17 @@ def set_trainable_top_blocks(backbone: Backbone, count: int) -> None:
 
 
 def freeze_table(backbone: Backbone) -> list:
-    """One row per block: name, params, trainable params, and status (trainable/frozen/partial)."""
+    """One row per block: name, params, trainable params, and status (trainable/frozen/partial).
+
+    Status follows the layers' ``trainable`` flags; params include non-trainable state such as
+    BatchNorm moving statistics, so a trainable block can hold fewer trainable params than params.
+    """
     rows = []
     for block in backbone.blocks:
         total = block.count_params()
-        trainable = int(sum(int(w.numpy().size) for layer in block.layers for w in layer.trainable_weights))
-        status = "trainable" if trainable == total and total else ("frozen" if trainable == 0 else "partial")
+        trainable = int(sum(int(np.prod(w.shape)) for layer in block.layers for w in layer.trainable_weights))
+        flags = [layer.trainable for layer in block.layers if layer.weights]
+        status = "trainable" if all(flags) else ("frozen" if not any(flags) else "partial")
         rows.append({"block": block.name, "params": total, "trainable_params": trainable, "status": status})
     return rows
 
