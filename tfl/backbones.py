@@ -95,12 +95,17 @@ def check_backbone_name(name: str) -> None:
 def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0, weights: str = "imagenet",
                    pooling: str = "mean", dtype: Optional[str] = None, num_words: int = 10000,
                    maxlen: int = 500, embedding_dim: int = 50, lstm_units: int = 100,
-                   input_shape: tuple = (32, 32, 3), train_texts=None, seed: int = 0) -> Backbone:
+                   input_shape: tuple = (32, 32, 3), train_texts=None, seed: int = 0,
+                   pretrained: bool = True) -> Backbone:
     """Builds a backbone by name; see the module docstring for the accepted names.
 
     ``train_texts`` adapts the lstm's vectorizer (omit it for token-id data such as keras:imdb);
-    ``input_shape`` is the small_cnn's image shape; ``dtype`` is a Keras dtype policy name.
+    ``input_shape`` is the small_cnn's image shape; ``dtype`` is a Keras dtype policy name;
+    ``pretrained=False`` keeps the architecture (and tokenizer) but not the weights.
     """
+    preset_kwargs = {} if pretrained else {"load_weights": False}
+    if not pretrained and name in keras_application_names():
+        weights = "none"
     if name == "lstm":
         return build_lstm_backbone(num_words, maxlen, embedding_dim, lstm_units, train_texts, seed)
     if name == "small_cnn":
@@ -111,13 +116,16 @@ def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0
         # TF-style "same" stem padding, as the TF Lite original (NOTES.md: better ImageNet agreement).
         return build_keras_hub_backbone(efficientnet_lite0_preset(), sequence_length, pooling, dtype,
                                         display_name=name, image_size=image_size,
-                                        preset_kwargs=dict(include_stem_padding=False, stem_conv_padding="same"))
+                                        preset_kwargs=dict(include_stem_padding=False, stem_conv_padding="same",
+                                                           **preset_kwargs))
     if name.startswith("asset:"):
         preset = assets.asset_path(name[len("asset:"):])
-        return build_keras_hub_backbone(preset, sequence_length, pooling, dtype, display_name=name)
+        return build_keras_hub_backbone(preset, sequence_length, pooling, dtype, display_name=name,
+                                        preset_kwargs=preset_kwargs)
     if name in keras_application_names():
         return build_keras_application(name, weights, image_size, dtype)
-    return build_keras_hub_backbone(name, sequence_length, pooling, dtype, display_name=name)
+    return build_keras_hub_backbone(name, sequence_length, pooling, dtype, display_name=name,
+                                    preset_kwargs=preset_kwargs)
 
 
 # ---- keras-hub ------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ _SECTIONS = {
     "model": config_lib.ModelConfig,
     "freeze": config_lib.FreezeConfig,
     "train": config_lib.TrainConfig,
+    "compare": config_lib.CompareConfig,
 }
+_TOP_LEVEL = ("mode", "model_dir", "seed", "export", "overwrite")
 
 # Help strings, one per Config field; the defaults come from the dataclasses themselves.
 HELP = {
@@ -40,6 +42,7 @@ HELP = {
     "backbone": "lstm, small_cnn, asset:minilm, a keras.applications name (ResNet50, EfficientNetB0, ...), "
                 "a keras-hub preset (bert_base_en_uncased, vit_base_patch16_224_imagenet, ...) or a local folder.",
     "weights": "keras.applications weights: imagenet, none or a .weights.h5 path.",
+    "pretrained": "Load the backbone's pretrained weights; --nopretrained trains the same architecture from scratch.",
     "task": "classification, multilabel or regression.",
     "sequence_length": "Text backbones: tokens per example after the tokenizer.",
     "image_size": "Image backbones: input size in pixels; 0 = the backbone's own.",
@@ -68,6 +71,19 @@ HELP = {
     "early_stopping_patience": "Stop after this many epochs without a better validation loss; 0 = off.",
     "steps_per_execution": "Training steps run per tf.function call.",
     "max_steps_per_epoch": "Cap on steps per epoch (quick runs); 0 = a full pass.",
+    "label_fraction": "Keep this stratified share of the training split (1 = all).",
+    "transfer": "structure (the source model's architecture, fresh weights) or parameter (also its weights and "
+                "vocabulary; the head is re-initialised). Needs --source_model.",
+    "source_model": "--model_dir of a finished lstm or small_cnn run (its source_model/ folder).",
+    "label_descriptions": "Zero-shot: a JSON file {label: [descriptions]} or 'label=desc|desc;label=desc'; "
+                          "default: templates of the label names.",
+    "strategies": "--mode=compare: strategies to run, from scratch, linear_probe, partial, fine_tune, lora, "
+                  "structure, parameter, zero_shot.",
+    "probe_learning_rate": "--mode=compare: learning rate of the linear_probe strategy (head only).",
+    "seeds": "--mode=compare: runs per strategy (seeds --seed, --seed+1, ...).",
+    "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",
+    "mode": "train (one run), zero_shot (no training: similarity to label descriptions) or compare "
+            "(a transfer report over --strategies).",
     "model_dir": "Where checkpoints, logs, metrics.json, model.keras and export/<version>/ go.",
     "seed": "Seed for splits, initialisation and shuffling.",
     "export": "Export a SavedModel with a raw-input serving signature.",
@@ -80,7 +96,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     for section in _SECTIONS.values():
         for field in section.__dataclass_fields__.values():
             _define(flag_values, field.name, field.default)
-    for name in ("model_dir", "seed", "export", "overwrite"):
+    for name in _TOP_LEVEL:
         _define(flag_values, name, config_lib.Config.__dataclass_fields__[name].default)
 
 
@@ -103,15 +119,15 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
     sections = {}
     for key, section in _SECTIONS.items():
         values = {name: flag_values[name].value for name in section.__dataclass_fields__}
-        if key == "data":
-            try:
-                values["classes"] = tuple(int(c) for c in values["classes"])
-            except ValueError:
-                raise config_lib.ConfigError(f"--classes={','.join(values['classes'])} must be integer label ids, "
-                                             "e.g. --classes=0,1,2")
+        for name, cast in [("classes", int), ("label_fractions", float), ("strategies", str)]:
+            if name in values:
+                try:
+                    values[name] = tuple(cast(v) for v in values[name])
+                except ValueError:
+                    raise config_lib.ConfigError(f"--{name}={','.join(values[name])} must be a comma-separated "
+                                                 f"list of {cast.__name__} values")
         sections[key] = section(**values)
-    return config_lib.Config(**sections, **{n: flag_values[n].value
-                                            for n in ("model_dir", "seed", "export", "overwrite")})
+    return config_lib.Config(**sections, **{n: flag_values[n].value for n in _TOP_LEVEL})
 
 
 def parse_flags_or_exit(argv: list, flag_values: flags.FlagValues) -> list:

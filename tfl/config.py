@@ -21,6 +21,9 @@ STRATEGIES = ("auto", "default", "mirrored", "tpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
 SOURCE_KINDS = ("tfds", "keras", "csv", "jsonl", "images", "asset")
+MODES = ("train", "zero_shot", "compare")
+TRANSFERS = ("", "structure", "parameter")
+STRATEGY_NAMES = ("scratch", "linear_probe", "partial", "fine_tune", "lora", "structure", "parameter", "zero_shot")
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,7 @@ class DataConfig:
     validation_fraction: float = 0.1  # for sources without a validation split
     test_fraction: float = 0.1  # for sources without a test split
     max_examples: int = 0  # 0 = all; caps the pool before splitting (each split for pre-split sources)
+    label_fraction: float = 1.0  # keep this stratified share of the training split (learning curves)
     classes: tuple = ()  # keep only these label ids (e.g. Fashion-MNIST 0..4), relabelled 0..k-1
     num_words: int = 10000  # keras:imdb / keras:reuters vocabulary size
     maxlen: int = 500  # keras:imdb / keras:reuters sequence length
@@ -54,6 +58,7 @@ class ModelConfig:
 
     backbone: str = "lstm"  # keras-hub preset or folder, keras.applications name, lstm, small_cnn, asset:minilm
     weights: str = "imagenet"  # keras.applications: imagenet | none | <path>.weights.h5
+    pretrained: bool = True  # False: the backbone's architecture with random weights (a scratch baseline)
     task: str = "classification"
     sequence_length: int = 128  # text backbones: tokens per example
     image_size: int = 0  # image backbones: 0 = the backbone's own input size
@@ -62,6 +67,9 @@ class ModelConfig:
     head_hidden_units: int = 0  # 0 = a single Dense layer on the pooled features
     lstm_units: int = 100  # the seed IMDB model: Embedding(num_words, 50) -> LSTM(100)
     embedding_dim: int = 50
+    transfer: str = ""  # "" | structure | parameter (with source_model)
+    source_model: str = ""  # the model_dir of a finished lstm/small_cnn run
+    label_descriptions: str = ""  # zero-shot: JSON file or 'label=desc|desc;label=desc'; default from names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +103,25 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """--mode=compare: one target task under several strategies, same data, budget and seeds."""
+
+    strategies: tuple = ("scratch", "linear_probe", "fine_tune")
+    seeds: int = 3  # runs per strategy, seeds seed..seed+n-1
+    label_fractions: tuple = ()  # e.g. (0.05, 0.2, 1.0): learning curves over labelled examples
+    probe_learning_rate: float = 1e-3  # linear_probe only: a head alone needs a larger step than a fine-tune
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run."""
 
+    mode: str = "train"  # train | zero_shot | compare
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     freeze: FreezeConfig = FreezeConfig()
     train: TrainConfig = TrainConfig()
+    compare: CompareConfig = CompareConfig()
     model_dir: str = ""
     seed: int = 0
     export: bool = True
@@ -152,6 +172,19 @@ class Config:
                               "--freeze_blocks, --trainable and --unfreeze_every_epochs; drop one of them")
         if f.lora_rank and (f.freeze_blocks or f.trainable):
             raise ConfigError("--lora_rank freezes the backbone's own weights already; drop --freeze_blocks/--trainable")
+        for name, value, choices in [("mode", self.mode, MODES), ("transfer", m.transfer, TRANSFERS)]:
+            if value not in choices:
+                raise ConfigError(f"Unknown --{name}='{value}'; expected one of {[c for c in choices if c]}")
+        if m.transfer and not m.source_model:
+            raise ConfigError(f"--transfer={m.transfer} needs --source_model=<model_dir of a finished lstm/small_cnn run>")
+        if not 0.0 < d.label_fraction <= 1.0:
+            raise ConfigError(f"--label_fraction must be in (0, 1]; got {d.label_fraction}")
+        unknown = [s for s in self.compare.strategies if s not in STRATEGY_NAMES]
+        if unknown:
+            raise ConfigError(f"Unknown strategy '{unknown[0]}' in --strategies; expected some of {list(STRATEGY_NAMES)}")
+        if any(not 0.0 < x <= 1.0 for x in self.compare.label_fractions):
+            raise ConfigError(f"--label_fractions must each be in (0, 1]; got {list(self.compare.label_fractions)}")
+        _check_positive("seeds", self.compare.seeds)
         if f.trainable:
             try:
                 re.compile(f.trainable)
@@ -174,11 +207,13 @@ def _check_non_negative(name: str, value: int) -> None:
 
 def config_from_dict(values: dict) -> Config:
     """Rebuilds a Config from ``to_dict()`` output (e.g. a run's config.json)."""
-    sections = {"data": DataConfig, "model": ModelConfig, "freeze": FreezeConfig, "train": TrainConfig}
+    sections = {"data": DataConfig, "model": ModelConfig, "freeze": FreezeConfig, "train": TrainConfig,
+                "compare": CompareConfig}
     kwargs = dict(values)
     for key, cls in sections.items():
         section = dict(kwargs.get(key, {}))
-        if "classes" in section:
-            section["classes"] = tuple(section["classes"])
+        for name, value in section.items():
+            if isinstance(value, list):
+                section[name] = tuple(value)
         kwargs[key] = cls(**section)
     return Config(**kwargs)

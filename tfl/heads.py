@@ -24,9 +24,14 @@ def is_binary(task: str, num_labels: int) -> bool:
 
 
 def attach_head(backbone_model: keras.Model, *, task: str, label_names: list, dropout: float = 0.1,
-                hidden_units: int = 0, seed: int = 0, name: str = "tfl_model") -> keras.Model:
-    """backbone inputs -> backbone features -> [dropout -> dense relu] -> dropout -> output (float32)."""
-    features = backbone_model(backbone_model.input)
+                hidden_units: int = 0, seed: int = 0, name: str = "tfl_model",
+                backbone_training: bool | None = None) -> keras.Model:
+    """backbone inputs -> backbone features -> [dropout -> dense relu] -> dropout -> output (float32).
+
+    ``backbone_training=False`` runs the backbone in inference mode always (a frozen feature
+    extractor: no dropout, BatchNorm on moving statistics), as the keras-io transfer guide advises.
+    """
+    features = backbone_model(backbone_model.input, training=backbone_training)
     x = features
     if hidden_units:
         x = keras.layers.Dropout(dropout, seed=seed, name="head_hidden_dropout")(x)
@@ -39,6 +44,21 @@ def attach_head(backbone_model: keras.Model, *, task: str, label_names: list, dr
     outputs = keras.layers.Dense(output_units(task, len(label_names)), activation=activation, dtype="float32",
                                  name="head", kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1))(x)
     return keras.Model(backbone_model.input, outputs, name=name)
+
+
+HEAD_LAYERS = ("head_hidden_dropout", "head_hidden", "head_dropout", "head")
+
+
+def head_only_model(model: keras.Model, feature_dim: int) -> keras.Model:
+    """The head of ``model`` on a features input, sharing its layers (training one trains the other)."""
+    features = keras.Input((feature_dim,), name="features")
+    x = features
+    for name in HEAD_LAYERS:
+        try:
+            x = model.get_layer(name)(x)
+        except ValueError:
+            continue
+    return keras.Model(features, x, name="head_only")
 
 
 def loss_and_metrics(task: str, num_labels: int) -> tuple:

@@ -23,6 +23,7 @@ from tfl import data as data_lib
 from tfl import export as export_lib
 from tfl import freeze as freeze_lib
 from tfl import heads, train
+from tfl import transfer as transfer_lib
 from tfl.config import Config
 
 
@@ -36,10 +37,25 @@ def write_json_atomically(path: str, payload: dict) -> None:
 
 
 def build_model(backbone: backbones_lib.Backbone, label_names: list, *, task: str = "classification",
-                head_dropout: float = 0.1, head_hidden_units: int = 0, seed: int = 0) -> keras.Model:
-    """The backbone with a task head on top (see tfl.heads.attach_head)."""
+                head_dropout: float = 0.1, head_hidden_units: int = 0, seed: int = 0,
+                frozen_backbone: bool = False) -> keras.Model:
+    """The backbone with a task head on top (see tfl.heads.attach_head).
+
+    ``frozen_backbone``: the backbone always runs in inference mode (a linear probe's feature extractor).
+    """
     return heads.attach_head(backbone.model, task=task, label_names=label_names, dropout=head_dropout,
-                             hidden_units=head_hidden_units, seed=seed)
+                             hidden_units=head_hidden_units, seed=seed,
+                             backbone_training=False if frozen_backbone else None)
+
+
+def cache_features(backbone: backbones_lib.Backbone, dataset: tf.data.Dataset) -> tuple:
+    """(features, labels) of a batched dataset through the frozen backbone, computed once."""
+    extract = tf.function(lambda x: backbone.model(x, training=False))
+    features, labels = [], []
+    for x, y in dataset:
+        features.append(np.asarray(tf.cast(extract(x), tf.float32)))
+        labels.append(y.numpy())
+    return np.concatenate(features), np.concatenate(labels)
 
 
 def load_data_for(config: Config) -> data_lib.DataSplits:
@@ -48,15 +64,26 @@ def load_data_for(config: Config) -> data_lib.DataSplits:
         d.source, seed=config.seed, task=config.model.task, text_column=d.text_column, label_column=d.label_column,
         validation_fraction=d.validation_fraction, test_fraction=d.test_fraction, max_examples=d.max_examples,
         classes=tuple(d.classes), num_words=d.num_words, maxlen=d.maxlen, train_split=d.train_split,
-        validation_split=d.validation_split, test_split=d.test_split)
+        validation_split=d.validation_split, test_split=d.test_split, label_fraction=d.label_fraction)
+
+
+def train_texts_of(splits: data_lib.DataSplits) -> list:
+    return [x.decode("utf-8") for x, _ in splits.train.as_numpy_iterator()]
 
 
 def backbone_for(config: Config, splits: data_lib.DataSplits, precision: str) -> backbones_lib.Backbone:
     m, d = config.model, config.data
+    if m.transfer:
+        source = transfer_lib.load_source_model(m.source_model)
+        texts = train_texts_of(splits) if splits.modality == data_lib.TEXT else None
+        backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=m.transfer == "parameter",
+                                                     train_texts=texts, seed=config.seed)
+        backbones_lib.check_fits_data(backbone, splits.modality)
+        return backbone
     train_texts = None
     input_shape = (32, 32, 3)
     if m.backbone == "lstm" and splits.modality == data_lib.TEXT:
-        train_texts = [x.decode("utf-8") for x, _ in splits.train.as_numpy_iterator()]
+        train_texts = train_texts_of(splits)
     if m.backbone == "small_cnn":
         first = next(iter(splits.train.take(1)))[0]
         input_shape = tuple(first.shape) if splits.modality == data_lib.IMAGE else (m.image_size or 32,) * 2 + (3,)
@@ -65,7 +92,8 @@ def backbone_for(config: Config, splits: data_lib.DataSplits, precision: str) ->
     backbone = backbones_lib.build_backbone(
         m.backbone, sequence_length=m.sequence_length, image_size=m.image_size, weights=m.weights,
         pooling=m.pooling, dtype=precision, num_words=d.num_words, maxlen=d.maxlen, embedding_dim=m.embedding_dim,
-        lstm_units=m.lstm_units, input_shape=input_shape, train_texts=train_texts, seed=config.seed)
+        lstm_units=m.lstm_units, input_shape=input_shape, train_texts=train_texts, seed=config.seed,
+        pretrained=m.pretrained)
     backbones_lib.check_fits_data(backbone, splits.modality)
     return backbone
 
@@ -87,8 +115,21 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
 
 
 def run(config: Config, verbose: int = 1) -> dict:
-    """Trains, evaluates and exports as ``config`` says; writes everything under ``config.model_dir``."""
+    """Trains, evaluates and exports as ``config`` says; writes everything under ``config.model_dir``.
+
+    ``mode``: train (default), zero_shot (no training) or compare (see tfl.report).
+    """
     config.validate()
+    if config.mode == "zero_shot":
+        return run_zero_shot(config)
+    if config.mode == "compare":
+        from tfl import report
+
+        return report.compare(config, verbose=verbose)
+    return train_and_evaluate(config, verbose=verbose)
+
+
+def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     started = time.time()
     keras.utils.set_random_seed(config.seed)
     strategy = train.make_strategy(config.train.strategy, config.train.tpu)
@@ -109,10 +150,17 @@ def run(config: Config, verbose: int = 1) -> dict:
                                       trainable=f.trainable, lora_rank=f.lora_rank)
             model = build_model(backbone, splits.label_names, task=config.model.task,
                                 head_dropout=config.model.head_dropout,
-                                head_hidden_units=config.model.head_hidden_units, seed=config.seed)
+                                head_hidden_units=config.model.head_hidden_units, seed=config.seed,
+                                frozen_backbone=config.freeze.freeze_all)
+            mapping = None
+            if config.model.transfer == "parameter":
+                mapping = transfer_lib.copy_weights(transfer_lib.load_source_model(config.model.source_model), model)
     finally:
         keras.config.set_dtype_policy("float32")
     print(freeze_lib.format_table(table))
+    if mapping:
+        print("tfl: parameter transfer from " + config.model.source_model + "\n" +
+              transfer_lib.format_mapping_report(mapping))
     train_ds, val_ds, test_ds = batches_for(config, splits, backbone, strategy)
 
     t = config.train
@@ -130,8 +178,23 @@ def run(config: Config, verbose: int = 1) -> dict:
                    if config.freeze.layer_lr_decay < 1.0 else None)
     num_labels = len(splits.label_names)
     fit_started = time.perf_counter()
+    fit_model, fit_train, fit_val = model, train_ds, val_ds
+    feature_cache = None
+    if config.freeze.freeze_all and not t.max_steps_per_epoch:
+        # Linear probe: the frozen backbone's outputs never change, so compute them once and train the
+        # head (sharing its layers with the full model) on the cache: epochs 2+ cost almost nothing.
+        cache_started = time.perf_counter()
+        train_x, train_y = cache_features(backbone, train_ds.unbatch().batch(256))
+        val_x, val_y = cache_features(backbone, val_ds)
+        fit_model = heads.head_only_model(model, train_x.shape[1])
+        fit_train = tf.data.Dataset.from_tensor_slices((train_x, train_y)).shuffle(
+            config.data.shuffle_buffer, seed=config.seed).batch(config.data.batch_size).prefetch(data_lib.AUTOTUNE)
+        fit_val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.data.batch_size)
+        feature_cache = {"examples": int(len(train_x)), "dim": int(train_x.shape[1]),
+                         "seconds": round(time.perf_counter() - cache_started, 2)}
+        print(f"tfl: linear probe on cached backbone features {feature_cache}")
     with strategy.scope():
-        history = train.fit(model, train_ds, val_ds, task=config.model.task, num_labels=num_labels, epochs=t.epochs,
+        history = train.fit(fit_model, fit_train, fit_val, task=config.model.task, num_labels=num_labels, epochs=t.epochs,
                             learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch,
                             model_dir=config.model_dir, warmup_fraction=t.warmup_fraction, schedule=t.lr_schedule,
                             weight_decay=t.weight_decay, jit_compile=jit_compile,
@@ -150,6 +213,7 @@ def run(config: Config, verbose: int = 1) -> dict:
         "total_params": int(model.count_params()),
         "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names,
                  "label_counts": splits.label_counts},
+        "transfer_mapping": mapping, "feature_cache": feature_cache,
         "precision": precision, "jit_compile": jit_compile, "device": kind,
         "replicas": strategy.num_replicas_in_sync,
         "train_seconds": round(fit_seconds, 2),
@@ -160,6 +224,13 @@ def run(config: Config, verbose: int = 1) -> dict:
     }
     if config.model_dir:
         model.save(os.path.join(config.model_dir, "model.keras"))
+        m = config.model
+        architecture = transfer_lib.source_architecture(
+            backbone, num_words=config.data.num_words, maxlen=config.data.maxlen, embedding_dim=m.embedding_dim,
+            lstm_units=m.lstm_units)
+        if config.model.transfer:
+            architecture = transfer_lib.load_source_model(m.source_model)["architecture"]
+        transfer_lib.save_source_model(config.model_dir, backbone, model, splits.label_names, architecture)
         if config.export:
             metrics["export_path"] = export_lib.export_serving_model(
                 model, backbone, splits.label_names, config.model.task, os.path.join(config.model_dir, "export"))
@@ -167,6 +238,34 @@ def run(config: Config, verbose: int = 1) -> dict:
         write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
     metrics["wall_seconds"] = round(time.time() - started, 2)
     print("tfl: test " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
+    return metrics
+
+
+def run_zero_shot(config: Config) -> dict:
+    """Scores the test split by similarity to label descriptions: no labels are used for training."""
+    started = time.time()
+    splits = load_data_for(config)
+    precision = train.resolve_precision(config.train.precision)
+    backbone = backbones_lib.build_backbone(config.model.backbone, sequence_length=config.model.sequence_length,
+                                            pooling="mean", dtype=precision)
+    if backbone.modality != data_lib.TEXT or splits.modality != data_lib.TEXT:
+        raise backbones_lib.BackboneError("--mode=zero_shot works on text data with a text encoder (asset:minilm "
+                                          "or a keras-hub text preset); image zero-shot needs a CLIP/SigLIP preset")
+    descriptions = transfer_lib.parse_label_descriptions(config.model.label_descriptions, splits.label_names)
+    texts, labels = zip(*[(x.decode("utf-8"), y) for x, y in splits.test.as_numpy_iterator()])
+    scores = transfer_lib.zero_shot_scores(transfer_lib.normalised_embeddings(backbone, texts),
+                                           transfer_lib.label_embeddings(backbone, descriptions))
+    num_labels = len(splits.label_names)
+    probabilities = np.exp(scores * 20.0)  # a fixed temperature turns cosines into scores for AUC
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    outputs = probabilities[:, 1:] if heads.is_binary("classification", num_labels) else probabilities
+    test = heads.evaluation_metrics("classification", num_labels, outputs, np.array(labels))
+    metrics = {"test": test, "mode": "zero_shot", "label_descriptions": descriptions, "trainable_params": 0,
+               "train_seconds": 0.0, "wall_seconds": round(time.time() - started, 2), "config": config.to_dict(),
+               "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names}}
+    if config.model_dir:
+        write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
+    print("tfl: zero-shot test " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
     return metrics
 
 

@@ -104,11 +104,13 @@ def load_data(source: str, *, seed: int = 0, task: str = "classification", text_
               label_column: str = "label", validation_fraction: float = 0.1, test_fraction: float = 0.1,
               max_examples: int = 0, classes: tuple = (), num_words: int = 10000, maxlen: int = 500,
               train_split: str = "train", validation_split: str = "", test_split: str = "test",
-              data_dir: Optional[str] = None) -> DataSplits:
+              data_dir: Optional[str] = None, label_fraction: float = 1.0) -> DataSplits:
     """Loads ``source`` and splits it deterministically from ``seed`` (stratified by label).
 
     Sources with their own train/test splits keep them; a missing validation (or test) split is
     carved from train. ``max_examples`` caps the pool before splitting, or each given split.
+    ``label_fraction`` keeps a stratified share of the training split (validation and test stay whole,
+    so runs at different fractions are scored on the same examples).
     """
     if source.startswith("tfds:"):
         return _load_tfds(source[len("tfds:"):], train_split, validation_split, test_split,
@@ -126,6 +128,11 @@ def load_data(source: str, *, seed: int = 0, task: str = "classification", text_
             share = validation_fraction / (1.0 - test_fraction)
             train_index, val_index = stratified_split(split["train"].labels, (1.0 - share, share), seed)
             split["train"], split["validation"] = split["train"].subset(train_index), split["train"].subset(val_index)
+    if label_fraction < 1.0:
+        keep, _ = stratified_split(split["train"].labels, (label_fraction, 1.0 - label_fraction), seed)
+        if len(keep) == 0:
+            raise DataError(f"--label_fraction={label_fraction} leaves no training examples; use a larger share")
+        split["train"] = split["train"].subset(keep)
     if task == "classification":
         _check_classification_labels(split, data.label_names)
     return DataSplits(

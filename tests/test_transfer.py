@@ -1,0 +1,191 @@
+"""Transfer modes on tiny models and generated data: source models, weight mapping, zero-shot, report."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfl import backbones as backbones_lib
+from tfl import transfer as transfer_lib
+from tfl.config import CompareConfig, Config, DataConfig, ModelConfig, TrainConfig
+from tfl.run import build_model, run
+
+
+def _write_csv(path, rows):
+    path.write_text("text,label\n" + "".join(f"\"{t}\",{y}\n" for t, y in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A finished lstm run on a small sentiment CSV: the source model for transfer tests."""
+    tmp = tmp_path_factory.mktemp("source")
+    rng = np.random.RandomState(0)
+    good, bad = ["great", "fun", "lovely", "superb"], ["awful", "dull", "boring", "poor"]
+    rows = [(" ".join(rng.choice(good if y else bad, 3)) + " film", y) for y in [0, 1] * 30]
+    csv = _write_csv(tmp / "source.csv", rows)
+    config = Config(data=DataConfig(source=f"csv:{csv}", batch_size=8, num_words=40, maxlen=6),
+                    model=ModelConfig(backbone="lstm", lstm_units=8, embedding_dim=4),
+                    train=TrainConfig(epochs=1, learning_rate=1e-2, precision="float32"),
+                    model_dir=str(tmp / "run"), export=False)
+    run(config, verbose=0)
+    return str(tmp / "run"), csv
+
+
+def test_source_model_carries_its_vocabulary(source_run):
+    run_dir, _ = source_run
+    source = transfer_lib.load_source_model(run_dir)
+    assert source["backbone"] == "lstm" and source["architecture"]["maxlen"] == 6
+    original = keras.saving.load_model(os.path.join(run_dir, "model.keras"), safe_mode=True, compile=False)
+    rebuilt = transfer_lib.backbone_from_source(source, reuse_vocabulary=True, train_texts=["unrelated words"])
+    text = tf.constant(["great fun film", "a dull unknownword film"])
+    # The same raw text gives the same ids as the vectorizer the source model was trained with.
+    vocabulary = ["", *source["vocabulary_tokens"]]
+    expected = [[vocabulary.index(w) if w in vocabulary else 1 for w in s.split()] for s in
+                ["great fun film", "a dull unknownword film"]]
+    ids = rebuilt.preprocess(text).numpy()
+    assert [list(row[:len(e)]) for row, e in zip(ids, expected)] == expected
+    assert original.get_layer("head") is not None
+
+
+def test_parameter_transfer_copies_body_and_reinitialises_head(source_run, tmp_path):
+    run_dir, _ = source_run
+    source = transfer_lib.load_source_model(run_dir)
+    backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=True, train_texts=["x"])
+    target = build_model(backbone, ["a", "b", "c"])  # a 3-class task: the head's shape differs
+    report = transfer_lib.copy_weights(source, target)
+    assert report == {"copied": ["embedding", "lstm"], "reinitialised": ["head"], "missing": []}
+    source_model = transfer_lib.rebuild_source_model(source)
+    for name in ("embedding", "lstm"):
+        for a, b in zip(source_model.get_layer("backbone").get_layer(name).get_weights(),
+                        target.get_layer("backbone").get_layer(name).get_weights()):
+            assert np.array_equal(a, b)
+    assert "reinitialised  head" in transfer_lib.format_mapping_report(report)
+
+
+def test_mismatched_architecture_is_an_error_not_a_no_op(source_run):
+    run_dir, _ = source_run
+    source = transfer_lib.load_source_model(run_dir)
+    other = backbones_lib.build_lstm_backbone(num_words=40, maxlen=6, embedding_dim=7, lstm_units=9,
+                                              train_texts=None, seed=0)
+    with pytest.raises(transfer_lib.TransferError, match="No layer of the source model"):
+        transfer_lib.copy_weights(source, build_model(other, ["a", "b"]))
+
+
+def test_structure_transfer_refits_the_vocabulary(source_run):
+    run_dir, _ = source_run
+    source = transfer_lib.load_source_model(run_dir)
+    backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=False, train_texts=["spam spam eggs"])
+    assert backbone.vectorizer.get_vocabulary()[2:4] == ["spam", "eggs"]
+    assert backbone.model.get_layer("lstm").units == 8  # the source's architecture
+
+
+def test_not_a_source_model(tmp_path):
+    with pytest.raises(transfer_lib.TransferError, match="is not a tfl source model"):
+        transfer_lib.load_source_model(str(tmp_path))
+
+
+def test_cli_parameter_transfer_run(source_run, tmp_path):
+    from test_cli import run_main
+
+    run_dir, csv = source_run
+    result = run_main(f"--source=csv:{csv}", "--transfer=parameter", f"--source_model={run_dir}", "--epochs=1",
+                      "--batch_size=8", "--precision=float32", "--noexport", f"--model_dir={tmp_path / 't'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["transfer_mapping"]["copied"] == ["embedding", "lstm"]
+
+
+def _known_encoder():
+    """A 'sentence encoder' whose word vectors are set by hand: animals on axis 0, vehicles on axis 1."""
+    vocabulary = ["cat", "dog", "horse", "car", "bus", "train", "animal", "vehicle"]
+    vectors = np.zeros((len(vocabulary) + 2, 2), np.float32)
+    for i, word in enumerate(vocabulary):
+        vectors[i + 2] = [1.0, 0.1] if word in ("cat", "dog", "horse", "animal") else [0.1, 1.0]
+    vectorizer = keras.layers.TextVectorization(vocabulary=vocabulary, output_sequence_length=4)
+    ids = keras.Input((4,), dtype="int64")
+    embedded = keras.layers.Embedding(len(vocabulary) + 2, 2, mask_zero=True, weights=[vectors])(ids)
+    pooled = keras.layers.GlobalAveragePooling1D()(embedded)
+    return backbones_lib.Backbone("known", keras.Model(ids, pooled), [], "text", vectorizer)
+
+
+def test_zero_shot_picks_the_described_label():
+    encoder = _known_encoder()
+    descriptions = transfer_lib.parse_label_descriptions("pets=cat|dog;transport=car|bus", ["pets", "transport"])
+    predictions = transfer_lib.zero_shot_text(encoder, ["horse", "train", "dog cat", "bus", "unknown horse"],
+                                              descriptions)
+    assert predictions.tolist() == [0, 1, 0, 1, 0]
+
+
+def test_label_descriptions_from_file_and_defaults(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"neg": "bad", "pos": ["good", "great"]}))
+    assert transfer_lib.parse_label_descriptions(str(path), ["neg", "pos"]) == {"neg": ["bad"],
+                                                                                "pos": ["good", "great"]}
+    defaults = transfer_lib.parse_label_descriptions("", ["sci_fi"])
+    assert "sci fi" in defaults["sci_fi"]
+    with pytest.raises(transfer_lib.TransferError, match="nothing for label"):
+        transfer_lib.parse_label_descriptions("neg=bad", ["neg", "pos"])
+
+
+def test_clip_zero_shot_with_a_tiny_random_clip():
+    import keras_hub
+
+    vision = keras_hub.models.CLIPVisionEncoder(patch_size=8, hidden_dim=8, num_layers=1, num_heads=2,
+                                                intermediate_dim=16, image_shape=(16, 16, 3))
+    text = keras_hub.models.CLIPTextEncoder(vocabulary_size=20, embedding_dim=8, hidden_dim=8, num_layers=1,
+                                            num_heads=2, intermediate_dim=16, max_sequence_length=5)
+    clip = keras_hub.models.CLIPBackbone(vision, text, projection_dim=4)
+    images = np.random.RandomState(0).rand(3, 16, 16, 3).astype("float32")
+    token_ids = {"a": np.array([[1, 2, 3, 4, 5]]), "b": np.array([[5, 4, 3, 2, 1]])}
+    predictions = transfer_lib.zero_shot_images(clip, images, token_ids)
+    # The same computation by hand: cosine similarity of projected embeddings.
+    image_vectors = np.array(clip.get_vision_embeddings(images))
+    text_vectors = np.concatenate([np.array(clip.get_text_embeddings(ids)) for ids in token_ids.values()])
+    image_vectors /= np.linalg.norm(image_vectors, axis=1, keepdims=True)
+    text_vectors /= np.linalg.norm(text_vectors, axis=1, keepdims=True)
+    assert predictions.tolist() == np.argmax(image_vectors @ text_vectors.T, axis=1).tolist()
+
+
+def test_compare_writes_report_with_every_strategy(tiny_bert_preset, tmp_path):
+    rows = [(t, y) for t, y in [("the great film", 1), ("an awful plot", 0), ("great movie", 1),
+                                ("awful film", 0)] * 8]
+    csv = _write_csv(tmp_path / "d.csv", rows)
+    config = Config(mode="compare", data=DataConfig(source=f"csv:{csv}", batch_size=4),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8,
+                                      label_descriptions="0=awful|bad;1=great|good"),
+                    train=TrainConfig(epochs=2, learning_rate=1e-3, precision="float32"),
+                    compare=CompareConfig(strategies=("zero_shot", "scratch", "linear_probe", "fine_tune"),
+                                          seeds=2, label_fractions=(0.5, 1.0)),
+                    model_dir=str(tmp_path / "cmp"))
+    report = run(config, verbose=0)
+    assert [(r["strategy"], r["fraction"]) for r in report["rows"]] == [
+        (s, f) for s in ("zero_shot", "scratch", "linear_probe", "fine_tune") for f in (0.5, 1.0)]
+    assert all(r["seeds"] == 2 and 0 <= r["accuracy"]["mean"] <= 1 for r in report["rows"])
+    probe = next(r for r in report["rows"] if r["strategy"] == "linear_probe")
+    tuned = next(r for r in report["rows"] if r["strategy"] == "fine_tune")
+    assert probe["trainable_params"] < tuned["trainable_params"]
+    markdown = (tmp_path / "cmp" / "report.md").read_text()
+    for strategy in ("zero_shot", "scratch", "linear_probe", "fine_tune"):
+        assert f"| {strategy} |" in markdown
+    assert json.loads((tmp_path / "cmp" / "report.json").read_text())["rows"] == json.loads(
+        json.dumps(report["rows"]))
+    for plot in ("learning_curves.png", "label_fractions.png"):
+        assert (tmp_path / "cmp" / plot).stat().st_size > 1000
+
+
+def test_strategy_configs_differ_only_where_they_must():
+    from tfl.report import strategy_config
+
+    base = Config(model=ModelConfig(backbone="asset:minilm"), compare=CompareConfig(probe_learning_rate=1e-3))
+    made = {s: strategy_config(base, s, seed=4, fraction=0.2, model_dir="d") for s in
+            ("scratch", "linear_probe", "partial", "fine_tune", "lora", "parameter", "zero_shot")}
+    assert made["scratch"].model.pretrained is False and made["fine_tune"].model.pretrained is True
+    assert made["linear_probe"].freeze.freeze_all and made["linear_probe"].train.learning_rate == 1e-3
+    assert made["partial"].freeze.freeze_blocks == 2 and made["lora"].freeze.lora_rank == 4
+    assert made["parameter"].model.transfer == "parameter" and made["zero_shot"].mode == "zero_shot"
+    assert all(c.seed == 4 and c.data.label_fraction == 0.2 and c.data == made["fine_tune"].data
+               for c in made.values())

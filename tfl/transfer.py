@@ -1,0 +1,231 @@
+"""The three transfer modes: parameter transfer, structure transfer, and zero-shot.
+
+    tfl.transfer.save_source_model(run_dir, backbone, model, label_names)       # after training a source task
+    source = tfl.transfer.load_source_model(run_dir)
+    backbone = tfl.transfer.backbone_from_source(source, train_texts=..., reuse_vocabulary=True)
+    report = tfl.transfer.copy_weights(source, target_model)                     # parameter transfer
+    predictions = tfl.transfer.zero_shot_text(backbone, texts, {"fresh": ["a good movie"], ...})
+
+A *source model* folder holds the architecture (``source.json``), the trained weights
+(``model.weights.h5``) and, for text, the vocabulary that turns raw text into the same ids
+(``vocabulary.txt``). Structure transfer rebuilds the architecture with fresh weights (and a
+vocabulary fitted on the new task); parameter transfer also reuses the vocabulary and copies every
+layer whose name and shapes match, re-initialising the head (as big_vision's ``dont_load=['head/*']``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfl import backbones as backbones_lib
+from tfl import heads
+
+SOURCE_KIND = "tfl-source-model"
+SOURCE_FILE = "source.json"
+SOURCE_DIR = "source_model"
+ALWAYS_REINITIALISED = ("head",)  # a new task's head never inherits the source task's classes
+
+
+class TransferError(ValueError):
+    """A source model that is missing, not a tfl source model, or does not fit the target."""
+
+
+# ---- source models --------------------------------------------------------------------------
+
+def save_source_model(run_dir: str, backbone: backbones_lib.Backbone, model: keras.Model, label_names: list,
+                      architecture: dict) -> Optional[str]:
+    """Writes ``<run_dir>/source_model/`` for tfl's own architectures (lstm, small_cnn); returns it."""
+    if backbone.name not in backbones_lib.SMALL_MODELS:
+        return None  # keras-hub and keras.applications backbones are reused through their presets
+    final = os.path.join(run_dir, SOURCE_DIR)
+    staging = tempfile.mkdtemp(prefix=".source-", dir=run_dir)
+    model.save_weights(os.path.join(staging, "model.weights.h5"))
+    vocabulary = None
+    if backbone.vectorizer is not None:
+        vocabulary = "vocabulary.txt"
+        with open(os.path.join(staging, vocabulary), "w", encoding="utf-8") as f:
+            # One token a line; index 0 (padding) is the empty string and is implied.
+            f.write("\n".join(backbone.vectorizer.get_vocabulary()[1:]))
+    info = {"kind": SOURCE_KIND, "backbone": backbone.name, "modality": backbone.modality,
+            "label_names": list(label_names), "architecture": architecture, "vocabulary": vocabulary}
+    with open(os.path.join(staging, SOURCE_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+    if os.path.isdir(final):
+        import shutil
+
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return final
+
+
+def load_source_model(path: str) -> dict:
+    """Reads a source model folder (a run's model_dir or its source_model/ folder)."""
+    folder = os.path.join(path, SOURCE_DIR) if os.path.isdir(os.path.join(path, SOURCE_DIR)) else path
+    info_path = os.path.join(folder, SOURCE_FILE)
+    if not os.path.isfile(info_path):
+        raise TransferError(f"--source_model={path} is not a tfl source model (no {SOURCE_FILE}); give the "
+                            "--model_dir of an lstm or small_cnn run")
+    with open(info_path) as f:
+        info = json.load(f)
+    if info.get("kind") != SOURCE_KIND:
+        raise TransferError(f"{info_path} is not a tfl source model file")
+    info["folder"] = folder
+    if info.get("vocabulary"):
+        with open(os.path.join(folder, info["vocabulary"]), encoding="utf-8") as f:
+            info["vocabulary_tokens"] = f.read().split("\n")
+    return info
+
+
+def backbone_from_source(source: dict, *, reuse_vocabulary: bool, train_texts=None, seed: int = 0,
+                         dtype: Optional[str] = None) -> backbones_lib.Backbone:
+    """The source's architecture, freshly initialised. Parameter transfer reuses its vocabulary
+    (the same raw text gives the same ids); structure transfer fits a new one on ``train_texts``."""
+    arch = source["architecture"]
+    if source["backbone"] == "small_cnn":
+        return backbones_lib.build_small_cnn_backbone(tuple(arch["input_shape"]), seed)
+    if source["modality"] == backbones_lib.TEXT and train_texts is None:
+        raise TransferError("The source model is a text model but the target data is not text; use text data")
+    backbone = backbones_lib.build_lstm_backbone(
+        arch["num_words"], arch["maxlen"], arch["embedding_dim"], arch["lstm_units"],
+        None if reuse_vocabulary else train_texts, seed)
+    if reuse_vocabulary and source.get("vocabulary_tokens"):
+        vectorizer = keras.layers.TextVectorization(max_tokens=arch["num_words"],
+                                                    output_sequence_length=arch["maxlen"], name="vectorizer",
+                                                    vocabulary=source["vocabulary_tokens"][1:])  # [UNK] is implied
+        backbone.preprocess, backbone.vectorizer, backbone.modality = vectorizer, vectorizer, backbones_lib.TEXT
+    return backbone
+
+
+def source_architecture(backbone: backbones_lib.Backbone, *, num_words: int, maxlen: int, embedding_dim: int,
+                        lstm_units: int) -> dict:
+    if backbone.name == "small_cnn":
+        return {"input_shape": list(backbone.image_size)}
+    return {"num_words": num_words, "maxlen": maxlen, "embedding_dim": embedding_dim, "lstm_units": lstm_units}
+
+
+def rebuild_source_model(source: dict) -> keras.Model:
+    backbone = backbone_from_source(source, reuse_vocabulary=True, train_texts=[])
+    model = heads.attach_head(backbone.model, task="classification", label_names=source["label_names"])
+    model.load_weights(os.path.join(source["folder"], "model.weights.h5"))
+    return model
+
+
+def copy_weights(source: dict, target: keras.Model) -> dict:
+    """Copies every target layer whose name and weight shapes match the source; the head is re-initialised.
+
+    Returns {"copied": [...], "reinitialised": [...], "missing": [...]} (layer names). Raises if
+    nothing could be copied: a transfer that silently copies nothing is a bug, not a run.
+    """
+    source_model = rebuild_source_model(source)
+    by_name = {layer.name: layer for layer in _weighted_layers(source_model)}
+    report = {"copied": [], "reinitialised": [], "missing": []}
+    for layer in _weighted_layers(target):
+        theirs = by_name.get(layer.name)
+        if layer.name in ALWAYS_REINITIALISED:
+            report["reinitialised"].append(layer.name)
+        elif theirs is None:
+            report["missing"].append(layer.name)
+        elif [w.shape for w in theirs.weights] != [w.shape for w in layer.weights]:
+            report["reinitialised"].append(layer.name)
+        else:
+            layer.set_weights(theirs.get_weights())
+            report["copied"].append(layer.name)
+    if not report["copied"]:
+        raise TransferError(f"No layer of the source model {source['folder']} matches the target by name and "
+                            f"shape (reinitialised: {report['reinitialised']}, missing: {report['missing']}); "
+                            "use --transfer=structure or a compatible source")
+    return report
+
+
+def _weighted_layers(model: keras.Model) -> list:
+    """Layers with weights, in order, looking inside nested models (the backbone) but not inside layers."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found += _weighted_layers(layer)
+        elif layer.weights:
+            found.append(layer)
+    return found
+
+
+def format_mapping_report(report: dict) -> str:
+    return "\n".join(f"  {key:14s} {', '.join(names) or '-'}" for key, names in report.items())
+
+
+# ---- zero-shot ------------------------------------------------------------------------------
+
+def parse_label_descriptions(value: str, label_names: list) -> dict:
+    """Label -> list of descriptions, from a JSON file, an inline 'label=desc|desc;label=desc', or defaults.
+
+    Defaults use the label names themselves in a few neutral templates.
+    """
+    if not value:
+        templates = ["{}", "this is {}", "an example of {}", "it is about {}", "something {}"]
+        return {name: [t.format(name.replace("_", " ")) for t in templates] for name in label_names}
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            raw = json.load(f)
+        descriptions = {k: [v] if isinstance(v, str) else list(v) for k, v in raw.items()}
+    else:
+        descriptions = {}
+        for part in value.split(";"):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise TransferError(f"--label_descriptions part '{part}' is not label=description[|description]")
+            label, _, text = part.partition("=")
+            descriptions[label.strip()] = [t.strip() for t in text.split("|") if t.strip()]
+    missing = [name for name in label_names if not descriptions.get(name)]
+    if missing:
+        raise TransferError(f"--label_descriptions has nothing for label(s) {missing}; describe every label in "
+                            f"{label_names}")
+    return {name: descriptions[name] for name in label_names}
+
+
+def normalised_embeddings(backbone: backbones_lib.Backbone, texts, batch_size: int = 64) -> np.ndarray:
+    """Mean-pooled encoder outputs, L2-normalised: the sentence embeddings of a sentence encoder."""
+    dataset = tf.data.Dataset.from_tensor_slices(np.asarray(texts, dtype=object).astype(str)).batch(batch_size)
+    encode = tf.function(lambda x: backbone.model(backbone.preprocess(x), training=False))
+    vectors = np.concatenate([np.asarray(encode(batch), np.float32) for batch in dataset])
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def label_embeddings(backbone: backbones_lib.Backbone, descriptions: dict) -> np.ndarray:
+    """One unit vector per label: the normalised mean of its descriptions' embeddings."""
+    rows = []
+    for texts in descriptions.values():
+        mean = normalised_embeddings(backbone, texts).mean(axis=0)
+        rows.append(mean / np.linalg.norm(mean))
+    return np.stack(rows)
+
+
+def zero_shot_scores(input_embeddings: np.ndarray, label_vectors: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each input to each label (both already unit vectors)."""
+    return input_embeddings @ label_vectors.T
+
+
+def zero_shot_text(backbone: backbones_lib.Backbone, texts, descriptions: dict) -> np.ndarray:
+    """Predicted label index per text, by cosine similarity to the label descriptions."""
+    return np.argmax(zero_shot_scores(normalised_embeddings(backbone, texts), label_embeddings(backbone, descriptions)),
+                     axis=1)
+
+
+def zero_shot_images(clip_backbone, images, text_token_ids: dict) -> np.ndarray:
+    """CLIP/SigLIP zero-shot: predicted label per image from each label's tokenized description.
+
+    ``images``: preprocessed image batch; ``text_token_ids``: label -> token id array (1, length).
+    """
+    image_vectors = np.array(clip_backbone.get_vision_embeddings(images), np.float32)
+    image_vectors /= np.linalg.norm(image_vectors, axis=1, keepdims=True)
+    label_vectors = []
+    for ids in text_token_ids.values():
+        vector = np.asarray(clip_backbone.get_text_embeddings(ids), np.float32).mean(axis=0)
+        label_vectors.append(vector / np.linalg.norm(vector))
+    return np.argmax(zero_shot_scores(image_vectors, np.stack(label_vectors)), axis=1)
