@@ -39,6 +39,8 @@ HELP = {
     "batch_size": "Global batch size (split across replicas).",
     "shuffle_buffer": "tf.data shuffle buffer size.",
     "cache": "Cache preprocessed examples in memory.",
+    "bucket_shapes": "Tokenized text: batch by length and pad to at most this many boundaries (from the training "
+                     "data's lengths); 0 = pad everything to --sequence_length.",
     "backbone": "lstm, small_cnn, asset:minilm, a keras.applications name (ResNet50, EfficientNetB0, ...), "
                 "a keras-hub preset (bert_base_en_uncased, vit_base_patch16_224_imagenet, ...) or a local folder.",
     "weights": "keras.applications weights: imagenet, none or a .weights.h5 path.",

@@ -50,6 +50,7 @@ class DataConfig:
     batch_size: int = 32
     shuffle_buffer: int = 10000
     cache: bool = True
+    bucket_shapes: int = 8  # tokenized text: pad batches to at most this many lengths; 0 = pad all to sequence_length
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,11 +107,23 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
     decode = None
     if splits.modality == data_lib.IMAGE_FILE:
         decode = lambda path: backbones_lib.decode_image_file(path, backbone.image_size)  # noqa: E731
+    bucketing = None
+    if d.bucket_shapes and backbone.modality == data_lib.TEXT and backbone.keras_hub_backbone is not None:
+        lengths = data_lib.token_lengths(splits.train.batch(256).map(lambda x, y: backbone.preprocess(x)))
+        boundaries = data_lib.choose_boundaries(lengths, d.bucket_shapes)
+        if boundaries and boundaries[-1] < config.model.sequence_length:
+            boundaries[-1] = config.model.sequence_length  # longer validation/test texts still fit
+        bucketing = {"boundaries": boundaries, "shapes": len(boundaries),
+                     "padding_fraction": round(data_lib.padding_fraction(lengths, boundaries), 4),
+                     "padding_fraction_without": round(data_lib.padding_fraction(
+                         lengths, [config.model.sequence_length]), 4)}
+        print(f"tfl: length buckets {bucketing}")
     common = dict(batch_size=d.batch_size, preprocess=backbone.preprocess, seed=config.seed,
-                  shuffle_buffer=d.shuffle_buffer, cache=d.cache, modality=splits.modality, decode_image=decode)
+                  shuffle_buffer=d.shuffle_buffer, cache=d.cache, modality=splits.modality, decode_image=decode,
+                  bucket_boundaries=bucketing["boundaries"] if bucketing else None)
     train_ds = data_lib.make_batches(splits.train, training=True, **common)
     return (train_ds, data_lib.make_batches(splits.validation, **common),
-            data_lib.make_batches(splits.test, **common))
+            data_lib.make_batches(splits.test, **common), bucketing)
 
 
 def run(config: Config, verbose: int = 1) -> dict:
@@ -161,11 +173,12 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     if mapping:
         print("tfl: parameter transfer from " + config.model.source_model + "\n" +
               transfer_lib.format_mapping_report(mapping))
-    train_ds, val_ds, test_ds = batches_for(config, splits, backbone, strategy)
+    train_ds, val_ds, test_ds, bucketing = batches_for(config, splits, backbone, strategy)
 
     t = config.train
     train_size = splits.sizes.get("train") or int(train_ds.cardinality()) * config.data.batch_size
-    steps_per_epoch = max(1, math.ceil(train_size / config.data.batch_size))
+    # Buckets add up to one partial batch each to an epoch.
+    steps_per_epoch = max(1, math.ceil(train_size / config.data.batch_size)) + (bucketing or {}).get("shapes", 0)
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
         train_ds = train_ds.repeat()
@@ -213,7 +226,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         "total_params": int(model.count_params()),
         "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names,
                  "label_counts": splits.label_counts},
-        "transfer_mapping": mapping, "feature_cache": feature_cache,
+        "transfer_mapping": mapping, "feature_cache": feature_cache, "bucketing": bucketing,
         "precision": precision, "jit_compile": jit_compile, "device": kind,
         "replicas": strategy.num_replicas_in_sync,
         "train_seconds": round(fit_seconds, 2),

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from tfl.data.bucketing import bucket_batches, choose_boundaries, padding_fraction, token_lengths
 from tfl.data.sources import (IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS, DataError, Examples, SourceData,
                               load_source)
 
@@ -189,13 +190,15 @@ def _load_tfds(name: str, train_split: str, validation_split: str, test_split: s
 def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optional[Callable] = None,
                  training: bool = False, seed: int = 0, shuffle_buffer: int = 10000, cache: bool = True,
                  modality: str = TEXT, decode_image: Optional[Callable] = None,
-                 drop_remainder: bool = False) -> tf.data.Dataset:
+                 drop_remainder: bool = False, bucket_boundaries: Optional[list] = None) -> tf.data.Dataset:
     """Preprocesses, caches, shuffles, batches and prefetches an unbatched (feature, label) dataset.
 
     ``preprocess`` maps a *batch* of features to model inputs (a keras-hub preprocessor, an image
     resizer). For text, preprocessing is deterministic and cheap to store, so it runs once and is
     cached; for images, the small raw images are cached and resizing runs per batch.
     ``decode_image`` maps one image path to a decoded image (image-file sources).
+    ``bucket_boundaries`` (tokenized text with a padding mask): batch examples of similar length and
+    pad each batch only to its bucket's boundary (see tfl.data.bucketing).
     """
     with_model_inputs = lambda x, y: (preprocess(x), y) if preprocess else (x, y)  # noqa: E731
     if modality in (TEXT, TOKEN_IDS):
@@ -204,6 +207,8 @@ def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optio
             dataset = dataset.cache()
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if bucket_boundaries:
+            return bucket_batches(dataset, bucket_boundaries, batch_size, drop_remainder).prefetch(AUTOTUNE)
         return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
     if modality == IMAGE_FILE:
         if decode_image is None:
