@@ -189,3 +189,22 @@ def test_strategy_configs_differ_only_where_they_must():
     assert made["parameter"].model.transfer == "parameter" and made["zero_shot"].mode == "zero_shot"
     assert all(c.seed == 4 and c.data.label_fraction == 0.2 and c.data == made["fine_tune"].data
                for c in made.values())
+
+
+def test_aligned_parameter_transfer_copies_shared_token_rows(source_run):
+    run_dir, _ = source_run
+    source = transfer_lib.load_source_model(run_dir)
+    backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=False,
+                                                 train_texts=["great spam film", "spam eggs"])
+    target = build_model(backbone, ["a", "b"])
+    target_vocabulary = backbone.vectorizer.get_vocabulary()
+    report = transfer_lib.copy_weights(source, target, target_vocabulary=target_vocabulary)
+    assert report["copied"] == ["embedding", "lstm"] and report["reinitialised"] == ["head"]
+    source_vocabulary = ["", *source["vocabulary_tokens"]]
+    shared = [t for t in target_vocabulary if t in source_vocabulary]
+    assert report["embedding_rows_copied"] == len(shared) and {"great", "film"} <= set(shared)
+    source_embedding = transfer_lib.rebuild_source_model(source).get_layer("backbone").get_layer("embedding")
+    target_embedding = target.get_layer("backbone").get_layer("embedding")
+    for token in ("great", "film"):
+        assert np.array_equal(target_embedding.get_weights()[0][target_vocabulary.index(token)],
+                              source_embedding.get_weights()[0][source_vocabulary.index(token)])

@@ -76,6 +76,9 @@ HELP = {
     "label_fraction": "Keep this stratified share of the training split (1 = all).",
     "transfer": "structure (the source model's architecture, fresh weights) or parameter (also its weights and "
                 "vocabulary; the head is re-initialised). Needs --source_model.",
+    "transfer_vocabulary": "Parameter transfer of a text model: target (a vocabulary fitted on the new task; "
+                           "embedding rows copied for the tokens it shares with the source) or source (the "
+                           "source's vocabulary as is: words it never saw become out-of-vocabulary).",
     "source_model": "--model_dir of a finished lstm or small_cnn run (its source_model/ folder).",
     "label_descriptions": "Zero-shot: a JSON file {label: [descriptions]} or 'label=desc|desc;label=desc'; "
                           "default: templates of the label names.",

@@ -70,6 +70,8 @@ class ModelConfig:
     embedding_dim: int = 50
     transfer: str = ""  # "" | structure | parameter (with source_model)
     source_model: str = ""  # the model_dir of a finished lstm/small_cnn run
+    transfer_vocabulary: str = "target"  # parameter transfer of text: target (own vocabulary, embedding rows
+    # copied for shared tokens) | source (the source's vocabulary and ids unchanged)
     label_descriptions: str = ""  # zero-shot: JSON file or 'label=desc|desc;label=desc'; default from names
 
 
@@ -173,7 +175,8 @@ class Config:
                               "--freeze_blocks, --trainable and --unfreeze_every_epochs; drop one of them")
         if f.lora_rank and (f.freeze_blocks or f.trainable):
             raise ConfigError("--lora_rank freezes the backbone's own weights already; drop --freeze_blocks/--trainable")
-        for name, value, choices in [("mode", self.mode, MODES), ("transfer", m.transfer, TRANSFERS)]:
+        for name, value, choices in [("mode", self.mode, MODES), ("transfer", m.transfer, TRANSFERS),
+                                     ("transfer_vocabulary", m.transfer_vocabulary, ("target", "source"))]:
             if value not in choices:
                 raise ConfigError(f"Unknown --{name}='{value}'; expected one of {[c for c in choices if c]}")
         if m.transfer and not m.source_model:

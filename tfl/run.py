@@ -76,8 +76,9 @@ def backbone_for(config: Config, splits: data_lib.DataSplits, precision: str) ->
     if m.transfer:
         source = transfer_lib.load_source_model(m.source_model)
         texts = train_texts_of(splits) if splits.modality == data_lib.TEXT else None
-        backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=m.transfer == "parameter",
-                                                     train_texts=texts, seed=config.seed)
+        reuse = m.transfer == "parameter" and m.transfer_vocabulary == "source"
+        backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=reuse, train_texts=texts,
+                                                     seed=config.seed)
         backbones_lib.check_fits_data(backbone, splits.modality)
         return backbone
     train_texts = None
@@ -166,7 +167,10 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
                                 frozen_backbone=config.freeze.freeze_all)
             mapping = None
             if config.model.transfer == "parameter":
-                mapping = transfer_lib.copy_weights(transfer_lib.load_source_model(config.model.source_model), model)
+                aligned = backbone.vectorizer is not None and config.model.transfer_vocabulary == "target"
+                mapping = transfer_lib.copy_weights(
+                    transfer_lib.load_source_model(config.model.source_model), model,
+                    target_vocabulary=backbone.vectorizer.get_vocabulary() if aligned else None)
     finally:
         keras.config.set_dtype_policy("float32")
     print(freeze_lib.format_table(table))

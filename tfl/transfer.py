@@ -117,18 +117,26 @@ def rebuild_source_model(source: dict) -> keras.Model:
     return model
 
 
-def copy_weights(source: dict, target: keras.Model) -> dict:
+def copy_weights(source: dict, target: keras.Model, target_vocabulary: Optional[list] = None) -> dict:
     """Copies every target layer whose name and weight shapes match the source; the head is re-initialised.
 
-    Returns {"copied": [...], "reinitialised": [...], "missing": [...]} (layer names). Raises if
-    nothing could be copied: a transfer that silently copies nothing is a bug, not a run.
+    ``target_vocabulary`` (the target's own fitted vocabulary, ``get_vocabulary()``): the embedding is
+    copied row by row for the tokens both vocabularies share, the other rows keep their fresh
+    initialisation. Without it, the target must use the source's vocabulary (same ids).
+    Returns {"copied": [...], "reinitialised": [...], "missing": [...]} (layer names), plus
+    "embedding_rows_copied" when aligned. Raises if nothing could be copied: a transfer that silently
+    copies nothing is a bug, not a run.
     """
     source_model = rebuild_source_model(source)
     by_name = {layer.name: layer for layer in _weighted_layers(source_model)}
     report = {"copied": [], "reinitialised": [], "missing": []}
     for layer in _weighted_layers(target):
         theirs = by_name.get(layer.name)
-        if layer.name in ALWAYS_REINITIALISED:
+        if target_vocabulary is not None and layer.name == "embedding" and theirs is not None:
+            report["embedding_rows_copied"] = copy_embedding_rows(
+                theirs, layer, ["", *source["vocabulary_tokens"]], target_vocabulary)
+            report["copied"].append(layer.name)
+        elif layer.name in ALWAYS_REINITIALISED:
             report["reinitialised"].append(layer.name)
         elif theirs is None:
             report["missing"].append(layer.name)
@@ -144,6 +152,21 @@ def copy_weights(source: dict, target: keras.Model) -> dict:
     return report
 
 
+def copy_embedding_rows(source_layer, target_layer, source_tokens: list, target_tokens: list) -> int:
+    """Copies the embedding row of every token the two vocabularies share; returns how many."""
+    source_rows = {token: i for i, token in enumerate(source_tokens)}
+    source_matrix = source_layer.get_weights()[0]
+    matrix = target_layer.get_weights()[0]
+    copied = 0
+    for i, token in enumerate(target_tokens[:len(matrix)]):
+        j = source_rows.get(token)
+        if j is not None and j < len(source_matrix) and (i > 0 or j == 0):
+            matrix[i] = source_matrix[j]
+            copied += 1
+    target_layer.set_weights([matrix])
+    return copied
+
+
 def _weighted_layers(model: keras.Model) -> list:
     """Layers with weights, in order, looking inside nested models (the backbone) but not inside layers."""
     found = []
@@ -156,7 +179,8 @@ def _weighted_layers(model: keras.Model) -> list:
 
 
 def format_mapping_report(report: dict) -> str:
-    return "\n".join(f"  {key:14s} {', '.join(names) or '-'}" for key, names in report.items())
+    return "\n".join(f"  {key:14s} {', '.join(value) or '-' if isinstance(value, list) else value}"
+                     for key, value in report.items())
 
 
 # ---- zero-shot ------------------------------------------------------------------------------
