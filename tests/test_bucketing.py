@@ -36,7 +36,7 @@ def test_padding_fraction():
 
 def test_bucketed_batches_keep_every_example_and_trim(tiny_bert_preset):
     from tfl.backbones import build_backbone
-    from tfl.run import build_model
+    from tfl.runner import build_model
 
     backbone = build_backbone(tiny_bert_preset, sequence_length=16)
     words = ["the", "a", "great", "awful", "film", "movie", "plot"]

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tfl import export as export_lib
 from tfl.backbones import build_backbone
-from tfl.run import build_model
+from tfl.runner import build_model
 
 RELOAD = """
 import json, sys

@@ -9,7 +9,7 @@ from tfl import backbones as backbones_lib
 from tfl import freeze as freeze_lib
 from tfl import heads, train
 from tfl.backbones import BackboneError, build_backbone
-from tfl.run import build_model
+from tfl.runner import build_model
 
 TEXTS = ["the great film", "a great movie", "the awful plot", "an awful film", "great great", "awful movie"] * 4
 LABELS = np.array([1, 1, 0, 0, 1, 0] * 4)

@@ -5,6 +5,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import tfl
@@ -53,3 +54,25 @@ def test_library_run_on_an_image_folder_with_a_frozen_block(tmp_path):
     assert [r["status"] for r in metrics["freeze_table"]] == ["frozen", "trainable", "trainable"]
     assert metrics["test"]["accuracy"] >= 0.75  # dark vs light is easy
     assert os.path.isdir(tmp_path / "run" / "export" / "1")
+
+
+def test_cached_linear_probe_matches_the_uncached_path(tiny_bert_preset, tmp_path):
+    rows = [("the great film", 1), ("an awful plot", 0), ("great movie", 1), ("awful film", 0),
+            ("a great plot", 1), ("the awful movie", 0)] * 6
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+
+    def probe(cache):
+        config = Config(data=DataConfig(source=f"csv:{path}", batch_size=4, bucket_shapes=0),
+                        model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8, head_dropout=0.1),
+                        freeze=FreezeConfig(freeze_all=True),
+                        train=TrainConfig(epochs=3, learning_rate=1e-2, precision="float32",
+                                          cache_frozen_features=cache))
+        return tfl.run(config, verbose=0)
+
+    cached, uncached = probe(True), probe(False)
+    assert cached["feature_cache"]["examples"] == cached["data"]["sizes"]["train"]
+    assert uncached["feature_cache"] is None
+    for key in ("loss", "val_loss"):
+        assert np.allclose(cached["history"][key], uncached["history"][key], atol=1e-5), key
+    assert cached["test"] == pytest.approx(uncached["test"], abs=1e-6)

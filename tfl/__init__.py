@@ -25,7 +25,7 @@ _EXPORTS = {
     "DataError": "tfl.data", "load_data": "tfl.data", "make_batches": "tfl.data",
     "export_serving_model": "tfl.export",
     "format_table": "tfl.freeze", "freeze": "tfl.freeze", "freeze_table": "tfl.freeze",
-    "build_model": "tfl.run", "run": "tfl.run",
+    "build_model": "tfl.runner", "run": "tfl.runner",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -46,7 +46,7 @@ def main(argv: list) -> int:
     caps = {"max_examples": 400, "seeds": 1} if quick else {}
     started = time.time()
     summarise_data()
-    from tfl.run import run
+    from tfl.runner import run
 
     out = os.path.join(ROOT, "runs", "demo")
     jobs = [

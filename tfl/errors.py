@@ -39,7 +39,7 @@ def check_before_run(config: Config) -> None:
 
 def run_checked(config: Config) -> dict:
     """Writes the resolved config next to the run, then runs it."""
-    from tfl.run import run, write_json_atomically
+    from tfl.runner import run, write_json_atomically
 
     if config.model_dir and config.overwrite and os.path.isdir(config.model_dir):
         # --overwrite starts over: an old run's resume state must not leak into the new one.

@@ -56,7 +56,7 @@ def strategy_config(base: Config, strategy: str, seed: int, fraction: float, mod
 
 def compare(config: Config, verbose: int = 0) -> dict:
     """Runs every (strategy, fraction, seed); writes report.md/json and plots under config.model_dir."""
-    from tfl.run import train_and_evaluate, run_zero_shot, write_json_atomically
+    from tfl.runner import train_and_evaluate, run_zero_shot, write_json_atomically
 
     fractions = list(config.compare.label_fractions) or [config.data.label_fraction]
     seeds = [config.seed + i for i in range(config.compare.seeds)]

@@ -197,15 +197,22 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     fit_started = time.perf_counter()
     fit_model, fit_train, fit_val = model, train_ds, val_ds
     feature_cache = None
-    if config.freeze.freeze_all and not t.max_steps_per_epoch:
+    if config.freeze.freeze_all and t.cache_frozen_features and not t.max_steps_per_epoch:
         # Linear probe: the frozen backbone's outputs never change, so compute them once and train the
         # head (sharing its layers with the full model) on the cache: epochs 2+ cost almost nothing.
+        # Features are taken in the data's own order and then shuffled as the uncached path shuffles.
         cache_started = time.perf_counter()
-        train_x, train_y = cache_features(backbone, train_ds.unbatch().batch(256))
+        in_order = data_lib.make_batches(splits.train, batch_size=256, preprocess=backbone.preprocess,
+                                         modality=splits.modality, cache=False,
+                                         decode_image=(lambda p: backbones_lib.decode_image_file(p, backbone.image_size))
+                                         if splits.modality == data_lib.IMAGE_FILE else None)
+        train_x, train_y = cache_features(backbone, in_order)
         val_x, val_y = cache_features(backbone, val_ds)
         fit_model = heads.head_only_model(model, train_x.shape[1])
-        fit_train = tf.data.Dataset.from_tensor_slices((train_x, train_y)).shuffle(
-            config.data.shuffle_buffer, seed=config.seed).batch(config.data.batch_size).prefetch(data_lib.AUTOTUNE)
+        # The same pipeline shape as the uncached text path, so batches come in the same shuffled order.
+        fit_train = data_lib.make_batches(tf.data.Dataset.from_tensor_slices((train_x, train_y)), training=True,
+                                          batch_size=config.data.batch_size, seed=config.seed,
+                                          shuffle_buffer=config.data.shuffle_buffer, modality=data_lib.TEXT)
         fit_val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.data.batch_size)
         feature_cache = {"examples": int(len(train_x)), "dim": int(train_x.shape[1]),
                          "seconds": round(time.perf_counter() - cache_started, 2)}
