@@ -208,3 +208,21 @@ def test_aligned_parameter_transfer_copies_shared_token_rows(source_run):
     for token in ("great", "film"):
         assert np.array_equal(target_embedding.get_weights()[0][target_vocabulary.index(token)],
                               source_embedding.get_weights()[0][source_vocabulary.index(token)])
+
+
+def test_imdb_source_model_saves_the_word_index_with_its_offset(tmp_path, monkeypatch):
+    """keras.datasets.imdb ids: word of rank r -> id r + 3; a raw-text target gets the same ids."""
+    import keras
+
+    monkeypatch.setattr(keras.datasets.imdb, "get_word_index", lambda: {"the": 1, "movie": 2, "great": 3})
+    backbone = backbones_lib.build_lstm_backbone(num_words=20, maxlen=5, embedding_dim=4, lstm_units=3,
+                                                 train_texts=None, seed=0)
+    model = build_model(backbone, ["negative", "positive"])
+    architecture = transfer_lib.source_architecture(backbone, num_words=20, maxlen=5, embedding_dim=4,
+                                                    lstm_units=3, data_source="keras:imdb")
+    os.makedirs(tmp_path / "run")
+    transfer_lib.save_source_model(str(tmp_path / "run"), backbone, model, ["negative", "positive"], architecture)
+    source = transfer_lib.load_source_model(str(tmp_path / "run"))
+    rebuilt = transfer_lib.backbone_from_source(source, reuse_vocabulary=True, train_texts=["x"])
+    ids = rebuilt.preprocess(tf.constant(["the great movie"])).numpy()[0]
+    assert ids[:3].tolist() == [1 + 3, 3 + 3, 2 + 3]

@@ -251,7 +251,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         m = config.model
         architecture = transfer_lib.source_architecture(
             backbone, num_words=config.data.num_words, maxlen=config.data.maxlen, embedding_dim=m.embedding_dim,
-            lstm_units=m.lstm_units)
+            lstm_units=m.lstm_units, data_source=config.data.source)
         if config.model.transfer:
             architecture = transfer_lib.load_source_model(m.source_model)["architecture"]
         transfer_lib.save_source_model(config.model_dir, backbone, model, splits.label_names, architecture)

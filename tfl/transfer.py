@@ -47,12 +47,14 @@ def save_source_model(run_dir: str, backbone: backbones_lib.Backbone, model: ker
     final = os.path.join(run_dir, SOURCE_DIR)
     staging = tempfile.mkdtemp(prefix=".source-", dir=run_dir)
     model.save_weights(os.path.join(staging, "model.weights.h5"))
+    tokens = (backbone.vectorizer.get_vocabulary()[1:] if backbone.vectorizer is not None
+              else imdb_vocabulary(architecture) if architecture.get("data_source") == "keras:imdb" else None)
     vocabulary = None
-    if backbone.vectorizer is not None:
+    if tokens:
         vocabulary = "vocabulary.txt"
         with open(os.path.join(staging, vocabulary), "w", encoding="utf-8") as f:
-            # One token a line; index 0 (padding) is the empty string and is implied.
-            f.write("\n".join(backbone.vectorizer.get_vocabulary()[1:]))
+            # Line k holds the token with id k + 1 (id 0, padding, is implied; id 1 is out-of-vocabulary).
+            f.write("\n".join(tokens))
     info = {"kind": SOURCE_KIND, "backbone": backbone.name, "modality": backbone.modality,
             "label_names": list(label_names), "architecture": architecture, "vocabulary": vocabulary}
     with open(os.path.join(staging, SOURCE_FILE), "w") as f:
@@ -63,6 +65,19 @@ def save_source_model(run_dir: str, backbone: backbones_lib.Backbone, model: ker
         shutil.rmtree(final)
     os.replace(staging, final)
     return final
+
+
+def imdb_vocabulary(architecture: dict) -> Optional[list]:
+    """keras.datasets.imdb ids as a token list: id 1 start (used as OOV here), 2 OOV, 3 unused, word of
+    frequency rank r -> r + 3 (index_from=3). Needs the word index download; None where offline."""
+    import keras
+
+    try:
+        word_index = keras.datasets.imdb.get_word_index()
+    except Exception:
+        return None
+    words = [w for w, _ in sorted(word_index.items(), key=lambda item: item[1])]
+    return ["[UNK]", "<imdb-oov>", "<imdb-unused>"] + words[:architecture["num_words"] - 4]
 
 
 def load_source_model(path: str) -> dict:
@@ -104,10 +119,11 @@ def backbone_from_source(source: dict, *, reuse_vocabulary: bool, train_texts=No
 
 
 def source_architecture(backbone: backbones_lib.Backbone, *, num_words: int, maxlen: int, embedding_dim: int,
-                        lstm_units: int) -> dict:
+                        lstm_units: int, data_source: str = "") -> dict:
     if backbone.name == "small_cnn":
         return {"input_shape": list(backbone.image_size)}
-    return {"num_words": num_words, "maxlen": maxlen, "embedding_dim": embedding_dim, "lstm_units": lstm_units}
+    return {"num_words": num_words, "maxlen": maxlen, "embedding_dim": embedding_dim, "lstm_units": lstm_units,
+            "data_source": data_source}
 
 
 def rebuild_source_model(source: dict) -> keras.Model:
@@ -132,7 +148,9 @@ def copy_weights(source: dict, target: keras.Model, target_vocabulary: Optional[
     report = {"copied": [], "reinitialised": [], "missing": []}
     for layer in _weighted_layers(target):
         theirs = by_name.get(layer.name)
-        if target_vocabulary is not None and layer.name == "embedding" and theirs is not None:
+        if target_vocabulary is not None and layer.name == "embedding" and not source.get("vocabulary_tokens"):
+            report["reinitialised"].append(layer.name)  # the source's ids have no words to align by
+        elif target_vocabulary is not None and layer.name == "embedding" and theirs is not None:
             report["embedding_rows_copied"] = copy_embedding_rows(
                 theirs, layer, ["", *source["vocabulary_tokens"]], target_vocabulary)
             report["copied"].append(layer.name)
