@@ -25,7 +25,7 @@ def main(argv):
         config = cli.config_from_flags(FLAGS)
         errors.check_before_run(config)
         metrics = errors.run_checked(config)
-    except errors.USER_ERRORS as e:
+    except errors.USER_ERRORS + errors.TRAINING_ERRORS as e:
         return fail(str(e).splitlines()[0])
     print(f"tfl: done; metrics in {os.path.join(config.model_dir, 'metrics.json')}" if config.model_dir
           else "tfl: done")

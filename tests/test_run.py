@@ -76,3 +76,31 @@ def test_cached_linear_probe_matches_the_uncached_path(tiny_bert_preset, tmp_pat
     for key in ("loss", "val_loss"):
         assert np.allclose(cached["history"][key], uncached["history"][key], atol=1e-5), key
     assert cached["test"] == pytest.approx(uncached["test"], abs=1e-6)
+
+
+def test_nan_loss_fails_with_one_line_naming_the_step(tmp_path):
+    from test_cli import run_main
+
+    path = tmp_path / "r.csv"
+    path.write_text("text,label\n" + "".join(f"w{i % 5} x,{'nan' if i % 4 == 3 else i / 10}\n" for i in range(40)))
+    result = run_main(f"--source=csv:{path}", "--task=regression", "--backbone=lstm", "--maxlen=4",
+                      "--num_words=20", "--epochs=1", "--batch_size=4", "--precision=float32",
+                      f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "loss became nan at epoch 1, step" in line[0] and "learning rate" in line[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()  # no result that looks complete
+
+
+def test_deterministic_runs_give_identical_metrics(text_csv, tmp_path):
+    from test_cli import run_main
+
+    results = []
+    for name in ("a", "b"):
+        result = run_main(f"--source=csv:{text_csv}", "--backbone=lstm", "--maxlen=8", "--num_words=50",
+                          "--epochs=2", "--batch_size=8", "--deterministic", "--noexport",
+                          f"--model_dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        results.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert results[0]["history"] == results[1]["history"] and results[0]["test"] == results[1]["test"]

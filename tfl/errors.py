@@ -10,9 +10,12 @@ from tfl.assets import AssetError
 from tfl.backbones import BackboneError, check_backbone_name
 from tfl.config import Config, ConfigError
 from tfl.data.sources import DataError
+from tfl.train import NonFiniteLossError
 
 # Raised for a user mistake; main.py prints the message on one line and exits 2.
 USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError)
+# Raised when training fails numerically: also one line, exit 2, but the run folder is kept.
+TRAINING_ERRORS = (NonFiniteLossError,)
 
 
 def check_model_dir(config: Config) -> None:

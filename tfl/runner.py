@@ -145,6 +145,8 @@ def run(config: Config, verbose: int = 1) -> dict:
 def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     started = time.time()
     keras.utils.set_random_seed(config.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()  # identical reruns on CPU, at some speed cost
     strategy = train.make_strategy(config.train.strategy, config.train.tpu)
     kind = train.device_kind(strategy)
     precision = train.resolve_precision(config.train.precision, kind)

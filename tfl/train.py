@@ -114,9 +114,32 @@ def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: f
 
 # ---- training -------------------------------------------------------------------------------
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss; the message names the step and the likely causes."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops at the first NaN/Inf batch loss and remembers where, so the run can fail with a clear message
+    (unlike TerminateOnNaN, which stops silently and lets the run look successful)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed_at = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.failed_at = (self._epoch + 1, batch + 1, float(loss))
+            self.model.stop_training = True
+
+
 def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: bool = True) -> list:
     """Resume state, best checkpoint, early stopping, TensorBoard and CSV logs under ``model_dir``."""
-    callbacks = [keras.callbacks.TerminateOnNaN()]
+    callbacks = [StopOnNonFiniteLoss()]
     if not model_dir:
         return callbacks
     if backup:
@@ -184,6 +207,13 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
                            shuffle=False)  # tf.data shuffles
         for key, values in result.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
+        nan_guard = callbacks[0]
+        if nan_guard.failed_at:
+            epoch, step, loss = nan_guard.failed_at
+            raise NonFiniteLossError(
+                f"loss became {loss} at epoch {epoch}, step {step}; likely causes: a learning rate too high "
+                f"(now {learning_rate:g}), float16 without loss scaling, or bad labels/inputs (NaN, out of range). "
+                "The best checkpoint so far is kept in --model_dir")
         if model.stop_training:
             break
     return history
