@@ -88,3 +88,67 @@ def test_missing_data_file_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def _mistake_files(tmp):
+    """Small bad inputs for the catalogue below, written once per test."""
+    def write(name, content, binary=False):
+        path = tmp / name
+        path.write_bytes(content) if binary else path.write_text(content)
+        return path
+
+    good = "text,label\n" + "".join(f"w{i} film,{i % 2}\n" for i in range(30))
+    files = {
+        "good": write("good.csv", good),
+        "no_label": write("no_label.csv", "text,other\nhello,1\n"),
+        "ragged": write("ragged.csv", "text,label\nhello,1\nbad,row,extra\n"),
+        "empty": write("empty.csv", ""),
+        "latin1": write("latin1.csv", "text,label\ncaf\xe9,1\nb,0\n".encode("latin-1"), binary=True),
+        "one_class": write("one.csv", "text,label\n" + "".join(f"x{i},same\n" for i in range(10))),
+        "unseen": write("unseen.csv", "text,label\n" + "".join(f"x{i},{i % 2}\n" for i in range(20)) + "y,rare\n"),
+        "words": write("words.csv", "text,label\n" + "".join(f"x{i},high\n" for i in range(10))),
+    }
+    os.makedirs(tmp / "no_images" / "cls")
+    os.makedirs(tmp / "corrupt" / "cls")
+    (tmp / "corrupt" / "cls" / "a.png").write_bytes(b"garbage")
+    os.makedirs(tmp / "not_a_source")
+    return files
+
+
+MISTAKES = [
+    (["--mode=explode"], "Unknown --mode='explode'"),
+    (["--freeze_all", "--lora_rank=4"], "conflicts with --lora_rank"),
+    (["--source=csv:{no_label}"], "no column 'label'"),
+    (["--source=csv:{ragged}"], "line 3 has 3 fields"),
+    (["--source=csv:{empty}"], "is empty"),
+    (["--source=csv:{latin1}"], "not UTF-8"),
+    (["--source=csv:{one_class}"], "single class"),
+    (["--source=csv:{unseen}", "--validation_fraction=0.3", "--test_fraction=0.3", "--seed=1"], "never saw"),
+    (["--source=images:{tmp}/no_images", "--backbone=small_cnn"], "No images"),
+    (["--source=images:{tmp}/corrupt", "--backbone=small_cnn"], "None of the 1 image files"),
+    (["--source=csv:{good}", "--backbone=small_cnn"], "takes image inputs but the data holds text"),
+    (["--source=csv:{good}", "--transfer=parameter", "--source_model={tmp}/not_a_source"], "not a tfl source model"),
+    (["--source=csv:{good}", "--transfer=structure"], "needs --source_model"),
+    (["--source=csv:{good}", "--freeze_blocks=5"], "has 2 blocks"),
+    (["--source=csv:{good}", "--lora_rank=2"], "needs a keras-hub backbone"),
+    (["--source=csv:{good}", "--label_fraction=0"], "--label_fraction must be in (0, 1]"),
+    (["--strategy=tpu"], "needs --tpu"),
+    (["--source=csv:{words}", "--task=regression"], "needs numeric labels"),
+    (["--source=asset:imagenet"], "Unknown data asset 'imagenet'"),
+    (["--source=csv:{good}", "--classes=0,7"], "names label id 7"),
+    (["--source=csv:{good}", "--trainable=("], "not a valid regular expression"),
+    (["--mode=compare", "--strategies=magic"], "Unknown strategy 'magic'"),
+]
+
+
+@pytest.mark.parametrize("args,needle", MISTAKES, ids=[m[1][:30] for m in MISTAKES])
+def test_catalogue_of_user_mistakes(args, needle, tmp_path):
+    files = _mistake_files(tmp_path)
+    model_dir = tmp_path / "run"
+    formatted = [a.format(tmp=tmp_path, **files) for a in args]
+    result = run_main("--backbone=lstm", "--epochs=1", *formatted, f"--model_dir={model_dir}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and needle in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not model_dir.exists()

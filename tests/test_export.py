@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tfl import export as export_lib
@@ -15,6 +16,7 @@ from tfl.runner import build_model
 RELOAD = """
 import json, sys
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_text  # registers the tokenizer ops; tfl is not imported
 assert "tfl" not in sys.modules
@@ -75,3 +77,24 @@ def test_image_export_takes_encoded_bytes(tmp_path):
     path = export_lib.export_serving_model(model, backbone, ["a", "b", "c"], "classification", str(tmp_path))
     served = reload_in_fresh_process(path, "image", [e.hex() for e in encoded])
     assert np.max(np.abs(np.array(served["probabilities"]) - expected)) <= 1e-5
+
+
+def test_disk_full_during_export_leaves_no_version_folder(tmp_path, monkeypatch):
+    import errno
+
+    import keras
+
+    backbone = build_backbone("small_cnn", input_shape=(16, 16, 3))
+    model = build_model(backbone, ["a", "b"])
+
+    def full_disk(self, path, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # ExportArchive() is a factory: patch the backend class it returns.
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", full_disk)
+    with pytest.raises(export_lib.ExportError, match="No space left on device.*free disk space"):
+        export_lib.export_serving_model(model, backbone, ["a", "b"], "classification", str(tmp_path / "export"))
+    assert os.listdir(tmp_path / "export") == []  # no half-written version folder

@@ -104,3 +104,44 @@ def test_deterministic_runs_give_identical_metrics(text_csv, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         results.append(json.loads((tmp_path / name / "metrics.json").read_text()))
     assert results[0]["history"] == results[1]["history"] and results[0]["test"] == results[1]["test"]
+
+
+def test_kill_minus_9_then_the_same_command_resumes(tmp_path):
+    """Start a run, kill -9 it once it has saved after a finished epoch, rerun the same command."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_cli import ROOT
+
+    rng = np.random.RandomState(0)
+    rows = [(" ".join(rng.choice(["good", "fine", "great"] if y else ["bad", "poor", "dull"], 4)), y)
+            for y in [0, 1] * 250]
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    model_dir = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "main.py"), f"--source=csv:{path}", "--backbone=lstm", "--maxlen=8",
+               "--num_words=20", "--lstm_units=16", "--epochs=5", "--batch_size=4", "--save_every_steps=10",
+               "--precision=float32", "--noexport", "--learning_rate=3e-3", f"--model_dir={model_dir}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metadata = model_dir / "backup" / "training_metadata.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if metadata.exists() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 2:
+            break
+        time.sleep(0.1)
+    assert process.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (model_dir / "metrics.json").exists()
+    saved_epoch = json.loads(metadata.read_text())["epoch"]
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from the backup in {model_dir / 'backup'} (epoch {saved_epoch}" in resumed.stdout
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    # Only the epochs after the saved one ran again (step count, not wall time).
+    assert len(metrics["history"]["loss"]) == 5 - saved_epoch
+    assert metrics["test"]["accuracy"] >= 0.9  # the separable task still ends up learned

@@ -89,6 +89,7 @@ HELP = {
     "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",
     "mode": "train (one run), zero_shot (no training: similarity to label descriptions) or compare "
             "(a transfer report over --strategies).",
+    "save_every_steps": "Save the resume state (weights, optimizer, epoch) every N steps; 0 = at epoch ends only.",
     "deterministic": "Enable TensorFlow op determinism: two runs with the same --seed give identical metrics.",
     "cache_frozen_features": "With --freeze_all, compute the backbone's features once and train the head on them.",
     "model_dir": "Where checkpoints, logs, metrics.json, model.keras and export/<version>/ go.",

@@ -103,6 +103,7 @@ class TrainConfig:
     early_stopping_patience: int = 0  # 0 = off
     steps_per_execution: int = 1
     max_steps_per_epoch: int = 0  # 0 = a full pass
+    save_every_steps: int = 0  # resume state saved every N steps (and at epoch ends); 0 = epoch ends only
     deterministic: bool = False  # TF op determinism: identical metrics for identical runs (CPU)
     cache_frozen_features: bool = True  # linear probe: compute backbone features once, train the head on them
 

@@ -10,12 +10,14 @@ from tfl.assets import AssetError
 from tfl.backbones import BackboneError, check_backbone_name
 from tfl.config import Config, ConfigError
 from tfl.data.sources import DataError
+from tfl.export import ExportError
 from tfl.train import NonFiniteLossError
+from tfl.transfer import TransferError
 
 # Raised for a user mistake; main.py prints the message on one line and exits 2.
-USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError)
+USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError, TransferError)
 # Raised when training fails numerically: also one line, exit 2, but the run folder is kept.
-TRAINING_ERRORS = (NonFiniteLossError,)
+TRAINING_ERRORS = (NonFiniteLossError, ExportError)
 
 
 def check_model_dir(config: Config) -> None:

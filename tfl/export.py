@@ -25,6 +25,10 @@ from tfl import heads
 from tfl.data.sources import IMAGE, TEXT, TOKEN_IDS
 
 
+class ExportError(RuntimeError):
+    """The export could not be written (e.g. the disk is full); nothing partial is left behind."""
+
+
 class ServingFunctions:
     """Raw inputs -> preprocessing -> model -> named outputs, as functions for a Keras ExportArchive."""
 
@@ -91,6 +95,10 @@ def export_serving_model(model: keras.Model, backbone: backbones_lib.Backbone, l
     try:
         archive.write_out(staging, verbose=False)
         tf.io.gfile.rename(staging, final)
+    except (OSError, tf.errors.OpError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
+        raise ExportError(f"Could not write the export {final} ({reason}); free disk space or use another "
+                          "--model_dir, then rerun the same command (training resumes from its checkpoint)") from e
     finally:
         if tf.io.gfile.exists(staging):
             tf.io.gfile.rmtree(staging)

@@ -123,8 +123,10 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
                   shuffle_buffer=d.shuffle_buffer, cache=d.cache, modality=splits.modality, decode_image=decode,
                   bucket_boundaries=bucketing["boundaries"] if bucketing else None)
     train_ds = data_lib.make_batches(splits.train, training=True, **common)
-    return (train_ds, data_lib.make_batches(splits.validation, **common),
-            data_lib.make_batches(splits.test, **common), bucketing)
+    datasets = (train_ds, data_lib.make_batches(splits.validation, **common), data_lib.make_batches(splits.test, **common))
+    if strategy.num_replicas_in_sync > 1:
+        datasets = tuple(train.shard_by_data(ds) for ds in datasets)
+    return (*datasets, bucketing)
 
 
 def run(config: Config, verbose: int = 1) -> dict:
@@ -226,7 +228,8 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
                             weight_decay=t.weight_decay, jit_compile=jit_compile,
                             steps_per_execution=t.steps_per_execution,
                             early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
-                            unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch))
+                            unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch),
+                            save_every_steps=t.save_every_steps)
     fit_seconds = time.perf_counter() - fit_started
     epochs_run = len(history.get("loss", [])) or 1
 

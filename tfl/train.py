@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -69,8 +70,18 @@ def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strate
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     if strategy == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        # All local GPUs; without GPUs, the logical CPU devices (tests split the CPU in two this way).
+        gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=gpus or (cpus if len(cpus) > 1 else None))
     return tf.distribute.get_strategy()
+
+
+def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """In-memory and tfds pipelines cannot be sharded by file: shard them by element, explicitly."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 # ---- optimizer and schedule -----------------------------------------------------------------
@@ -137,13 +148,30 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: bool = True) -> list:
-    """Resume state, best checkpoint, early stopping, TensorBoard and CSV logs under ``model_dir``."""
+def describe_backup(model_dir: str) -> Optional[str]:
+    """'epoch E, batch B' of a resumable backup in ``model_dir``, or None."""
+    path = os.path.join(model_dir, "backup", "training_metadata.json")
+    if not model_dir or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    return f"epoch {meta.get('epoch', 0)}, after batch {meta.get('batch', 0)}"
+
+
+def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: bool = True,
+                   save_every_steps: int = 0) -> list:
+    """Resume state, best checkpoint, early stopping, TensorBoard and CSV logs under ``model_dir``.
+
+    The backup (weights, optimizer state, epoch) is written at each epoch end, or every
+    ``save_every_steps`` steps; it keeps the previous copy too, so a kill during a save loses nothing.
+    Keras resumes at the start of the saved epoch with the saved weights and optimizer step.
+    """
     callbacks = [StopOnNonFiniteLoss()]
     if not model_dir:
         return callbacks
     if backup:
-        callbacks.append(keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")))
+        callbacks.append(keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup"), double_checkpoint=True,
+                                                          save_freq=save_every_steps or "epoch"))
     callbacks += [
         keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_loss",
                                         save_best_only=True, save_weights_only=True),
@@ -175,7 +203,7 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         warmup_fraction: float = 0.1, schedule: str = "linear", weight_decay: float = 0.01,
         jit_compile: bool = False, steps_per_execution: int = 1, early_stopping_patience: int = 0,
         lr_multipliers: Optional[dict] = None, unfreeze_stages: Optional[list] = None, verbose: int = 1,
-        train_repeats: bool = False) -> dict:
+        train_repeats: bool = False, save_every_steps: int = 0) -> dict:
     """Compiles and trains; returns the merged Keras history.
 
     ``steps_per_epoch`` sizes the learning-rate schedule. It is passed on to Keras only for a repeating
@@ -189,7 +217,10 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
     total_steps = epochs * steps_per_epoch
     history: dict = {}
     callbacks = make_callbacks(model_dir, early_stopping_patience=early_stopping_patience,
-                               backup=len(stages) == 1)
+                               backup=len(stages) == 1, save_every_steps=save_every_steps)
+    resumable = describe_backup(model_dir) if len(stages) == 1 else None
+    if resumable:
+        print(f"tfl: resuming from the backup in {os.path.join(model_dir, 'backup')} ({resumable})")
     for index, (first_epoch, set_trainable) in enumerate(stages):
         if first_epoch >= epochs:
             break

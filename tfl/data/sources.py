@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import sys
 from typing import Optional
 
 import numpy as np
@@ -257,8 +258,22 @@ def load_table(kind: str, path: str, text_column: str, label_column: str, task: 
     return SourceData(modality, names, pool=Examples(features, labels))
 
 
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+
+
+def looks_like_an_image(path: str) -> bool:
+    """A cheap check of the file's signature (PNG, JPEG, GIF, BMP); a truncated body is caught at decode."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return any(head.startswith(magic) for magic in _IMAGE_MAGIC)
+
+
 def load_image_folder(root: str) -> SourceData:
-    """``root/<class name>/*.png|jpg|...``: one sub-folder per class."""
+    """``root/<class name>/*.png|jpg|...``: one sub-folder per class. Files that are not images are
+    skipped with a warning that counts them; a folder where no file is an image is an error."""
     if not os.path.isdir(root):
         raise DataError(f"Image folder {root} does not exist; give images:<folder with one sub-folder per class>")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -271,7 +286,15 @@ def load_image_folder(root: str) -> SourceData:
     if not paths:
         raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in sub-folders of {root}; "
                         "put each class's images in its own sub-folder")
-    return SourceData(IMAGE_FILE, classes, pool=Examples(np.array(paths, dtype=object), np.array(labels)))
+    readable = np.array([looks_like_an_image(p) for p in paths])
+    if not readable.any():
+        raise DataError(f"None of the {len(paths)} image files in {root} is a readable PNG/JPEG/GIF/BMP; "
+                        "check that the files are not corrupt or mislabelled")
+    if not readable.all():
+        print(f"warning: skipping {int((~readable).sum())} of {len(paths)} files in {root} that are not readable "
+              f"images, e.g. {paths[int(np.flatnonzero(~readable)[0])]}", file=sys.stderr)
+    keep = np.flatnonzero(readable)
+    return SourceData(IMAGE_FILE, classes, pool=Examples(np.array(paths, dtype=object)[keep], np.array(labels)[keep]))
 
 
 def load_source(source: str, *, text_column: str = "text", label_column: str = "label",
