@@ -255,3 +255,20 @@ def test_warmup_decay_schedule():
     assert values[6] == pytest.approx(0.5) and values[10] == 0.0
     cosine = train.WarmupDecay(1.0, total_steps=10, warmup_steps=0, decay="cosine")
     assert float(cosine(5)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "pooled"])
+def test_text_pooling_choices(tiny_bert_preset, pooling):
+    backbone = build_backbone(tiny_bert_preset, sequence_length=8, pooling=pooling)
+    inputs = backbone.preprocess(tf.constant(["the great film", "awful"]))
+    features = backbone.model(inputs).numpy()
+    assert features.shape == (2, 8)
+    outputs = backbone.keras_hub_backbone(inputs)
+    if pooling == "cls":
+        assert np.allclose(features, outputs["sequence_output"].numpy()[:, 0], atol=1e-6)
+    elif pooling == "pooled":
+        assert np.allclose(features, outputs["pooled_output"].numpy(), atol=1e-6)
+    else:  # the mean over real tokens only: padding does not count
+        mask = inputs["padding_mask"].numpy()[..., None]
+        expected = (outputs["sequence_output"].numpy() * mask).sum(1) / mask.sum(1)
+        assert np.allclose(features, expected, atol=1e-5)

@@ -145,3 +145,15 @@ def test_kill_minus_9_then_the_same_command_resumes(tmp_path):
     # Only the epochs after the saved one ran again (step count, not wall time).
     assert len(metrics["history"]["loss"]) == 5 - saved_epoch
     assert metrics["test"]["accuracy"] >= 0.9  # the separable task still ends up learned
+
+
+def test_step_cap_and_early_stopping(text_csv):
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, maxlen=8, num_words=50),
+                    model=ModelConfig(backbone="lstm"),
+                    train=TrainConfig(epochs=6, learning_rate=1e-9, precision="float32", max_steps_per_epoch=2,
+                                      early_stopping_patience=1, warmup_fraction=0.0),
+                    export=False)
+    metrics = tfl.run(config, verbose=0)
+    # A learning rate of 1e-9 never improves the validation loss: patience 1 stops after epoch 2.
+    assert len(metrics["history"]["loss"]) == 2
+    assert metrics["train_examples_per_second"] > 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Optional
 
@@ -60,8 +61,6 @@ def save_source_model(run_dir: str, backbone: backbones_lib.Backbone, model: ker
     with open(os.path.join(staging, SOURCE_FILE), "w") as f:
         json.dump(info, f, indent=2)
     if os.path.isdir(final):
-        import shutil
-
         shutil.rmtree(final)
     os.replace(staging, final)
     return final
