@@ -1,0 +1,63 @@
+"""What limits the MiniLM fine-tune step on this CPU: the bf16 speed of the step's own matmul shapes.
+
+    .venv/bin/python benchmarks/matmul_shapes.py [--tokens=960]
+
+A 2048x2048 matmul sets the "peak"; a fine-tune step is made of much smaller products: per encoder
+layer, tokens x 384 by 384 x 384 (Q, K, V, output), 384 x 1536 and 1536 x 384 (feed-forward), and
+per-head attention (32 sequences x 12 heads of seq x 32 by 32 x seq). This times each shape alone
+(forward only, as in the step, where the backward pass repeats them transposed) and weighs them by
+their FLOPs in one step, giving the throughput the step could reach if nothing else cost time.
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
+
+
+def gflops(a_shape, b_shape, repeats=30):
+    a = tf.cast(tf.random.normal(a_shape), tf.bfloat16)
+    b = tf.cast(tf.random.normal(b_shape), tf.bfloat16)
+    step = tf.function(lambda x, y: tf.matmul(x, y))
+    step(a, b).numpy()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        out = step(a, b)
+    out.numpy()
+    flops = 2 * a_shape[-2] * a_shape[-1] * b_shape[-1] * (a_shape[0] if len(a_shape) == 3 else 1)
+    return flops * repeats / (time.perf_counter() - started) / 1e9, flops
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    tokens, hidden, inner, heads = args.batch * args.seq, 384, 1536, 12
+    head_dim = hidden // heads
+    shapes = {  # name: (a, b, how many per layer)
+        "QKV and output projections": ((tokens, hidden), (hidden, hidden), 4),
+        "feed-forward up": ((tokens, hidden), (hidden, inner), 1),
+        "feed-forward down": ((tokens, inner), (inner, hidden), 1),
+        "attention scores": ((args.batch * heads, args.seq, head_dim), (args.batch * heads, head_dim, args.seq), 1),
+        "attention x values": ((args.batch * heads, args.seq, args.seq), (args.batch * heads, args.seq, head_dim), 1),
+    }
+    peak, _ = gflops((2048, 2048), (2048, 2048))
+    total_flops, total_seconds = 0.0, 0.0
+    rows = [f"| 2048 x 2048 (peak) | {peak:.0f} GFLOP/s | 100% |"]
+    for name, (a, b, count) in shapes.items():
+        rate, flops = gflops(a, b)
+        total_flops += flops * count
+        total_seconds += flops * count / (rate * 1e9)
+        rows.append(f"| {name}: {a} x {b} | {rate:.0f} GFLOP/s | {rate / peak:.0%} |")
+    mix = total_flops / total_seconds / 1e9
+    rows.append(f"| the step's matmul mix, FLOP-weighted | {mix:.0f} GFLOP/s | {mix / peak:.0%} |")
+    text = (f"Batch {args.batch}, sequence {args.seq}, bf16 (`.venv/bin/python benchmarks/matmul_shapes.py`):\n\n"
+            "| matmul | bf16 speed | of the 2048² peak |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
