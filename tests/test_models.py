@@ -245,7 +245,18 @@ def test_auto_precision_and_jit_rules(monkeypatch):
     assert train.resolve_precision("auto", "cpu") == "float32"
     assert train.resolve_precision("auto", "tpu") == "mixed_bfloat16"
     assert train.resolve_precision("float32", "tpu") == "float32"
-    assert train.resolve_jit_compile("auto", "cpu") is False and train.resolve_jit_compile("auto", "gpu") is True
+    assert train.resolve_jit_compile("auto", "gpu") is True and train.resolve_jit_compile("false", "gpu") is False
+
+
+def test_cpu_jit_follows_the_measured_speedup(tfl_home):
+    import json
+    import os
+
+    assert train.resolve_jit_compile("auto", "cpu") is False  # not measured here: off
+    os.makedirs(tfl_home)
+    for speedup, expected in [(0.89, False), (1.2, True)]:
+        (tfl_home / train.JIT_MEASUREMENT).write_text(json.dumps({"speedup": speedup}))
+        assert train.resolve_jit_compile("auto", "cpu") is expected
 
 
 def test_warmup_decay_schedule():

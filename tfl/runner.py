@@ -201,6 +201,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     fit_started = time.perf_counter()
     fit_model, fit_train, fit_val = model, train_ds, val_ds
     feature_cache = None
+    steps_per_execution = t.steps_per_execution
     if config.freeze.freeze_all and t.cache_frozen_features and not t.max_steps_per_epoch:
         # Linear probe: the frozen backbone's outputs never change, so compute them once and train the
         # head (sharing its layers with the full model) on the cache: epochs 2+ cost almost nothing.
@@ -226,7 +227,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
                             learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch,
                             model_dir=config.model_dir, warmup_fraction=t.warmup_fraction, schedule=t.lr_schedule,
                             weight_decay=t.weight_decay, jit_compile=jit_compile,
-                            steps_per_execution=t.steps_per_execution,
+                            steps_per_execution=steps_per_execution,
                             early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
                             unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch),
                             save_every_steps=t.save_every_steps)
@@ -243,7 +244,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names,
                  "label_counts": splits.label_counts},
         "transfer_mapping": mapping, "feature_cache": feature_cache, "bucketing": bucketing,
-        "precision": precision, "jit_compile": jit_compile, "device": kind,
+        "precision": precision, "jit_compile": jit_compile, "device": kind, "steps_per_execution": steps_per_execution,
         "replicas": strategy.num_replicas_in_sync,
         "train_seconds": round(fit_seconds, 2),
         "train_examples_per_second": round(epochs_run * steps_per_epoch * config.data.batch_size / fit_seconds, 2),
