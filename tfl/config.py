@@ -115,7 +115,7 @@ class CompareConfig:
     strategies: tuple = ("scratch", "linear_probe", "fine_tune")
     seeds: int = 3  # runs per strategy, seeds seed..seed+n-1
     label_fractions: tuple = ()  # e.g. (0.05, 0.2, 1.0): learning curves over labelled examples
-    probe_learning_rate: float = 1e-3  # linear_probe only: a head alone needs a larger step than a fine-tune
+    probe_learning_rate: float = 1e-2  # linear_probe only: a head alone needs a larger step than a fine-tune
 
 
 @dataclasses.dataclass(frozen=True)
