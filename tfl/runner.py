@@ -36,6 +36,17 @@ def write_json_atomically(path: str, payload: dict) -> None:
     os.replace(f.name, path)
 
 
+def save_model_atomically(model: keras.Model, path: str) -> None:
+    """model.keras is written next to its place under a temporary name and renamed: never half a file."""
+    temporary = path[: -len(".keras")] + f".tmp-{os.getpid()}.keras"
+    try:
+        model.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def build_model(backbone: backbones_lib.Backbone, label_names: list, *, task: str = "classification",
                 head_dropout: float = 0.1, head_hidden_units: int = 0, seed: int = 0,
                 frozen_backbone: bool = False) -> keras.Model:
@@ -253,7 +264,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         "config": config.to_dict(),
     }
     if config.model_dir:
-        model.save(os.path.join(config.model_dir, "model.keras"))
+        save_model_atomically(model, os.path.join(config.model_dir, "model.keras"))
         m = config.model
         architecture = transfer_lib.source_architecture(
             backbone, num_words=config.data.num_words, maxlen=config.data.maxlen, embedding_dim=m.embedding_dim,
