@@ -283,3 +283,28 @@ def test_text_pooling_choices(tiny_bert_preset, pooling):
         mask = inputs["padding_mask"].numpy()[..., None]
         expected = (outputs["sequence_output"].numpy() * mask).sum(1) / mask.sum(1)
         assert np.allclose(features, expected, atol=1e-5)
+
+
+def test_preset_that_cannot_download_names_the_offline_alternative(monkeypatch):
+    import keras_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'www.kaggle.com'")
+
+    monkeypatch.setattr(keras_hub.models.Backbone, "from_preset", offline)
+    with pytest.raises(BackboneError, match="Could not load keras-hub preset 'bert_tiny_en_uncased'.*asset:minilm"):
+        build_backbone("bert_tiny_en_uncased")
+
+
+def test_batch_size_must_split_across_replicas(text_csv):
+    from types import SimpleNamespace
+
+    from tfl.config import Config, DataConfig
+    from tfl.data import load_data
+    from tfl.runner import batches_for
+
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=7))
+    splits = load_data(config.data.source)
+    backbone = build_backbone("lstm", num_words=20, maxlen=4, train_texts=["a b"])
+    with pytest.raises(ValueError, match="--batch_size=7 is not divisible by the 2 replicas"):
+        batches_for(config, splits, backbone, SimpleNamespace(num_replicas_in_sync=2))
