@@ -87,12 +87,44 @@ def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strate
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
+    if strategy == "multi_worker":
+        # Workers and their addresses come from the TF_CONFIG environment variable.
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if strategy == "mirrored":
         # All local GPUs; without GPUs, the logical CPU devices (tests split the CPU in two this way).
         gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=gpus or (cpus if len(cpus) > 1 else None))
     return tf.distribute.get_strategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Only the chief writes metrics, models and exports; other workers' writes go to scratch folders."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+def tpu_compatibility_problems(model: keras.Model, dataset: tf.data.Dataset) -> list:
+    """What would break on a TPU, found without one: string tensors reaching the model (tokenize in
+    tf.data on the host instead), a batch dimension that is not static (use drop_remainder=True),
+    and string ops inside the traced model. An empty list means the model and its inputs look TPU-shaped."""
+    problems = []
+    inputs_spec = dataset.element_spec[0]
+    for spec in tf.nest.flatten(inputs_spec):
+        if spec.dtype == tf.string:
+            problems.append(f"string input {spec.name or ''} reaches the model")
+        elif spec.shape.rank and spec.shape[0] is None:
+            problems.append("the batch dimension is not static (batch with drop_remainder=True)")
+    if problems:
+        return sorted(set(problems))
+    graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(inputs_spec).graph
+    for op in graph.get_operations():
+        if any(t.dtype == tf.string for t in list(op.inputs) + list(op.outputs)):
+            problems.append(f"string op {op.type} inside the model")
+    return sorted(set(problems))
 
 
 def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
