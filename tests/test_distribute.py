@@ -46,59 +46,6 @@ def test_text_and_image_models_train_on_two_cpu_replicas(text_csv, tmp_path):
     assert image["replicas"] == 2 and "accuracy" in image["test"]
 
 
-WORKER = """
-import json, os, sys
-import tfl
-from tfl.config import Config, DataConfig, ModelConfig, TrainConfig
-source, model_dir, strategy = sys.argv[1], sys.argv[2], sys.argv[3]
-config = Config(data=DataConfig(source=source, batch_size=8, maxlen=8, num_words=50, shuffle_buffer=1),
-                model=ModelConfig(backbone="lstm", head_dropout=0.0),
-                train=TrainConfig(epochs=2, learning_rate=1e-2, precision="float32", strategy=strategy,
-                                  deterministic=True),
-                model_dir=model_dir, export=False)
-metrics = tfl.run(config, verbose=0)
-print(json.dumps({"test": metrics["test"], "replicas": metrics["replicas"]}))
-"""
-
-
-def _free_ports(count):
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def test_two_worker_job_on_localhost_matches_one_worker(text_csv, tmp_path):
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    processes = []
-    for index in range(2):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT,
-                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        processes.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, f"csv:{text_csv}", str(tmp_path / f"run{index}"), "multi_worker"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
-    outputs = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr[-3000:]
-        outputs.append(json.loads(stdout.strip().splitlines()[-1]))
-    assert all(o["replicas"] == 2 for o in outputs)
-    assert (tmp_path / "run0" / "metrics.json").exists()  # the chief (worker 0) writes the run
-    assert not (tmp_path / "run1").exists()  # the other worker writes nothing there
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    single = subprocess.run([sys.executable, "-c", WORKER, f"csv:{text_csv}", str(tmp_path / "single"), "default"],
-                            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert single.returncode == 0, single.stderr[-3000:]
-    reference = json.loads(single.stdout.strip().splitlines()[-1])
-    assert abs(outputs[0]["test"]["accuracy"] - reference["test"]["accuracy"]) <= 0.15
-
-
 def test_tpu_shaped_check_on_the_real_model_and_input_paths(tiny_bert_preset, text_csv):
     """TPU-breaking changes fail here without a TPU: strings must stay in tf.data, batches full."""
     import tensorflow as tf

@@ -166,11 +166,8 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     kind = train.device_kind(strategy)
     precision = train.resolve_precision(config.train.precision, kind)
     jit_compile = train.resolve_jit_compile(config.train.jit_compile, kind)
-    chief = train.is_chief(strategy)
-    # Non-chief workers keep their callbacks' files in scratch space; only the chief writes the run.
-    work_dir = config.model_dir if chief or not config.model_dir else tempfile.mkdtemp(prefix="tfl-worker-")
     print(f"tfl: device={kind} replicas={strategy.num_replicas_in_sync} precision={precision} "
-          f"jit_compile={jit_compile}" + ("" if chief else " (worker: not writing the run)"))
+          f"jit_compile={jit_compile}")
 
     splits = load_data_for(config)
     print(f"tfl: data {config.data.source}: {splits.sizes} labels={splits.label_names}")
@@ -241,7 +238,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     with strategy.scope():
         history = train.fit(fit_model, fit_train, fit_val, task=config.model.task, num_labels=num_labels, epochs=t.epochs,
                             learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch,
-                            model_dir=work_dir, warmup_fraction=t.warmup_fraction, schedule=t.lr_schedule,
+                            model_dir=config.model_dir, warmup_fraction=t.warmup_fraction, schedule=t.lr_schedule,
                             weight_decay=t.weight_decay, jit_compile=jit_compile,
                             steps_per_execution=steps_per_execution,
                             early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
@@ -268,7 +265,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
                      "keras_hub": _version("keras_hub")},
         "config": config.to_dict(),
     }
-    if config.model_dir and chief:
+    if config.model_dir:
         save_model_atomically(model, os.path.join(config.model_dir, "model.keras"))
         m = config.model
         architecture = transfer_lib.source_architecture(

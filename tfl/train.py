@@ -87,24 +87,12 @@ def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strate
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
-    if strategy == "multi_worker":
-        # Workers and their addresses come from the TF_CONFIG environment variable.
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if strategy == "mirrored":
         # All local GPUs; without GPUs, the logical CPU devices (tests split the CPU in two this way).
         gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=gpus or (cpus if len(cpus) > 1 else None))
     return tf.distribute.get_strategy()
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Only the chief writes metrics, models and exports; other workers' writes go to scratch folders."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
 
 
 def tpu_compatibility_problems(model: keras.Model, dataset: tf.data.Dataset) -> list:
