@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tfl import backbones as backbones_lib
-from tfl import freeze as freeze_lib
+from tfl import freezing as freeze_lib
 from tfl import heads, train
 from tfl.backbones import BackboneError, build_backbone
 from tfl.runner import build_model

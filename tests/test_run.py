@@ -165,3 +165,16 @@ def test_step_cap_and_early_stopping(text_csv):
     # A learning rate of 1e-9 never improves the validation loss: patience 1 stops after epoch 2.
     assert len(metrics["history"]["loss"]) == 2
     assert metrics["train_examples_per_second"] > 0
+
+
+def test_public_names_are_the_functions_not_modules():
+    """`tfl.run`, `tfl.freeze`, ... stay callables even after every tfl module has been imported."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(tfl.__path__, "tfl."):
+        if module.name not in ("tfl.demo",):
+            importlib.import_module(module.name)
+    for name in tfl.__all__:
+        value = getattr(tfl, name)
+        assert callable(value) and not isinstance(value, type(tfl)), name

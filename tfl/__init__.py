@@ -24,7 +24,7 @@ _EXPORTS = {
     "FreezeConfig": "tfl.config", "TrainConfig": "tfl.config",
     "DataError": "tfl.data", "load_data": "tfl.data", "make_batches": "tfl.data",
     "export_serving_model": "tfl.export",
-    "format_table": "tfl.freeze", "freeze": "tfl.freeze", "freeze_table": "tfl.freeze",
+    "format_table": "tfl.freezing", "freeze": "tfl.freezing", "freeze_table": "tfl.freezing",
     "build_model": "tfl.runner", "run": "tfl.runner",
 }
 

@@ -21,7 +21,7 @@ import tensorflow as tf
 from tfl import backbones as backbones_lib
 from tfl import data as data_lib
 from tfl import export as export_lib
-from tfl import freeze as freeze_lib
+from tfl import freezing as freeze_lib
 from tfl import heads, train
 from tfl import transfer as transfer_lib
 from tfl.config import Config

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfl import heads
-from tfl.freeze import LayerwiseAdamW
+from tfl.freezing import LayerwiseAdamW
 
 
 # ---- device, precision, compilation ---------------------------------------------------------

@@ -1,7 +1,7 @@
 """Which parts of the backbone train: block freezing, name rules, gradual unfreezing, layer-wise LR, LoRA.
 
-    table = tfl.freeze.freeze(backbone, freeze_blocks=4)   # embeddings + 3 encoder layers frozen
-    print(tfl.freeze.format_table(table))
+    table = tfl.freeze(backbone, freeze_blocks=4)   # embeddings + 3 encoder layers frozen
+    print(tfl.format_table(table))
 
 Frozen layers have ``trainable = False``. In Keras 3 a BatchNormalization layer with
 ``trainable = False`` also runs in inference mode (moving statistics, no updates), which is what a
