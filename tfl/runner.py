@@ -110,15 +110,20 @@ def backbone_for(config: Config, splits: data_lib.DataSplits, precision: str) ->
     return backbone
 
 
+def image_file_decoder(splits: data_lib.DataSplits, backbone: backbones_lib.Backbone):
+    """For image-file sources: path -> image at the backbone's input size; None otherwise."""
+    if splits.modality != data_lib.IMAGE_FILE:
+        return None
+    return lambda path: backbones_lib.decode_image_file(path, backbone.image_size)
+
+
 def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
                 strategy: tf.distribute.Strategy) -> tuple:
     d = config.data
     if d.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(f"--batch_size={d.batch_size} is not divisible by the {strategy.num_replicas_in_sync} "
                          "replicas; use a multiple of the replica count")
-    decode = None
-    if splits.modality == data_lib.IMAGE_FILE:
-        decode = lambda path: backbones_lib.decode_image_file(path, backbone.image_size)  # noqa: E731
+    decode = image_file_decoder(splits, backbone)
     bucketing = None
     if d.bucket_shapes and backbone.modality == data_lib.TEXT and backbone.keras_hub_backbone is not None:
         lengths = data_lib.token_lengths(splits.train.batch(256).map(lambda x, y: backbone.preprocess(x)))
@@ -222,8 +227,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         cache_started = time.perf_counter()
         in_order = data_lib.make_batches(splits.train, batch_size=256, preprocess=backbone.preprocess,
                                          modality=splits.modality, cache=False,
-                                         decode_image=(lambda p: backbones_lib.decode_image_file(p, backbone.image_size))
-                                         if splits.modality == data_lib.IMAGE_FILE else None)
+                                         decode_image=image_file_decoder(splits, backbone))
         train_x, train_y = cache_features(backbone, in_order)
         val_x, val_y = cache_features(backbone, val_ds)
         fit_model = heads.head_only_model(model, train_x.shape[1])

@@ -221,20 +221,6 @@ def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: 
         keras.callbacks.CSVLogger(os.path.join(model_dir, "training_log.csv"), append=True),
     ]
     return callbacks
-    if backup:
-        callbacks.append(keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup"), double_checkpoint=True,
-                                                          save_freq=save_every_steps or "epoch"))
-    callbacks += [
-        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_loss",
-                                        save_best_only=True, save_weights_only=True),
-        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
-        keras.callbacks.CSVLogger(os.path.join(model_dir, "training_log.csv"), append=True),
-    ]
-    if early_stopping_patience:
-        # min_delta: a loss that moves in the fifth decimal has not improved.
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience,
-                                                       min_delta=1e-4, restore_best_weights=True))
-    return callbacks
 
 
 def uses_float16(model: keras.Model) -> bool:
