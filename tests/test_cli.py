@@ -133,6 +133,7 @@ MISTAKES = [
     (["--source=csv:{good}", "--lora_rank=2"], "needs a keras-hub backbone"),
     (["--source=csv:{good}", "--label_fraction=0"], "--label_fraction must be in (0, 1]"),
     (["--strategy=tpu"], "needs --tpu"),
+    (["--source=csv:{good}", "--strategy=multi_worker"], "needs the TF_CONFIG environment variable"),
     (["--source=csv:{words}", "--task=regression"], "needs numeric labels"),
     (["--source=asset:imagenet"], "Unknown data asset 'imagenet'"),
     (["--source=csv:{good}", "--classes=0,7"], "names label id 7"),

@@ -68,7 +68,9 @@ HELP = {
     "precision": "auto, float32, mixed_bfloat16 or mixed_float16 (auto: bf16 on TPU and bf16-native CPUs, "
                  "by compute capability on GPUs).",
     "jit_compile": "auto, true or false (XLA; auto: on for GPU/TPU).",
-    "strategy": "auto, default, mirrored or tpu.",
+    "strategy": "auto, default, mirrored (local GPUs), multi_worker (processes or machines named by TF_CONFIG; "
+                "the chief writes the run) or tpu. auto: tpu with --tpu, multi_worker with TF_CONFIG, mirrored "
+                "with several GPUs.",
     "tpu": "TPU address for --strategy=tpu: local, a grpc:// address or a TPU name.",
     "early_stopping_patience": "Stop after this many epochs without a better validation loss; 0 = off.",
     "steps_per_execution": "Training steps run per tf.function call.",

@@ -17,7 +17,7 @@ from typing import Optional
 TASKS = ("classification", "multilabel", "regression")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 JIT_CHOICES = ("auto", "true", "false")
-STRATEGIES = ("auto", "default", "mirrored", "tpu")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
 SOURCE_KINDS = ("tfds", "keras", "csv", "jsonl", "images", "asset")

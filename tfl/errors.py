@@ -11,7 +11,7 @@ from tfl.backbones import BackboneError, check_backbone_name
 from tfl.config import Config, ConfigError
 from tfl.data.sources import DataError
 from tfl.export import ExportError
-from tfl.train import NonFiniteLossError
+from tfl.train import NonFiniteLossError, cluster_from_tf_config, is_chief
 from tfl.transfer import TransferError
 
 # Raised for a user mistake; main.py prints the message on one line and exits 2.
@@ -40,17 +40,23 @@ def check_before_run(config: Config) -> None:
     config.validate()
     check_backbone_name(config.model.backbone)
     check_model_dir(config)
+    if config.train.strategy == "multi_worker" and not cluster_from_tf_config():
+        raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable naming the cluster and "
+                          "this task, e.g. {\"cluster\": {\"worker\": [\"host1:2222\", \"host2:2222\"]}, "
+                          "\"task\": {\"type\": \"worker\", \"index\": 0}}")
 
 
 def run_checked(config: Config) -> dict:
-    """Writes the resolved config next to the run, then runs it."""
+    """Writes the resolved config next to the run, then runs it; a run that fails on a user mistake
+    leaves no folder behind."""
     from tfl.runner import run, write_json_atomically
 
-    if config.model_dir and config.overwrite and os.path.isdir(config.model_dir):
+    writes = bool(config.model_dir) and is_chief()  # in a multi-worker job only the chief writes the run
+    if writes and config.overwrite and os.path.isdir(config.model_dir):
         # --overwrite starts over: an old run's resume state must not leak into the new one.
         shutil.rmtree(config.model_dir)
-    created = bool(config.model_dir) and not os.path.exists(config.model_dir)
-    if config.model_dir:
+    created = writes and not os.path.exists(config.model_dir)
+    if writes:
         write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
     try:
         return run(config)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -171,8 +172,9 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     kind = train.device_kind(strategy)
     precision = train.resolve_precision(config.train.precision, kind)
     jit_compile = train.resolve_jit_compile(config.train.jit_compile, kind)
+    chief = train.is_chief()
     print(f"tfl: device={kind} replicas={strategy.num_replicas_in_sync} precision={precision} "
-          f"jit_compile={jit_compile}")
+          f"jit_compile={jit_compile}" + ("" if chief else " (not the chief: the chief writes the run)"))
 
     splits = load_data_for(config)
     print(f"tfl: data {config.data.source}: {splits.sizes} labels={splits.label_names}")
@@ -239,15 +241,21 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         feature_cache = {"examples": int(len(train_x)), "dim": int(train_x.shape[1]),
                          "seconds": round(time.perf_counter() - cache_started, 2)}
         print(f"tfl: linear probe on cached backbone features {feature_cache}")
-    with strategy.scope():
-        history = train.fit(fit_model, fit_train, fit_val, task=config.model.task, num_labels=num_labels, epochs=t.epochs,
-                            learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch,
-                            model_dir=config.model_dir, warmup_fraction=t.warmup_fraction, schedule=t.lr_schedule,
-                            weight_decay=t.weight_decay, jit_compile=jit_compile,
-                            steps_per_execution=steps_per_execution,
-                            early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
-                            unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch),
-                            save_every_steps=t.save_every_steps)
+    # Only the chief writes the run; other workers keep their callbacks' files in scratch space.
+    work_dir = config.model_dir if chief or not config.model_dir else train.worker_scratch_dir(config.model_dir)
+    try:
+        with strategy.scope():
+            history = train.fit(
+                fit_model, fit_train, fit_val, task=config.model.task, num_labels=num_labels, epochs=t.epochs,
+                learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch, model_dir=work_dir,
+                warmup_fraction=t.warmup_fraction, schedule=t.lr_schedule, weight_decay=t.weight_decay,
+                jit_compile=jit_compile, steps_per_execution=steps_per_execution,
+                early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
+                unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch),
+                save_every_steps=t.save_every_steps)
+    finally:
+        if work_dir != config.model_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
     fit_seconds = time.perf_counter() - fit_started
     epochs_run = len(history.get("loss", [])) or 1
 
@@ -269,7 +277,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
                      "keras_hub": _version("keras_hub")},
         "config": config.to_dict(),
     }
-    if config.model_dir:
+    if config.model_dir and chief:
         save_model_atomically(model, os.path.join(config.model_dir, "model.keras"))
         m = config.model
         architecture = transfer_lib.source_architecture(

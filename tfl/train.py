@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -79,20 +80,90 @@ def resolve_jit_compile(jit_compile: str, kind: Optional[str] = None) -> bool:
 
 
 def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
-    """default / mirrored (all local GPUs, or CPU) / tpu; auto picks tpu if --tpu is set, mirrored for >1 GPU."""
+    """default / mirrored (all local GPUs, or CPU) / multi_worker (TF_CONFIG) / tpu.
+
+    auto picks tpu if --tpu is set, multi_worker if TF_CONFIG names a cluster, mirrored for >1 GPU.
+    A multi-worker strategy must be made before TensorFlow runs any op in the process.
+    """
     if strategy == "auto":
-        strategy = "tpu" if tpu else ("mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default")
+        strategy = ("tpu" if tpu else "multi_worker" if cluster_from_tf_config()
+                    else "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default")
     if strategy == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="" if tpu == "local" else tpu)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
+    if strategy == "multi_worker":
+        if not cluster_from_tf_config():
+            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable naming the cluster "
+                             "and this worker, e.g. {\"cluster\": {\"worker\": [\"host1:port\", \"host2:port\"]}, "
+                             "\"task\": {\"type\": \"worker\", \"index\": 0}}")
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if strategy == "mirrored":
         # All local GPUs; without GPUs, the logical CPU devices (tests split the CPU in two this way).
         gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=gpus or (cpus if len(cpus) > 1 else None))
     return tf.distribute.get_strategy()
+
+
+def cluster_from_tf_config() -> dict:
+    """The cluster TF_CONFIG names ({"worker": [...], ...}), or {} outside a multi-worker job."""
+    return json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run: the "chief" task, or worker 0 when the cluster has no chief.
+    Outside a multi-worker job every process is its own chief. Read from TF_CONFIG, so it can be asked
+    before any strategy exists (e.g. before the resolved config is written)."""
+    cluster = cluster_from_tf_config()
+    if not cluster:
+        return True
+    task = json.loads(os.environ["TF_CONFIG"]).get("task") or {}
+    if "chief" in cluster:
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def patch_keras_for_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """Works around two Keras 3.15 bugs that stop ``fit`` under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585): its symbolic build averages a whole nested batch with
+    ``strategy.reduce`` (unsupported across workers: "Attempt to convert a value (PerReplica ...)"),
+    and its metric reduction averages scalar logs over axis 0 ("Invalid reduction dimension 0").
+    The build only needs the batch's shapes, so it takes this worker's local batch; scalars are
+    averaged across workers with axis=None. Both are tested by a two-process job in the tests, so a
+    Keras upgrade that changes these internals fails there first."""
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+    def build_from_local_batch(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                batch = next(batches)
+                data_batch = tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], batch)
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = build_from_local_batch
+    original = keras_tf_trainer.reduce_per_replica
+    if getattr(original, "tfl_multi_worker_fix", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and in_multi_worker_mode(strategy):
+            def mean(value):
+                local = strategy.experimental_local_results(value)[0]
+                return strategy.reduce("MEAN", value, axis=0 if local.shape.rank else None)
+            return tf.nest.map_structure(mean, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica.tfl_multi_worker_fix = True
+    keras_tf_trainer.reduce_per_replica = reduce_per_replica
 
 
 def tpu_compatibility_problems(model: keras.Model, dataset: tf.data.Dataset) -> list:
@@ -189,11 +260,28 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 def describe_backup(model_dir: str) -> Optional[str]:
     """'epoch E, batch B' of a resumable backup in ``model_dir``, or None."""
     path = os.path.join(model_dir, "backup", "training_metadata.json")
-    if not model_dir or not os.path.exists(path):
+    if not model_dir or not tf.io.gfile.exists(path):
         return None
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         meta = json.load(f)
     return f"epoch {meta.get('epoch', 0)}, after batch {meta.get('batch', 0)}"
+
+
+def worker_scratch_dir(model_dir: str) -> str:
+    """A local scratch folder for a non-chief worker's callback files (backup, logs, checkpoints).
+
+    It starts with a copy of the chief's backup in ``model_dir``, so after a restart every worker
+    resumes at the same epoch; that needs ``model_dir`` on storage all workers share (e.g. gs://).
+    """
+    scratch = tempfile.mkdtemp(prefix="tfl-worker-")
+    backup = os.path.join(model_dir, "backup")
+    if tf.io.gfile.isdir(backup):
+        os.makedirs(os.path.join(scratch, "backup"))
+        for name in tf.io.gfile.listdir(backup):
+            source = os.path.join(backup, name)
+            if not tf.io.gfile.isdir(source):
+                tf.io.gfile.copy(source, os.path.join(scratch, "backup", name))
+    return scratch
 
 
 def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: bool = True,
@@ -272,6 +360,8 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         optimizer.iterations.assign(first_epoch * steps_per_epoch)
         compile_model(model, optimizer, task=task, num_labels=num_labels, jit_compile=jit_compile,
                       steps_per_execution=steps_per_execution)
+        if in_multi_worker_mode(model.distribute_strategy):
+            patch_keras_for_multi_worker(model, model.distribute_strategy)
         result = model.fit(train, validation_data=validation, epochs=last_epoch, initial_epoch=first_epoch,
                            steps_per_epoch=steps_per_epoch if train_repeats else None, callbacks=callbacks, verbose=verbose,
                            shuffle=False)  # tf.data shuffles
