@@ -153,3 +153,41 @@ def test_catalogue_of_user_mistakes(args, needle, tmp_path):
     assert len(error_lines) == 1 and needle in error_lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not model_dir.exists()
+
+
+def _documented_commands():
+    """Every `python main.py ...` command in the README and the Colab notebook (with its variables)."""
+    import json
+    import re
+    import shlex
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    notebook = json.load(open(os.path.join(ROOT, "examples", "colab_tpu.ipynb"), encoding="utf-8"))
+    cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    text = readme + "\n" + "\n".join(cells).replace("{MODEL_DIR}", "/content/runs/x")
+    text = text.replace("\\\n", " ")
+    pattern = r"^\s*!?(?:\.venv/bin/)?python main\.py (.+)$"
+    commands = [shlex.split(m.group(1), comments=True) for m in re.finditer(pattern, text, re.M)]
+    return [c for c in commands if c and c[0].startswith("--") and "--helpfull" not in c]
+
+
+def test_every_documented_command_parses_into_a_valid_config():
+    """The README's and the notebook's commands must keep working as flags and configs change."""
+    commands = _documented_commands()
+    assert len(commands) >= 6  # the usage examples, the multi-worker and TPU-VM commands, the notebook
+    for args in commands:
+        values = fresh_flags()
+        values(["main.py"] + [a.replace("configs/", f"{ROOT}/configs/", 1) for a in args])
+        cli.config_from_flags(values).validate()
+
+
+def test_the_notebooks_library_call_builds_a_valid_config():
+    import json
+
+    notebook = json.load(open(os.path.join(ROOT, "examples", "colab_tpu.ipynb"), encoding="utf-8"))
+    cell = next("".join(c["source"]) for c in notebook["cells"] if "config = Config(" in "".join(c["source"]))
+    namespace = {}
+    exec(cell.split("metrics = tfl.run")[0], namespace)  # the imports and the Config, not the run
+    config = namespace["config"]
+    config.validate()
+    assert config.train.strategy == "tpu" and config.train.tpu == "local"

@@ -46,7 +46,7 @@ def test_text_and_image_models_train_on_two_cpu_replicas(text_csv, tmp_path):
     assert image["replicas"] == 2 and "accuracy" in image["test"]
 
 
-def test_tpu_shaped_check_on_the_real_model_and_input_paths(tiny_bert_preset, text_csv):
+def test_tpu_shaped_check_on_the_real_model_and_input_paths(tiny_bert_preset, text_csv, monkeypatch):
     """TPU-breaking changes fail here without a TPU: strings must stay in tf.data, batches full."""
     import tensorflow as tf
 
@@ -73,6 +73,24 @@ def test_tpu_shaped_check_on_the_real_model_and_input_paths(tiny_bert_preset, te
                                 drop_remainder=True)
     assert train.tpu_compatibility_problems(lstm_model, lstm_batches) == []
     assert tf.executing_eagerly()
+
+    # The run's own input pipeline in TPU mode (length buckets included): what fit() sees is TPU-shaped.
+    from types import SimpleNamespace
+
+    from tfl.config import Config, DataConfig, ModelConfig
+    from tfl.runner import batches_for
+
+    monkeypatch.setattr(train, "device_kind", lambda strategy=None: "tpu")
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, bucket_shapes=2),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8))
+    train_ds, fit_val_ds, val_ds, _, bucketing = batches_for(config, splits, backbone,
+                                                             SimpleNamespace(num_replicas_in_sync=1))
+    assert bucketing is not None  # the bucketed pipeline, as on real text
+    assert train.tpu_compatibility_problems(model, train_ds) == []
+    assert train.tpu_compatibility_problems(model, fit_val_ds) == []
+    # The final metrics still see every validation example, from batches fit() never gets.
+    assert train.tpu_compatibility_problems(model, val_ds) != []
+    assert sum(int(y.shape[0]) for _, y in val_ds) == splits.sizes["validation"]
 
 
 def _free_ports(count):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
+import tensorflow as tf
+
+from tfl import storage
 from tfl.assets import AssetError
 from tfl.backbones import BackboneError, check_backbone_name
 from tfl.config import Config, ConfigError
@@ -25,9 +27,8 @@ def check_model_dir(config: Config) -> None:
     if not config.model_dir:
         return
     path = os.path.join(config.model_dir, "config.json")
-    if os.path.exists(path) and not config.overwrite:
-        with open(path) as f:
-            previous = json.load(f)
+    if tf.io.gfile.exists(path) and not config.overwrite:
+        previous = json.loads(storage.read_bytes(path))
         current = json.loads(config.to_json())
         ignore = {"overwrite"}
         if {k: v for k, v in previous.items() if k not in ignore} != {k: v for k, v in current.items() if k not in ignore}:
@@ -49,20 +50,20 @@ def check_before_run(config: Config) -> None:
 def run_checked(config: Config) -> dict:
     """Writes the resolved config next to the run, then runs it; a run that fails on a user mistake
     leaves no folder behind."""
-    from tfl.runner import run, write_json_atomically
+    from tfl.runner import run
 
     writes = bool(config.model_dir) and is_chief()  # in a multi-worker job only the chief writes the run
-    if writes and config.overwrite and os.path.isdir(config.model_dir):
+    if writes and config.overwrite and tf.io.gfile.isdir(config.model_dir):
         # --overwrite starts over: an old run's resume state must not leak into the new one.
-        shutil.rmtree(config.model_dir)
-    created = writes and not os.path.exists(config.model_dir)
+        tf.io.gfile.rmtree(config.model_dir)
+    created = writes and not tf.io.gfile.exists(config.model_dir)
     if writes:
-        write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
+        storage.write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
     try:
         return run(config)
     except (ValueError, AssetError) as e:
-        if created:  # a user mistake found while loading: leave no half-made run behind
-            shutil.rmtree(config.model_dir, ignore_errors=True)
+        if created and tf.io.gfile.exists(config.model_dir):  # a user mistake: leave no half-made run behind
+            tf.io.gfile.rmtree(config.model_dir)
         if isinstance(e, USER_ERRORS) or "not divisible" in str(e):
             raise ConfigError(str(e)) from e
         raise

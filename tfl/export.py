@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfl import backbones as backbones_lib
 from tfl import heads
+from tfl import storage
 from tfl.data.sources import IMAGE, TEXT, TOKEN_IDS
 
 
@@ -76,7 +77,7 @@ class ServingFunctions:
 def next_version_dir(export_root: str) -> str:
     """export_root/<n+1>, where n is the highest existing numbered version (TF Serving layout)."""
     tf.io.gfile.makedirs(export_root)
-    versions = [int(v) for v in tf.io.gfile.listdir(export_root) if v.strip("/").isdigit()]
+    versions = [int(v) for v in storage.list_folder(export_root) if v.isdigit()]
     return os.path.join(export_root, str(max(versions, default=0) + 1))
 
 
@@ -94,7 +95,7 @@ def export_serving_model(model: keras.Model, backbone: backbones_lib.Backbone, l
     staging = os.path.join(export_root, f".tmp-{os.path.basename(final)}-{os.getpid()}")
     try:
         archive.write_out(staging, verbose=False)
-        tf.io.gfile.rename(staging, final)
+        storage.move_folder(staging, final)
     except (OSError, tf.errors.OpError) as e:
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
         raise ExportError(f"Could not write the export {final} ({reason}); free disk space or use another "

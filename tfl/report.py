@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from tfl import storage
 from tfl.config import Config
 
 STRATEGY_HELP = {
@@ -56,7 +57,8 @@ def strategy_config(base: Config, strategy: str, seed: int, fraction: float, mod
 
 def compare(config: Config, verbose: int = 0) -> dict:
     """Runs every (strategy, fraction, seed); writes report.md/json and plots under config.model_dir."""
-    from tfl.runner import train_and_evaluate, run_zero_shot, write_json_atomically
+    from tfl.runner import train_and_evaluate, run_zero_shot
+    from tfl.train import is_chief
 
     fractions = list(config.compare.label_fractions) or [config.data.label_fraction]
     seeds = [config.seed + i for i in range(config.compare.seeds)]
@@ -83,14 +85,11 @@ def compare(config: Config, verbose: int = 0) -> dict:
                              "history": metrics.get("history", {})})
     rows = summarise(runs)
     report = {"rows": rows, "runs": runs, "config": config.to_dict(), "strategies": STRATEGY_HELP}
-    os.makedirs(config.model_dir, exist_ok=True)
-    write_json_atomically(os.path.join(config.model_dir, "report.json"), report)
-    plots = write_plots(runs, fractions, config.model_dir)
-    markdown = format_markdown(rows, config, plots)
-    temporary = os.path.join(config.model_dir, "report.md.tmp")
-    with open(temporary, "w") as f:
-        f.write(markdown)
-    os.replace(temporary, os.path.join(config.model_dir, "report.md"))
+    if is_chief():  # in a multi-worker job only the chief writes
+        storage.write_json_atomically(os.path.join(config.model_dir, "report.json"), report)
+        plots = write_plots(runs, fractions, config.model_dir)
+        storage.write_text_atomically(os.path.join(config.model_dir, "report.md"),
+                                      format_markdown(rows, config, plots))
     print(format_table(rows))
     return report
 
@@ -166,7 +165,7 @@ def write_plots(runs: list, fractions: list, out_dir: str) -> list:
             ax.plot(range(1, len(values) + 1), values, marker="o", label=r["strategy"])
         ax.set_xlabel("epoch"), ax.set_ylabel(key), ax.legend(), ax.grid(alpha=0.3)
         ax.set_title(f"Learning curves (label fraction {fractions[-1]:g}, seed {trained[0]['seed']})")
-        fig.tight_layout(), fig.savefig(os.path.join(out_dir, "learning_curves.png"), dpi=100), plt.close(fig)
+        fig.tight_layout(), storage.save_figure(fig, os.path.join(out_dir, "learning_curves.png")), plt.close(fig)
         written.append("learning_curves.png")
     if len(fractions) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -179,6 +178,6 @@ def write_plots(runs: list, fractions: list, out_dir: str) -> list:
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=strategy)
         ax.set_xscale("log"), ax.set_xlabel("share of labelled training examples"), ax.set_ylabel(f"test {metric}")
         ax.legend(), ax.grid(alpha=0.3), ax.set_title("Test metric vs. labelled examples")
-        fig.tight_layout(), fig.savefig(os.path.join(out_dir, "label_fractions.png"), dpi=100), plt.close(fig)
+        fig.tight_layout(), storage.save_figure(fig, os.path.join(out_dir, "label_fractions.png")), plt.close(fig)
         written.append("label_fractions.png")
     return written

@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import shutil
-import tempfile
 import time
 
 import keras
@@ -24,17 +23,9 @@ from tfl import data as data_lib
 from tfl import export as export_lib
 from tfl import freezing as freeze_lib
 from tfl import heads, train
+from tfl.storage import write_json_atomically
 from tfl import transfer as transfer_lib
 from tfl.config import Config
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    """Writes to a temporary file in the same folder and renames it, so readers never see half a file."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-    os.replace(f.name, path)
 
 
 def save_model_atomically(model: keras.Model, path: str) -> None:
@@ -42,10 +33,10 @@ def save_model_atomically(model: keras.Model, path: str) -> None:
     temporary = path[: -len(".keras")] + f".tmp-{os.getpid()}.keras"
     try:
         model.save(temporary)
-        os.replace(temporary, path)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        if tf.io.gfile.exists(temporary):
+            tf.io.gfile.remove(temporary)
 
 
 def build_model(backbone: backbones_lib.Backbone, label_names: list, *, task: str = "classification",
@@ -120,6 +111,7 @@ def image_file_decoder(splits: data_lib.DataSplits, backbone: backbones_lib.Back
 
 def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
                 strategy: tf.distribute.Strategy) -> tuple:
+    """(train, validation for fit, validation, test, bucketing): batched, preprocessed, sharded datasets."""
     d = config.data
     if d.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(f"--batch_size={d.batch_size} is not divisible by the {strategy.num_replicas_in_sync} "
@@ -139,10 +131,13 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
     common = dict(batch_size=d.batch_size, preprocess=backbone.preprocess, seed=config.seed,
                   shuffle_buffer=d.shuffle_buffer, cache=d.cache, modality=splits.modality, decode_image=decode,
                   bucket_boundaries=bucketing["boundaries"] if bucketing else None)
-    # TPUs compile one program per shape: every training batch must be full.
-    train_ds = data_lib.make_batches(splits.train, training=True, drop_remainder=train.device_kind(strategy) == "tpu",
-                                     **common)
-    datasets = (train_ds, data_lib.make_batches(splits.validation, **common), data_lib.make_batches(splits.test, **common))
+    # TPUs compile one program per shape: every batch fit() sees must be full. The final metrics are
+    # computed on every example by tfl's own loop, from the unpruned validation and test batches.
+    tpu = train.device_kind(strategy) == "tpu"
+    train_ds = data_lib.make_batches(splits.train, training=True, drop_remainder=tpu, **common)
+    val_ds = data_lib.make_batches(splits.validation, **common)
+    fit_val_ds = data_lib.make_batches(splits.validation, drop_remainder=True, **common) if tpu else val_ds
+    datasets = (train_ds, fit_val_ds, val_ds, data_lib.make_batches(splits.test, **common))
     if strategy.num_replicas_in_sync > 1:
         datasets = tuple(train.shard_by_data(ds) for ds in datasets)
     return (*datasets, bucketing)
@@ -201,7 +196,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     if mapping:
         print("tfl: parameter transfer from " + config.model.source_model + "\n" +
               transfer_lib.format_mapping_report(mapping))
-    train_ds, val_ds, test_ds, bucketing = batches_for(config, splits, backbone, strategy)
+    train_ds, fit_val_ds, val_ds, test_ds, bucketing = batches_for(config, splits, backbone, strategy)
 
     t = config.train
     train_size = splits.sizes.get("train") or int(train_ds.cardinality()) * config.data.batch_size
@@ -219,7 +214,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
                    if config.freeze.layer_lr_decay < 1.0 else None)
     num_labels = len(splits.label_names)
     fit_started = time.perf_counter()
-    fit_model, fit_train, fit_val = model, train_ds, val_ds
+    fit_model, fit_train, fit_val = model, train_ds, fit_val_ds
     feature_cache = None
     steps_per_execution = t.steps_per_execution
     if config.freeze.freeze_all and t.cache_frozen_features and not t.max_steps_per_epoch:
@@ -236,8 +231,10 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         # The same pipeline shape as the uncached text path, so batches come in the same shuffled order.
         fit_train = data_lib.make_batches(tf.data.Dataset.from_tensor_slices((train_x, train_y)), training=True,
                                           batch_size=config.data.batch_size, seed=config.seed,
-                                          shuffle_buffer=config.data.shuffle_buffer, modality=data_lib.TEXT)
-        fit_val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.data.batch_size)
+                                          shuffle_buffer=config.data.shuffle_buffer, modality=data_lib.TEXT,
+                                          drop_remainder=kind == "tpu")
+        fit_val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.data.batch_size,
+                                                                           drop_remainder=kind == "tpu")
         feature_cache = {"examples": int(len(train_x)), "dim": int(train_x.shape[1]),
                          "seconds": round(time.perf_counter() - cache_started, 2)}
         print(f"tfl: linear probe on cached backbone features {feature_cache}")
@@ -318,7 +315,7 @@ def run_zero_shot(config: Config) -> dict:
     metrics = {"test": test, "mode": "zero_shot", "label_descriptions": descriptions, "trainable_params": 0,
                "train_seconds": 0.0, "wall_seconds": round(time.time() - started, 2), "config": config.to_dict(),
                "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names}}
-    if config.model_dir:
+    if config.model_dir and train.is_chief():
         write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
     print("tfl: zero-shot test " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
     return metrics

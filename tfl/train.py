@@ -267,6 +267,17 @@ def describe_backup(model_dir: str) -> Optional[str]:
     return f"epoch {meta.get('epoch', 0)}, after batch {meta.get('batch', 0)}"
 
 
+class CSVLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger, also for gs:// paths: Keras 3.15 asks the tf.io.gfile file it opens there for
+    ``.closed``, which GFile lacks, and fails at the end of training."""
+
+    def on_train_end(self, logs=None):
+        if self.csv_file is not None:
+            self.csv_file.close()
+            self.csv_file = None
+        self.writer = None
+
+
 def worker_scratch_dir(model_dir: str) -> str:
     """A local scratch folder for a non-chief worker's callback files (backup, logs, checkpoints).
 
@@ -306,7 +317,7 @@ def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: 
         keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_loss",
                                         save_best_only=True, save_weights_only=True),
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
-        keras.callbacks.CSVLogger(os.path.join(model_dir, "training_log.csv"), append=True),
+        CSVLogger(os.path.join(model_dir, "training_log.csv"), append=True),
     ]
     return callbacks
 

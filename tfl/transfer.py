@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import keras
@@ -27,6 +25,7 @@ import tensorflow as tf
 
 from tfl import backbones as backbones_lib
 from tfl import heads
+from tfl import storage
 
 SOURCE_KIND = "tfl-source-model"
 SOURCE_FILE = "source.json"
@@ -46,23 +45,24 @@ def save_source_model(run_dir: str, backbone: backbones_lib.Backbone, model: ker
     if backbone.name not in backbones_lib.SMALL_MODELS:
         return None  # keras-hub and keras.applications backbones are reused through their presets
     final = os.path.join(run_dir, SOURCE_DIR)
-    staging = tempfile.mkdtemp(prefix=".source-", dir=run_dir)
+    staging = storage.temporary_name(final)
+    if tf.io.gfile.exists(staging):
+        tf.io.gfile.rmtree(staging)
+    tf.io.gfile.makedirs(staging)
     model.save_weights(os.path.join(staging, "model.weights.h5"))
     tokens = (backbone.vectorizer.get_vocabulary()[1:] if backbone.vectorizer is not None
               else imdb_vocabulary(architecture) if architecture.get("data_source") == "keras:imdb" else None)
     vocabulary = None
     if tokens:
         vocabulary = "vocabulary.txt"
-        with open(os.path.join(staging, vocabulary), "w", encoding="utf-8") as f:
-            # Line k holds the token with id k + 1 (id 0, padding, is implied; id 1 is out-of-vocabulary).
-            f.write("\n".join(tokens))
+        # Line k holds the token with id k + 1 (id 0, padding, is implied; id 1 is out-of-vocabulary).
+        storage.write_text_atomically(os.path.join(staging, vocabulary), "\n".join(tokens))
     info = {"kind": SOURCE_KIND, "backbone": backbone.name, "modality": backbone.modality,
             "label_names": list(label_names), "architecture": architecture, "vocabulary": vocabulary}
-    with open(os.path.join(staging, SOURCE_FILE), "w") as f:
-        json.dump(info, f, indent=2)
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    storage.write_json_atomically(os.path.join(staging, SOURCE_FILE), info)
+    if tf.io.gfile.exists(final):
+        tf.io.gfile.rmtree(final)
+    storage.move_folder(staging, final)
     return final
 
 
@@ -81,19 +81,17 @@ def imdb_vocabulary(architecture: dict) -> Optional[list]:
 
 def load_source_model(path: str) -> dict:
     """Reads a source model folder (a run's model_dir or its source_model/ folder)."""
-    folder = os.path.join(path, SOURCE_DIR) if os.path.isdir(os.path.join(path, SOURCE_DIR)) else path
+    folder = os.path.join(path, SOURCE_DIR) if tf.io.gfile.isdir(os.path.join(path, SOURCE_DIR)) else path
     info_path = os.path.join(folder, SOURCE_FILE)
-    if not os.path.isfile(info_path):
+    if not storage.is_file(info_path):
         raise TransferError(f"--source_model={path} is not a tfl source model (no {SOURCE_FILE}); give the "
                             "--model_dir of an lstm or small_cnn run")
-    with open(info_path) as f:
-        info = json.load(f)
+    info = json.loads(storage.read_bytes(info_path))
     if info.get("kind") != SOURCE_KIND:
         raise TransferError(f"{info_path} is not a tfl source model file")
     info["folder"] = folder
     if info.get("vocabulary"):
-        with open(os.path.join(folder, info["vocabulary"]), encoding="utf-8") as f:
-            info["vocabulary_tokens"] = f.read().split("\n")
+        info["vocabulary_tokens"] = storage.read_bytes(os.path.join(folder, info["vocabulary"])).decode("utf-8").split("\n")
     return info
 
 
@@ -210,9 +208,8 @@ def parse_label_descriptions(value: str, label_names: list) -> dict:
     if not value:
         templates = ["{}", "this is {}", "an example of {}", "it is about {}", "something {}"]
         return {name: [t.format(name.replace("_", " ")) for t in templates] for name in label_names}
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            raw = json.load(f)
+    if storage.is_file(value):
+        raw = json.loads(storage.read_bytes(value))
         descriptions = {k: [v] if isinstance(v, str) else list(v) for k, v in raw.items()}
     else:
         descriptions = {}

@@ -18,8 +18,9 @@ import sys
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 
-from tfl import assets
+from tfl import assets, storage
 
 
 class DataError(ValueError):
@@ -165,15 +166,15 @@ def load_keras_dataset(name: str, num_words: int = 10000, maxlen: int = 500) -> 
 # ---- files ----------------------------------------------------------------------------------
 
 def _read_text_file(path: str) -> str:
-    if not os.path.isfile(path):
+    """A UTF-8 text file from a local path or a gs:// (any tf.io.gfile) path."""
+    if not storage.is_file(path):
         raise DataError(f"Data file {path} does not exist; check the path after csv:/jsonl:")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = storage.read_bytes(path).decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8")
-    except OSError as e:
-        raise DataError(f"Cannot read {path}: {e.strerror}; check its permissions")
+    except tf.errors.PermissionDeniedError:
+        raise DataError(f"Cannot read {path}: permission denied; check its permissions")
     if not text.strip():
         raise DataError(f"{path} is empty; give a file with a header row and examples")
     return text
@@ -252,7 +253,7 @@ def load_table(kind: str, path: str, text_column: str, label_column: str, task: 
     modality = TEXT
     if len(features) and all(str(f).lower().endswith(IMAGE_EXTENSIONS) for f in features):
         # An image-path column: paths are relative to the file's folder.
-        base = os.path.dirname(os.path.abspath(path))
+        base = os.path.dirname(storage.absolute(path))
         features = np.array([os.path.join(base, f) for f in features], dtype=object)
         modality = IMAGE_FILE
     return SourceData(modality, names, pool=Examples(features, labels))
@@ -264,9 +265,9 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"B
 def looks_like_an_image(path: str) -> bool:
     """A cheap check of the file's signature (PNG, JPEG, GIF, BMP); a truncated body is caught at decode."""
     try:
-        with open(path, "rb") as f:
+        with tf.io.gfile.GFile(path, "rb") as f:
             head = f.read(8)
-    except OSError:
+    except tf.errors.OpError:
         return False
     return any(head.startswith(magic) for magic in _IMAGE_MAGIC)
 
@@ -274,12 +275,12 @@ def looks_like_an_image(path: str) -> bool:
 def load_image_folder(root: str) -> SourceData:
     """``root/<class name>/*.png|jpg|...``: one sub-folder per class. Files that are not images are
     skipped with a warning that counts them; a folder where no file is an image is an error."""
-    if not os.path.isdir(root):
+    if not tf.io.gfile.isdir(root):
         raise DataError(f"Image folder {root} does not exist; give images:<folder with one sub-folder per class>")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes = sorted(d for d in storage.list_folder(root) if tf.io.gfile.isdir(os.path.join(root, d)))
     paths, labels = [], []
     for label, name in enumerate(classes):
-        for file in sorted(os.listdir(os.path.join(root, name))):
+        for file in sorted(storage.list_folder(os.path.join(root, name))):
             if file.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.join(root, name, file))
                 labels.append(label)
