@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install assets test demo clean
+.PHONY: install assets test test-tf220 demo clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,20 @@ assets: install
 test: assets
 	$(PY) -m pytest -q tests
 
+# The same suite on TensorFlow 2.20, the newest release with a TPU build (tensorflow-tpu; see README).
+VENV_TF220 := .venv-tf220
+$(VENV_TF220)/.installed: pyproject.toml
+	python3 -m venv $(VENV_TF220)
+	$(VENV_TF220)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_TF220)/bin/python -m pip install --quiet -e ".[test]" "tensorflow==2.20.*" "tensorflow-text==2.20.*" \
+		"tensorboard==2.20.*"
+	touch $@
+
+test-tf220: $(VENV_TF220)/.installed assets
+	$(VENV_TF220)/bin/python -m pytest -q tests
+
 demo: assets
 	$(PY) -m tfl.demo
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_TF220) runs

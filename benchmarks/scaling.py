@@ -52,8 +52,8 @@ with strategy.scope():
     model = build_model(backbone, ["rotten", "fresh"])
     train.compile_model(model, train.make_optimizer(5e-5, 1000), task="classification", num_labels=2,
                         jit_compile=train.resolve_jit_compile("auto"))
-if train.in_multi_worker_mode(strategy):
-    train.patch_keras_for_multi_worker(model, strategy)
+if strategy.num_replicas_in_sync > 1:
+    train.patch_keras_for_distribution(model, strategy)  # what tfl.train.fit does
 inputs = backbone.preprocess(tf.constant(texts))
 dataset = train.shard_by_data(tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(%(batch)d, drop_remainder=True).cache().repeat())
 

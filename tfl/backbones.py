@@ -13,7 +13,6 @@ Names: a keras-hub preset (``bert_base_en_uncased``) or a local preset/Hugging F
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import sys
 from typing import Callable, Optional
@@ -78,7 +77,9 @@ def keras_application_names() -> list:
 
 def check_backbone_name(name: str) -> None:
     """Fails fast, before data or weights load, on a name that cannot be a backbone."""
-    if name in SMALL_MODELS or name in keras_application_names() or os.path.isdir(name):
+    if name in SMALL_MODELS or name in keras_application_names():
+        return
+    if "://" in name or tf.io.gfile.isdir(name):  # a preset folder, or a kaggle://, hf:// or gs:// preset handle
         return
     if name.startswith("asset:"):
         if name[len("asset:"):] not in BACKBONE_ASSETS:
@@ -89,7 +90,8 @@ def check_backbone_name(name: str) -> None:
     if name not in _known_keras_hub_presets():
         raise BackboneError(
             f"Unknown backbone '{name}'; expected lstm, small_cnn, asset:minilm, a keras.applications name "
-            "(e.g. ResNet50, EfficientNetB0), a keras-hub preset name (e.g. bert_base_en_uncased) or a local folder")
+            "(e.g. ResNet50, EfficientNetB0), a keras-hub preset name (e.g. bert_base_en_uncased) or handle "
+            "(kaggle://, hf://, gs://), or a preset folder")
 
 
 def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0, weights: str = "imagenet",
@@ -233,7 +235,7 @@ def application_blocks(model: keras.Model) -> list:
 
 def build_keras_application(name: str, weights: str, image_size: int, dtype: Optional[str]) -> Backbone:
     constructor = getattr(keras.applications, name)
-    if weights not in ("imagenet", "none") and not (weights.endswith(".weights.h5") and os.path.isfile(weights)):
+    if weights not in ("imagenet", "none") and not (weights.endswith(".weights.h5") and tf.io.gfile.exists(weights)):
         raise BackboneError(f"--weights='{weights}' is not valid; expected imagenet, none or an existing "
                             "<file>.weights.h5")
     size = image_size or 224

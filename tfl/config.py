@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Optional
 
 TASKS = ("classification", "multilabel", "regression")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")

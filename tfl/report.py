@@ -10,7 +10,6 @@ mean ± std over seeds of the test metrics, train time, trainable parameters and
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 

@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import keras
 import numpy as np
@@ -79,6 +79,9 @@ def resolve_jit_compile(jit_compile: str, kind: Optional[str] = None) -> bool:
     return speedup is not None and speedup >= 1.05
 
 
+_multi_worker_strategy: Optional[tf.distribute.Strategy] = None
+
+
 def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
     """default / mirrored (all local GPUs, or CPU) / multi_worker (TF_CONFIG) / tpu.
 
@@ -98,7 +101,10 @@ def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strate
             raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable naming the cluster "
                              "and this worker, e.g. {\"cluster\": {\"worker\": [\"host1:port\", \"host2:port\"]}, "
                              "\"task\": {\"type\": \"worker\", \"index\": 0}}")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        global _multi_worker_strategy
+        # A process can set up its collective ops once: later runs (e.g. --mode=compare) reuse the strategy.
+        _multi_worker_strategy = _multi_worker_strategy or tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker_strategy
     if strategy == "mirrored":
         # All local GPUs; without GPUs, the logical CPU devices (tests split the CPU in two this way).
         gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
@@ -130,14 +136,19 @@ def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
             and strategy.extended._in_multi_worker_mode())
 
 
-def patch_keras_for_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
-    """Works around two Keras 3.15 bugs that stop ``fit`` under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585): its symbolic build averages a whole nested batch with
-    ``strategy.reduce`` (unsupported across workers: "Attempt to convert a value (PerReplica ...)"),
-    and its metric reduction averages scalar logs over axis 0 ("Invalid reduction dimension 0").
-    The build only needs the batch's shapes, so it takes this worker's local batch; scalars are
-    averaged across workers with axis=None. Both are tested by a two-process job in the tests, so a
-    Keras upgrade that changes these internals fails there first."""
+def patch_keras_for_distribution(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """Works around Keras 3.15 bugs that stop ``fit`` with several replicas (keras-team/keras#20585).
+
+    1. Before training, Keras builds the model from the first batch after averaging it across
+       replicas with ``strategy.reduce``: that fails on boolean inputs such as keras-hub's
+       ``padding_mask`` under MirroredStrategy ("AddN ... bool"), and on any nested batch across
+       workers ("Attempt to convert a value (PerReplica ...)"). The build only needs shapes, so it
+       takes this replica's local batch instead.
+    2. Under MultiWorkerMirroredStrategy its metric reduction averages scalar logs over axis 0
+       ("Invalid reduction dimension 0"); scalars are averaged across workers with axis=None.
+    Both run in the tests (a BERT on 2 logical CPUs; a two-process job), so a Keras upgrade that
+    changes these internals fails there first.
+    """
     from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 
     def build_from_local_batch(iterator=None, data_batch=None):
@@ -151,7 +162,7 @@ def patch_keras_for_multi_worker(model: keras.Model, strategy: tf.distribute.Str
 
     model._maybe_symbolic_build = build_from_local_batch
     original = keras_tf_trainer.reduce_per_replica
-    if getattr(original, "tfl_multi_worker_fix", False):
+    if not in_multi_worker_mode(strategy) or getattr(original, "tfl_multi_worker_fix", False):
         return
 
     def reduce_per_replica(values, strategy, reduction):
@@ -371,8 +382,8 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         optimizer.iterations.assign(first_epoch * steps_per_epoch)
         compile_model(model, optimizer, task=task, num_labels=num_labels, jit_compile=jit_compile,
                       steps_per_execution=steps_per_execution)
-        if in_multi_worker_mode(model.distribute_strategy):
-            patch_keras_for_multi_worker(model, model.distribute_strategy)
+        if model.distribute_strategy.num_replicas_in_sync > 1:
+            patch_keras_for_distribution(model, model.distribute_strategy)
         result = model.fit(train, validation_data=validation, epochs=last_epoch, initial_epoch=first_epoch,
                            steps_per_epoch=steps_per_epoch if train_repeats else None, callbacks=callbacks, verbose=verbose,
                            shuffle=False)  # tf.data shuffles
