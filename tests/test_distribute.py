@@ -173,3 +173,48 @@ def test_a_restarted_worker_resumes_from_the_chiefs_backup(tmp_path, monkeypatch
     assert train.is_chief()
     monkeypatch.delenv("TF_CONFIG")
     assert train.is_chief() and train.cluster_from_tf_config() == {}
+
+
+def test_a_killed_two_worker_job_resumes_on_both_workers(tmp_path):
+    """kill -9 both workers after the chief saved an epoch; the same two commands resume at that epoch."""
+    import signal
+    import time
+
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    rows = [(" ".join(rng.choice(["good", "fine", "great"] if y else ["bad", "poor", "dull"], 4)), y)
+            for y in [0, 1] * 250]
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    job = tmp_path / "job"
+
+    def start_workers():
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+        return [subprocess.Popen(_main_command(data, job, "--strategy=multi_worker", "--epochs=4", "--noexport",
+                                               "--shuffle_buffer=500"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(
+                                     {"cluster": cluster, "task": {"type": "worker", "index": i}})))
+                for i in range(2)]
+
+    workers = start_workers()
+    metadata = job / "backup" / "training_metadata.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and all(w.poll() is None for w in workers):
+        if metadata.exists() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 1:
+            break
+        time.sleep(0.1)
+    assert all(w.poll() is None for w in workers), "the job finished before it could be killed; make it longer"
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+    saved_epoch = json.loads(metadata.read_text())["epoch"]
+
+    workers = start_workers()
+    outputs = [w.communicate(timeout=400)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0]
+    for output in outputs:  # the non-chief resumes from its scratch copy of the chief's backup
+        assert f"(epoch {saved_epoch}, after batch 0)" in output and "tfl: resuming from the backup" in output
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert len(metrics["history"]["loss"]) == 4 - saved_epoch and metrics["replicas"] == 2
