@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfl import assets, heads, train  # noqa: E402
+from tfl import assets, heads, storage, train  # noqa: E402
 from tfl import data as data_lib  # noqa: E402
 from tfl.backbones import build_backbone  # noqa: E402
 from tfl.runner import build_model, cache_features  # noqa: E402
@@ -173,9 +173,7 @@ def main() -> int:
             f"Command: `.venv/bin/python benchmarks/run.py --steps={args.steps}` "
             f"({time.strftime('%Y-%m-%d')}).\n\n" + "\n".join(table) + "\n")
     print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    storage.write_text_atomically(args.out, text)
     return 0
 
 

@@ -25,6 +25,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 GLOBAL_BATCH, SEQ = 32, 64
 
 WORKER = r"""
@@ -104,6 +105,8 @@ def main() -> int:
     args = parser.parse_args()
     import tensorflow as tf
 
+    from tfl import storage
+
     gpus = len(tf.config.list_physical_devices("GPU"))
     two = "2 GPUs" if gpus >= 2 else "2 logical CPU devices"
     results = {setup: run_setup(setup, args.steps) for setup in ("single", "mirrored", "multi_worker")}
@@ -127,9 +130,7 @@ def main() -> int:
                  "shows what replication costs (all-reduce, splitting each batch) on top of a single device's "
                  "work. The real scaling number needs 2+ GPUs or a TPU.\n")
     print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    storage.write_text_atomically(args.out, text)
     return 0
 
 

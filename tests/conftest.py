@@ -28,6 +28,15 @@ def text_csv(tmp_path):
     return path
 
 
+def write_sentiment_csv(path, rows: int = 500):
+    """A CSV of 4-word sentences whose words give the label away: long enough to kill a run mid-way."""
+    rng = np.random.RandomState(0)
+    lines = [(" ".join(rng.choice(["good", "fine", "great"] if y else ["bad", "poor", "dull"], 4)), y)
+             for y in [0, 1] * (rows // 2)]
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in lines))
+    return path
+
+
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "great", "awful", "film", "movie", "plot"]
 
 

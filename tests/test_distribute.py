@@ -180,13 +180,9 @@ def test_a_killed_two_worker_job_resumes_on_both_workers(tmp_path):
     import signal
     import time
 
-    import numpy as np
+    from conftest import write_sentiment_csv
 
-    rng = np.random.RandomState(0)
-    rows = [(" ".join(rng.choice(["good", "fine", "great"] if y else ["bad", "poor", "dull"], 4)), y)
-            for y in [0, 1] * 250]
-    data = tmp_path / "d.csv"
-    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    data = write_sentiment_csv(tmp_path / "d.csv")
     job = tmp_path / "job"
 
     def start_workers():

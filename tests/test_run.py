@@ -115,11 +115,9 @@ def test_kill_minus_9_then_the_same_command_resumes(tmp_path):
 
     from test_cli import ROOT
 
-    rng = np.random.RandomState(0)
-    rows = [(" ".join(rng.choice(["good", "fine", "great"] if y else ["bad", "poor", "dull"], 4)), y)
-            for y in [0, 1] * 250]
-    path = tmp_path / "d.csv"
-    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    from conftest import write_sentiment_csv
+
+    path = write_sentiment_csv(tmp_path / "d.csv")
     model_dir = tmp_path / "run"
     command = [sys.executable, os.path.join(ROOT, "main.py"), f"--source=csv:{path}", "--backbone=lstm", "--maxlen=8",
                "--num_words=20", "--lstm_units=16", "--epochs=5", "--batch_size=4", "--save_every_steps=10",
