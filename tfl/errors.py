@@ -13,7 +13,7 @@ from tfl.backbones import BackboneError, check_backbone_name
 from tfl.config import Config, ConfigError
 from tfl.data.sources import DataError
 from tfl.export import ExportError
-from tfl.train import NonFiniteLossError, cluster_from_tf_config, is_chief
+from tfl.train import MISSING_TF_CONFIG, NonFiniteLossError, cluster_from_tf_config, is_chief
 from tfl.transfer import TransferError
 
 # Raised for a user mistake; main.py prints the message on one line and exits 2.
@@ -42,9 +42,7 @@ def check_before_run(config: Config) -> None:
     check_backbone_name(config.model.backbone)
     check_model_dir(config)
     if config.train.strategy == "multi_worker" and not cluster_from_tf_config():
-        raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable naming the cluster and "
-                          "this task, e.g. {\"cluster\": {\"worker\": [\"host1:2222\", \"host2:2222\"]}, "
-                          "\"task\": {\"type\": \"worker\", \"index\": 0}}")
+        raise ConfigError(MISSING_TF_CONFIG)
 
 
 def run_checked(config: Config) -> dict:

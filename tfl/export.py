@@ -92,7 +92,7 @@ def export_serving_model(model: keras.Model, backbone: backbones_lib.Backbone, l
     function, signature = serving.endpoint()
     archive.add_endpoint("serving_default", function, input_signature=signature)
     final = next_version_dir(export_root)
-    staging = os.path.join(export_root, f".tmp-{os.path.basename(final)}-{os.getpid()}")
+    staging = storage.temporary_name(final)
     try:
         archive.write_out(staging, verbose=False)
         storage.move_folder(staging, final)

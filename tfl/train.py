@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfl import heads
+from tfl import heads, storage
 from tfl.freezing import LayerwiseAdamW
 
 
@@ -98,9 +98,7 @@ def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strate
         return tf.distribute.TPUStrategy(resolver)
     if strategy == "multi_worker":
         if not cluster_from_tf_config():
-            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable naming the cluster "
-                             "and this worker, e.g. {\"cluster\": {\"worker\": [\"host1:port\", \"host2:port\"]}, "
-                             "\"task\": {\"type\": \"worker\", \"index\": 0}}")
+            raise ValueError(MISSING_TF_CONFIG)
         global _multi_worker_strategy
         # A process can set up its collective ops once: later runs (e.g. --mode=compare) reuse the strategy.
         _multi_worker_strategy = _multi_worker_strategy or tf.distribute.MultiWorkerMirroredStrategy()
@@ -113,19 +111,29 @@ def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strate
     return tf.distribute.get_strategy()
 
 
+MISSING_TF_CONFIG = ("--strategy=multi_worker needs the TF_CONFIG environment variable naming the cluster and "
+                     "this task, e.g. {\"cluster\": {\"worker\": [\"host1:2222\", \"host2:2222\"]}, "
+                     "\"task\": {\"type\": \"worker\", \"index\": 0}}")
+
+
+def _tf_config() -> dict:
+    return json.loads(os.environ.get("TF_CONFIG") or "{}")
+
+
 def cluster_from_tf_config() -> dict:
     """The cluster TF_CONFIG names ({"worker": [...], ...}), or {} outside a multi-worker job."""
-    return json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
+    return _tf_config().get("cluster") or {}
 
 
 def is_chief() -> bool:
     """Whether this process writes the run: the "chief" task, or worker 0 when the cluster has no chief.
     Outside a multi-worker job every process is its own chief. Read from TF_CONFIG, so it can be asked
     before any strategy exists (e.g. before the resolved config is written)."""
-    cluster = cluster_from_tf_config()
+    tf_config = _tf_config()
+    cluster = tf_config.get("cluster")
     if not cluster:
         return True
-    task = json.loads(os.environ["TF_CONFIG"]).get("task") or {}
+    task = tf_config.get("task") or {}
     if "chief" in cluster:
         return task.get("type") == "chief"
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
@@ -273,8 +281,7 @@ def describe_backup(model_dir: str) -> Optional[str]:
     path = os.path.join(model_dir, "backup", "training_metadata.json")
     if not model_dir or not tf.io.gfile.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
-        meta = json.load(f)
+    meta = json.loads(storage.read_bytes(path))
     return f"epoch {meta.get('epoch', 0)}, after batch {meta.get('batch', 0)}"
 
 
@@ -299,10 +306,9 @@ def worker_scratch_dir(model_dir: str) -> str:
     backup = os.path.join(model_dir, "backup")
     if tf.io.gfile.isdir(backup):
         os.makedirs(os.path.join(scratch, "backup"))
-        for name in tf.io.gfile.listdir(backup):
-            source = os.path.join(backup, name)
-            if not tf.io.gfile.isdir(source):
-                tf.io.gfile.copy(source, os.path.join(scratch, "backup", name))
+        for name in storage.list_folder(backup):
+            if storage.is_file(os.path.join(backup, name)):
+                tf.io.gfile.copy(os.path.join(backup, name), os.path.join(scratch, "backup", name))
     return scratch
 
 
