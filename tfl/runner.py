@@ -22,9 +22,9 @@ from tfl import data as data_lib
 from tfl import export as export_lib
 from tfl import freezing as freeze_lib
 from tfl import heads, train
-from tfl.storage import write_json_atomically
 from tfl import transfer as transfer_lib
 from tfl.config import Config
+from tfl.storage import write_json_atomically
 
 
 def save_model_atomically(model: keras.Model, path: str) -> None:
