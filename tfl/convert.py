@@ -15,6 +15,7 @@ import collections
 import json
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 
@@ -66,7 +67,11 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def read_legacy_torch_state_dict(path: str) -> dict:
-    """name -> numpy array from a legacy-format ``.pth`` state dict, without torch."""
+    """name -> numpy array from a legacy-format ``.pth`` state dict, without torch.
+
+    Every tensor's offset, size and stride are checked against its storage before a view is made:
+    numpy's as_strided reads whatever memory the strides point at, so a crafted file could otherwise
+    read past the end of the storage."""
     with open(path, "rb") as f:
         magic = _PlainUnpickler(f).load()
         if magic != 0x1950A86A20F9469CFC6C:
@@ -74,20 +79,63 @@ def read_legacy_torch_state_dict(path: str) -> dict:
         _PlainUnpickler(f).load()  # protocol version
         _PlainUnpickler(f).load()  # system info
         state = _StateDictUnpickler(f).load()
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        for name, ref in state.items():
+            if not isinstance(ref, _TensorRef):
+                raise ValueError(f"{path}: entry '{name}' is a {type(ref).__name__}, not a tensor")
         keys = _PlainUnpickler(f).load()
         storages = {}
-        dtypes = {ref.storage.key: ref.storage.dtype for ref in state.values() if isinstance(ref, _TensorRef)}
+        dtypes = {ref.storage.key: ref.storage.dtype for ref in state.values()}
         for key in keys:
-            (count,) = struct.unpack("<q", f.read(8))
+            header = f.read(8)
+            count = struct.unpack("<q", header)[0] if len(header) == 8 else -1
             dtype = np.dtype(dtypes.get(key, np.float32))
+            # Checked against what is left of the file before reading: a crafted count must not make
+            # read() allocate a huge buffer.
+            left = os.fstat(f.fileno()).st_size - f.tell()
+            if not 0 <= count * dtype.itemsize <= left:
+                raise ValueError(f"{path}: storage '{key}' claims {count} elements but the file holds "
+                                 f"{left} more bytes; the file is corrupt or truncated")
             storages[key] = np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype)
     arrays = {}
     for name, ref in state.items():
+        if ref.storage.key not in storages:
+            raise ValueError(f"{path}: tensor '{name}' names storage '{ref.storage.key}', which the file does not hold")
         data = storages[ref.storage.key]
+        _check_view(path, name, ref, len(data))
         itemsize = data.dtype.itemsize
         arrays[name] = np.lib.stride_tricks.as_strided(
             data[ref.offset:], shape=ref.size, strides=tuple(s * itemsize for s in ref.stride)).copy()
     return arrays
+
+
+def _check_view(path: str, name: str, ref: _TensorRef, count: int) -> None:
+    """Refuses a tensor whose offset, size or stride reach outside its storage of ``count`` elements."""
+    numbers = (ref.offset,) + ref.size + ref.stride
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+        raise ValueError(f"{path}: tensor '{name}' has a negative or non-integer offset, size or stride "
+                         f"(offset {ref.offset!r}, size {ref.size!r}, stride {ref.stride!r}); the file is corrupt")
+    if len(ref.size) != len(ref.stride):
+        raise ValueError(f"{path}: tensor '{name}' has {len(ref.size)} sizes but {len(ref.stride)} strides; "
+                         "the file is corrupt")
+    elements = 1
+    for n in ref.size:
+        elements *= n  # Python ints: no overflow, unlike numpy's shape arithmetic
+    if elements == 0:
+        if ref.offset > count:
+            raise ValueError(f"{path}: tensor '{name}' starts at element {ref.offset} of a storage of {count}; "
+                             "the file is corrupt")
+        return
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+    if last >= count:
+        raise ValueError(f"{path}: tensor '{name}' (offset {ref.offset}, size {ref.size}, stride {ref.stride}) "
+                         f"reaches element {last} of a storage of {count}; the file is corrupt")
+    # Overlapping strides (0 among them) could make a huge array from a tiny storage; a state dict's
+    # tensors never overlap.
+    if elements > count:
+        raise ValueError(f"{path}: tensor '{name}' has {elements} elements but its storage only {count} "
+                         "(an overlapping view); the file is corrupt")
 
 
 _STAGE_SIZES = [1, 2, 2, 3, 3, 4, 1]
@@ -131,12 +179,15 @@ def convert_efficientnet_lite0(pth_path: str, out_dir: str) -> str:
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".efficientnet-", dir=parent)
-    save_file(tensors, os.path.join(staging, "model.safetensors"))
-    with open(os.path.join(staging, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if os.path.isdir(out_dir):
-        return out_dir  # another process finished first
-    os.replace(staging, out_dir)
+    try:
+        save_file(tensors, os.path.join(staging, "model.safetensors"))
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if not os.path.isdir(out_dir):  # else another process finished first
+            os.replace(staging, out_dir)
+    finally:
+        # Gone after a rename; after a failure or a lost race, no half-written folder is left behind.
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

@@ -51,13 +51,15 @@ def build_model(backbone: backbones_lib.Backbone, label_names: list, *, task: st
 
 
 def cache_features(backbone: backbones_lib.Backbone, dataset: tf.data.Dataset) -> tuple:
-    """(features, labels) of a batched dataset through the frozen backbone, computed once."""
-    extract = tf.function(lambda x: backbone.model(x, training=False))
-    features, labels = [], []
+    """(features, labels, token lengths or None) of a batched dataset through the frozen backbone, computed once."""
+    extract = tf.function(lambda x: backbone.model(x, training=False), reduce_retracing=True)
+    features, labels, lengths = [], [], []
     for x, y in dataset:
         features.append(np.asarray(tf.cast(extract(x), tf.float32)))
         labels.append(y.numpy())
-    return np.concatenate(features), np.concatenate(labels)
+        if isinstance(x, dict) and "padding_mask" in x:
+            lengths.append(tf.reduce_sum(tf.cast(x["padding_mask"], tf.int32), axis=1).numpy())
+    return np.concatenate(features), np.concatenate(labels), (np.concatenate(lengths) if lengths else None)
 
 
 def load_data_for(config: Config) -> data_lib.DataSplits:
@@ -142,6 +144,27 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
     return (*datasets, bucketing)
 
 
+def examples_trained(train_size: int, epochs: int, steps_per_epoch: int, batch_size: int, *,
+                     capped: bool = False, drop_remainder: bool = False) -> int:
+    """Examples that went through training steps: whole passes over the training split, or, with
+    --max_steps_per_epoch, full batches (an upper bound: a capped epoch may end a pass with a partial batch)."""
+    if capped:
+        return epochs * steps_per_epoch * batch_size
+    per_epoch = (train_size // batch_size) * batch_size if drop_remainder else train_size
+    return epochs * per_epoch
+
+
+def batch_count(dataset: tf.data.Dataset) -> int:
+    """Batches per pass of a batched dataset; training never guesses an epoch's length."""
+    count = int(dataset.cardinality())
+    if count < 0:
+        raise ValueError("The training data's size is unknown, so the learning-rate schedule cannot be sized; "
+                         "build batches with tfl.make_batches from a dataset of known size")
+    if count == 0:
+        raise data_lib.DataError("The training split gives no full batch; use a smaller --batch_size or more data")
+    return count
+
+
 def run(config: Config, verbose: int = 1) -> dict:
     """Trains, evaluates and exports as ``config`` says; writes everything under ``config.model_dir``.
 
@@ -198,9 +221,8 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     train_ds, fit_val_ds, val_ds, test_ds, bucketing = batches_for(config, splits, backbone, strategy)
 
     t = config.train
-    train_size = splits.sizes.get("train") or int(train_ds.cardinality()) * config.data.batch_size
-    # Buckets add up to one partial batch each to an epoch.
-    steps_per_epoch = max(1, math.ceil(train_size / config.data.batch_size)) + (bucketing or {}).get("shapes", 0)
+    # The batches the training pipeline really yields (make_batches counts them exactly, buckets included).
+    steps_per_epoch = batch_count(train_ds)
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
         train_ds = train_ds.repeat()
@@ -224,14 +246,15 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         in_order = data_lib.make_batches(splits.train, batch_size=256, preprocess=backbone.preprocess,
                                          modality=splits.modality, cache=False,
                                          decode_image=image_file_decoder(splits, backbone))
-        train_x, train_y = cache_features(backbone, in_order)
-        val_x, val_y = cache_features(backbone, val_ds)
+        train_x, train_y, train_lengths = cache_features(backbone, in_order)
+        val_x, val_y, _ = cache_features(backbone, val_ds)
         fit_model = heads.head_only_model(model, train_x.shape[1])
-        # The same pipeline shape as the uncached text path, so batches come in the same shuffled order.
-        fit_train = data_lib.make_batches(tf.data.Dataset.from_tensor_slices((train_x, train_y)), training=True,
-                                          batch_size=config.data.batch_size, seed=config.seed,
-                                          shuffle_buffer=config.data.shuffle_buffer, modality=data_lib.TEXT,
-                                          drop_remainder=kind == "tpu")
+        # The same shuffle and buckets as the uncached path, so the head sees the same batches.
+        fit_train = data_lib.make_feature_batches(
+            train_x, train_y, batch_size=config.data.batch_size, seed=config.seed,
+            shuffle_buffer=config.data.shuffle_buffer, lengths=train_lengths,
+            bucket_boundaries=bucketing["boundaries"] if bucketing else None, drop_remainder=kind == "tpu")
+        assert batch_count(fit_train) == steps_per_epoch  # the schedule was sized from the uncached pipeline
         fit_val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.data.batch_size,
                                                                            drop_remainder=kind == "tpu")
         feature_cache = {"examples": int(len(train_x)), "dim": int(train_x.shape[1]),
@@ -253,7 +276,9 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         if work_dir != config.model_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
     fit_seconds = time.perf_counter() - fit_started
-    epochs_run = len(history.get("loss", [])) or 1
+    epochs_run = len(history.get("loss", []))
+    examples_seen = examples_trained(splits.sizes["train"], epochs_run, steps_per_epoch, config.data.batch_size,
+                                     capped=bool(t.max_steps_per_epoch), drop_remainder=kind == "tpu")
 
     validation = train.evaluate(model, val_ds, task=config.model.task, num_labels=num_labels)
     test = train.evaluate(model, test_ds, task=config.model.task, num_labels=num_labels)
@@ -263,12 +288,15 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "total_params": int(model.count_params()),
         "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names,
-                 "label_counts": splits.label_counts},
+                 "label_counts": splits.label_counts, "skipped": splits.skipped},
         "transfer_mapping": mapping, "feature_cache": feature_cache, "bucketing": bucketing,
         "precision": precision, "jit_compile": jit_compile, "device": kind, "steps_per_execution": steps_per_execution,
         "replicas": strategy.num_replicas_in_sync,
         "train_seconds": round(fit_seconds, 2),
-        "train_examples_per_second": round(epochs_run * steps_per_epoch * config.data.batch_size / fit_seconds, 2),
+        "steps_per_epoch": steps_per_epoch, "epochs_run": epochs_run,
+        "optimizer_steps": int(fit_model.optimizer.iterations.numpy()),
+        "train_examples_seen": examples_seen,
+        "train_examples_per_second": round(examples_seen / fit_seconds, 2) if fit_seconds > 0 else 0.0,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
                      "keras_hub": _version("keras_hub")},
         "config": config.to_dict(),

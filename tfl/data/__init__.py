@@ -16,9 +16,11 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from tfl.data.bucketing import bucket_batches, choose_boundaries, padding_fraction, token_lengths
+from tfl.data.bucketing import (bucket_batch_count, bucket_batches, choose_boundaries, group_by_length,
+                                padding_fraction, token_lengths)
 from tfl.data.sources import (IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS, DataError, Examples, SourceData,
                               load_source)
+from tfl.data.tfds_source import load_tfds
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -35,8 +37,9 @@ class DataSplits:
     test: tf.data.Dataset
     label_names: list
     modality: str
-    sizes: dict  # split -> number of examples (None where tfds cannot say cheaply)
+    sizes: dict  # split -> exact number of examples, after every filter
     label_counts: dict = dataclasses.field(default_factory=dict)  # split -> {label name: count}
+    skipped: dict = dataclasses.field(default_factory=dict)  # what the source skipped -> count (unreadable files, ...)
 
 
 def stratified_split(labels: np.ndarray, fractions: tuple, seed: int) -> list:
@@ -114,10 +117,13 @@ def load_data(source: str, *, seed: int = 0, task: str = "classification", text_
     so runs at different fractions are scored on the same examples).
     """
     if source.startswith("tfds:"):
-        return _load_tfds(source[len("tfds:"):], train_split, validation_split, test_split,
-                          validation_fraction, max_examples, data_dir, text_column, label_column)
-    data = _keep_classes(load_source(source, text_column=text_column, label_column=label_column, task=task,
-                                     num_words=num_words, maxlen=maxlen), classes)
+        raw = load_tfds(source[len("tfds:"):], train_split=train_split, validation_split=validation_split,
+                        test_split=test_split, text_column=text_column, label_column=label_column,
+                        data_dir=data_dir)
+    else:
+        raw = load_source(source, text_column=text_column, label_column=label_column, task=task,
+                          num_words=num_words, maxlen=maxlen)
+    data = _keep_classes(raw, classes)
     if data.pool is not None:
         pool = _cap(data.pool, max_examples, seed)
         train_fraction = 1.0 - validation_fraction - test_fraction
@@ -125,6 +131,9 @@ def load_data(source: str, *, seed: int = 0, task: str = "classification", text_
         split = dict(zip(("train", "validation", "test"), (pool.subset(p) for p in parts)))
     else:
         split = {k: _cap(v, max_examples, seed) for k, v in data.splits.items()}
+        if "test" not in split:
+            keep, held_out = stratified_split(split["train"].labels, (1.0 - test_fraction, test_fraction), seed)
+            split["train"], split["test"] = split["train"].subset(keep), split["train"].subset(held_out)
         if "validation" not in split:
             share = validation_fraction / (1.0 - test_fraction)
             train_index, val_index = stratified_split(split["train"].labels, (1.0 - share, share), seed)
@@ -141,8 +150,9 @@ def load_data(source: str, *, seed: int = 0, task: str = "classification", text_
         validation=_to_dataset(split["validation"], data.modality),
         test=_to_dataset(split["test"], data.modality),
         label_names=list(data.label_names), modality=data.modality,
-        sizes={k: len(v) for k, v in split.items()},
-        label_counts={k: _counts(v, data.label_names) for k, v in split.items()})
+        sizes={k: len(split[k]) for k in ("train", "validation", "test")},
+        label_counts={k: _counts(v, data.label_names) for k, v in split.items()},
+        skipped=dict(getattr(raw, "skipped", None) or {}))
 
 
 def _check_classification_labels(split: dict, label_names: list) -> None:
@@ -158,35 +168,6 @@ def _check_classification_labels(split: dict, label_names: list) -> None:
                             "or drop them (--classes)")
 
 
-def _load_tfds(name: str, train_split: str, validation_split: str, test_split: str, validation_fraction: float,
-               max_examples: int, data_dir: Optional[str], text_column: str, label_column: str) -> DataSplits:
-    import tensorflow_datasets as tfds
-
-    if not validation_split:
-        # Deterministic tfds slicing; tfds splits are already shuffled at preparation time.
-        percent = int(round(100 * (1.0 - validation_fraction)))
-        validation_split = f"{train_split}[{percent}%:]"
-        train_split = f"{train_split}[:{percent}%]"
-    try:
-        datasets, info = tfds.load(name, split=[train_split, validation_split, test_split], with_info=True,
-                                   data_dir=data_dir)
-    except Exception as e:  # tfds raises many types for a bad name/split or no network
-        raise DataError(f"Could not load tfds:{name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "check the name and split flags, and that the data set is downloaded")
-    # The data set's own (input, label) keys where it declares them (cifar10); else the column flags (glue).
-    feature_key, label_key = info.supervised_keys or (text_column, label_column)
-    for key, flag in [(feature_key, "--text_column"), (label_key, "--label_column")]:
-        if key not in info.features:
-            raise DataError(f"tfds:{name} has no feature '{key}'; set {flag} to one of {sorted(info.features)}")
-    label_names = list(getattr(info.features[label_key], "names", None) or ["value"])
-    modality = IMAGE if "Image" in type(info.features[feature_key]).__name__ else TEXT
-    as_pairs = lambda example: (example[feature_key], example[label_key])  # noqa: E731
-    train, validation, test = (d.map(as_pairs) for d in datasets)
-    if max_examples:
-        train, validation, test = (d.take(max_examples) for d in (train, validation, test))
-    return DataSplits(train, validation, test, label_names, modality, sizes={})
-
-
 def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optional[Callable] = None,
                  training: bool = False, seed: int = 0, shuffle_buffer: int = 10000, cache: bool = True,
                  modality: str = TEXT, decode_image: Optional[Callable] = None,
@@ -199,25 +180,56 @@ def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optio
     ``decode_image`` maps one image path to a decoded image (image-file sources).
     ``bucket_boundaries`` (tokenized text with a padding mask): batch examples of similar length and
     pad each batch only to its bucket's boundary (see tfl.data.bucketing).
+
+    The result knows its exact number of batches (``cardinality()``), so an epoch is never of unknown
+    length and a learning-rate schedule can be sized from it; the input must have a known size.
     """
+    size = int(dataset.cardinality())
+    if size < 0:
+        raise DataError("make_batches needs a dataset of known size (e.g. from_tensor_slices, or "
+                        "dataset.apply(tf.data.experimental.assert_cardinality(n)))")
     with_model_inputs = lambda x, y: (preprocess(x), y) if preprocess else (x, y)  # noqa: E731
     if modality in (TEXT, TOKEN_IDS):
+        # Batched preprocessing is much faster than per example; unbatch loses the size, so restate it.
         dataset = dataset.batch(256).map(with_model_inputs, num_parallel_calls=AUTOTUNE).unbatch()
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(size))
         if cache:
             dataset = dataset.cache()
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         if bucket_boundaries:
-            return bucket_batches(dataset, bucket_boundaries, batch_size, drop_remainder).prefetch(AUTOTUNE)
+            batches = bucket_batch_count(token_lengths(dataset.batch(1024).map(lambda x, y: x)), bucket_boundaries,
+                                         batch_size, drop_remainder)
+            dataset = bucket_batches(dataset, bucket_boundaries, batch_size, drop_remainder)
+            return dataset.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(AUTOTUNE)
         return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
     if modality == IMAGE_FILE:
         if decode_image is None:
             raise ValueError("image-file datasets need decode_image")
+        # The source decoded every file once when it loaded them (unreadable ones are skipped and
+        # counted there), so no file fails here and the size stays exact.
         dataset = dataset.map(lambda path, y: (decode_image(path), y), num_parallel_calls=AUTOTUNE)
-        dataset = dataset.ignore_errors(log_warning=True)  # a corrupt file is skipped, with a warning
     if cache:
         dataset = dataset.cache()
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.map(with_model_inputs, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def make_feature_batches(features: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int = 0,
+                         shuffle_buffer: int = 10000, lengths: Optional[np.ndarray] = None,
+                         bucket_boundaries: Optional[list] = None, drop_remainder: bool = False) -> tf.data.Dataset:
+    """Training batches of cached backbone features, in the order ``make_batches`` gives the raw examples
+    they came from: the same shuffle and, with ``bucket_boundaries``, the same length buckets (``lengths``:
+    each example's token count), so a probe on cached features sees exactly the batches it would see uncached.
+    """
+    if not bucket_boundaries:
+        return make_batches(tf.data.Dataset.from_tensor_slices((features, labels)), batch_size=batch_size,
+                            training=True, seed=seed, shuffle_buffer=shuffle_buffer, drop_remainder=drop_remainder)
+    dataset = tf.data.Dataset.from_tensor_slices(((features, lengths), labels)).cache()
+    dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    batches = group_by_length(dataset, bucket_boundaries, batch_size, drop_remainder, lambda x, _y: x[1])
+    count = bucket_batch_count(lengths, bucket_boundaries, batch_size, drop_remainder)
+    return (batches.map(lambda x, y: (x[0], y)).apply(tf.data.experimental.assert_cardinality(count))
+            .prefetch(AUTOTUNE))

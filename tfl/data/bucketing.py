@@ -60,22 +60,40 @@ def padding_fraction(lengths: np.ndarray, boundaries: list) -> float:
     return float(1.0 - lengths.sum() / padded.sum())
 
 
+def bucket_batch_count(lengths: np.ndarray, boundaries: list, batch_size: int, drop_remainder: bool = False) -> int:
+    """Exactly how many batches ``bucket_batches`` yields for examples of these lengths: each bucket
+    ends with its own partial batch (or drops it)."""
+    bucket = np.searchsorted(boundaries, np.asarray(lengths, np.int64), side="left")
+    counts = np.bincount(bucket, minlength=len(boundaries))
+    per_bucket = counts // batch_size if drop_remainder else -(-counts // batch_size)
+    return int(per_bucket.sum())
+
+
+def group_by_length(dataset: tf.data.Dataset, boundaries: list, batch_size: int, drop_remainder: bool,
+                    length_of) -> tf.data.Dataset:
+    """Batches unbatched elements by the bucket their length falls in (``length_of(*element)``)."""
+    bounds = tf.constant(boundaries, tf.int32)
+
+    def bucket_of(*element):
+        length = tf.cast(length_of(*element), tf.int32)
+        return tf.cast(tf.searchsorted(bounds, tf.reshape(length, [1]), side="left")[0], tf.int64)
+
+    return dataset.group_by_window(
+        key_func=bucket_of, reduce_func=lambda _key, window: window.batch(batch_size, drop_remainder=drop_remainder),
+        window_size=batch_size)
+
+
 def bucket_batches(dataset: tf.data.Dataset, boundaries: list, batch_size: int,
                    drop_remainder: bool = False) -> tf.data.Dataset:
     """Groups unbatched (inputs, label) examples by bucket, batches them, and trims the padding to the
     bucket's boundary. Inputs are dicts of equally padded tensors with a ``padding_mask``."""
     bounds = tf.constant(boundaries, tf.int32)
 
-    def bucket_of(inputs, _label):
-        length = tf.reduce_sum(tf.cast(inputs["padding_mask"], tf.int32))
-        return tf.cast(tf.searchsorted(bounds, tf.reshape(length, [1]), side="left")[0], tf.int64)
-
     def trim(inputs, label):
         longest = tf.reduce_max(tf.reduce_sum(tf.cast(inputs["padding_mask"], tf.int32), axis=1))
         width = tf.gather(bounds, tf.searchsorted(bounds, tf.reshape(longest, [1]), side="left")[0])
         return {key: value[:, :width] for key, value in inputs.items()}, label
 
-    grouped = dataset.group_by_window(
-        key_func=bucket_of, reduce_func=lambda _key, window: window.batch(batch_size, drop_remainder=drop_remainder),
-        window_size=batch_size)
+    grouped = group_by_length(dataset, boundaries, batch_size, drop_remainder,
+                              lambda inputs, _label: tf.reduce_sum(tf.cast(inputs["padding_mask"], tf.int32)))
     return grouped.map(trim, num_parallel_calls=tf.data.AUTOTUNE)
