@@ -97,7 +97,8 @@ HELP = {
     "model_dir": "Where checkpoints, logs, metrics.json, model.keras and export/<version>/ go.",
     "seed": "Seed for splits, initialisation and shuffling.",
     "export": "Export a SavedModel with a raw-input serving signature.",
-    "overwrite": "Reuse a --model_dir that holds a run with a different config.",
+    "overwrite": "Start over in a --model_dir that holds a tfl run (with a different config): clears it first. "
+                 "Only a folder with tfl's run marker (or an empty one) is cleared; any other folder is refused.",
 }
 
 

@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from tfl import storage
+from tfl import run_dir, storage
 from tfl.assets import AssetError
 from tfl.backbones import BackboneError, check_backbone_name
 from tfl.config import Config, ConfigError
@@ -46,19 +46,24 @@ def check_before_run(config: Config) -> None:
 
 
 def run_checked(config: Config) -> dict:
-    """Writes the resolved config next to the run, then runs it; a run that fails on a user mistake
-    leaves no folder behind."""
+    """Checks that --model_dir can be written, takes its lock, clears it for --overwrite (only a tfl run
+    folder), writes the resolved config next to the run, then runs it; a run that fails on a user
+    mistake leaves no folder behind."""
     from tfl.runner import run
 
     writes = bool(config.model_dir) and is_chief()  # in a multi-worker job only the chief writes the run
-    if writes and config.overwrite and tf.io.gfile.isdir(config.model_dir):
-        # --overwrite starts over: an old run's resume state must not leak into the new one.
-        tf.io.gfile.rmtree(config.model_dir)
-    created = writes and not tf.io.gfile.exists(config.model_dir)
-    if writes:
-        storage.write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
-    try:
+    if not writes:
         return run(config)
+    created = not tf.io.gfile.exists(config.model_dir)
+    try:
+        run_dir.check_writable(config.model_dir)
+        with run_dir.locked(config.model_dir):
+            if config.overwrite:
+                # --overwrite starts over: an old run's resume state must not leak into the new one.
+                run_dir.clear_for_overwrite(config.model_dir)
+            run_dir.mark(config.model_dir)
+            storage.write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
+            return run(config)
     except (ValueError, AssetError) as e:
         if created and tf.io.gfile.exists(config.model_dir):  # a user mistake: leave no half-made run behind
             tf.io.gfile.rmtree(config.model_dir)

@@ -21,7 +21,7 @@ from tfl import backbones as backbones_lib
 from tfl import data as data_lib
 from tfl import export as export_lib
 from tfl import freezing as freeze_lib
-from tfl import heads, train
+from tfl import heads, run_dir, train
 from tfl import transfer as transfer_lib
 from tfl.config import Config
 from tfl.storage import write_json_atomically
@@ -171,6 +171,17 @@ def run(config: Config, verbose: int = 1) -> dict:
     ``mode``: train (default), zero_shot (no training) or compare (see tfl.report).
     """
     config.validate()
+    if not config.model_dir or not train.is_chief():
+        return _run_mode(config, verbose)
+    # The writing process holds the folder's lock (a no-op when main.py took it already) and marks
+    # it as a tfl run, library runs included, so --overwrite can recognise it later.
+    run_dir.check_writable(config.model_dir)
+    with run_dir.locked(config.model_dir):
+        run_dir.mark(config.model_dir)
+        return _run_mode(config, verbose)
+
+
+def _run_mode(config: Config, verbose: int) -> dict:
     if config.mode == "zero_shot":
         return run_zero_shot(config)
     if config.mode == "compare":

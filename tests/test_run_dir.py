@@ -1,0 +1,122 @@
+"""The run folder: --overwrite clears only tfl runs, one live writer at a time, unwritable folders refused early."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import write_sentiment_csv
+from test_cli import ROOT, run_main
+from tfl import run_dir
+from tfl.config import ConfigError
+
+def the_error(result) -> str:
+    """The one `error:` line a user mistake prints (TensorFlow's own start-up lines aside), and no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+QUICK = ["--backbone=lstm", "--maxlen=8", "--num_words=50", "--lstm_units=8", "--epochs=1", "--batch_size=8",
+         "--precision=float32", "--noexport"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_tfl_run(text_csv, tmp_path):
+    home = tmp_path / "home"
+    (home / "photos").mkdir(parents=True)
+    (home / "notes.txt").write_text("precious")
+    (home / "config.json").write_text("{}")  # model folders have one too: not enough to count as a tfl run
+    result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={home}", "--overwrite")
+    assert result.returncode == 2
+    assert "clears only a folder that holds a tfl run" in the_error(result)
+    assert sorted(os.listdir(home)) == ["config.json", "notes.txt", "photos"]
+    assert (home / "notes.txt").read_text() == "precious" and (home / "config.json").read_text() == "{}"
+
+
+def test_overwrite_clears_a_tfl_run_and_library_runs_are_marked(text_csv, tmp_path):
+    import tfl
+    from tfl.config import Config, DataConfig, ModelConfig, TrainConfig
+
+    model_dir = tmp_path / "run"
+    tfl.run(Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=8, maxlen=8, num_words=50),
+                   model=ModelConfig(backbone="lstm", lstm_units=8), train=TrainConfig(epochs=1, precision="float32"),
+                   model_dir=str(model_dir), export=False), verbose=0)
+    assert run_dir.is_tfl_run(str(model_dir)) and (model_dir / "metrics.json").exists()
+    assert not (model_dir / run_dir.LOCK).exists()  # released when the run ended
+    (model_dir / "stale.txt").write_text("from the old run")
+    result = run_main(f"--source=csv:{text_csv}", *QUICK, "--epochs=2", f"--model_dir={model_dir}", "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (model_dir / "stale.txt").exists() and (model_dir / "metrics.json").exists()
+    assert json.loads((model_dir / "config.json").read_text())["train"]["epochs"] == 2
+
+
+
+def test_marker_with_other_content_does_not_count(tmp_path):
+    (tmp_path / run_dir.MARKER).write_text('{"written_by": "someone else"}')
+    (tmp_path / "data.bin").write_text("x")
+    with pytest.raises(ConfigError, match="without tfl's run marker"):
+        run_dir.clear_for_overwrite(str(tmp_path))
+    assert (tmp_path / "data.bin").exists()
+
+
+def test_a_second_run_into_a_live_model_dir_is_refused(tmp_path):
+    path = write_sentiment_csv(tmp_path / "d.csv", rows=2000)
+    model_dir = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "main.py"), f"--source=csv:{path}", "--backbone=lstm", "--maxlen=8",
+               "--num_words=20", "--lstm_units=16", "--epochs=30", "--batch_size=4", "--precision=float32",
+               "--noexport", f"--model_dir={model_dir}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (model_dir / run_dir.LOCK).exists():
+            time.sleep(0.1)
+        assert first.poll() is None and (model_dir / run_dir.LOCK).exists()
+        second = run_main(f"--source=csv:{path}", "--backbone=lstm", "--maxlen=8", "--num_words=20",
+                          "--lstm_units=16", "--epochs=30", "--batch_size=4", "--precision=float32", "--noexport",
+                          f"--model_dir={model_dir}")
+        assert second.returncode == 2
+        assert f"pid {first.pid}" in the_error(second) and socket.gethostname() in the_error(second)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The killed run's lock is left behind; the next run takes it over and says so.
+    assert (model_dir / run_dir.LOCK).exists()
+    lock = run_dir.acquire(str(model_dir))
+    assert lock is not None
+    lock.release()
+    assert not (model_dir / run_dir.LOCK).exists()
+
+
+def test_a_stale_remote_lock_is_taken_over_and_a_fresh_one_is_not(tmp_path, capsys):
+    folder = str(tmp_path)
+    lock_path = tmp_path / run_dir.LOCK
+    lock_path.write_text(json.dumps({"host": "another-host", "pid": 1, "heartbeat": time.time(), "token": "t"}))
+    with pytest.raises(ConfigError, match="another-host"):
+        run_dir.acquire(folder)
+    lock_path.write_text(json.dumps({"host": "another-host", "pid": 1, "heartbeat": time.time() - 3600,
+                                     "token": "t"}))
+    lock = run_dir.acquire(folder)
+    assert "heartbeat is 3600 s old" in capsys.readouterr().err
+    assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    assert run_dir.acquire(folder) is None  # the holder asking again: no second lock
+    lock.release()
+
+
+def test_unwritable_model_dir_is_one_line_before_any_work(text_csv, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={blocker}/run")
+    assert result.returncode == 2 and "cannot be created or written" in the_error(result)
+    result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={blocker}")
+    assert result.returncode == 2 and "is a file" in the_error(result)
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={locked}/run")
+        assert result.returncode == 2 and "cannot be created or written" in result.stderr
