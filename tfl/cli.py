@@ -27,12 +27,16 @@ HELP = {
               "jsonl:<path>, images:<dir with one sub-folder per class>.",
     "text_column": "csv/jsonl: column with the text (or image path).",
     "label_column": "csv/jsonl: column with the label ('a|b' lists for multilabel).",
-    "train_split": "tfds: training split (slicing allowed, e.g. train[:80%]).",
-    "validation_split": "tfds: validation split; empty = the last --validation_fraction of the train split.",
+    "train_split": "tfds: training split (slicing allowed, e.g. train[:80%]). tfds splits are read into memory, "
+                   "so --max_examples, --classes, --label_fraction and --seed act on them as on any source; slice "
+                   "large data sets here.",
+    "validation_split": "tfds: validation split; empty = a stratified --validation_fraction carved from the train "
+                        "split (from --seed).",
     "test_split": "tfds: test split.",
     "validation_fraction": "Share of the pool (or of train) held out for validation where a source has no split.",
     "test_fraction": "Share of the pool held out for testing where a source has no test split.",
-    "max_examples": "Cap on examples for quick runs (the pool before splitting, or each given split); 0 = all.",
+    "max_examples": "Cap on examples for quick runs (the pool before splitting, or each given split), drawn "
+                    "stratified by label from --seed; 0 = all.",
     "classes": "Keep only these label ids, renumbered 0..k-1 (e.g. 0,1,2,3,4).",
     "num_words": "keras:imdb/reuters and lstm: vocabulary size.",
     "maxlen": "keras:imdb/reuters and lstm: tokens per example.",
@@ -75,7 +79,8 @@ HELP = {
     "early_stopping_patience": "Stop after this many epochs without a better validation loss; 0 = off.",
     "steps_per_execution": "Training steps run per tf.function call.",
     "max_steps_per_epoch": "Cap on steps per epoch (quick runs); 0 = a full pass.",
-    "label_fraction": "Keep this stratified share of the training split (1 = all).",
+    "label_fraction": "Keep this share of the training split (1 = all), stratified by class and drawn from --seed; "
+                      "multilabel and regression labels are drawn without stratification.",
     "transfer": "structure (the source model's architecture, fresh weights) or parameter (also its weights and "
                 "vocabulary; the head is re-initialised). Needs --source_model.",
     "transfer_vocabulary": "Parameter transfer of a text model: target (a vocabulary fitted on the new task; "

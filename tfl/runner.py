@@ -299,7 +299,7 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
         "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "total_params": int(model.count_params()),
         "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names,
-                 "label_counts": splits.label_counts, "skipped": splits.skipped},
+                 "label_counts": splits.label_counts, "skipped": splits.skipped, "modality": splits.modality},
         "transfer_mapping": mapping, "feature_cache": feature_cache, "bucketing": bucketing,
         "precision": precision, "jit_compile": jit_compile, "device": kind, "steps_per_execution": steps_per_execution,
         "replicas": strategy.num_replicas_in_sync,

@@ -42,10 +42,12 @@ class DataSplits:
     skipped: dict = dataclasses.field(default_factory=dict)  # what the source skipped -> count (unreadable files, ...)
 
 
-def stratified_split(labels: np.ndarray, fractions: tuple, seed: int) -> list:
+def stratified_split(labels: np.ndarray, fractions: tuple, seed: int, first_has_every_class: bool = False) -> list:
     """Index arrays, one per fraction (summing to <= 1; the rest goes to the last), stratified by label.
 
     Deterministic for a seed. Multi-hot or float labels are split without stratification.
+    ``first_has_every_class``: the first part gets at least one example of each class (a 1% label
+    share of a rare class would otherwise round to none).
     """
     rng = np.random.RandomState(seed)
     groups = [np.arange(len(labels))]
@@ -57,6 +59,8 @@ def stratified_split(labels: np.ndarray, fractions: tuple, seed: int) -> list:
         start = 0
         for i, fraction in enumerate(fractions):
             end = len(group) if i == len(fractions) - 1 else start + int(round(fraction * len(group)))
+            if i == 0 and first_has_every_class and len(groups) > 1:
+                end = max(end, min(1, len(group)))
             parts[i].append(group[start:end])
             start = end
     return [np.sort(np.concatenate(p)) for p in parts]
@@ -139,10 +143,15 @@ def load_data(source: str, *, seed: int = 0, task: str = "classification", text_
             train_index, val_index = stratified_split(split["train"].labels, (1.0 - share, share), seed)
             split["train"], split["validation"] = split["train"].subset(train_index), split["train"].subset(val_index)
     if label_fraction < 1.0:
-        keep, _ = stratified_split(split["train"].labels, (label_fraction, 1.0 - label_fraction), seed)
+        keep, _ = stratified_split(split["train"].labels, (label_fraction, 1.0 - label_fraction), seed,
+                                   first_has_every_class=True)
         if len(keep) == 0:
             raise DataError(f"--label_fraction={label_fraction} leaves no training examples; use a larger share")
         split["train"] = split["train"].subset(keep)
+    for name in ("validation", "test"):
+        if len(split[name]) == 0:
+            raise DataError(f"The {name} split of {source} is empty (each class's share rounds to 0 examples); "
+                            "raise --max_examples or --validation_fraction/--test_fraction")
     if task == "classification":
         _check_classification_labels(split, data.label_names)
     return DataSplits(
