@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install assets test test-tf220 demo clean
+.PHONY: install assets test test-tf220 demo docs-demo clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ test-tf220: $(VENV_TF220)/.installed assets
 
 demo: assets
 	$(PY) -m tfl.demo
+
+# The demo again, copying its reports into the committed docs/demo/ (demo alone writes only runs/).
+docs-demo: assets
+	$(PY) -m tfl.demo --refresh-docs
 
 clean:
 	rm -rf $(VENV) $(VENV_TF220) runs

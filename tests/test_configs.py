@@ -87,13 +87,13 @@ def write_keras_stand_ins(folder: str) -> dict:
 
 
 def cifar_stand_in(classes: int):
+    """keras.datasets.cifar10/100's arrays (32x32x3 uint8, (n, 1) labels): 10 train and 3 test images a class."""
     rng = np.random.RandomState(classes)
 
     def load_data(*args, **kwargs):
-        images = lambda n: rng.randint(0, 256, (n, 32, 32, 3), np.uint8)  # noqa: E731
-        labels = lambda n: (np.arange(n) % classes).reshape(-1, 1).astype(np.uint8)  # noqa: E731
-        return (images(12 * classes if classes > 10 else 200), labels(12 * classes if classes > 10 else 200)), \
-            (images(3 * classes if classes > 10 else 50), labels(3 * classes if classes > 10 else 50))
+        split = lambda per_class: (rng.randint(0, 256, (per_class * classes, 32, 32, 3), np.uint8),  # noqa: E731
+                                   (np.arange(per_class * classes) % classes).reshape(-1, 1).astype(np.uint8))
+        return split(10), split(3)
 
     return load_data
 
@@ -111,7 +111,7 @@ def internet_stand_ins(config, monkeypatch, tmp_path):
     if config.data.source.startswith("tfds:"):
         import tensorflow_datasets as tfds
 
-        with tfds.testing.mock_data(num_examples=200):
+        with tfds.testing.mock_data(num_examples=100):
             yield
     else:
         yield
@@ -136,10 +136,10 @@ def rehearse(name: str, tmp_root, monkeypatch, presets: dict, done: dict) -> dic
     args = [a.replace("runs/", f"{tmp_root}/runs/", 1) if a.startswith(("--model_dir=", "--source_model=")) else a
             for a in documented_command(name)]
     config = parse(args)
-    epochs = min(config.train.epochs, 2)
+    epochs = 2 if config.freeze.unfreeze_every_epochs else 1  # a second epoch only where a schedule needs it
     args += QUICK + [f"--epochs={epochs}"] + stand_in_args(config, presets)
     if not config.data.source.startswith("keras:"):  # the keras.datasets stand-ins are small already
-        args.append("--max_examples=400")
+        args.append("--max_examples=160")
     config = parse(args)
     monkeypatch.chdir(ROOT)  # flagfiles name each other relative to the repository root
     with internet_stand_ins(config, monkeypatch, tmp_root):
@@ -217,9 +217,9 @@ def test_the_notebooks_library_cell_runs_with_the_default_strategy(tmp_path, hub
     config = dataclasses.replace(
         config, model_dir=str(tmp_path / "run"),
         model=dataclasses.replace(config.model, backbone=hub_stand_ins["tiny_bert"]),
-        data=dataclasses.replace(config.data, max_examples=200),
+        data=dataclasses.replace(config.data, max_examples=100),
         train=dataclasses.replace(config.train, strategy="default", tpu="", max_steps_per_epoch=2))
-    with tfds.testing.mock_data(num_examples=200):
+    with tfds.testing.mock_data(num_examples=100):
         namespace.update(config=config)
         exec("metrics = tfl.run(config)\nresult = (metrics['test'], metrics['replicas'], metrics['precision'])",
              namespace)

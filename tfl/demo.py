@@ -4,9 +4,10 @@
 2. MiniLM on Rotten Tomatoes: zero-shot vs. linear probe vs. fine-tune (configs/demo_minilm_rt.flags).
 3. LSTM transfer: trains the seed IMDB LSTM on Rotten Tomatoes (configs/rt_lstm.flags), then compares
    scratch vs. parameter transfer on SpamAssassin at 5% and 20% labels, 3 seeds (configs/rt_to_spam.flags).
-Reports go to runs/demo/*/report.md and are copied to docs/demo/ with their plots.
+Reports go to runs/demo/*/report.md; ``--refresh-docs`` also copies them, with their plots, to the
+committed docs/demo/ (``make docs-demo``), so a plain ``make demo`` leaves a clone's tracked files alone.
 
-    python -m tfl.demo [--quick]      # --quick: tiny caps, for a smoke test
+    python -m tfl.demo [--quick] [--refresh-docs]     # --quick: tiny caps, for a smoke test
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def summarise_data() -> None:
 def main(argv: list) -> int:
     os.chdir(ROOT)
     quick = "--quick" in argv
+    refresh_docs = "--refresh-docs" in argv and not quick
+    unknown = [a for a in argv if a not in ("--quick", "--refresh-docs")]
+    if unknown:
+        print(f"error: unknown argument {unknown[0]}; expected --quick and/or --refresh-docs", file=sys.stderr)
+        return 2
     caps = {"max_examples": 400, "seeds": 1} if quick else {}
     started = time.time()
     summarise_data()
@@ -61,14 +67,14 @@ def main(argv: list) -> int:
         print(f"demo: === {name} ({time.time() - started:.0f} s so far) ===")
         shutil.rmtree(config.model_dir, ignore_errors=True)
         run(config, verbose=2)
-        if config.mode == "compare" and not quick:
+        if config.mode == "compare" and refresh_docs:
             docs = os.path.join(ROOT, "docs", "demo", name)
             os.makedirs(docs, exist_ok=True)
             for file in os.listdir(config.model_dir):
                 if file.endswith((".md", ".png", ".json")) and file != "config.json":
                     shutil.copy(os.path.join(config.model_dir, file), docs)
     print(f"demo: done in {time.time() - started:.0f} s; reports in runs/demo/*/report.md"
-          + ("" if quick else " and docs/demo/"))
+          + (" and docs/demo/" if refresh_docs else ""))
     return 0
 
 
