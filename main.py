@@ -27,6 +27,10 @@ def main(argv):
         metrics = errors.run_checked(config)
     except errors.USER_ERRORS + errors.TRAINING_ERRORS as e:
         return fail(str(e).splitlines()[0])
+    if config.mode == "predict":  # stdout may be the predictions CSV: keep it clean
+        print(f"tfl: {metrics['predictions']} predictions" + (f" in {config.predict.output}"
+                                                               if config.predict.output else ""), file=sys.stderr)
+        return 0
     print(f"tfl: done; metrics in {os.path.join(config.model_dir, 'metrics.json')}" if config.model_dir
           else "tfl: done")
     return 0 if metrics else 1

@@ -21,11 +21,11 @@ _EXPORTS = {
     "AssetError": "tfl.assets", "asset_path": "tfl.assets", "fetch": "tfl.assets",
     "Backbone": "tfl.backbones", "BackboneError": "tfl.backbones", "build_backbone": "tfl.backbones",
     "Config": "tfl.config", "ConfigError": "tfl.config", "DataConfig": "tfl.config", "ModelConfig": "tfl.config",
-    "FreezeConfig": "tfl.config", "TrainConfig": "tfl.config",
+    "FreezeConfig": "tfl.config", "TrainConfig": "tfl.config", "PredictConfig": "tfl.config",
     "DataError": "tfl.data", "load_data": "tfl.data", "make_batches": "tfl.data",
     "export_serving_model": "tfl.export",
     "format_table": "tfl.freezing", "freeze": "tfl.freezing", "freeze_table": "tfl.freezing",
-    "build_model": "tfl.runner", "run": "tfl.runner",
+    "build_model": "tfl.runner", "run": "tfl.runner", "predict": "tfl.prediction",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,12 +17,14 @@ _SECTIONS = {
     "freeze": config_lib.FreezeConfig,
     "train": config_lib.TrainConfig,
     "compare": config_lib.CompareConfig,
+    "predict": config_lib.PredictConfig,
 }
 _TOP_LEVEL = ("mode", "model_dir", "seed", "export", "overwrite")
 
 # Help strings, one per Config field; the defaults come from the dataclasses themselves.
 HELP = {
-    "source": "Data: asset:<rotten_tomatoes|spam_assassin|fashion_mnist|mnist5k|political_speeches>, "
+    "source": "Data: asset:<imdb|rt_polarity|rotten_tomatoes|spam_assassin|fashion_mnist|mnist5k|"
+              "political_speeches> (offline; asset:imdb is keras:imdb's 25,000 training reviews as raw text), "
               "tfds:<name>, keras:<imdb|reuters|mnist|fashion_mnist|cifar10|cifar100>, csv:<path>, "
               "jsonl:<path>, images:<dir with one sub-folder per class>.",
     "text_column": "csv/jsonl: column with the text (or image path).",
@@ -94,8 +96,10 @@ HELP = {
     "probe_learning_rate": "--mode=compare: learning rate of the linear_probe strategy (head only).",
     "seeds": "--mode=compare: runs per strategy (seeds --seed, --seed+1, ...).",
     "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",
-    "mode": "train (one run), zero_shot (no training: similarity to label descriptions) or compare "
-            "(a transfer report over --strategies).",
+    "mode": "train (one run), zero_shot (no training: similarity to label descriptions), compare "
+            "(a transfer report over --strategies) or predict (a finished run's export on --input).",
+    "input": "--mode=predict: a text, csv:<path> or jsonl:<path> (the --text_column), or images:<folder>.",
+    "output": "--mode=predict: where to write the predictions CSV (input, label, p(<class>) ...); empty = stdout.",
     "save_every_steps": "Save the resume state (weights, optimizer, epoch) every N steps; 0 = at epoch ends only.",
     "deterministic": "Enable TensorFlow op determinism: two runs with the same --seed give identical metrics.",
     "cache_frozen_features": "With --freeze_all, compute the backbone's features once and train the head on them.",

@@ -20,7 +20,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
 SOURCE_KINDS = ("tfds", "keras", "csv", "jsonl", "images", "asset")
-MODES = ("train", "zero_shot", "compare")
+MODES = ("train", "zero_shot", "compare", "predict")
 TRANSFERS = ("", "structure", "parameter")
 STRATEGY_NAMES = ("scratch", "linear_probe", "partial", "fine_tune", "lora", "structure", "parameter", "zero_shot")
 
@@ -118,15 +118,24 @@ class CompareConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """--mode=predict: a finished run's latest export applied to new inputs."""
+
+    input: str = ""  # a text, csv:<path> / jsonl:<path> (--text_column), or images:<folder>
+    output: str = ""  # CSV of predictions; empty = stdout
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run."""
 
-    mode: str = "train"  # train | zero_shot | compare
+    mode: str = "train"  # train | zero_shot | compare | predict
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     freeze: FreezeConfig = FreezeConfig()
     train: TrainConfig = TrainConfig()
     compare: CompareConfig = CompareConfig()
+    predict: PredictConfig = PredictConfig()
     model_dir: str = ""
     seed: int = 0
     export: bool = True
@@ -196,6 +205,9 @@ class Config:
                 re.compile(f.trainable)
             except re.error as e:
                 raise ConfigError(f"--trainable='{f.trainable}' is not a valid regular expression ({e})")
+        if self.mode == "predict" and not (self.model_dir and self.predict.input):
+            raise ConfigError("--mode=predict needs --model_dir=<a finished run> and --input=<text|csv:path|"
+                              "jsonl:path|images:folder>")
         if t.strategy == "tpu" and not t.tpu:
             raise ConfigError("--strategy=tpu needs --tpu=local|<grpc address>|<TPU name>")
         return self
@@ -214,7 +226,7 @@ def _check_non_negative(name: str, value: int) -> None:
 def config_from_dict(values: dict) -> Config:
     """Rebuilds a Config from ``to_dict()`` output (e.g. a run's config.json)."""
     sections = {"data": DataConfig, "model": ModelConfig, "freeze": FreezeConfig, "train": TrainConfig,
-                "compare": CompareConfig}
+                "compare": CompareConfig, "predict": PredictConfig}
     kwargs = dict(values)
     for key, cls in sections.items():
         section = dict(kwargs.get(key, {}))

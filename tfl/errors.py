@@ -24,7 +24,7 @@ TRAINING_ERRORS = (NonFiniteLossError, ExportError)
 
 def check_model_dir(config: Config) -> None:
     """Refuses a --model_dir that holds a run with a different config, unless --overwrite."""
-    if not config.model_dir:
+    if not config.model_dir or config.mode == "predict":
         return
     path = os.path.join(config.model_dir, "config.json")
     if tf.io.gfile.exists(path) and not config.overwrite:
@@ -51,7 +51,8 @@ def run_checked(config: Config) -> dict:
     mistake leaves no folder behind."""
     from tfl.runner import run
 
-    writes = bool(config.model_dir) and is_chief()  # in a multi-worker job only the chief writes the run
+    # In a multi-worker job only the chief writes the run; predict only reads it.
+    writes = bool(config.model_dir) and is_chief() and config.mode != "predict"
     if not writes:
         return run(config)
     created = not tf.io.gfile.exists(config.model_dir)

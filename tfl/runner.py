@@ -171,7 +171,7 @@ def run(config: Config, verbose: int = 1) -> dict:
     ``mode``: train (default), zero_shot (no training) or compare (see tfl.report).
     """
     config.validate()
-    if not config.model_dir or not train.is_chief():
+    if not config.model_dir or not train.is_chief() or config.mode == "predict":  # predict only reads the run
         return _run_mode(config, verbose)
     # The writing process holds the folder's lock (a no-op when main.py took it already) and marks
     # it as a tfl run, library runs included, so --overwrite can recognise it later.
@@ -182,6 +182,14 @@ def run(config: Config, verbose: int = 1) -> dict:
 
 
 def _run_mode(config: Config, verbose: int) -> dict:
+    if config.mode == "predict":
+        from tfl import prediction
+
+        rows = prediction.predict(config.model_dir, config.predict.input, text_column=config.data.text_column)
+        text = prediction.write_predictions(rows, config.predict.output)
+        if not config.predict.output:
+            print(text, end="")
+        return {"predictions": len(rows), "output": config.predict.output}
     if config.mode == "zero_shot":
         return run_zero_shot(config)
     if config.mode == "compare":

@@ -1,0 +1,92 @@
+"""Predictions from a finished run, served by its latest export: exactly what a server would return.
+
+    rows = tfl.predict("runs/minilm_rt", ["a gripping film", "two hours I will never get back"])
+    rows = tfl.predict("runs/minilm_rt", "csv:new_reviews.csv", text_column="text")
+    python main.py --mode=predict --model_dir=runs/minilm_rt --input=csv:new.csv --output=predictions.csv
+
+Inputs: a list of strings (or encoded image bytes), ``csv:<path>`` / ``jsonl:<path>`` (the
+``text_column``; labels are not needed), ``images:<folder>`` (every image file under it), or one text.
+Each row holds the input, the predicted label and one probability per class.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Optional, Union
+
+import numpy as np
+import tensorflow as tf
+
+from tfl import storage
+from tfl.data.sources import IMAGE_EXTENSIONS, DataError, read_csv_rows, read_jsonl_rows
+
+BATCH = 64
+
+
+def latest_export(model_dir: str) -> str:
+    """<model_dir>/export/<highest version>; a one-line DataError when the run has no export."""
+    root = os.path.join(model_dir, "export")
+    versions = [int(v) for v in storage.list_folder(root) if v.isdigit()] if tf.io.gfile.isdir(root) else []
+    if not versions:
+        raise DataError(f"--model_dir={model_dir} has no export/<version>/ to predict with; give the folder of a "
+                        "finished training run (trained with --export, the default)")
+    return os.path.join(root, str(max(versions)))
+
+
+def read_inputs(inputs: Union[str, list], text_column: str = "text") -> tuple:
+    """(values for the serving signature, what to print for each in the ``input`` column)."""
+    if isinstance(inputs, (list, tuple)):
+        return list(inputs), [x if isinstance(x, str) else f"<{len(x)} bytes>" for x in inputs]
+    kind, _, path = inputs.partition(":")
+    if kind in ("csv", "jsonl") and path:
+        rows = (read_csv_rows if kind == "csv" else read_jsonl_rows)(path, [text_column])
+        texts = [str(r[text_column]) for r in rows]
+        return texts, texts
+    if kind == "images" and path:
+        if not tf.io.gfile.isdir(path):
+            raise DataError(f"--input=images:{path} is not a folder; give a folder of image files")
+        files = sorted(os.path.join(folder, name) for folder, _, names in tf.io.gfile.walk(path) for name in names
+                       if name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+        return [storage.read_bytes(f) for f in files], files
+    if not inputs.strip():
+        raise DataError("--input is empty; give a text, csv:<path>, jsonl:<path> or images:<folder>")
+    return [inputs], [inputs]
+
+
+def predict(model_dir: str, inputs: Union[str, list], *, text_column: str = "text") -> list:
+    """One dict per input: ``input``, ``label`` and ``p(<class>)`` for each class, from the latest export."""
+    serve = tf.saved_model.load(latest_export(model_dir)).signatures["serving_default"]
+    values, shown = read_inputs(inputs, text_column)
+    spec = serve.structured_input_signature[1]["inputs"]
+    if spec.dtype != tf.string:
+        raise DataError(f"The export in {model_dir} takes token ids, not raw inputs; predict with raw text needs a "
+                        "model trained on text (csv/jsonl/asset/tfds sources)")
+    rows = []
+    for start in range(0, len(values), BATCH):
+        try:
+            out = serve(inputs=tf.constant(values[start:start + BATCH]))
+        except (tf.errors.InvalidArgumentError, ValueError) as e:
+            raise DataError(f"The export could not read input {start + 1}.. ({str(e).splitlines()[0][:120]}); "
+                            "check that the inputs are what the model was trained on (text or image files)")
+        names = [n.decode() for n in out["label_names"].numpy()[0]]
+        probabilities = np.asarray(out["probabilities"])
+        for i, label in enumerate(out["label"].numpy()):
+            row = {"input": shown[start + i], "label": label.decode()}
+            row.update({f"p({name})": float(p) for name, p in zip(names, probabilities[i])})
+            rows.append(row)
+    return rows
+
+
+def write_predictions(rows: list, output: Optional[str] = None) -> str:
+    """The rows as CSV, written atomically to ``output`` (any tf.io.gfile path), or returned for stdout."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["input", "label"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    if output:
+        storage.write_text_atomically(output, buffer.getvalue())
+    return buffer.getvalue()
