@@ -1,5 +1,7 @@
 """The data layer on small data the tests write: CSV, JSONL, image folders, tfds mock data, keras cache."""
 
+import collections
+import csv
 import json
 import os
 
@@ -34,8 +36,26 @@ def test_csv_source_splits_and_label_names(text_csv):
     assert splits.label_counts["test"] == {"neg": 4, "pos": 4}
     again = load_data(f"csv:{text_csv}", seed=0, validation_fraction=0.2, test_fraction=0.2)
     assert _texts(splits.test) == _texts(again.test)
-    all_texts = _texts(splits.train) + _texts(splits.validation) + _texts(splits.test)
-    assert len(set(all_texts)) == len(all_texts) or len(all_texts) == 40
+    # The splits partition the file's rows: every (text, label) row lands in exactly one split. The
+    # fixture repeats a few texts, so compare multisets of rows, not sets.
+    with open(text_csv, newline="", encoding="utf-8") as f:
+        rows = collections.Counter((r["text"], r["label"]) for r in csv.DictReader(f))
+    in_splits = collections.Counter(
+        (x.decode(), splits.label_names[y]) for part in (splits.train, splits.validation, splits.test)
+        for x, y in part.as_numpy_iterator())
+    assert in_splits == rows
+
+
+def test_csv_splits_are_disjoint(tmp_path):
+    """On unique texts: no example is in two splits, and together they hold every example once."""
+    path = tmp_path / "unique.csv"
+    path.write_text("text,label\n" + "".join(f"review {i},{'pos' if i % 3 else 'neg'}\n" for i in range(60)))
+    splits = load_data(f"csv:{path}", seed=5, validation_fraction=0.2, test_fraction=0.2)
+    train, validation, test = (set(_texts(d)) for d in (splits.train, splits.validation, splits.test))
+    assert (len(train), len(validation), len(test)) == (splits.sizes["train"], splits.sizes["validation"],
+                                                        splits.sizes["test"]) == (36, 12, 12)
+    assert not train & validation and not train & test and not validation & test
+    assert train | validation | test == {f"review {i}" for i in range(60)}
 
 
 def test_max_examples_caps_the_pool(text_csv):
@@ -85,13 +105,12 @@ def test_image_folder_skips_a_corrupt_file(tmp_path):
     (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
     splits = load_data(f"images:{tmp_path}", seed=0, validation_fraction=0.1, test_fraction=0.1)
     assert sum(splits.sizes.values()) == 20  # the broken file is skipped (with a warning), the rest kept
-    # A file with a valid signature but a truncated body is skipped at decode time instead.
-    path, _ = next(iter(splits.train))
-    tf.io.write_file(path, b"\x89PNG\r\n\x1a\n truncated")
+    assert splits.skipped == {"unreadable_images": 1}
+    # Truncated bodies are caught at load time too (tests/test_data_formats.py), so batches hold every example.
     from tfl.backbones import decode_image_file
     total = sum(int(x.shape[0]) for x, _ in make_batches(
         splits.train, batch_size=4, modality=splits.modality, decode_image=lambda p: decode_image_file(p, (4, 4, 3))))
-    assert total == splits.sizes["train"] - 1
+    assert total == splits.sizes["train"]
 
 
 def test_image_folder_of_only_corrupt_files_is_an_error(tmp_path):
@@ -110,18 +129,21 @@ def test_tfds_source_with_mock_data():
         assert splits.modality == data_lib.TEXT
         text, label = next(iter(splits.train))
         assert text.dtype == tf.string and label.dtype == tf.int64
-        # mock_data fills every requested split (it ignores slicing), so check each is a real dataset.
-        assert len(list(splits.train)) == 20 and len(list(splits.validation)) == 20
+        # mock_data fills every requested split; validation is carved from train (stratified, from --seed).
+        assert splits.sizes["train"] + splits.sizes["validation"] == 20 and splits.sizes["test"] == 20
+        assert len(list(splits.train)) == splits.sizes["train"] and len(list(splits.validation)) == splits.sizes[
+            "validation"] > 0
 
 
 def test_tfds_cifar10_mock_is_an_image_source():
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=10):
-        splits = load_data("tfds:cifar10", max_examples=4)
+    with tfds.testing.mock_data(num_examples=120):
+        splits = load_data("tfds:cifar10", max_examples=100)
         image, _ = next(iter(splits.train))
         assert splits.modality == data_lib.IMAGE and image.shape == (32, 32, 3)
-        assert len(list(splits.train)) == 4
+        assert splits.sizes["train"] + splits.sizes["validation"] == 100 and splits.sizes["test"] == 100
+        assert len(list(splits.train)) == splits.sizes["train"]
 
 
 def test_keras_imdb_through_keras_datasets(tmp_path, monkeypatch):
@@ -190,16 +212,25 @@ def test_unseen_test_labels_are_refused(tmp_path):
 
 def test_text_batches_preprocess_once_and_shuffle(text_csv):
     splits = load_data(f"csv:{text_csv}", seed=0)
-    calls = []
+    # tf.data traces a Python function once however often it runs, so count in the graph: the counter
+    # grows each time the map *executes*, by the number of examples it preprocessed.
+    preprocessed = tf.Variable(0, dtype=tf.int64)
 
     def preprocess(texts):
-        calls.append(1)
-        return tf.strings.length(texts)
+        with tf.control_dependencies([preprocessed.assign_add(tf.size(texts, out_type=tf.int64))]):
+            return tf.strings.length(texts)
 
     batches = make_batches(splits.train, batch_size=8, preprocess=preprocess, training=True, seed=1)
-    first = [y.numpy().tolist() for _, y in batches]
-    second = [y.numpy().tolist() for _, y in batches]
-    assert sum(len(b) for b in first) == splits.sizes["train"]
-    assert first != second  # reshuffled each epoch
+    first = [(x.numpy().tolist(), y.numpy().tolist()) for x, y in batches]
+    second = [(x.numpy().tolist(), y.numpy().tolist()) for x, y in batches]
+    # Two epochs, each example preprocessed once: the second epoch reads the cache.
+    assert int(preprocessed.numpy()) == splits.sizes["train"]
+    assert sum(len(y) for _, y in first) == sum(len(y) for _, y in second) == splits.sizes["train"]
+    assert first != second  # reshuffled each epoch...
+    flatten = lambda epoch: sorted(pair for x, y in epoch for pair in zip(x, y))  # noqa: E731
+    assert flatten(first) == flatten(second)  # ...the same examples
+    expected = sorted((len(t), int(y)) for t, y in splits.train.as_numpy_iterator())
+    assert flatten(first) == expected  # preprocessed: text -> its length
     x, _ = next(iter(batches))
-    assert x.dtype == tf.int32  # preprocessed
+    assert x.dtype == tf.int32
+    assert int(preprocessed.numpy()) == splits.sizes["train"]

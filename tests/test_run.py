@@ -106,8 +106,52 @@ def test_deterministic_runs_give_identical_metrics(text_csv, tmp_path):
     assert results[0]["history"] == results[1]["history"] and results[0]["test"] == results[1]["test"]
 
 
+# Runs main.py as given, noting in <out>/losses.json the validation loss of the model before the backup's
+# restore (fresh), of <saved weights> loaded here (saved) and after the restore (start), and saving the
+# weights and optimizer state the run starts training from in <out>/start.weights.h5.
+RESTORE_SPY = """
+import json, runpy, sys
+from tfl import train
+
+main, saved_weights, out = sys.argv.pop(1), sys.argv.pop(1), sys.argv.pop(1)
+validation, real_fit, real_begin = {}, train.fit, train.Backup.on_train_begin
+
+def fit(model, train_data, validation_data, **kwargs):
+    validation["data"] = validation_data
+    return real_fit(model, train_data, validation_data, **kwargs)
+
+def on_train_begin(self, logs=None):
+    def val_loss():
+        return float(self.model.evaluate(validation["data"], verbose=0, return_dict=True)["loss"])
+    fresh, weights = val_loss(), self.model.get_weights()
+    self.model.load_weights(saved_weights, objects_to_skip=[self.model.optimizer])
+    saved = val_loss()
+    self.model.set_weights(weights)
+    real_begin(self, logs)
+    self.model.save_weights(out + "/start.weights.h5")
+    with open(out + "/losses.json", "w") as f:
+        json.dump({"fresh": fresh, "saved": saved, "start": val_loss()}, f)
+
+train.fit, train.Backup.on_train_begin = fit, on_train_begin
+sys.argv[0] = main
+runpy.run_path(main, run_name="__main__")
+"""
+
+
+def h5_arrays(path) -> dict:
+    import h5py
+
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: arrays.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
 def test_kill_minus_9_then_the_same_command_resumes(tmp_path):
-    """Start a run, kill -9 it once it has saved after a finished epoch, rerun the same command."""
+    """Start a run, kill -9 it once it has saved after a finished epoch, rerun the same command: it starts
+    from the backup's weights and optimizer state. Epochs of 25 steps keep the rerun's first validation
+    close to the saved state: a fresh model is still near chance after one, the saved one is well past it."""
+    import shutil
     import signal
     import subprocess
     import sys
@@ -119,38 +163,151 @@ def test_kill_minus_9_then_the_same_command_resumes(tmp_path):
 
     path = write_sentiment_csv(tmp_path / "d.csv")
     model_dir = tmp_path / "run"
-    command = [sys.executable, os.path.join(ROOT, "main.py"), f"--source=csv:{path}", "--backbone=lstm", "--maxlen=8",
-               "--num_words=20", "--lstm_units=16", "--epochs=5", "--batch_size=4", "--save_every_steps=10",
-               "--precision=float32", "--noexport", "--learning_rate=3e-3", f"--model_dir={model_dir}"]
+    main = os.path.join(ROOT, "main.py")
+    flags = [f"--source=csv:{path}", "--backbone=lstm", "--maxlen=8", "--num_words=20", "--lstm_units=16",
+             "--epochs=5", "--batch_size=4", "--max_steps_per_epoch=25", "--save_every_steps=10",
+             "--precision=float32", "--noexport", "--learning_rate=3e-3"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen([sys.executable, main, *flags, f"--model_dir={model_dir}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     metadata = model_dir / "backup" / "training_metadata.json"
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
-        if metadata.exists() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 2:
-            break
-        time.sleep(0.1)
+        try:
+            if json.loads(metadata.read_text()).get("epoch", 0) >= 2:
+                break
+        except (OSError, ValueError):  # not written yet, or half-written
+            pass
+        time.sleep(0.02)
     assert process.poll() is None, "the run finished before it could be killed; make it longer"
+    process.send_signal(signal.SIGSTOP)  # nothing more is written: the next save is 10 steps away
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (model_dir / "metrics.json").exists()
     saved_epoch = json.loads(metadata.read_text())["epoch"]
+    saved = tmp_path / "saved_backup"
+    shutil.copytree(model_dir / "backup", saved)  # the rerun removes the backup when it is done
 
-    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    spy = tmp_path / "spy.py"
+    spy.write_text(RESTORE_SPY)
+    resumed = subprocess.run([sys.executable, str(spy), main, str(saved / "latest.weights.h5"), str(tmp_path),
+                              *flags, f"--model_dir={model_dir}"], capture_output=True, text=True, env=env,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from the backup in {model_dir / 'backup'} (epoch {saved_epoch}" in resumed.stdout
     metrics = json.loads((model_dir / "metrics.json").read_text())
     # Only the epochs after the saved one ran again (step count, not wall time).
     assert len(metrics["history"]["loss"]) == 5 - saved_epoch
-    # The same command, never interrupted, ends close to the resumed run.
-    straight_dir = tmp_path / "straight"
-    straight = subprocess.run([*command[:-1], f"--model_dir={straight_dir}"], capture_output=True, text=True,
-                              env=env, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    reference = json.loads((straight_dir / "metrics.json").read_text())
-    assert len(reference["history"]["loss"]) == 5
-    assert abs(metrics["test"]["accuracy"] - reference["test"]["accuracy"]) <= 0.05
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert losses["fresh"] > 0.6 and losses["saved"] < 0.3  # chance is ln 2 = 0.69; 2 epochs reach ~0.1
+    # One more epoch from the saved state, not from a fresh model.
+    first = metrics["history"]["val_loss"][0]
+    assert first < losses["saved"] + 0.05 and first < losses["fresh"] - 0.4, (first, losses)
+    # The rerun starts from exactly the backup: weights, optimizer moments and step.
+    start, backup = h5_arrays(tmp_path / "start.weights.h5"), h5_arrays(saved / "latest.weights.h5")
+    assert start.keys() == backup.keys() and any(k.startswith("optimizer") for k in backup)
+    for key in backup:
+        assert np.array_equal(start[key], backup[key]), key
+    assert losses["start"] == pytest.approx(losses["saved"], abs=1e-6)
+    assert not (model_dir / "backup").exists()
     assert metrics["test"]["accuracy"] >= 0.9
+
+
+def tiny_regression(seed=0):
+    """Dense blocks "low" and "high" under a head, and 64 examples of a learnable target (8 batches)."""
+    rng = np.random.RandomState(seed)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x @ np.array([1.0, -2.0, 0.5, 1.5], "float32"))[:, None]
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, activation="tanh", name="low")(inputs)
+    hidden = keras.layers.Dense(8, activation="tanh", name="high")(hidden)
+    return keras.Model(inputs, keras.layers.Dense(1, name="head")(hidden)), data
+
+
+def test_backup_is_saved_at_every_epoch_end_also_with_save_every_steps(tmp_path):
+    """Keras' integer save_freq alone saves only every N batches: a finished epoch could be lost."""
+    from tfl.train import Backup
+
+    model, data = tiny_regression()
+    model.compile(keras.optimizers.SGD(0.01), loss="mse")
+    backup = Backup(str(tmp_path / "backup"), save_freq=3)  # 8 batches an epoch: saves mid-epoch too
+    metadata, seen = tmp_path / "backup" / "training_metadata.json", []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(("batch", batch, json.loads(metadata.read_text()) if metadata.exists() else None))
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(("epoch end", epoch, json.loads(metadata.read_text())))
+            saved, _ = tiny_regression()
+            saved.load_weights(tmp_path / "backup" / "latest.weights.h5")
+            assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), model.get_weights()))
+
+    model.fit(data, epochs=2, callbacks=[backup, Record()], verbose=0, shuffle=False)
+    ends = [meta for kind, _, meta in seen if kind == "epoch end"]
+    assert ends == [{"epoch": 1, "batch": 0}, {"epoch": 2, "batch": 0}]
+    # Every 3 batches within an epoch (counted from the epoch-end save), as before.
+    assert [(e, meta) for kind, e, meta in seen if kind == "batch" and e == 2] == [(2, {"epoch": 0, "batch": 2}),
+                                                                               (2, {"epoch": 1, "batch": 2})]
+    assert metadata.exists()  # fit() removes it once every stage is done, not each model.fit
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # within the second stage; at the third stage's first epoch
+def test_gradual_unfreezing_resumes_as_if_never_stopped(tmp_path, monkeypatch, recwarn, stop_at):
+    """Stages: head only (epochs 0-1), + "high" (2-3), + "low" (4-5). A run stopped before epoch
+    ``stop_at`` and rerun ends with the weights of a run never stopped: each stage's trainable set,
+    weights, optimizer moments and step come back, and a stage boundary starts a fresh optimizer."""
+    from tfl import train
+
+    def stages(model):
+        def trainable(*names):
+            return lambda: [setattr(model.get_layer(n), "trainable", n in names) for n in ("low", "high")]
+        return [(0, trainable()), (2, trainable("high")), (4, trainable("high", "low"))]
+
+    def run(model, data, model_dir):
+        return train.fit(model, data, data, task="regression", num_labels=1, epochs=6, learning_rate=0.02,
+                         steps_per_epoch=8, model_dir=str(model_dir), unfreeze_stages=stages(model), verbose=0)
+
+    reference, data = tiny_regression()
+    start = reference.get_weights()
+    run(reference, data, tmp_path / "straight")
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == stop_at:
+                raise KeyboardInterrupt  # as a kill: no on_train_end, the backup stays
+
+    real_callbacks = train.make_callbacks
+    monkeypatch.setattr(train, "make_callbacks", lambda *a, **k: real_callbacks(*a, **k) + [Stop()])
+    stopped, _ = tiny_regression()
+    stopped.set_weights(start)
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped, data, tmp_path / "run")
+    backup = tmp_path / "run" / "backup"
+    assert json.loads((backup / "training_metadata.json").read_text()) == {"epoch": stop_at, "batch": 0}
+
+    restored = {}
+
+    class Record(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if not restored:  # after Backup's on_train_begin, in the first stage the rerun trains
+                restored.update(weights=self.model.get_weights(), step=int(self.model.optimizer.iterations.numpy()),
+                                trainable=[self.model.get_layer(n).trainable for n in ("low", "high")])
+
+    monkeypatch.setattr(train, "make_callbacks", lambda *a, **k: real_callbacks(*a, **k) + [Record()])
+    saved, _ = tiny_regression()
+    saved.load_weights(backup / "latest.weights.h5")
+    rerun, _ = tiny_regression(seed=1)  # other initial weights: only the backup can make it match
+    history = run(rerun, data, tmp_path / "run")
+    assert len(history["loss"]) == 6 - stop_at
+    assert restored["trainable"] == [stop_at >= 4, True]
+    assert restored["step"] == stop_at * 8
+    assert all(np.array_equal(a, b) for a, b in zip(restored["weights"], saved.get_weights()))
+    for a, b in zip(rerun.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not backup.exists()
+    assert not [w for w in recwarn if "Skipping variable loading" in str(w.message)]
 
 
 def test_step_cap_and_early_stopping(text_csv):

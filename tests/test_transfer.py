@@ -131,23 +131,55 @@ def test_label_descriptions_from_file_and_defaults(tmp_path):
         transfer_lib.parse_label_descriptions("neg=bad", ["neg", "pos"])
 
 
-def test_clip_zero_shot_with_a_tiny_random_clip():
+def test_clip_zero_shot_picks_the_most_similar_label_by_cosine_not_dot_product():
+    """Known answers on embeddings chosen by hand: the label whose direction is nearest an image wins
+    however long the vectors are, and a label with several descriptions is scored by their mean."""
+
+    class FixedClip:  # a CLIP backbone's two embedding methods, returning the vectors below
+        image_vectors = np.array([[10.0, 1.0, 0.0], [0.1, 0.2, 0.0], [0.0, 1.0, 5.0]], np.float32)
+        text_vectors = {1: [1.0, 0.0, 0.0], 2: [0.0, 20.0, 0.0], 3: [0.0, 0.0, 1.0], 4: [0.6, -0.8, 0.0]}
+
+        def get_vision_embeddings(self, images):  # "image" i is the index i
+            return self.image_vectors[np.asarray(images)]
+
+        def get_text_embeddings(self, token_ids):  # a description's vector by its first token
+            return np.array([self.text_vectors[int(ids[0])] for ids in np.asarray(token_ids)], np.float32)
+
+    token_ids = {"x": np.array([[1]]), "y": np.array([[2]]), "z": np.array([[3], [4]])}
+    # Image 0 points along x (cosine 0.995), though its dot product with y's long vector is larger (20 > 10).
+    # Image 1 is nearest y. Image 2 is nearest the mean of z's two descriptions (cosine 0.58, y: 0.20);
+    # scored by z's second description alone it would go to y (by the first alone, still to z).
+    assert transfer_lib.zero_shot_images(FixedClip(), np.arange(3), token_ids).tolist() == [0, 1, 2]
+
+
+def test_clip_zero_shot_agrees_with_the_clip_models_own_logits():
+    """On a tiny random CLIP, each prediction is the argmax of the model's own forward pass: keras-hub's
+    CLIP head scores every image against every text by scaled cosine similarity."""
+    import itertools
+
     import keras_hub
 
+    keras.utils.set_random_seed(0)
     vision = keras_hub.models.CLIPVisionEncoder(patch_size=8, hidden_dim=8, num_layers=1, num_heads=2,
                                                 intermediate_dim=16, image_shape=(16, 16, 3))
     text = keras_hub.models.CLIPTextEncoder(vocabulary_size=20, embedding_dim=8, hidden_dim=8, num_layers=1,
                                             num_heads=2, intermediate_dim=16, max_sequence_length=5)
     clip = keras_hub.models.CLIPBackbone(vision, text, projection_dim=4)
-    images = np.random.RandomState(0).rand(3, 16, 16, 3).astype("float32")
-    token_ids = {"a": np.array([[1, 2, 3, 4, 5]]), "b": np.array([[5, 4, 3, 2, 1]])}
-    predictions = transfer_lib.zero_shot_images(clip, images, token_ids)
-    # The same computation by hand: cosine similarity of projected embeddings.
-    image_vectors = np.array(clip.get_vision_embeddings(images))
-    text_vectors = np.concatenate([np.array(clip.get_text_embeddings(ids)) for ids in token_ids.values()])
-    image_vectors /= np.linalg.norm(image_vectors, axis=1, keepdims=True)
-    text_vectors /= np.linalg.norm(text_vectors, axis=1, keepdims=True)
-    assert predictions.tolist() == np.argmax(image_vectors @ text_vectors.T, axis=1).tolist()
+    images = 3 * np.random.RandomState(0).randn(16, 16, 16, 3).astype("float32")
+    descriptions = np.random.RandomState(1).randint(1, 20, size=(6, 5))
+    logits = np.asarray(clip({"images": images, "token_ids": descriptions})["vision_logits"])
+    assert logits.shape == (16, 6)
+    token_ids = {f"label{i}": row[None] for i, row in enumerate(descriptions)}
+    assert transfer_lib.zero_shot_images(clip, images, token_ids).tolist() == np.argmax(logits, axis=1).tolist()
+    # A random CLIP gives most images one label, so also ask every pair of labels: the answers vary.
+    second_wins = 0
+    for i, j in itertools.combinations(range(6), 2):
+        pair = {f"label{k}": token_ids[f"label{k}"] for k in (i, j)}
+        expected = (logits[:, j] > logits[:, i]).astype(int)
+        clear = np.abs(logits[:, j] - logits[:, i]) > 1e-3  # near-ties could go either way in float32
+        assert transfer_lib.zero_shot_images(clip, images, pair)[clear].tolist() == expected[clear].tolist()
+        second_wins += int(expected[clear].sum())
+    assert 30 < second_wins < 15 * 16 - 30  # many images go to each side of a pair
 
 
 def test_compare_writes_report_with_every_strategy(tiny_bert_preset, tmp_path):

@@ -276,13 +276,56 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def read_backup(backup_dir: str) -> Optional[dict]:
+    """The {"epoch", "batch"} a resumable backup in ``backup_dir`` was saved at, or None."""
+    path = os.path.join(backup_dir, "training_metadata.json")
+    if not backup_dir or not tf.io.gfile.exists(path):
+        return None
+    return json.loads(storage.read_bytes(path))
+
+
 def describe_backup(model_dir: str) -> Optional[str]:
     """'epoch E, batch B' of a resumable backup in ``model_dir``, or None."""
-    path = os.path.join(model_dir, "backup", "training_metadata.json")
-    if not model_dir or not tf.io.gfile.exists(path):
+    meta = read_backup(os.path.join(model_dir, "backup")) if model_dir else None
+    if meta is None:
         return None
-    meta = json.loads(storage.read_bytes(path))
     return f"epoch {meta.get('epoch', 0)}, after batch {meta.get('batch', 0)}"
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore (weights, optimizer, epoch; the previous copy kept), with three changes:
+
+    - with an integer ``save_freq`` it saves at every epoch end too: Keras then saves only every N
+      batches, so a kill right after an epoch would lose it;
+    - fit() says whether to restore (``restore``) and whether the optimizer too (``restore_optimizer``):
+      gradual unfreezing compiles one optimizer per stage, and only the first stage a rerun trains
+      restores; a backup from the previous stage's end holds an optimizer with other variables;
+    - the backup stays after each model.fit: fit() removes it (``remove``) once every stage is done.
+    """
+
+    def __init__(self, backup_dir: str, save_freq="epoch"):
+        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True, delete_checkpoint=False)
+        self.restore, self.restore_optimizer = True, True
+
+    def on_train_begin(self, logs=None):
+        if self.restore:
+            super().on_train_begin(logs)
+
+    def _load_model(self):
+        if self.restore_optimizer or not tf.io.gfile.exists(self._weights_path):
+            return super()._load_model()
+        self.model.load_weights(self._weights_path, objects_to_skip=[self.model.optimizer])
+        self.model._initial_epoch = (read_backup(self.backup_dir) or {}).get("epoch", 0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.save_freq != "epoch":
+            self._save_model()
+            self._batches_seen_since_last_saving = 0  # the next save N steps after this one
+
+    def remove(self) -> None:
+        if tf.io.gfile.exists(self.backup_dir):
+            tf.io.gfile.rmtree(self.backup_dir)
 
 
 class CSVLogger(keras.callbacks.CSVLogger):
@@ -316,7 +359,7 @@ def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: 
                    save_every_steps: int = 0) -> list:
     """Resume state, best checkpoint, early stopping, TensorBoard and CSV logs under ``model_dir``.
 
-    The backup (weights, optimizer state, epoch) is written at each epoch end, or every
+    The backup (weights, optimizer state, epoch) is written at each epoch end, and also every
     ``save_every_steps`` steps; it keeps the previous copy too, so a kill during a save loses nothing.
     Keras resumes at the start of the saved epoch with the saved weights and optimizer step.
     """
@@ -328,8 +371,7 @@ def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: 
     if not model_dir:
         return callbacks
     if backup:
-        callbacks.append(keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup"), double_checkpoint=True,
-                                                          save_freq=save_every_steps or "epoch"))
+        callbacks.append(Backup(os.path.join(model_dir, "backup"), save_freq=save_every_steps or "epoch"))
     callbacks += [
         keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_loss",
                                         save_best_only=True, save_weights_only=True),
@@ -367,15 +409,21 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
     ``unfreeze_stages``: [(first_epoch, set_trainable_fn), ...] for gradual unfreezing. Changing
     ``trainable`` needs a recompile, so each stage compiles a fresh optimizer whose schedule continues
     where the previous one stopped (Adam moments restart for the newly trained blocks).
+    A backup in ``model_dir`` resumes the run: the stages before the saved epoch only set ``trainable``,
+    the stage holding it compiles and restores, as an uninterrupted run would have it at that epoch.
     """
     stages = unfreeze_stages or [(0, None)]
     total_steps = epochs * steps_per_epoch
     history: dict = {}
     callbacks = make_callbacks(model_dir, early_stopping_patience=early_stopping_patience,
-                               backup=len(stages) == 1, save_every_steps=save_every_steps)
-    resumable = describe_backup(model_dir) if len(stages) == 1 else None
-    if resumable:
-        print(f"tfl: resuming from the backup in {os.path.join(model_dir, 'backup')} ({resumable})")
+                               save_every_steps=save_every_steps)
+    backup = next((c for c in callbacks if isinstance(c, Backup)), None)
+    saved = read_backup(backup.backup_dir) if backup else None
+    resume_stage = 0
+    if saved:
+        print(f"tfl: resuming from the backup in {backup.backup_dir} ({describe_backup(model_dir)})")
+        resume_at = min(saved.get("epoch", 0), epochs - 1)
+        resume_stage = max(i for i, (first_epoch, _) in enumerate(stages) if first_epoch <= resume_at)
     for index, (first_epoch, set_trainable) in enumerate(stages):
         if first_epoch >= epochs:
             break
@@ -383,6 +431,8 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         last_epoch = min(last_epoch, epochs)
         if set_trainable is not None:
             set_trainable()
+        if index < resume_stage:
+            continue  # trained before the backup was saved
         optimizer = make_optimizer(learning_rate, total_steps, warmup_fraction=warmup_fraction, schedule=schedule,
                                    weight_decay=weight_decay, lr_multipliers=lr_multipliers)
         optimizer.iterations.assign(first_epoch * steps_per_epoch)
@@ -390,6 +440,14 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
                       steps_per_execution=steps_per_execution)
         if model.distribute_strategy.num_replicas_in_sync > 1:
             patch_keras_for_distribution(model, model.distribute_strategy)
+        if backup:
+            # Later stages go on from the model in memory. A backup saved at the end of the previous
+            # stage (epoch == first_epoch, batch 0) holds that stage's optimizer: this stage starts a
+            # fresh one, as an uninterrupted run does.
+            backup.restore = index == resume_stage
+            backup.restore_optimizer = not (index > 0 and saved and saved.get("epoch") == first_epoch
+                                            and saved.get("batch", 0) == 0)
+        model._initial_epoch = None  # Keras keeps a restored epoch for every later fit() of the model
         result = model.fit(train, validation_data=validation, epochs=last_epoch, initial_epoch=first_epoch,
                            steps_per_epoch=steps_per_epoch if train_repeats else None, callbacks=callbacks, verbose=verbose,
                            shuffle=False)  # tf.data shuffles
@@ -397,6 +455,8 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
             history.setdefault(key, []).extend(float(v) for v in values)
         nan_guard = callbacks[0]
         if nan_guard.failed_at:
+            if backup:
+                backup.remove()  # it may hold the non-finite weights
             epoch, step, loss = nan_guard.failed_at
             raise NonFiniteLossError(
                 f"loss became {loss} at epoch {epoch}, step {step}; likely causes: a learning rate too high "
@@ -404,6 +464,8 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
                 "The best checkpoint so far is kept in --model_dir")
         if model.stop_training:
             break
+    if backup:
+        backup.remove()  # the run is complete: the same command again starts over
     return history
 
 
@@ -420,12 +482,3 @@ def predict_with_labels(model: keras.Model, dataset: tf.data.Dataset) -> tuple:
 def evaluate(model: keras.Model, dataset: tf.data.Dataset, *, task: str, num_labels: int) -> dict:
     outputs, labels = predict_with_labels(model, dataset)
     return heads.evaluation_metrics(task, num_labels, outputs, labels)
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start

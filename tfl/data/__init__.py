@@ -69,8 +69,14 @@ def stratified_split(labels: np.ndarray, fractions: tuple, seed: int, first_has_
 def _cap(examples: Examples, max_examples: int, seed: int) -> Examples:
     if not max_examples or len(examples) <= max_examples:
         return examples
-    keep, _ = stratified_split(examples.labels, (max_examples / len(examples), 1.0), seed)
-    return examples.subset(keep[:max_examples])
+    keep, rest = stratified_split(examples.labels, (max_examples / len(examples), 1.0), seed)
+    # Per-class rounding can miss the cap by a few: top up from the rest, or trim, to exactly max_examples.
+    rng = np.random.RandomState(seed)
+    if len(keep) < max_examples:
+        keep = np.concatenate([keep, rng.choice(rest, max_examples - len(keep), replace=False)])
+    elif len(keep) > max_examples:
+        keep = rng.choice(keep, max_examples, replace=False)
+    return examples.subset(np.sort(keep))
 
 
 def _keep_classes(data: SourceData, classes: tuple) -> SourceData:
