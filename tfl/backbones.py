@@ -12,6 +12,7 @@ Names: a keras-hub preset (``bert_base_en_uncased``) or a local preset/Hugging F
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import sys
@@ -283,15 +284,114 @@ def decode_image_bytes(encoded, shape: tuple):
 
 # ---- tfl's own small models -----------------------------------------------------------------
 
+# keras.datasets.imdb's ids: 0 padding, 1 start of text, 2 out-of-vocabulary, 3 unused, and the word of
+# frequency rank r (1 = most frequent) -> r + 3; only ids below num_words are kept, the others become 2.
+IMDB_SPECIAL_TOKENS = ("", "<START>", "<UNK>", "<UNUSED>")  # the tokens of ids 0-3 in get_vocabulary()
+IMDB_INDEX_FROM = 3
+# Python's string.punctuation less the apostrophe, which is dropped on its own so that "don't" stays one word.
+_IMDB_PUNCTUATION = r"[!\"#$%&()*+,\-./:;<=>?@\[\\\]^_`{|}~]"
+
+
+@keras.saving.register_keras_serializable(package="tfl")
+def imdb_standardize(texts):
+    """Lower-cases and removes ``<br />`` and punctuation (tf ops: runs in tf.data and in the export).
+
+        imdb_standardize(tf.constant(["Don't miss it!<br /><br />A GREAT film."]))
+        # [b"dont miss it   a great film "]: split on whitespace, "dont miss it a great film"
+    """
+    texts = tf.strings.lower(texts, encoding="utf-8")
+    texts = tf.strings.regex_replace(texts, r"<br\s*/?>", " ")  # IMDB's line breaks; "br" is no word
+    texts = tf.strings.regex_replace(texts, "'", "")
+    # A space, not nothing: "film.The" and "good/bad" are two words each.
+    return tf.strings.regex_replace(texts, _IMDB_PUNCTUATION, " ")
+
+
+def imdb_words(texts):
+    """A batch of raw strings -> a RaggedTensor of their words, as the lstm vectorizer sees them."""
+    return tf.strings.split(imdb_standardize(texts))
+
+
+def fit_imdb_word_index(texts, num_words: int) -> list:
+    """The words that get ids under ``num_words``, most frequent first (ties in alphabetical order):
+    keras.datasets.imdb's word index, fitted on ``texts`` (pass the training split only).
+
+        fit_imdb_word_index(["the film", "The end."], num_words=10)   # ["the", "end", "film"]
+    """
+    counts = collections.Counter()
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), tf.string)).batch(1024).map(imdb_words)
+    for words in dataset:
+        counts.update(words.flat_values.numpy().tolist())
+    ranked = sorted(counts, key=lambda word: (-counts[word], word))  # UTF-8 bytes sort as the characters do
+    return [word.decode("utf-8") for word in ranked[:max(num_words - IMDB_INDEX_FROM - 1, 0)]]
+
+
+@keras.saving.register_keras_serializable(package="tfl")
+class ImdbVectorizer(keras.layers.Layer):
+    """Raw strings -> keras.datasets.imdb ids of the seed model: the start token, then each word's id
+    (rank + 3, out-of-vocabulary 2), the last ``maxlen`` kept and zeros in front, as keras' imdb
+    ``load_data`` followed by ``pad_sequences(maxlen=...)`` (pre-padding, pre-truncation).
+
+        vectorizer = ImdbVectorizer(num_words=10, maxlen=6, words=["the", "film", "good"])
+        vectorizer(tf.constant(["The good film!", "the worst"]))   # [[0, 0, 1, 4, 6, 5], [0, 0, 0, 1, 4, 2]]
+        vectorizer.get_vocabulary()   # ["", "<START>", "<UNK>", "<UNUSED>", "the", "film", "good"]: index = id
+    """
+
+    def __init__(self, num_words: int, maxlen: int, words=(), **kwargs):
+        super().__init__(**kwargs)
+        self.num_words, self.maxlen = int(num_words), int(maxlen)
+        self.words = list(words)[:max(self.num_words - IMDB_INDEX_FROM - 1, 0)]
+        # Rank lookup: 0 for an unknown word, r for the word of rank r.
+        self._ranks = keras.layers.StringLookup(vocabulary=self.words, num_oov_indices=1, mask_token=None,
+                                                name="word_ranks")
+        self._convert_input_args = False  # string inputs, as TextVectorization
+        self._allow_non_tensor_positional_args = True
+        self.supports_jit = False
+
+    def build(self, input_shape=None):
+        pass
+
+    def call(self, texts):
+        texts = tf.convert_to_tensor(texts, tf.string)
+        if texts.shape.rank == 2:  # a (batch, 1) column
+            texts = tf.squeeze(texts, -1)
+        ranks = tf.cast(self._ranks(imdb_words(texts)), tf.int32)
+        oov = IMDB_SPECIAL_TOKENS.index("<UNK>")
+        ids = tf.ragged.map_flat_values(
+            lambda r: tf.where((r > 0) & (r + IMDB_INDEX_FROM < self.num_words), r + IMDB_INDEX_FROM, oov), ranks)
+        start = tf.RaggedTensor.from_tensor(tf.ones([tf.shape(texts)[0], 1], tf.int32))
+        ids = tf.concat([start, ids], axis=1)[:, -self.maxlen:]  # pre-truncation keeps the end
+        # Pre-padding: pad the reversed rows at their end, then turn them back.
+        return tf.reverse(tf.reverse(ids, axis=[1]).to_tensor(0, shape=[None, self.maxlen]), axis=[1])
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.maxlen)
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor((inputs.shape[0], self.maxlen), dtype="int32")
+
+    def get_vocabulary(self) -> list:
+        """Token of each id (the index): the four special tokens, then the words by rank."""
+        return [*IMDB_SPECIAL_TOKENS, *self.words]
+
+    def get_config(self):
+        return {**super().get_config(), "num_words": self.num_words, "maxlen": self.maxlen, "words": self.words}
+
+
 def build_lstm_backbone(num_words: int, maxlen: int, embedding_dim: int, lstm_units: int, train_texts,
                         seed: int) -> Backbone:
     """The seed's Keras IMDB model: Embedding(num_words, 50) -> LSTM(100, dropout .2, recurrent .2).
 
-    With ``train_texts`` a TextVectorization (top ``num_words`` words, ``maxlen`` ids) turns raw
-    strings into ids; without, the inputs are already ids (keras:imdb).
+    With ``train_texts`` an ImdbVectorizer (keras.datasets.imdb's ids, word index fitted on these
+    texts) turns raw strings into ``maxlen`` ids; without, the inputs are already ids (keras:imdb).
+
+        backbone = build_lstm_backbone(10000, 500, 50, 100, train_texts=["a fine film", ...], seed=0)
+        backbone.model(backbone.preprocess(tf.constant(["a fine film"])))   # (1, 100) features
     """
+    if num_words <= IMDB_INDEX_FROM + 1:
+        raise BackboneError(f"--num_words={num_words} leaves no id for any word (ids 0-3 are padding, start, "
+                            "out-of-vocabulary and unused); use --num_words=10000 as the seed")
     ids = keras.Input((maxlen,), dtype="int32", name="token_ids")
-    # mask_zero: padding does not reach the LSTM state, so post-padding is as good as the seed's pre-padding.
+    # mask_zero: the padding in front of each text does not reach the LSTM state.
     embedded = keras.layers.Embedding(num_words, embedding_dim, mask_zero=True, name="embedding",
                                       embeddings_initializer=keras.initializers.RandomUniform(seed=seed))(ids)
     features = keras.layers.LSTM(lstm_units, dropout=0.2, recurrent_dropout=0.2, name="lstm", seed=seed,
@@ -301,9 +401,10 @@ def build_lstm_backbone(num_words: int, maxlen: int, embedding_dim: int, lstm_un
     blocks = [Block("embedding", [model.get_layer("embedding")]), Block("lstm", [model.get_layer("lstm")])]
     if train_texts is None:
         return Backbone("lstm", model, blocks, TOKEN_IDS, source="lstm")
-    vectorizer = keras.layers.TextVectorization(max_tokens=num_words, output_sequence_length=maxlen,
-                                                name="vectorizer")
-    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(np.asarray(train_texts, dtype=str)).batch(512))
+    words = fit_imdb_word_index(train_texts, num_words)
+    if not words:
+        raise BackboneError("The training texts hold no words for the lstm vocabulary; check --text_column")
+    vectorizer = ImdbVectorizer(num_words, maxlen, words, name="vectorizer")
     return Backbone("lstm", model, blocks, TEXT, vectorizer, vectorizer=vectorizer, source="lstm")
 
 

