@@ -21,7 +21,6 @@ import tensorflow as tf
 from absl import flags
 
 from test_cli import ROOT
-from test_export import reload_in_fresh_process
 from tfl import cli, errors
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.flags")))
@@ -126,6 +125,12 @@ def stand_in_args(config, presets: dict) -> list:
     return args
 
 
+def under(tmp_root, flag: str) -> str:
+    """--model_dir=runs/x (or any path) -> the same path under the test's temporary folder."""
+    name, _, path = flag.partition("=")
+    return f"{name}={os.path.join(str(tmp_root), path.lstrip('/'))}"
+
+
 def rehearse(name: str, tmp_root, monkeypatch, presets: dict, done: dict) -> dict:
     """Runs the config's own command (runs/ under tmp) after the config it transfers from."""
     if name in done:
@@ -133,7 +138,7 @@ def rehearse(name: str, tmp_root, monkeypatch, presets: dict, done: dict) -> dic
     dependency = source_config_of(name)
     if dependency:
         rehearse(dependency, tmp_root, monkeypatch, presets, done)
-    args = [a.replace("runs/", f"{tmp_root}/runs/", 1) if a.startswith(("--model_dir=", "--source_model=")) else a
+    args = [under(tmp_root, a) if a.startswith(("--model_dir=", "--source_model=")) else a
             for a in documented_command(name)]
     config = parse(args)
     epochs = 2 if config.freeze.unfreeze_every_epochs else 1  # a second epoch only where a schedule needs it
@@ -176,7 +181,7 @@ def hub_stand_ins(tmp_path_factory, tiny_vit_preset):
 
 @pytest.fixture(scope="module")
 def rehearsals(tmp_path_factory):
-    return {"root": tmp_path_factory.mktemp("configs"), "done": {}}
+    return {"root": tmp_path_factory.mktemp("configs"), "done": {}, "exports": {}}
 
 
 @pytest.mark.parametrize("name", REHEARSED)
@@ -195,16 +200,12 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
         return
     assert metrics["test"] and os.path.exists(os.path.join(model_dir, "metrics.json"))
     assert metrics["optimizer_steps"] == metrics["epochs_run"] * metrics["steps_per_epoch"] > 0
-    kind, inputs = served_inputs(metrics, config)
-    served = reload_in_fresh_process(metrics["export_path"], kind, inputs)
-    label_names = metrics["data"]["label_names"]
-    assert served["label_names"] == label_names
-    probabilities = np.array(served["probabilities"])
-    assert probabilities.shape == (len(inputs), max(len(label_names), 2))
-    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4) and set(served["label"]) <= set(label_names)
+    assert os.path.exists(os.path.join(metrics["export_path"], "saved_model.pb"))
+    rehearsals["exports"][name] = (metrics["export_path"], *served_inputs(metrics, config),
+                                   metrics["data"]["label_names"])
 
 
-def test_the_notebooks_library_cell_runs_with_the_default_strategy(tmp_path, hub_stand_ins):
+def test_the_notebooks_library_cell_runs_with_the_default_strategy(tmp_path, hub_stand_ins, rehearsals):
     import dataclasses
 
     import tensorflow_datasets as tfds
@@ -225,5 +226,43 @@ def test_the_notebooks_library_cell_runs_with_the_default_strategy(tmp_path, hub
              namespace)
     _, replicas, precision = namespace["result"]
     assert replicas == 1 and precision in ("float32", "mixed_bfloat16")
-    served = reload_in_fresh_process(namespace["metrics"]["export_path"], "text", ["a gripping film"])
-    assert served["label_names"] == ["negative", "positive"]
+    rehearsals["exports"]["colab_tpu.ipynb"] = (namespace["metrics"]["export_path"], "text", ["a gripping film"],
+                                                ["negative", "positive"])
+
+
+RELOAD_ALL = """
+import json, sys
+import tensorflow as tf
+import tensorflow_text  # registers the tokenizer ops; tfl is not imported
+assert "tfl" not in sys.modules
+results = {}
+for name, (path, kind, inputs, _) in json.loads(sys.stdin.read()).items():
+    if kind == "image":
+        inputs = [bytes.fromhex(x) for x in inputs]
+    out = tf.saved_model.load(path).signatures["serving_default"](inputs=tf.constant(inputs))
+    results[name] = {"probabilities": out["probabilities"].numpy().tolist(),
+                     "label": [x.decode() for x in out["label"].numpy()],
+                     "label_names": [x.decode() for x in out["label_names"].numpy()[0]]}
+print(json.dumps(results))
+"""
+
+
+def test_every_export_reloads_in_a_fresh_process_and_predicts(rehearsals):
+    """One fresh process (no tfl) loads every rehearsed config's export and predicts on raw inputs."""
+    import subprocess
+    import sys
+
+    trained = [n for n in REHEARSED if parse([a for a in documented_command(n) if not a.startswith(
+        ("--model_dir", "--source_model"))]).mode == "train"]
+    assert sorted(rehearsals["exports"]) == sorted(trained + ["colab_tpu.ipynb"]), "run the whole module"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", RELOAD_ALL], input=json.dumps(rehearsals["exports"]),
+                            capture_output=True, text=True, env=env, cwd="/", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, (_, _, inputs, label_names) in rehearsals["exports"].items():
+        assert served[name]["label_names"] == label_names, name
+        probabilities = np.array(served[name]["probabilities"])
+        assert probabilities.shape == (len(inputs), max(len(label_names), 2)), name
+        assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4), name
+        assert set(served[name]["label"]) <= set(label_names), name

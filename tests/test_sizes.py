@@ -164,7 +164,7 @@ def test_tfds_text_source_trains_whole_epochs_and_honours_label_fraction(tmp_pat
 def test_tfds_classes_are_kept_and_renumbered():
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=40):
+    with tfds.testing.mock_data(num_examples=300):
         names = tfl.load_data("tfds:cifar10").label_names
         splits = tfl.load_data("tfds:cifar10", classes=(3, 5))
         assert len(names) == 10 and splits.label_names == [names[3], names[5]]

@@ -44,10 +44,13 @@ def test_source_model_carries_its_vocabulary(source_run):
     text = tf.constant(["great fun film", "a dull unknownword film"])
     # The same raw text gives the same ids as the vectorizer the source model was trained with.
     vocabulary = ["", *source["vocabulary_tokens"]]
-    expected = [[vocabulary.index(w) if w in vocabulary else 1 for w in s.split()] for s in
+    # keras.datasets.imdb's convention: a start id (1), then each word's id or 2 when out of vocabulary,
+    # pre-padded with 0 to maxlen.
+    expected = [[1] + [vocabulary.index(w) if w in vocabulary else 2 for w in s.split()] for s in
                 ["great fun film", "a dull unknownword film"]]
     ids = rebuilt.preprocess(text).numpy()
-    assert [list(row[:len(e)]) for row, e in zip(ids, expected)] == expected
+    assert [list(row[-len(e):]) for row, e in zip(ids, expected)] == expected
+    assert all(not row[:-len(e)].any() for row, e in zip(ids, expected))
     assert original.get_layer("head") is not None
 
 
@@ -79,7 +82,7 @@ def test_structure_transfer_refits_the_vocabulary(source_run):
     run_dir, _ = source_run
     source = transfer_lib.load_source_model(run_dir)
     backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=False, train_texts=["spam spam eggs"])
-    assert backbone.vectorizer.get_vocabulary()[2:4] == ["spam", "eggs"]
+    assert backbone.vectorizer.get_vocabulary()[4:6] == ["spam", "eggs"]  # after ids 0-3 (pad, start, OOV, unused)
     assert backbone.model.get_layer("lstm").units == 8  # the source's architecture
 
 
@@ -189,19 +192,19 @@ def test_compare_writes_report_with_every_strategy(tiny_bert_preset, tmp_path):
     config = Config(mode="compare", data=DataConfig(source=f"csv:{csv}", batch_size=4),
                     model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8,
                                       label_descriptions="0=awful|bad;1=great|good"),
-                    train=TrainConfig(epochs=2, learning_rate=1e-3, precision="float32"),
-                    compare=CompareConfig(strategies=("zero_shot", "scratch", "linear_probe", "fine_tune"),
+                    train=TrainConfig(epochs=1, learning_rate=1e-3, precision="float32"),
+                    compare=CompareConfig(strategies=("zero_shot", "linear_probe", "fine_tune"),
                                           seeds=2, label_fractions=(0.5, 1.0)),
                     model_dir=str(tmp_path / "cmp"))
     report = run(config, verbose=0)
     assert [(r["strategy"], r["fraction"]) for r in report["rows"]] == [
-        (s, f) for s in ("zero_shot", "scratch", "linear_probe", "fine_tune") for f in (0.5, 1.0)]
+        (s, f) for s in ("zero_shot", "linear_probe", "fine_tune") for f in (0.5, 1.0)]
     assert all(r["seeds"] == 2 and 0 <= r["accuracy"]["mean"] <= 1 for r in report["rows"])
     probe = next(r for r in report["rows"] if r["strategy"] == "linear_probe")
     tuned = next(r for r in report["rows"] if r["strategy"] == "fine_tune")
     assert probe["trainable_params"] < tuned["trainable_params"]
     markdown = (tmp_path / "cmp" / "report.md").read_text()
-    for strategy in ("zero_shot", "scratch", "linear_probe", "fine_tune"):
+    for strategy in ("zero_shot", "linear_probe", "fine_tune"):
         assert f"| {strategy} |" in markdown
     assert json.loads((tmp_path / "cmp" / "report.json").read_text())["rows"] == json.loads(
         json.dumps(report["rows"]))
@@ -257,4 +260,4 @@ def test_imdb_source_model_saves_the_word_index_with_its_offset(tmp_path, monkey
     source = transfer_lib.load_source_model(str(tmp_path / "run"))
     rebuilt = transfer_lib.backbone_from_source(source, reuse_vocabulary=True, train_texts=["x"])
     ids = rebuilt.preprocess(tf.constant(["the great movie"])).numpy()[0]
-    assert ids[:3].tolist() == [1 + 3, 3 + 3, 2 + 3]
+    assert ids.tolist() == [0, 1, 1 + 3, 3 + 3, 2 + 3]  # pre-padded, start id, then rank + 3
