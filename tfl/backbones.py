@@ -64,7 +64,7 @@ class Backbone:
     preprocess: Optional[Callable] = None  # batch of raw inputs -> model inputs (tf ops only)
     image_size: tuple = ()  # (height, width, channels) for image backbones
     keras_hub_backbone: object = None  # the keras_hub.models.Backbone, where there is one (for LoRA)
-    vectorizer: object = None  # lstm: the TextVectorization layer, adapted on the training texts
+    vectorizer: object = None  # lstm: the ImdbVectorizer (keras.datasets.imdb ids), fitted on the training texts
     source: str = ""  # what was loaded, for the record
 
 
