@@ -253,6 +253,29 @@ def test_backup_is_saved_at_every_epoch_end_also_with_save_every_steps(tmp_path)
     assert metadata.exists()  # fit() removes it once every stage is done, not each model.fit
 
 
+def test_a_resumed_run_records_the_epoch_it_is_in(tmp_path):
+    """Kill, resume, kill again: the mid-epoch save after a resume must say the resumed epoch, not 0."""
+    from tfl.train import Backup
+
+    model, data = tiny_regression()
+    model.compile(keras.optimizers.SGD(0.01), loss="mse")
+    metadata = tmp_path / "backup" / "training_metadata.json"
+    model.fit(data, epochs=2, callbacks=[Backup(str(tmp_path / "backup"), save_freq=3)], verbose=0, shuffle=False)
+    assert json.loads(metadata.read_text())["epoch"] == 2
+
+    class StopMidEpoch(keras.callbacks.Callback):  # the second kill, after the first mid-epoch save
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 3:
+                raise KeyboardInterrupt
+
+    resumed, _ = tiny_regression()
+    resumed.compile(keras.optimizers.SGD(0.01), loss="mse")
+    with pytest.raises(KeyboardInterrupt):
+        resumed.fit(data, epochs=4, callbacks=[Backup(str(tmp_path / "backup"), save_freq=3), StopMidEpoch()],
+                    verbose=0, shuffle=False)
+    assert json.loads(metadata.read_text()) == {"epoch": 2, "batch": 2}
+
+
 @pytest.mark.parametrize("stop_at", [3, 4])  # within the second stage; at the third stage's first epoch
 def test_gradual_unfreezing_resumes_as_if_never_stopped(tmp_path, monkeypatch, recwarn, stop_at):
     """Stages: head only (epochs 0-1), + "high" (2-3), + "low" (4-5). A run stopped before epoch

@@ -48,11 +48,52 @@ def test_overwrite_clears_a_tfl_run_and_library_runs_are_marked(text_csv, tmp_pa
                    model_dir=str(model_dir), export=False), verbose=0)
     assert run_dir.is_tfl_run(str(model_dir)) and (model_dir / "metrics.json").exists()
     assert not (model_dir / run_dir.LOCK).exists()  # released when the run ended
-    (model_dir / "stale.txt").write_text("from the old run")
+    (model_dir / "backup").mkdir()
+    (model_dir / "backup" / "stale.txt").write_text("the old run's resume state")
+    (model_dir / "notes.txt").write_text("the user's own")
+    # Without --overwrite, a different config is refused; with it, the old run's files go, the user's stay.
+    refused = run_main(f"--source=csv:{text_csv}", *QUICK, "--epochs=2", f"--model_dir={model_dir}")
+    assert refused.returncode == 2 and "holds a run with a different config" in the_error(refused)
     result = run_main(f"--source=csv:{text_csv}", *QUICK, "--epochs=2", f"--model_dir={model_dir}", "--overwrite")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not (model_dir / "stale.txt").exists() and (model_dir / "metrics.json").exists()
+    assert not (model_dir / "backup").exists() and (model_dir / "metrics.json").exists()
+    assert (model_dir / "notes.txt").read_text() == "the user's own" and "kept 1 file(s)" in result.stderr
     assert json.loads((model_dir / "config.json").read_text())["train"]["epochs"] == 2
+
+
+def test_a_run_never_starts_among_other_files(text_csv, tmp_path):
+    """Else a later --overwrite of that folder could delete them."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("precious")
+    result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={home}")
+    assert result.returncode == 2 and "holds other files" in the_error(result)
+    assert sorted(os.listdir(home)) == ["thesis.tex"]
+
+
+def test_a_run_from_before_markers_can_be_resumed_and_overwritten(tmp_path):
+    from tfl.config import Config
+
+    old = tmp_path / "old"
+    old.mkdir()
+    legacy = Config().to_dict()
+    legacy.pop("predict")  # written before that section existed
+    (old / "config.json").write_text(json.dumps(legacy))
+    (old / "metrics.json").write_text("{}")
+    assert run_dir.looks_like_a_tfl_run(str(old)) and not run_dir.is_tfl_run(str(old))
+    run_dir.check_starts_cleanly(str(old))  # resumable: no error
+    run_dir.clear_for_overwrite(str(old))
+    assert os.listdir(old) == []
+
+
+def test_lock_takeover_says_so_and_nested_acquire_is_a_no_op(tmp_path, capsys):
+    lock_path = tmp_path / run_dir.LOCK
+    lock_path.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 12345, "heartbeat": "x"}))
+    lock = run_dir.acquire(str(tmp_path))
+    assert "taking over the lock" in capsys.readouterr().err
+    assert run_dir.acquire(str(tmp_path)) is None
+    lock.release()
+    assert not lock_path.exists() and not list(tmp_path.iterdir())
 
 
 
@@ -106,6 +147,7 @@ def test_a_stale_remote_lock_is_taken_over_and_a_fresh_one_is_not(tmp_path, caps
     assert json.loads(lock_path.read_text())["pid"] == os.getpid()
     assert run_dir.acquire(folder) is None  # the holder asking again: no second lock
     lock.release()
+    assert not lock_path.exists()
 
 
 def test_unwritable_model_dir_is_one_line_before_any_work(text_csv, tmp_path):
@@ -115,8 +157,8 @@ def test_unwritable_model_dir_is_one_line_before_any_work(text_csv, tmp_path):
     assert result.returncode == 2 and "cannot be created or written" in the_error(result)
     result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={blocker}")
     assert result.returncode == 2 and "is a file" in the_error(result)
-    if os.geteuid() != 0:  # root can write anywhere
+    if os.geteuid() != 0:  # root can write anywhere (CI runs as root: the file cases above cover it there)
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={locked}/run")
-        assert result.returncode == 2 and "cannot be created or written" in result.stderr
+        assert result.returncode == 2 and "cannot be created or written" in the_error(result)

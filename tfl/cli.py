@@ -35,7 +35,9 @@ HELP = {
     "validation_split": "tfds: validation split; empty = a stratified --validation_fraction carved from the train "
                         "split (from --seed).",
     "test_split": "tfds: test split.",
-    "validation_fraction": "Share of the pool (or of train) held out for validation where a source has no split.",
+    "validation_fraction": "Share held out for validation where a source has no validation split: of the pool, or, "
+                           "for sources with their own test split, validation_fraction / (1 - test_fraction) of "
+                           "train (11.1% by default, as if the whole were split 80/10/10); stratified, from --seed.",
     "test_fraction": "Share of the pool held out for testing where a source has no test split.",
     "max_examples": "Cap on examples for quick runs (the pool before splitting, or each given split), drawn "
                     "stratified by label from --seed; 0 = all.",

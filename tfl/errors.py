@@ -10,7 +10,7 @@ import tensorflow as tf
 from tfl import run_dir, storage
 from tfl.assets import AssetError
 from tfl.backbones import BackboneError, check_backbone_name
-from tfl.config import Config, ConfigError
+from tfl.config import Config, ConfigError, config_from_dict
 from tfl.data.sources import DataError
 from tfl.export import ExportError
 from tfl.train import MISSING_TF_CONFIG, NonFiniteLossError, cluster_from_tf_config, is_chief
@@ -29,8 +29,12 @@ def check_model_dir(config: Config) -> None:
     path = os.path.join(config.model_dir, "config.json")
     if tf.io.gfile.exists(path) and not config.overwrite:
         previous = json.loads(storage.read_bytes(path))
-        current = json.loads(config.to_json())
-        ignore = {"overwrite"}
+        try:  # through the dataclasses, so sections added since that run compare as their defaults
+            previous = config_from_dict(previous).to_dict()
+        except (TypeError, ValueError):
+            pass  # not a config this version reads: it differs
+        current = config.to_dict()
+        ignore = {"overwrite", "predict"}
         if {k: v for k, v in previous.items() if k not in ignore} != {k: v for k, v in current.items() if k not in ignore}:
             raise ConfigError(f"--model_dir={config.model_dir} holds a run with a different config; use a new "
                               "--model_dir, or --overwrite to replace it")
@@ -62,6 +66,8 @@ def run_checked(config: Config) -> dict:
             if config.overwrite:
                 # --overwrite starts over: an old run's resume state must not leak into the new one.
                 run_dir.clear_for_overwrite(config.model_dir)
+            else:
+                run_dir.check_starts_cleanly(config.model_dir)
             run_dir.mark(config.model_dir)
             storage.write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
             return run(config)

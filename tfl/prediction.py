@@ -57,10 +57,26 @@ def read_inputs(inputs: Union[str, list], text_column: str = "text") -> tuple:
     return [inputs], [inputs]
 
 
+def _trained_modality(model_dir: str) -> Optional[str]:
+    """What the run was trained on (metrics.json), or None for runs that do not say."""
+    import json
+
+    path = os.path.join(model_dir, "metrics.json")
+    try:
+        return json.loads(storage.read_bytes(path)).get("data", {}).get("modality")
+    except (ValueError, tf.errors.OpError):
+        return None
+
+
 def predict(model_dir: str, inputs: Union[str, list], *, text_column: str = "text") -> list:
     """One dict per input: ``input``, ``label`` and ``p(<class>)`` for each class, from the latest export."""
     serve = tf.saved_model.load(latest_export(model_dir)).signatures["serving_default"]
     values, shown = read_inputs(inputs, text_column)
+    trained_on = _trained_modality(model_dir)
+    images_given = isinstance(inputs, str) and inputs.startswith("images:")
+    if trained_on and images_given != (trained_on in ("image", "image_file")):
+        raise DataError(f"The run in {model_dir} was trained on {trained_on} data, and --input={inputs[:60]} is "
+                        f"{'images' if images_given else 'text'}; give inputs of the kind it was trained on")
     spec = serve.structured_input_signature[1]["inputs"]
     if spec.dtype != tf.string:
         raise DataError(f"The export in {model_dir} takes token ids, not raw inputs; predict with raw text needs a "
@@ -88,5 +104,9 @@ def write_predictions(rows: list, output: Optional[str] = None) -> str:
     writer.writeheader()
     writer.writerows({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
     if output:
-        storage.write_text_atomically(output, buffer.getvalue())
+        try:
+            storage.write_text_atomically(output, buffer.getvalue())
+        except (tf.errors.OpError, OSError) as e:
+            raise DataError(f"Cannot write --output={output} ({type(e).__name__}); give a path in a folder you can "
+                            "write to")
     return buffer.getvalue()

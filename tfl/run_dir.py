@@ -65,23 +65,65 @@ def is_tfl_run(model_dir: str) -> bool:
         return False
 
 
+# What tfl writes into a run folder; --overwrite removes these and nothing else.
+RUN_ENTRIES = {"config.json", "metrics.json", "model.keras", "best.weights.h5", "training_log.csv", "logs", "backup",
+               "source_model", "export", "runs", "report.md", "report.json", "learning_curves.png",
+               "label_fractions.png", MARKER}
+
+
+def _is_tfl_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or ".tmp-" in name  # staging names of atomic writes
+
+
+def looks_like_a_tfl_run(model_dir: str) -> bool:
+    """The marker, or (a run from before markers existed) a tfl config.json with metrics.json or backup/."""
+    if is_tfl_run(model_dir):
+        return True
+    from tfl.config import config_from_dict
+
+    config_path = os.path.join(model_dir, "config.json")
+    try:
+        config_from_dict(json.loads(storage.read_bytes(config_path)))
+    except (ValueError, TypeError, tf.errors.OpError):
+        return False
+    return any(tf.io.gfile.exists(os.path.join(model_dir, name)) for name in ("metrics.json", "backup"))
+
+
+def check_starts_cleanly(model_dir: str) -> None:
+    """A run starts only in a new or empty folder, or in one that holds a tfl run (to resume or overwrite it):
+    never among someone else's files, which a later --overwrite could then remove."""
+    if not tf.io.gfile.isdir(model_dir):
+        return
+    others = [e for e in storage.list_folder(model_dir) if e != LOCK and not e.startswith(".tfl-write-check")]
+    if others and not looks_like_a_tfl_run(model_dir):
+        raise ConfigError(f"--model_dir={model_dir} holds other files (e.g. {sorted(others)[0]}) and no tfl run; "
+                          "give a new or empty folder")
+
+
 def clear_for_overwrite(model_dir: str) -> None:
-    """Empties a folder that holds a tfl run (keeping this process's lock); refuses any other folder."""
+    """Removes what tfl wrote into a folder that holds a tfl run; refuses any other folder. Files that
+    tfl does not write (someone's notes, say) stay."""
     if not tf.io.gfile.isdir(model_dir):
         return
     entries = [e for e in storage.list_folder(model_dir) if e != LOCK]
     if not entries:
         return
-    if not is_tfl_run(model_dir):
+    if not looks_like_a_tfl_run(model_dir):
         raise ConfigError(f"--overwrite clears only a folder that holds a tfl run, and --model_dir={model_dir} "
                           f"holds other files (e.g. {sorted(entries)[0]}) without tfl's run marker; nothing was "
                           "deleted. Choose a new --model_dir")
     for entry in entries:
+        if not _is_tfl_entry(entry):
+            continue
         path = os.path.join(model_dir, entry)
         if tf.io.gfile.isdir(path):
             tf.io.gfile.rmtree(path)
         else:
             tf.io.gfile.remove(path)
+    kept = sorted(e for e in entries if not _is_tfl_entry(e))
+    if kept:
+        print(f"tfl: --overwrite kept {len(kept)} file(s) tfl did not write in {model_dir}, e.g. {kept[0]}",
+              file=sys.stderr)
 
 
 def _owner() -> dict:
@@ -107,14 +149,30 @@ def _pid_alive(pid: int) -> bool:
 
 def _stale_reason(lock: dict):
     """Why an existing lock can be taken over, or None while its owner may be alive."""
-    age = time.time() - float(lock.get("heartbeat", 0))
+    try:
+        age = time.time() - float(lock.get("heartbeat", 0))
+        pid = int(lock.get("pid", -1))
+    except (TypeError, ValueError):
+        return "it is unreadable"
     if lock.get("host") == socket.gethostname():
-        if not _pid_alive(int(lock.get("pid", -1))):
-            return f"its process {lock.get('pid')} on this host is gone"
-        return None
+        return None if _pid_alive(pid) else f"its process {pid} on this host is gone"
     if age > STALE_SECONDS:
         return f"its heartbeat is {age:.0f} s old"
     return None
+
+
+def _remove_stale(path: str, token: str) -> None:
+    """Removes a stale lock so that of several processes taking it over at once, one wins the next create:
+    locally the lock is first renamed to a name of this process's own (a rename succeeds only once)."""
+    try:
+        if storage.is_remote(path):
+            tf.io.gfile.remove(path)
+            return
+        aside = f"{path}.stale-{token.replace(':', '-')}"
+        os.rename(path, aside)
+        os.remove(aside)
+    except (FileNotFoundError, tf.errors.NotFoundError):
+        pass  # another process moved it first; the exclusive create decides
 
 
 def _write_lock(path: str, payload: dict, exclusive: bool) -> bool:
@@ -152,8 +210,15 @@ class _Lock:
 
     def release(self):
         self._stop.set()
+        _held.discard(self.path)
         if (_read_lock(self.path) or {}).get("token") == self.payload["token"]:
-            tf.io.gfile.remove(self.path)
+            try:
+                tf.io.gfile.remove(self.path)
+            except tf.errors.NotFoundError:
+                pass
+
+
+_held = set()  # lock paths this process holds: nested acquire() calls are no-ops
 
 
 def acquire(model_dir: str):
@@ -161,21 +226,22 @@ def acquire(model_dir: str):
 
     Returns None when this process already holds it (nested calls), else a lock to ``release()``."""
     path = os.path.join(model_dir, LOCK)
+    if path in _held:
+        return None
     token = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
     payload = dict(_owner(), folder=model_dir, started=time.time(), heartbeat=time.time(), token=token)
-    for _ in range(3):
+    for _ in range(5):
         existing = _read_lock(path) if tf.io.gfile.exists(path) else None
         if existing is not None:
-            if existing.get("host") == socket.gethostname() and existing.get("pid") == os.getpid():
-                return None
             reason = _stale_reason(existing)
             if reason is None:
                 raise ConfigError(
                     f"--model_dir={model_dir} is being written by another run (host {existing.get('host')}, "
                     f"pid {existing.get('pid')}); wait for it to finish or use another --model_dir")
             print(f"tfl: taking over the lock in {model_dir}: {reason}", file=sys.stderr)
-            tf.io.gfile.remove(path)
+            _remove_stale(path, token)
         if _write_lock(path, payload, exclusive=True):
+            _held.add(path)
             return _Lock(path, payload)
     raise ConfigError(f"--model_dir={model_dir} is contended by other runs; use another --model_dir")
 

@@ -177,7 +177,11 @@ def run(config: Config, verbose: int = 1) -> dict:
     # it as a tfl run, library runs included, so --overwrite can recognise it later.
     run_dir.check_writable(config.model_dir)
     with run_dir.locked(config.model_dir):
+        run_dir.check_starts_cleanly(config.model_dir)
         run_dir.mark(config.model_dir)
+        config_path = os.path.join(config.model_dir, "config.json")
+        if not tf.io.gfile.exists(config_path):  # main.py wrote it already; a library run writes it here
+            write_json_atomically(config_path, config.to_dict())
         return _run_mode(config, verbose)
 
 
@@ -273,7 +277,9 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
             train_x, train_y, batch_size=config.data.batch_size, seed=config.seed,
             shuffle_buffer=config.data.shuffle_buffer, lengths=train_lengths,
             bucket_boundaries=bucketing["boundaries"] if bucketing else None, drop_remainder=kind == "tpu")
-        assert batch_count(fit_train) == steps_per_epoch  # the schedule was sized from the uncached pipeline
+        if batch_count(fit_train) != steps_per_epoch:  # the schedule was sized from the uncached pipeline
+            raise RuntimeError(f"cached-feature batches ({batch_count(fit_train)}) differ from the pipeline's "
+                               f"({steps_per_epoch}); please report this with the config")
         fit_val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.data.batch_size,
                                                                            drop_remainder=kind == "tpu")
         feature_cache = {"examples": int(len(train_x)), "dim": int(train_x.shape[1]),

@@ -292,14 +292,15 @@ def describe_backup(model_dir: str) -> Optional[str]:
 
 
 class Backup(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore (weights, optimizer, epoch; the previous copy kept), with three changes:
+    """Keras' BackupAndRestore (weights, optimizer, epoch; the previous copy kept), with four changes:
 
     - with an integer ``save_freq`` it saves at every epoch end too: Keras then saves only every N
       batches, so a kill right after an epoch would lose it;
     - fit() says whether to restore (``restore``) and whether the optimizer too (``restore_optimizer``):
       gradual unfreezing compiles one optimizer per stage, and only the first stage a rerun trains
       restores; a backup from the previous stage's end holds an optimizer with other variables;
-    - the backup stays after each model.fit: fit() removes it (``remove``) once every stage is done.
+    - the backup stays after each model.fit: fit() removes it (``remove``) once every stage is done;
+    - a mid-epoch save records the epoch in progress, also in a resumed process.
     """
 
     def __init__(self, backup_dir: str, save_freq="epoch"):
@@ -315,6 +316,11 @@ class Backup(keras.callbacks.BackupAndRestore):
             return super()._load_model()
         self.model.load_weights(self._weights_path, objects_to_skip=[self.model.optimizer])
         self.model._initial_epoch = (read_backup(self.backup_dir) or {}).get("epoch", 0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Keras counts epochs only at epoch ends, from 0 in each process: after a resume, a mid-epoch
+        # save would record epoch 0 and a second kill would restart the run at its first epoch.
+        self._current_epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 
 from tfl.data.sources import IMAGE, TEXT, DataError, Examples, SourceData
 
@@ -21,6 +22,8 @@ def load_tfds(name: str, *, train_split: str = "train", validation_split: str = 
     (stratified, from ``--seed``), exactly as for other sources without a validation split."""
     import tensorflow_datasets as tfds
 
+    if not train_split:
+        raise DataError(f"tfds:{name} needs --train_split (e.g. train, or train[:80%])")
     wanted = {"train": train_split, "validation": validation_split, "test": test_split}
     wanted = {k: v for k, v in wanted.items() if v}
     try:
@@ -38,7 +41,11 @@ def load_tfds(name: str, *, train_split: str = "train", validation_split: str = 
     if not label_names:
         raise DataError(f"tfds:{name}'s '{label_key}' is not a class label; tfl reads tfds classification "
                         "data sets (use csv:/jsonl: for regression or multilabel data)")
-    modality = IMAGE if "Image" in type(info.features[feature_key]).__name__ else TEXT
+    feature = info.features[feature_key]
+    modality = IMAGE if "Image" in type(feature).__name__ else TEXT
+    if modality == TEXT and getattr(feature, "dtype", None) not in (tf.string, np.object_, str):
+        raise DataError(f"tfds:{name}'s '{feature_key}' is neither text nor an image; set --text_column to a text "
+                        f"feature of {sorted(info.features)}")
     splits = {key: _examples(ds, feature_key, label_key, modality, f"tfds:{name} {split}")
               for (key, split), ds in zip(wanted.items(), datasets)}
     return SourceData(modality, label_names, splits=splits)
