@@ -18,8 +18,10 @@ install: $(VENV)/.installed
 assets: install
 	$(PY) -m tfl.assets fetch all
 
+# Two workers, one per core; test files that share state (the config rehearsal, multi-worker ports) stay
+# on one worker each (xdist_group).
 test: assets
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 # The same suite on TensorFlow 2.20, the newest release with a TPU build (tensorflow-tpu; see README).
 VENV_TF220 := .venv-tf220
@@ -31,7 +33,7 @@ $(VENV_TF220)/.installed: pyproject.toml
 	touch $@
 
 test-tf220: $(VENV_TF220)/.installed assets
-	$(VENV_TF220)/bin/python -m pytest -q tests
+	$(VENV_TF220)/bin/python -m pytest -q -n 2 --dist loadgroup tests
 
 demo: assets
 	$(PY) -m tfl.demo

@@ -23,6 +23,9 @@ from absl import flags
 from test_cli import ROOT
 from tfl import cli, errors
 
+# One worker runs the whole module: the last test reloads every export the rehearsals wrote.
+pytestmark = pytest.mark.xdist_group("configs")
+
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.flags")))
 REHEARSED = [c for c in CONFIGS if c != "base.flags"]  # base.flags is covered through the others
 QUICK = ["--max_steps_per_epoch=2", "--seeds=1", "--batch_size=8"]
