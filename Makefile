@@ -18,8 +18,7 @@ install: $(VENV)/.installed
 assets: install
 	$(PY) -m tfl.assets fetch all
 
-# Two workers, one per core; test files that share state (the config rehearsal, multi-worker ports) stay
-# on one worker each (xdist_group).
+# Two workers, one per core (pytest-xdist); every test sets up what it needs, so any worker can run it.
 test: assets
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 

@@ -21,10 +21,8 @@ import tensorflow as tf
 from absl import flags
 
 from test_cli import ROOT
+from test_export import reload_in_fresh_process
 from tfl import cli, errors
-
-# One worker runs the whole module: the last test reloads every export the rehearsals wrote.
-pytestmark = pytest.mark.xdist_group("configs")
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.flags")))
 REHEARSED = [c for c in CONFIGS if c != "base.flags"]  # base.flags is covered through the others
@@ -168,6 +166,15 @@ def served_inputs(metrics: dict, config) -> tuple:
     return "text", ["a gripping, beautifully shot film", "two hours I will never get back"]
 
 
+def check_served(export_path: str, kind: str, inputs: list, label_names: list) -> None:
+    """The export, reloaded in a fresh process without tfl, predicts a distribution over the run's labels."""
+    served = reload_in_fresh_process(export_path, kind, inputs)
+    assert served["label_names"] == label_names
+    probabilities = np.array(served["probabilities"])
+    assert probabilities.shape == (len(inputs), max(len(label_names), 2))
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4) and set(served["label"]) <= set(label_names)
+
+
 @pytest.fixture(scope="module")
 def hub_stand_ins(tmp_path_factory, tiny_vit_preset):
     """A tiny BERT with BERT-base's 512 positions (the configs ask for up to 128 tokens), and the tiny ViT."""
@@ -184,7 +191,7 @@ def hub_stand_ins(tmp_path_factory, tiny_vit_preset):
 
 @pytest.fixture(scope="module")
 def rehearsals(tmp_path_factory):
-    return {"root": tmp_path_factory.mktemp("configs"), "done": {}, "exports": {}}
+    return {"root": tmp_path_factory.mktemp("configs"), "done": {}}
 
 
 @pytest.mark.parametrize("name", REHEARSED)
@@ -203,12 +210,11 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
         return
     assert metrics["test"] and os.path.exists(os.path.join(model_dir, "metrics.json"))
     assert metrics["optimizer_steps"] == metrics["epochs_run"] * metrics["steps_per_epoch"] > 0
-    assert os.path.exists(os.path.join(metrics["export_path"], "saved_model.pb"))
-    rehearsals["exports"][name] = (metrics["export_path"], *served_inputs(metrics, config),
-                                   metrics["data"]["label_names"])
+    kind, inputs = served_inputs(metrics, config)
+    check_served(metrics["export_path"], kind, inputs, metrics["data"]["label_names"])
 
 
-def test_the_notebooks_library_cell_runs_with_the_default_strategy(tmp_path, hub_stand_ins, rehearsals):
+def test_the_notebooks_library_cell_runs_with_the_default_strategy(tmp_path, hub_stand_ins):
     import dataclasses
 
     import tensorflow_datasets as tfds
@@ -229,43 +235,4 @@ def test_the_notebooks_library_cell_runs_with_the_default_strategy(tmp_path, hub
              namespace)
     _, replicas, precision = namespace["result"]
     assert replicas == 1 and precision in ("float32", "mixed_bfloat16")
-    rehearsals["exports"]["colab_tpu.ipynb"] = (namespace["metrics"]["export_path"], "text", ["a gripping film"],
-                                                ["negative", "positive"])
-
-
-RELOAD_ALL = """
-import json, sys
-import tensorflow as tf
-import tensorflow_text  # registers the tokenizer ops; tfl is not imported
-assert "tfl" not in sys.modules
-results = {}
-for name, (path, kind, inputs, _) in json.loads(sys.stdin.read()).items():
-    if kind == "image":
-        inputs = [bytes.fromhex(x) for x in inputs]
-    out = tf.saved_model.load(path).signatures["serving_default"](inputs=tf.constant(inputs))
-    results[name] = {"probabilities": out["probabilities"].numpy().tolist(),
-                     "label": [x.decode() for x in out["label"].numpy()],
-                     "label_names": [x.decode() for x in out["label_names"].numpy()[0]]}
-print(json.dumps(results))
-"""
-
-
-def test_every_export_reloads_in_a_fresh_process_and_predicts(rehearsals):
-    """One fresh process (no tfl) loads every rehearsed config's export and predicts on raw inputs."""
-    import subprocess
-    import sys
-
-    trained = [n for n in REHEARSED if parse([a for a in documented_command(n) if not a.startswith(
-        ("--model_dir", "--source_model"))]).mode == "train"]
-    assert sorted(rehearsals["exports"]) == sorted(trained + ["colab_tpu.ipynb"]), "run the whole module"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", RELOAD_ALL], input=json.dumps(rehearsals["exports"]),
-                            capture_output=True, text=True, env=env, cwd="/", timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = json.loads(result.stdout.strip().splitlines()[-1])
-    for name, (_, _, inputs, label_names) in rehearsals["exports"].items():
-        assert served[name]["label_names"] == label_names, name
-        probabilities = np.array(served[name]["probabilities"])
-        assert probabilities.shape == (len(inputs), max(len(label_names), 2)), name
-        assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4), name
-        assert set(served[name]["label"]) <= set(label_names), name
+    check_served(namespace["metrics"]["export_path"], "text", ["a gripping film"], ["negative", "positive"])
