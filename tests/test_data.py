@@ -28,6 +28,15 @@ def test_stratified_split_is_deterministic_and_stratified():
     assert [int((labels[p] == 1).sum()) for p in a] == [16, 2, 2]  # 20% positives in each part
 
 
+def test_a_source_sorted_by_label_gives_splits_in_mixed_order():
+    # asset:imdb lists 12,500 negatives then 12,500 positives; in file order a shuffle buffer smaller than
+    # the train split would feed batches of one class for most of an epoch.
+    labels = np.array([0] * 500 + [1] * 500)
+    train, _ = stratified_split(labels, (0.8, 0.2), seed=0)
+    first_tenth = labels[train[:80]]
+    assert 0.3 < first_tenth.mean() < 0.7
+
+
 def test_csv_source_splits_and_label_names(text_csv):
     splits = load_data(f"csv:{text_csv}", seed=0, validation_fraction=0.2, test_fraction=0.2)
     assert splits.label_names == ["neg", "pos"]

@@ -69,6 +69,16 @@ def test_parameter_transfer_copies_body_and_reinitialises_head(source_run, tmp_p
     assert "reinitialised  head" in transfer_lib.format_mapping_report(report)
 
 
+def test_parameter_transfer_to_a_shorter_maxlen_keeps_the_weights(source_run):
+    run_dir, _ = source_run
+    source = transfer_lib.load_source_model(run_dir)  # trained with maxlen 6
+    backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=True, train_texts=["x"], maxlen=3)
+    assert backbone.preprocess(tf.constant(["great fun film and more"])).shape == (1, 3)
+    target = build_model(backbone, ["a", "b"])
+    assert transfer_lib.copy_weights(source, target)["copied"] == ["embedding", "lstm"]
+    assert target.predict(backbone.preprocess(tf.constant(["great fun film"])), verbose=0).shape == (1, 1)  # binary: one sigmoid unit
+
+
 def test_mismatched_architecture_is_an_error_not_a_no_op(source_run):
     run_dir, _ = source_run
     source = transfer_lib.load_source_model(run_dir)

@@ -82,7 +82,7 @@ def backbone_for(config: Config, splits: data_lib.DataSplits, precision: str) ->
         texts = train_texts_of(splits) if splits.modality == data_lib.TEXT else None
         reuse = m.transfer == "parameter" and m.transfer_vocabulary == "source"
         backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=reuse, train_texts=texts,
-                                                     seed=config.seed)
+                                                     seed=config.seed, maxlen=d.maxlen)
         backbones_lib.check_fits_data(backbone, splits.modality)
         return backbone
     train_texts = None
@@ -333,7 +333,9 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
             backbone, num_words=config.data.num_words, maxlen=config.data.maxlen, embedding_dim=m.embedding_dim,
             lstm_units=m.lstm_units, data_source=config.data.source)
         if config.model.transfer:
-            architecture = transfer_lib.load_source_model(m.source_model)["architecture"]
+            architecture = dict(transfer_lib.load_source_model(m.source_model)["architecture"])
+            if "maxlen" in architecture:  # the target's length, as its vectorizer pads to it
+                architecture["maxlen"] = config.data.maxlen
         transfer_lib.save_source_model(config.model_dir, backbone, model, splits.label_names, architecture)
         if config.export:
             metrics["export_path"] = export_lib.export_serving_model(

@@ -102,10 +102,14 @@ def load_source_model(path: str) -> dict:
 
 
 def backbone_from_source(source: dict, *, reuse_vocabulary: bool, train_texts=None, seed: int = 0,
-                         dtype: Optional[str] = None) -> backbones_lib.Backbone:
+                         dtype: Optional[str] = None, maxlen: Optional[int] = None) -> backbones_lib.Backbone:
     """The source's architecture, freshly initialised. Parameter transfer reuses its vocabulary
-    (the same raw text gives the same ids); structure transfer fits a new one on ``train_texts``."""
-    arch = source["architecture"]
+    (the same raw text gives the same ids); structure transfer fits a new one on ``train_texts``.
+    ``maxlen``: the target's tokens per text (default the source's). The LSTM's weights do not depend on
+    it, so short target texts (sentences) need not be padded to a long source's length (reviews)."""
+    arch = dict(source["architecture"])
+    if maxlen and "maxlen" in arch:
+        arch["maxlen"] = maxlen
     if source["backbone"] == "small_cnn":
         return backbones_lib.build_small_cnn_backbone(tuple(arch["input_shape"]), seed)
     if source["modality"] == backbones_lib.TEXT and train_texts is None:

@@ -63,7 +63,9 @@ def stratified_split(labels: np.ndarray, fractions: tuple, seed: int, first_has_
                 end = max(end, min(1, len(group)))
             parts[i].append(group[start:end])
             start = end
-    return [np.sort(np.concatenate(p)) for p in parts]
+    # Each part in a random order, not the file's: a source sorted by label (asset:imdb) would otherwise
+    # feed a shuffle buffer smaller than the split batches of mostly one class.
+    return [rng.permutation(np.concatenate(p)) for p in parts]
 
 
 def _cap(examples: Examples, max_examples: int, seed: int) -> Examples:
