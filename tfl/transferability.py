@@ -204,8 +204,10 @@ def logme(features, labels, task: str = "classification", *, tol: float = 1e-7, 
 
     Two deliberate differences from the reference code, neither changing the method: the iteration
     stops when alpha/beta moves by less than ``tol`` (the reference stops at 1e-3 or 11 steps, so
-    scores agree to about 1e-3), and rank-deficient features (N < D, dead units, duplicated dims)
+    scores differ by up to a few 1e-3), and rank-deficient features (N < D, dead units, duplicated dims)
     use the exact log|A| (the reference's truncated-SVD path adds (D - rank)/2 log(alpha) / N).
+    Features that reproduce a target exactly (no noise at all) have unbounded evidence (beta -> inf);
+    a small guard keeps the score finite but large there, as the reference's epsilon does.
 
     Cost: one SVD of the [N, D] features, then O(N * rank) per class: N = 2,000, D = 384 takes well
     under a second.
