@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,convert]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,7 +27,7 @@ VENV_TF220 := .venv-tf220
 $(VENV_TF220)/.installed: pyproject.toml
 	python3 -m venv $(VENV_TF220)
 	$(VENV_TF220)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV_TF220)/bin/python -m pip install --quiet -e ".[test]" "tensorflow==2.20.*" "tensorflow-text==2.20.*" \
+	$(VENV_TF220)/bin/python -m pip install --quiet -e ".[test,convert]" "tensorflow==2.20.*" "tensorflow-text==2.20.*" \
 		"tensorboard==2.20.*"
 	touch $@
 

@@ -73,6 +73,35 @@ def test_corrupt_package_is_rejected_and_nothing_is_unpacked(tfl_home, fake_asse
     assert not os.listdir(os.path.join(str(tfl_home), "downloads"))  # the bad download is not kept
 
 
+def test_a_converted_asset_is_complete_only_after_its_conversion(tfl_home, fake_asset, monkeypatch):
+    """An asset with ``convert`` (asset:minilm_l3): the assets it needs are fetched first, the conversion runs on
+    the unpacked members before the asset is marked complete, and a failed conversion leaves nothing behind."""
+    asset, downloader, _ = fake_asset
+    seen = []
+
+    def convert(folder):
+        seen.append((sorted(os.listdir(folder)), assets.is_fetched("fake")))
+        with open(os.path.join(folder, "converted.txt"), "w") as f:
+            f.write("ok")
+
+    monkeypatch.setitem(assets.ASSETS, "converted", dataclasses.replace(
+        asset, name="converted", convert=convert, needs=("fake",)))
+    folder = assets.fetch("converted", downloader=downloader)
+    assert seen == [(["a.csv", "sub"], True)]  # the needed asset was fetched first; no marker yet
+    assert sorted(os.listdir(folder)) == [".tfl-asset-complete", "a.csv", "converted.txt", "sub"]
+    assert assets.fetch("converted", downloader=downloader) == folder and len(seen) == 1  # cached: not converted again
+
+    def broken(folder):
+        raise ValueError("graph.onnx: weight 'w' has shape [3, 2] but the bias it feeds, 'b', has 4 values")
+
+    monkeypatch.setitem(assets.ASSETS, "broken", dataclasses.replace(asset, name="broken", convert=broken))
+    with pytest.raises(assets.AssetError, match=r"Could not convert broken: graph\.onnx: weight 'w'") as refused:
+        assets.fetch("broken", downloader=downloader)
+    assert "\n" not in str(refused.value)
+    assert not assets.is_fetched("broken")
+    assert sorted(os.listdir(tfl_home / "assets")) == ["converted", "fake"]  # no half-made folder, no staging
+
+
 def test_unknown_asset_lists_the_known_ones():
     with pytest.raises(assets.AssetError, match="rotten_tomatoes"):
         assets.asset_path("imagenet")

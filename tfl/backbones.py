@@ -6,8 +6,8 @@
     backbone.blocks         # [Block("embeddings", ...), Block("transformer_layer_0", ...), ...]
 
 Names: a keras-hub preset (``bert_base_en_uncased``) or a local preset/Hugging Face/timm folder;
-``asset:minilm`` (the offline all-MiniLM-L6-v2 asset); a ``keras.applications`` model
-(``ResNet50``, ``EfficientNetB0``, ...); ``lstm`` (the seed IMDB model); ``small_cnn``.
+``asset:minilm`` / ``asset:minilm_l3`` (the offline all-MiniLM-L6-v2 and paraphrase-MiniLM-L3-v2 assets);
+a ``keras.applications`` model (``ResNet50``, ``EfficientNetB0``, ...); ``lstm`` (the seed IMDB model); ``small_cnn``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Backbone:
 
 
 SMALL_MODELS = ("lstm", "small_cnn")
-BACKBONE_ASSETS = ("minilm", "efficientnet_lite0")  # offline pretrained weights (tfl.assets)
+BACKBONE_ASSETS = ("minilm", "minilm_l3", "efficientnet_lite0")  # offline pretrained weights (tfl.assets)
 
 
 def keras_application_names() -> list:

@@ -49,8 +49,9 @@ HELP = {
     "cache": "Cache preprocessed examples in memory.",
     "bucket_shapes": "Tokenized text: batch by length and pad to at most this many boundaries (from the training "
                      "data's lengths); 0 = pad everything to --sequence_length.",
-    "backbone": "lstm, small_cnn, asset:minilm, a keras.applications name (ResNet50, EfficientNetB0, ...), "
-                "a keras-hub preset (bert_base_en_uncased, vit_base_patch16_224_imagenet, ...) or a local folder.",
+    "backbone": "lstm, small_cnn, asset:minilm, asset:minilm_l3, a keras.applications name (ResNet50, "
+                "EfficientNetB0, ...), a keras-hub preset (bert_base_en_uncased, vit_base_patch16_224_imagenet, ...) "
+                "or a local folder.",
     "weights": "keras.applications weights: imagenet, none or a .weights.h5 path.",
     "pretrained": "Load the backbone's pretrained weights; --nopretrained trains the same architecture from scratch.",
     "task": "classification, multilabel or regression.",

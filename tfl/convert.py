@@ -1,9 +1,12 @@
-"""Converts the offline EfficientNet-Lite0 ImageNet weights to a folder keras-hub's timm loader reads.
+"""Converts offline weights that ship in foreign formats to folders keras-hub's loaders read.
 
     folder = tfl.convert.efficientnet_lite0_preset()   # cached under $TFL_HOME/presets/efficientnet_lite0
     backbone = tfl.build_backbone("asset:efficientnet_lite0")
 
-The asset is a *legacy* (pre-1.6, not zip) PyTorch state dict. It is read without torch and without
+    tfl.convert.convert_onnx_bert("model.onnx", "vocab.txt", "out/")   # an exported BERT -> Hugging Face folder
+    backbone = tfl.build_backbone("asset:minilm_l3")   # converted that way when the asset is fetched
+
+The EfficientNet asset is a *legacy* (pre-1.6, not zip) PyTorch state dict. It is read without torch and without
 general unpickling: a restricted unpickler admits only the four globals such a state dict names
 (OrderedDict, _rebuild_tensor_v2, FloatStorage, LongStorage), and only after the asset's sha256 was
 checked at fetch time. Never point this at user-supplied files.
@@ -197,4 +200,160 @@ def efficientnet_lite0_preset() -> str:
     if not os.path.isfile(os.path.join(out_dir, "model.safetensors")):
         pth = os.path.join(assets.asset_path("efficientnet_lite0"), "efficientnet-lite0-57934424.pth")
         convert_efficientnet_lite0(pth, out_dir)
+    return out_dir
+
+
+# ---- ONNX BERT -> Hugging Face folder ------------------------------------------------------------------
+
+# The six linear layers of a BERT encoder layer, by their Hugging Face name, as (input dim, output dim).
+_BERT_LINEARS = {"attention.self.query": ("hidden", "hidden"), "attention.self.key": ("hidden", "hidden"),
+                 "attention.self.value": ("hidden", "hidden"), "attention.output.dense": ("hidden", "hidden"),
+                 "intermediate.dense": ("hidden", "intermediate"), "output.dense": ("intermediate", "hidden")}
+_BERT_NAMED = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+               "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+_BERT_LAYER_NORMS = ["attention.output.LayerNorm", "output.LayerNorm"]
+_KERAS_HUB_BERT_LAYER_NORM_EPSILON = 1e-12  # fixed in keras-hub's BertBackbone
+
+
+def _load_onnx(path: str):
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("Converting an ONNX model needs the onnx package: pip install -e '.[convert]'") from None
+    return onnx.load(path)
+
+
+def _constant_ints(graph, name: str, initializers: dict):
+    """The integer values of a graph constant (a Constant node or an initializer), or None."""
+    from onnx import numpy_helper
+
+    if name in initializers:
+        return [int(v) for v in np.ravel(initializers[name])]
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return None if value is None else [int(v) for v in np.ravel(numpy_helper.to_array(value))]
+    return None
+
+
+def _attention_heads(graph, query_output: str, hidden: int, initializers: dict):
+    """The head count from the Reshape that splits the query into heads: its target shape ends in
+    (heads, head_dim), either a constant or a Concat of constants (as torch's exporter writes it)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[0] != query_output:
+            continue
+        shape = _constant_ints(graph, node.input[1], initializers)
+        if shape is None and node.input[1] in producers and producers[node.input[1]].op_type == "Concat":
+            parts = [_constant_ints(graph, i, initializers) for i in producers[node.input[1]].input[-2:]]
+            shape = None if None in parts else sum(parts, [])
+        if shape and len(shape) >= 2 and shape[-2] > 0 and shape[-2] * shape[-1] == hidden:
+            return shape[-2]
+    return None
+
+
+def convert_onnx_bert(onnx_path: str, vocab_path: str, out_dir: str, *, lowercase: bool = True,
+                      num_heads: int = 0) -> str:
+    """Writes a BERT encoder exported to ONNX by torch as a Hugging Face folder keras-hub's BERT loader reads
+    (``config.json``, ``model.safetensors``, ``vocab.txt``, ``tokenizer_config.json``); returns ``out_dir``.
+
+    Embeddings, biases and LayerNorms keep their Hugging Face names in such exports (under a prefix such as
+    ``model.0.auto_model.``); the linear weights become anonymous ``onnx::MatMul_N`` tensors stored
+    [in, out]. Each is named by following the graph: its MatMul's output feeds an Add whose other input is
+    a named bias, and ``<layer>.bias`` names ``<layer>.weight`` (stored [out, in], as torch does). The head
+    count is read from the Reshape that splits the query into heads unless ``num_heads`` is given. The
+    export has no pooler: an identity pooler is written (mean pooling does not use it). Files are written
+    into ``out_dir`` as they are made; callers that need atomicity convert into a staging folder.
+
+        convert_onnx_bert("paraphrase-MiniLM-L3-v2.onnx", "minilm/vocab.txt", "minilm_l3/")
+        keras_hub.models.BertBackbone.from_preset("minilm_l3/")
+    """
+    graph = _load_onnx(onnx_path).graph  # first: a clear error if the onnx package is missing
+    from onnx import numpy_helper
+    from safetensors.numpy import save_file
+
+    name = os.path.basename(onnx_path)
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    prefix = next((n[: -len(_BERT_NAMED[0])] for n in initializers if n.endswith(_BERT_NAMED[0])), None)
+    if prefix is None:
+        raise ValueError(f"{name} has no '{_BERT_NAMED[0]}' initializer; it is not an exported BERT encoder")
+    named = {n[len(prefix):]: a for n, a in initializers.items() if n.startswith(prefix)}
+
+    tensors, bias_adds = {}, {}  # Hugging Face weight name -> the output of the Add of its bias
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for i in node.input:
+            consumers[i].append(node)
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in initializers or node.input[1].startswith(prefix):
+            continue
+        weight_name = node.input[1]
+        add, bias = next(((add, other) for add in consumers[node.output[0]] if add.op_type == "Add"
+                          for other in add.input if other in initializers and other.startswith(prefix)
+                          and other.endswith(".bias")), (None, None))
+        if bias is None:
+            raise ValueError(f"{name}: the MatMul of weight '{weight_name}' feeds no Add with a named bias, "
+                             "so the weight cannot be named")
+        hf_name = bias[len(prefix): -len("bias")] + "weight"
+        weight, bias_value = initializers[weight_name], initializers[bias]
+        if weight.ndim != 2 or weight.shape[1] != bias_value.shape[0]:
+            raise ValueError(f"{name}: weight '{weight_name}' has shape {list(weight.shape)} but the bias it feeds, "
+                             f"'{bias}', has {bias_value.shape[0]} values; expected [in, {bias_value.shape[0]}]")
+        if hf_name in tensors:
+            raise ValueError(f"{name}: two MatMul weights feed the bias '{bias}'")
+        tensors[hf_name], bias_adds[hf_name] = weight.T, add.output[0]
+
+    layers = sorted({int(n.split(".")[2]) for n in named if n.startswith("encoder.layer.")})
+    if layers != list(range(len(layers))) or not layers:
+        raise ValueError(f"{name}: encoder layers {layers} are not numbered 0..N-1")
+    vocab_size, hidden = named[_BERT_NAMED[0]].shape
+    intermediate = named.get("encoder.layer.0.intermediate.dense.bias", np.zeros(0)).shape[0]
+    dims = {"hidden": hidden, "intermediate": intermediate}
+    expected = {n: None for n in _BERT_NAMED}
+    for i in layers:
+        for layer, (d_in, d_out) in _BERT_LINEARS.items():
+            expected[f"encoder.layer.{i}.{layer}.weight"] = (dims[d_out], dims[d_in])
+            expected[f"encoder.layer.{i}.{layer}.bias"] = (dims[d_out],)
+        for norm in _BERT_LAYER_NORMS:
+            expected[f"encoder.layer.{i}.{norm}.weight"] = expected[f"encoder.layer.{i}.{norm}.bias"] = (hidden,)
+    for key, shape in expected.items():
+        value = tensors[key] if key in tensors else named.get(key)
+        if value is None:
+            raise ValueError(f"{name}: no tensor for '{key}' (named, or a MatMul weight feeding its bias)")
+        if shape is not None and tuple(value.shape) != shape:
+            raise ValueError(f"{name}: '{key}' has shape {list(value.shape)}, expected {list(shape)}")
+        tensors[key] = value
+    for node in graph.node:
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)  # ONNX's default
+        if node.op_type == "LayerNormalization" and not np.isclose(epsilon, _KERAS_HUB_BERT_LAYER_NORM_EPSILON,
+                                                                     rtol=1e-3, atol=0):
+            raise ValueError(f"{name}: LayerNorm epsilon {epsilon:g}, but keras-hub's BERT uses "
+                             f"{_KERAS_HUB_BERT_LAYER_NORM_EPSILON:g}")
+
+    heads = num_heads or _attention_heads(graph, bias_adds["encoder.layer.0.attention.self.query.weight"], hidden,
+                                          initializers)
+    if not heads or hidden % heads:
+        raise ValueError(f"{name}: could not read the attention head count from the graph; pass num_heads")
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab_lines = sum(1 for _ in f)
+    if vocab_lines != vocab_size:
+        raise ValueError(f"{vocab_path} has {vocab_lines} tokens but {name}'s word embeddings have {vocab_size} rows")
+    tensors["pooler.dense.weight"] = np.eye(hidden, dtype=np.float32)
+    tensors["pooler.dense.bias"] = np.zeros(hidden, dtype=np.float32)
+
+    config = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": int(vocab_size),
+              "hidden_size": int(hidden), "num_hidden_layers": len(layers), "num_attention_heads": int(heads),
+              "intermediate_size": int(dims["intermediate"]),
+              "max_position_embeddings": int(named["embeddings.position_embeddings.weight"].shape[0]),
+              "type_vocab_size": int(named["embeddings.token_type_embeddings.weight"].shape[0]),
+              "hidden_act": "gelu", "layer_norm_eps": _KERAS_HUB_BERT_LAYER_NORM_EPSILON,
+              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0}
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+              os.path.join(out_dir, "model.safetensors"))
+    shutil.copyfile(vocab_path, os.path.join(out_dir, "vocab.txt"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase}, f, indent=2)
     return out_dir
