@@ -2,17 +2,23 @@
 
 1. Loads every offline data set and prints its size and labels.
 2. MiniLM on Rotten Tomatoes: zero-shot vs. linear probe vs. fine-tune (configs/demo_minilm_rt.flags).
-3. LSTM transfer: trains the seed IMDB LSTM on Rotten Tomatoes (configs/rt_lstm.flags), then compares
-   scratch vs. parameter transfer on SpamAssassin at 5% and 20% labels, 3 seeds (configs/rt_to_spam.flags).
-Reports go to runs/demo/*/report.md; ``--refresh-docs`` also copies them, with their plots, to the
-committed docs/demo/ (``make docs-demo``), so a plain ``make demo`` leaves a clone's tracked files alone.
+3. Related-task transfer: the seed IMDB LSTM trained on IMDB reviews (configs/imdb_quick.flags), then
+   scratch vs. structure vs. parameter transfer on Rotten Tomatoes sentences at 1%, 5% and 20% of the
+   labels, 3 seeds (configs/imdb_to_rt.flags).
+Reports go to runs/demo/*/report.md. ``--refresh-docs`` (``make docs-demo``) also runs the longer
+documentation jobs (the unrelated control IMDB -> SpamAssassin and the Fashion-MNIST image pair), copies
+every report with its plots to the committed docs/demo/, and regenerates the README's results from
+them, so a plain ``make demo`` leaves a clone's tracked files alone and no result is typed by hand.
 
     python -m tfl.demo [--quick] [--refresh-docs]     # --quick: tiny caps, for a smoke test
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import re
 import shutil
 import sys
 import time
@@ -22,6 +28,21 @@ from absl import flags
 from tfl import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs", "demo")
+# (name, flagfile, the job whose run is its --source_model); `make demo` runs DEMO_JOBS, `make docs-demo`
+# adds DOCS_JOBS. Every flagfile is also rehearsed by tests/test_configs.py.
+DEMO_JOBS = [("minilm_rt", "configs/demo_minilm_rt.flags", None),
+             ("imdb_quick", "configs/imdb_quick.flags", None),
+             ("imdb_to_rt", "configs/imdb_to_rt.flags", "imdb_quick")]
+DOCS_JOBS = [("imdb_to_spam", "configs/imdb_to_spam.flags", "imdb_quick"),
+             ("fmnist_source", "configs/fmnist_source.flags", None),
+             ("fmnist_transfer", "configs/fmnist_transfer.flags", "fmnist_source")]
+# What each committed report shows, in the README's results.
+TITLES = {"minilm_rt": "MiniLM on Rotten Tomatoes: zero-shot, linear probe, fine-tune",
+          "imdb_to_rt": "Related task: IMDB LSTM -> Rotten Tomatoes sentences",
+          "imdb_to_spam": "Unrelated control: IMDB LSTM -> SpamAssassin e-mails",
+          "fmnist_transfer": "Images: small CNN on Fashion-MNIST classes 0-4 -> classes 5-9"}
+README_BEGIN, README_END = "<!-- demo results: begin -->", "<!-- demo results: end -->"
 
 
 def config_from_flagfile(flagfile: str, **overrides):
@@ -34,11 +55,67 @@ def config_from_flagfile(flagfile: str, **overrides):
 def summarise_data() -> None:
     from tfl.data import load_data
 
-    for source in ("asset:rotten_tomatoes", "asset:spam_assassin", "asset:political_speeches",
-                   "asset:fashion_mnist", "asset:mnist5k"):
+    for source in ("asset:rotten_tomatoes", "asset:imdb", "asset:rt_polarity", "asset:spam_assassin",
+                   "asset:political_speeches", "asset:fashion_mnist", "asset:mnist5k"):
         splits = load_data(source, seed=0)
         counts = {name: sum(c.get(name, 0) for c in splits.label_counts.values()) for name in splits.label_names}
         print(f"demo: {source:26s} {splits.modality:5s} {sum(splits.sizes.values()):6,d} examples {counts}")
+
+
+def job_config(name: str, flagfile: str, source_job, out: str, quick: bool):
+    overrides = {"model_dir": f"{out}/{name}", "overwrite": True}
+    if source_job:
+        overrides["source_model"] = f"{out}/{source_job}"
+    if quick:
+        overrides.update(max_examples=400, max_steps_per_epoch=4, epochs=1)
+    config = config_from_flagfile(flagfile, **overrides)
+    if quick and config.mode == "compare":
+        config = config_from_flagfile(flagfile, seeds=1, **overrides)
+    if config.mode == "train":  # a source run: its source_model/ is what the next job needs, not an export
+        config = config_from_flagfile(flagfile, export=False, **overrides)
+    return config
+
+
+def results_markdown(docs: str = DOCS) -> str:
+    """The README's results, from the committed reports in docs/demo/ (never typed by hand)."""
+    from tfl.report import format_table
+
+    lines = []
+    timing = os.path.join(docs, "demo.json")
+    if os.path.exists(timing):
+        t = json.load(open(timing, encoding="utf-8"))
+        lines += [f"`make docs-demo` last ran on {t['date']} on {t['host']}: {t['seconds'] / 60:.1f} min in all, "
+                  f"of which the `make demo` jobs took {t['demo_seconds'] / 60:.1f} min.", ""]
+    names = sorted(os.listdir(docs), key=lambda n: (list(TITLES).index(n) if n in TITLES else len(TITLES), n))
+    for name in names:
+        path = os.path.join(docs, name, "report.json")
+        if not os.path.exists(path):
+            continue
+        report = json.load(open(path, encoding="utf-8"))
+        c = report["config"]
+        lines += [f"**{TITLES.get(name, name)}** ([report](docs/demo/{name}/report.md)): `{c['data']['source']}`, "
+                  f"backbone `{c['model']['backbone']}`"
+                  + (f" from `{os.path.basename(c['model']['source_model'])}`" if c["model"].get("source_model") else "")
+                  + f"; {c['train']['epochs']} epoch(s), {c['compare']['seeds']} seed(s); test split, mean ± std.",
+                  "", format_table(report["rows"]), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def refresh_readme(readme: str = os.path.join(ROOT, "README.md"), docs: str = DOCS) -> None:
+    text = open(readme, encoding="utf-8").read()
+    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"error: {readme} has no {README_BEGIN} ... {README_END} block to fill")
+    block = f"{README_BEGIN}\n{results_markdown(docs)}{README_END}"
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(pattern.sub(lambda _: block, text))
+
+
+def copy_report(model_dir: str, docs: str) -> None:
+    os.makedirs(docs, exist_ok=True)
+    for file in os.listdir(model_dir):
+        if file.endswith((".md", ".png", ".json")) and file != "config.json":
+            shutil.copy(os.path.join(model_dir, file), docs)
 
 
 def main(argv: list) -> int:
@@ -49,32 +126,30 @@ def main(argv: list) -> int:
     if unknown:
         print(f"error: unknown argument {unknown[0]}; expected --quick and/or --refresh-docs", file=sys.stderr)
         return 2
-    caps = {"max_examples": 400, "seeds": 1} if quick else {}
     started = time.time()
     summarise_data()
     from tfl.runner import run
 
     out = os.path.join(ROOT, "runs", "demo")
-    jobs = [
-        ("minilm_rt", config_from_flagfile("configs/demo_minilm_rt.flags", model_dir=f"{out}/minilm_rt",
-                                           overwrite=True, **caps)),
-        ("rt_lstm", config_from_flagfile("configs/rt_lstm.flags", model_dir=f"{out}/rt_lstm", overwrite=True,
-                                         export=False, **({"max_examples": 400} if quick else {}))),
-        ("rt_to_spam", config_from_flagfile("configs/rt_to_spam.flags", model_dir=f"{out}/rt_to_spam",
-                                            source_model=f"{out}/rt_lstm", overwrite=True, **caps)),
-    ]
-    for name, config in jobs:
+    jobs = DEMO_JOBS + (DOCS_JOBS if refresh_docs else [])
+    demo_seconds = 0.0
+    for name, flagfile, source_job in jobs:
         print(f"demo: === {name} ({time.time() - started:.0f} s so far) ===")
+        config = job_config(name, flagfile, source_job, out, quick)
         shutil.rmtree(config.model_dir, ignore_errors=True)
         run(config, verbose=2)
+        if (name, flagfile, source_job) == DEMO_JOBS[-1]:
+            demo_seconds = time.time() - started
         if config.mode == "compare" and refresh_docs:
-            docs = os.path.join(ROOT, "docs", "demo", name)
-            os.makedirs(docs, exist_ok=True)
-            for file in os.listdir(config.model_dir):
-                if file.endswith((".md", ".png", ".json")) and file != "config.json":
-                    shutil.copy(os.path.join(config.model_dir, file), docs)
+            copy_report(config.model_dir, os.path.join(DOCS, name))
+    if refresh_docs:
+        with open(os.path.join(DOCS, "demo.json"), "w", encoding="utf-8") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started),
+                       "demo_seconds": round(demo_seconds),
+                       "host": f"{platform.machine()}, {os.cpu_count()} CPUs"}, f, indent=1)
+        refresh_readme()
     print(f"demo: done in {time.time() - started:.0f} s; reports in runs/demo/*/report.md"
-          + (" and docs/demo/" if refresh_docs else ""))
+          + (" and docs/demo/; README results regenerated" if refresh_docs else ""))
     return 0
 
 

@@ -1,0 +1,49 @@
+"""The demo's plumbing: its jobs are real configs, and the README's results come from the committed reports."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from test_cli import ROOT
+from tfl import demo
+
+
+def test_every_demo_job_is_a_config_and_sources_come_first():
+    seen = set()
+    for name, flagfile, source_job in demo.DEMO_JOBS + demo.DOCS_JOBS:
+        assert os.path.exists(os.path.join(ROOT, flagfile)), flagfile
+        assert source_job is None or source_job in seen, f"{name} needs {source_job} to run first"
+        seen.add(name)
+
+
+def test_quick_jobs_are_capped_and_sources_skip_the_export(tmp_path):
+    source = demo.job_config("imdb_quick", "configs/imdb_quick.flags", None, str(tmp_path), quick=True)
+    assert source.mode == "train" and not source.export and source.data.max_examples == 400
+    target = demo.job_config("imdb_to_rt", "configs/imdb_to_rt.flags", "imdb_quick", str(tmp_path), quick=True)
+    assert target.model.source_model == f"{tmp_path}/imdb_quick" and target.compare.seeds == 1
+    assert target.train.max_steps_per_epoch == 4 and target.model_dir == f"{tmp_path}/imdb_to_rt"
+
+
+def test_the_readme_results_are_the_committed_reports():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    begin, end = readme.index(demo.README_BEGIN), readme.index(demo.README_END)
+    assert readme[begin + len(demo.README_BEGIN):end].strip() == demo.results_markdown().strip(), (
+        "README results differ from docs/demo/*/report.json: run `make docs-demo`")
+
+
+def test_refresh_readme_fills_the_block_from_reports(tmp_path):
+    docs = tmp_path / "docs"
+    shutil.copytree(os.path.join(ROOT, "docs", "demo", "fmnist_transfer"), docs / "fmnist_transfer")
+    report = json.loads((docs / "fmnist_transfer" / "report.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{demo.README_BEGIN}\nstale 0.123\n{demo.README_END}\nafter\n")
+    demo.refresh_readme(str(readme), str(docs))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "stale" not in text
+    mean = report["rows"][0]["accuracy"]["mean"]
+    assert f"{mean:.3f}" in text and "docs/demo/fmnist_transfer/report.md" in text
+    readme.write_text("no block")
+    with pytest.raises(SystemExit, match="no <!-- demo results"):
+        demo.refresh_readme(str(readme), str(docs))
