@@ -27,14 +27,13 @@ sys.path.insert(0, ROOT)
 # name -> (strategy for report.strategy_config, ModelConfig changes, FreezeConfig changes)
 VARIANTS = {
     "scratch": ("scratch", {}, {}),
-    "parameter, target vocabulary": ("parameter", {"transfer_vocabulary": "target"}, {}),
-    "parameter, source vocabulary": ("parameter", {"transfer_vocabulary": "source"}, {}),
-    "parameter, source vocabulary, embedding frozen": ("parameter", {"transfer_vocabulary": "source"},
-                                                       {"freeze_blocks": 1}),
-    "parameter, source vocabulary, all frozen (head only)": ("parameter", {"transfer_vocabulary": "source"},
-                                                             {"freeze_all": True}),
-    "parameter, target vocabulary, embedding frozen": ("parameter", {"transfer_vocabulary": "target"},
-                                                       {"freeze_blocks": 1}),
+    "parameter/target-vocabulary": ("parameter", {"transfer_vocabulary": "target"}, {}),
+    "parameter/source-vocabulary": ("parameter", {"transfer_vocabulary": "source"}, {}),
+    "parameter/source-vocabulary/embedding-frozen": ("parameter", {"transfer_vocabulary": "source"},
+                                                     {"freeze_blocks": 1}),
+    "parameter/source-vocabulary/head-only": ("parameter", {"transfer_vocabulary": "source"}, {"freeze_all": True}),
+    "parameter/target-vocabulary/embedding-frozen": ("parameter", {"transfer_vocabulary": "target"},
+                                                     {"freeze_blocks": 1}),
 }
 
 

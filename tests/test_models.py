@@ -310,3 +310,22 @@ def test_batch_size_must_split_across_replicas(text_csv):
     backbone = build_backbone("lstm", num_words=20, maxlen=4, train_texts=["a b"])
     with pytest.raises(ValueError, match="--batch_size=7 is not divisible by the 2 replicas"):
         batches_for(config, splits, backbone, SimpleNamespace(num_replicas_in_sync=2))
+
+
+def test_eval_batch_size_batches_validation_and_test_only(text_csv):
+    from types import SimpleNamespace
+
+    from tfl.config import Config, DataConfig
+    from tfl.data import load_data
+    from tfl.runner import batches_for
+
+    splits = load_data(f"csv:{text_csv}")
+    backbone = build_backbone("lstm", num_words=20, maxlen=4, train_texts=["a b"])
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, eval_batch_size=2))
+    train_ds, _, val_ds, test_ds, _ = batches_for(config, splits, backbone, SimpleNamespace(num_replicas_in_sync=1))
+    assert max(len(y) for _, y in train_ds) == 4
+    assert splits.sizes["validation"] == splits.sizes["test"] == 4
+    assert [len(y) for _, y in val_ds] == [2, 2] == [len(y) for _, y in test_ds]
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, eval_batch_size=3))
+    with pytest.raises(ValueError, match="--eval_batch_size=3 is not divisible by the 2 replicas"):
+        batches_for(config, splits, backbone, SimpleNamespace(num_replicas_in_sync=2))

@@ -45,6 +45,7 @@ HELP = {
     "num_words": "keras:imdb/reuters and lstm: vocabulary size.",
     "maxlen": "keras:imdb/reuters and lstm: tokens per example.",
     "batch_size": "Global batch size (split across replicas).",
+    "eval_batch_size": "Global batch size for validation and test (0 = --batch_size). Larger is faster for small models where per-batch overhead dominates (an LSTM steps through every token per batch); the metrics do not change.",
     "shuffle_buffer": "tf.data shuffle buffer size.",
     "cache": "Cache preprocessed examples in memory.",
     "bucket_shapes": "Tokenized text: batch by length and pad to at most this many boundaries (from the training "

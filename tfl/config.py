@@ -47,6 +47,7 @@ class DataConfig:
     num_words: int = 10000  # keras:imdb / keras:reuters vocabulary size
     maxlen: int = 500  # keras:imdb / keras:reuters sequence length
     batch_size: int = 32
+    eval_batch_size: int = 0  # validation/test batches; 0 = batch_size
     shuffle_buffer: int = 10000
     cache: bool = True
     bucket_shapes: int = 8  # tokenized text: pad batches to at most this many lengths; 0 = pad all to sequence_length
@@ -156,6 +157,7 @@ class Config:
                 f"--source='{d.source}' is not valid; expected <kind>:<name> with kind one of "
                 f"{list(SOURCE_KINDS)}, e.g. --source=asset:rotten_tomatoes")
         _check_positive("batch_size", d.batch_size)
+        _check_non_negative("eval_batch_size", d.eval_batch_size)
         _check_positive("epochs", t.epochs)
         _check_positive("sequence_length", m.sequence_length)
         _check_non_negative("max_examples", d.max_examples)

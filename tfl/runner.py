@@ -114,9 +114,11 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
                 strategy: tf.distribute.Strategy) -> tuple:
     """(train, validation for fit, validation, test, bucketing): batched, preprocessed, sharded datasets."""
     d = config.data
-    if d.batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(f"--batch_size={d.batch_size} is not divisible by the {strategy.num_replicas_in_sync} "
-                         "replicas; use a multiple of the replica count")
+    eval_batch_size = d.eval_batch_size or d.batch_size
+    for flag, size in (("batch_size", d.batch_size), ("eval_batch_size", eval_batch_size)):
+        if size % strategy.num_replicas_in_sync:
+            raise ValueError(f"--{flag}={size} is not divisible by the {strategy.num_replicas_in_sync} "
+                             "replicas; use a multiple of the replica count")
     decode = image_file_decoder(splits, backbone)
     bucketing = None
     if d.bucket_shapes and backbone.modality == data_lib.TEXT and backbone.keras_hub_backbone is not None:
@@ -136,9 +138,10 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
     # computed on every example by tfl's own loop, from the unpruned validation and test batches.
     tpu = train.device_kind(strategy) == "tpu"
     train_ds = data_lib.make_batches(splits.train, training=True, drop_remainder=tpu, **common)
-    val_ds = data_lib.make_batches(splits.validation, **common)
-    fit_val_ds = data_lib.make_batches(splits.validation, drop_remainder=True, **common) if tpu else val_ds
-    datasets = (train_ds, fit_val_ds, val_ds, data_lib.make_batches(splits.test, **common))
+    evaluation = {**common, "batch_size": eval_batch_size}
+    val_ds = data_lib.make_batches(splits.validation, **evaluation)
+    fit_val_ds = data_lib.make_batches(splits.validation, drop_remainder=True, **evaluation) if tpu else val_ds
+    datasets = (train_ds, fit_val_ds, val_ds, data_lib.make_batches(splits.test, **evaluation))
     if strategy.num_replicas_in_sync > 1:
         datasets = tuple(train.shard_by_data(ds) for ds in datasets)
     return (*datasets, bucketing)
