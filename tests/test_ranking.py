@@ -8,8 +8,10 @@ import pytest
 
 from conftest import VOCAB
 
-KEYWORD_TEXTS = [f"{'the' if i % 3 else 'a'} {'great' if i % 2 else 'awful'} {['film', 'movie', 'plot'][i % 3]}"
-                 + " the film" * (i % 4) for i in range(48)]
+_WORDS = ["the", "a", "film", "movie", "plot"]
+# Four words each, the second one the label's keyword (equal lengths: mean pooling keeps its weight fixed).
+KEYWORD_TEXTS = [f"{_WORDS[i % 5]} {'great' if i % 2 else 'awful'} {_WORDS[(i // 5) % 5]} {_WORDS[(i // 2) % 5]}"
+                 for i in range(48)]
 KEYWORD_LABELS = np.arange(48) % 2  # 1 = "great"
 
 
@@ -64,6 +66,10 @@ def keyword_preset(tmp_path_factory, tiny_bert_preset):
     for name in ("position_embedding", "segment_embedding"):
         layer = backbone.get_layer(name)
         layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
+    # Every other token normalises to the layer norm's offset: a constant feature, the bias LogME's linear
+    # model lacks, so "great" = offset + p and "awful" = offset - p fit one-hot targets exactly.
+    norm = backbone.get_layer("embeddings_layer_norm")
+    norm.set_weights([np.ones_like(norm.gamma), np.ones_like(norm.beta)])
     folder = tmp_path_factory.mktemp("keyword_bert")
     backbone.save_to_preset(str(folder))
     keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True).save_to_preset(str(folder))
@@ -78,10 +84,11 @@ def test_features_that_separate_the_labels_rank_above_their_random_control(keywo
     names = [row["candidate"] for row in rows]
     control = f"{keyword_preset}@2{ranking.RANDOM_SUFFIX}"
     assert sorted(names) == sorted([f"{keyword_preset}@{k}" for k in range(3)] + [control])
-    assert names[0] == f"{keyword_preset}@0", names  # the embeddings are the keyword itself
+    keyword = f"{keyword_preset}@0"  # the embeddings are the keyword itself: an exact linear fit
+    assert names.index(keyword) < names.index(control), names
     by_name = {row["candidate"]: row for row in rows}
-    assert by_name[names[0]]["logme"] > by_name[control]["logme"] + 0.1
-    assert by_name[names[0]]["h_score"] > by_name[control]["h_score"]
+    assert by_name[keyword]["logme"] > by_name[control]["logme"] + 0.1
+    assert by_name[keyword]["h_score"] == pytest.approx(1.0)  # C - 1: the maximum
     assert [row["logme"] for row in rows] == sorted((row["logme"] for row in rows), reverse=True)
     assert all(row["dim"] == 8 and row["seconds"] >= row["score_seconds"] >= 0 for row in rows)
     assert not by_name[control]["pretrained"] and "leep" not in by_name[control]
@@ -179,7 +186,7 @@ def test_a_saved_lstm_source_model_is_ranked_with_leep_and_nce_from_its_classifi
     architecture = transfer.source_architecture(backbone, num_words=50, maxlen=12, embedding_dim=8, lstm_units=4)
     transfer.save_source_model(str(tmp_path / "src"), backbone, model, ["neg", "pos"], architecture)
 
-    zoo = ranking.candidates("text", [], [str(tmp_path / "src")])
+    zoo = ranking.candidates("text", [str(tmp_path / "src")])  # a run folder in --backbones
     features = ranking.extract_features(zoo, texts, modality="text")
     name = f"{tmp_path / 'src'}@1"
     assert sorted(features) == sorted([name, name + ranking.RANDOM_SUFFIX])
