@@ -212,4 +212,5 @@ def test_efficientnet_lite0_gives_every_block_and_its_imagenet_classifier():
     assert [v["features"].shape[1] for v in pretrained.values()] == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
     last = pretrained["asset:efficientnet_lite0@8"]["source_probabilities"]
     assert last.shape == (6, 1000) and np.allclose(last.sum(axis=1), 1.0, atol=1e-4)
+    assert sum("source_probabilities" in v for v in features.values()) == 1  # the classifier tops the last depth
     assert list(features)[-1] == f"asset:efficientnet_lite0@8{ranking.RANDOM_SUFFIX}"

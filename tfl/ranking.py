@@ -31,7 +31,6 @@ LogME (higher is better).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -47,7 +46,7 @@ from tfl import transfer as transfer_lib
 from tfl import transferability
 from tfl.assets import AssetError
 from tfl.backbones import BackboneError
-from tfl.data import IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS, stratified_split
+from tfl.data import IMAGE, IMAGE_FILE, TEXT, stratified_split
 
 # The offline zoo per data modality; a name that does not resolve here (not fetched, or not yet an
 # asset of this version) is left out of the default zoo and refused when named in --backbones.
@@ -260,8 +259,8 @@ def _last_depth_only(source: FeatureSource) -> FeatureSource:
 def extract_features(zoo: list, inputs, *, modality: str, batch_size: int = 64) -> dict:
     """Runs every source of the zoo once over ``inputs`` (raw texts, images, image paths or token ids).
 
-    Returns candidate name -> {"features": float32 [N, D], "source_probabilities": [N, C] (where there
-    is a source classifier), "backbone", "depth", "block", "pretrained", "feature_seconds"} in the
+    Returns candidate name -> {"features": float32 [N, D], "source_probabilities": [N, C] (the last
+    depth of a source with a source classifier), "backbone", "depth", "block", "pretrained", "feature_seconds"} in the
     order of ``inputs``; ``feature_seconds`` is the time of the source's whole pass (preprocessing
     included), shared by all the depths it gave.
     """
@@ -273,7 +272,7 @@ def extract_features(zoo: list, inputs, *, modality: str, batch_size: int = 64) 
         for (depth, block), features in zip(source.depths, outputs):
             entry = {"features": features, "backbone": source.backbone, "depth": depth, "block": block,
                      "pretrained": source.pretrained, "feature_seconds": seconds}
-            if source.has_source_classifier:
+            if source.has_source_classifier and depth == source.depths[-1][0]:  # the classifier sits on top
                 entry["source_probabilities"] = outputs[-1]
             result[source.candidate_name(depth)] = entry
         print(f"tfl: rank features of {source.backbone}{'' if source.pretrained else RANDOM_SUFFIX}: "
@@ -284,7 +283,7 @@ def extract_features(zoo: list, inputs, *, modality: str, batch_size: int = 64) 
 def _forward(source: FeatureSource, inputs, modality: str, batch_size: int) -> list:
     """[array per model output], rows in the order of ``inputs``."""
     run = _traced_once(source.model)
-    as_list = lambda out: [np.asarray(tf.cast(o, tf.float32)) for o in (out if isinstance(out, (list, tuple)) else [out])]  # noqa: E731
+    as_list = lambda out: [np.asarray(tf.cast(o, tf.float32)) for o in tf.nest.flatten(out)]  # noqa: E731
     if modality == TEXT and source.modality == TEXT:
         tokens = _tokenize(source.preprocess, inputs)
         if isinstance(tokens, dict) and "padding_mask" in tokens:
@@ -311,7 +310,8 @@ def _traced_once(model: keras.Model) -> Callable:
             signature = tf.nest.map_structure(
                 lambda t: tf.TensorSpec([None] * (len(t.shape) - 1) + list(t.shape[-1:]) if len(t.shape) > 2
                                         else [None] * len(t.shape), t.dtype), x)
-            traced["function"] = tf.function(lambda batch: model(batch, training=False), input_signature=[signature])
+            traced["function"] = tf.function(lambda batch: model(batch, training=False), input_signature=[signature],
+                                             autograph=False)
         return traced["function"](x)
 
     return run
@@ -369,25 +369,35 @@ def score_candidates(features_by_candidate: dict, labels, task: str = "classific
         features = np.asarray(entry["features"])
         started = time.perf_counter()
         row = {"dim": int(features.shape[1])}
+        estimators = {}
         if task == "classification":
-            row["logme"] = transferability.logme(features, labels)
-            row["h_score"] = transferability.h_score(features, labels)
+            estimators["logme"] = lambda: transferability.logme(features, labels)  # noqa: E731
+            estimators["h_score"] = lambda: transferability.h_score(features, labels)  # noqa: E731
             probabilities = entry.get("source_probabilities")
             if probabilities is not None:
                 probabilities = np.asarray(probabilities, np.float64)
-                row["leep"] = transferability.leep(probabilities, labels)
-                row["nce"] = transferability.nce(np.argmax(probabilities, axis=1), labels)
+                estimators["leep"] = lambda: transferability.leep(probabilities, labels)  # noqa: E731
+                estimators["nce"] = lambda: transferability.nce(np.argmax(probabilities, axis=1), labels)  # noqa: E731
         else:  # regression targets, or multilabel 0/1 targets each scored as a regression
-            row["logme"] = transferability.logme(features, labels.astype(np.float64), "regression")
+            targets = labels.astype(np.float64)
+            estimators["logme"] = lambda: transferability.logme(features, targets, "regression")  # noqa: E731
+        for key, estimate in estimators.items():
+            try:
+                row[key] = estimate()
+            except transferability.TransferabilityError as e:  # e.g. constant or non-finite features
+                row[key] = float("nan")
+                row.setdefault("errors", {})[key] = str(e)
         row["seconds"] = time.perf_counter() - started
         scores[name] = row
     return scores
 
 
 def ranking_rows(features_by_candidate: dict, scores: dict) -> list:
-    """One row per candidate, best LogME first: candidate, backbone, depth, block, pretrained, dim, the scores,
-    feature_seconds (the source's shared pass), score_seconds and seconds (their sum)."""
-    order = transferability.rank({name: row["logme"] for name, row in scores.items()})
+    """One row per candidate, best LogME first (a score that could not be computed, NaN, last): candidate,
+    backbone, depth, block, pretrained, dim, the scores, feature_seconds (the source's shared pass),
+    score_seconds and seconds (their sum)."""
+    finite = {name: row["logme"] for name, row in scores.items() if math.isfinite(row["logme"])}
+    order = (transferability.rank(finite) if finite else []) + [name for name in scores if name not in finite]
     rows = []
     for name in order:
         entry = features_by_candidate[name]
@@ -395,7 +405,7 @@ def ranking_rows(features_by_candidate: dict, scores: dict) -> list:
         score = scores[name]
         row = {"candidate": name, "backbone": entry.get("backbone", name), "depth": entry.get("depth"),
                "block": entry.get("block", ""), "pretrained": entry.get("pretrained", True), "dim": score["dim"]}
-        row.update({k: score[k] for k in ("logme", "h_score", "leep", "nce") if k in score})
+        row.update({k: score[k] for k in ("logme", "h_score", "leep", "nce", "errors") if k in score})
         row["feature_seconds"] = round(float(entry.get("feature_seconds", 0.0)), 3)
         row["score_seconds"] = round(score["seconds"], 3)
         row["seconds"] = round(row["feature_seconds"] + row["score_seconds"], 3)
@@ -468,7 +478,8 @@ def format_table(rows: list) -> str:
     cells = [[title for _, title in columns]] + [[_cell(row.get(k)) for k, _ in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
 def format_markdown(rows: list, info: dict) -> str:
@@ -478,7 +489,11 @@ def format_markdown(rows: list, info: dict) -> str:
              "features). H-score: class-mean variance share; LEEP / NCE: from a source classifier's predictions "
              "(log-likelihood / negative conditional entropy, nats). A `(random init)` row is the same "
              "architecture with fresh weights: a control. `features s` is the backbone's whole pass (all its "
-             f"depths at once), `score s` the estimators. Total {info['seconds']:.1f}s.", "", format_table(rows), ""]
+             f"depths at once), `score s` the estimators. Total {info['seconds']:.1f}s."]
+    if rows and info["examples"] <= max(row["dim"] for row in rows):
+        lines[-1] += (f" With {info['examples']} examples and up to {max(row['dim'] for row in rows)} dims, "
+                      "H-score approaches its maximum (classes - 1) for any features: compare by LogME.")
+    lines += ["", format_table(rows), ""]
     return "\n".join(lines)
 
 
@@ -497,7 +512,6 @@ def rank(config) -> dict:
     (an lstm/small_cnn run, added to the zoo), ``config.rank.rank_examples`` training examples at most.
     """
     from tfl.runner import load_data_for  # the runner dispatches here: import it late
-    from tfl.train import is_chief
 
     started = time.time()
     sources = [config.model.source_model] if config.model.source_model else []
@@ -517,6 +531,6 @@ def rank(config) -> dict:
     info = {"source": config.data.source, "task": config.model.task, "examples": int(len(labels)),
             "label_counts": counts, "seconds": round(time.time() - started, 2)}
     print(format_table(rows))
-    if config.model_dir and is_chief():
+    if config.model_dir:
         write_report(config.model_dir, rows, info)
     return {"rows": rows, **info}
