@@ -148,8 +148,7 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
     sections = {}
     for key, section in _SECTIONS.items():
         values = {name: flag_values[name].value for name in section.__dataclass_fields__}
-        for name, cast in [("classes", int), ("label_fractions", float), ("strategies", str),
-                             ("backbones", str)]:
+        for name, cast in [("classes", int), ("label_fractions", float), ("strategies", str), ("backbones", str)]:
             if name in values:
                 try:
                     values[name] = tuple(cast(v) for v in values[name])

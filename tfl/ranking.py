@@ -51,8 +51,6 @@ from tfl.data import IMAGE, IMAGE_FILE, TEXT, stratified_split
 # The offline zoo per data modality; a name that does not resolve here (not fetched, or not yet an
 # asset of this version) is left out of the default zoo and refused when named in --backbones.
 DEFAULT_ZOO = {TEXT: ("asset:minilm", "asset:minilm_l3"), IMAGE: ("asset:efficientnet_lite0",)}
-# Features of at most this many training examples per candidate (stratified), unless told otherwise.
-DEFAULT_RANK_EXAMPLES = 2000
 RANDOM_SUFFIX = " (random init)"
 
 
