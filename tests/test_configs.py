@@ -206,6 +206,14 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
     config, metrics = result["config"], result["metrics"]
     model_dir = config.model_dir
     assert json.loads(open(os.path.join(model_dir, "config.json")).read()) == json.loads(config.to_json())
+    if config.mode == "rank":  # no training: the ranking of every candidate, best LogME first
+        ranking = json.loads(open(os.path.join(model_dir, "ranking.json")).read())
+        markdown = open(os.path.join(model_dir, "ranking.md")).read()
+        names = [row["candidate"] for row in ranking["rows"]]
+        assert any(n.endswith("(random init)") for n in names) and len(names) >= 3, names
+        assert all(name in markdown for name in names)
+        assert [r["logme"] for r in ranking["rows"]] == sorted((r["logme"] for r in ranking["rows"]), reverse=True)
+        return
     if config.mode == "compare":
         report = json.loads(open(os.path.join(model_dir, "report.json")).read())
         assert os.path.exists(os.path.join(model_dir, "report.md"))

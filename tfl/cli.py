@@ -18,6 +18,7 @@ _SECTIONS = {
     "train": config_lib.TrainConfig,
     "compare": config_lib.CompareConfig,
     "predict": config_lib.PredictConfig,
+    "rank": config_lib.RankConfig,
 }
 _TOP_LEVEL = ("mode", "model_dir", "seed", "export", "overwrite")
 
@@ -101,7 +102,12 @@ HELP = {
     "seeds": "--mode=compare: runs per strategy (seeds --seed, --seed+1, ...).",
     "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",
     "mode": "train (one run), zero_shot (no training: similarity to label descriptions), compare "
-            "(a transfer report over --strategies) or predict (a finished run's export on --input).",
+            "(a transfer report over --strategies), predict (a finished run's export on --input) or rank "
+            "(transferability estimates of --backbones at every depth: ranking.md/json, no training).",
+    "backbones": "--mode=rank: candidates, comma-separated: asset:minilm, asset:minilm_l3, asset:efficientnet_lite0, "
+                 "keras-hub encoder presets or folders, lstm/small_cnn run folders; each at every depth plus a "
+                 "randomly initialised control. Empty = the offline zoo for the data's modality (and --source_model).",
+    "rank_examples": "--mode=rank: score on at most this many training examples, drawn stratified from --seed.",
     "input": "--mode=predict: a text, csv:<path> or jsonl:<path> (the --text_column), or images:<folder>.",
     "output": "--mode=predict: where to write the predictions CSV (input, label, p(<class>) ...); empty = stdout.",
     "save_every_steps": "Save the resume state (weights, optimizer, epoch) every N steps; 0 = at epoch ends only.",
@@ -143,7 +149,7 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
     sections = {}
     for key, section in _SECTIONS.items():
         values = {name: flag_values[name].value for name in section.__dataclass_fields__}
-        for name, cast in [("classes", int), ("label_fractions", float), ("strategies", str)]:
+        for name, cast in [("classes", int), ("label_fractions", float), ("strategies", str), ("backbones", str)]:
             if name in values:
                 try:
                     values[name] = tuple(cast(v) for v in values[name])

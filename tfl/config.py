@@ -20,7 +20,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
 SOURCE_KINDS = ("tfds", "keras", "csv", "jsonl", "images", "asset")
-MODES = ("train", "zero_shot", "compare", "predict")
+MODES = ("train", "zero_shot", "compare", "predict", "rank")
 TRANSFERS = ("", "structure", "parameter")
 STRATEGY_NAMES = ("scratch", "linear_probe", "partial", "fine_tune", "lora", "structure", "parameter", "zero_shot")
 
@@ -119,6 +119,14 @@ class CompareConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RankConfig:
+    """--mode=rank: transferability estimates of a zoo of candidates on the training split (tfl.ranking)."""
+
+    backbones: tuple = ()  # empty = the offline zoo for the data's modality; else presets, folders, run folders
+    rank_examples: int = 2000  # features of at most this many training examples (stratified)
+
+
+@dataclasses.dataclass(frozen=True)
 class PredictConfig:
     """--mode=predict: a finished run's latest export applied to new inputs."""
 
@@ -130,13 +138,14 @@ class PredictConfig:
 class Config:
     """A whole run."""
 
-    mode: str = "train"  # train | zero_shot | compare | predict
+    mode: str = "train"  # train | zero_shot | compare | predict | rank
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     freeze: FreezeConfig = FreezeConfig()
     train: TrainConfig = TrainConfig()
     compare: CompareConfig = CompareConfig()
     predict: PredictConfig = PredictConfig()
+    rank: RankConfig = RankConfig()
     model_dir: str = ""
     seed: int = 0
     export: bool = True
@@ -202,6 +211,7 @@ class Config:
         if any(not 0.0 < x <= 1.0 for x in self.compare.label_fractions):
             raise ConfigError(f"--label_fractions must each be in (0, 1]; got {list(self.compare.label_fractions)}")
         _check_positive("seeds", self.compare.seeds)
+        _check_positive("rank_examples", self.rank.rank_examples)
         if f.trainable:
             try:
                 re.compile(f.trainable)
@@ -228,7 +238,7 @@ def _check_non_negative(name: str, value: int) -> None:
 def config_from_dict(values: dict) -> Config:
     """Rebuilds a Config from ``to_dict()`` output (e.g. a run's config.json)."""
     sections = {"data": DataConfig, "model": ModelConfig, "freeze": FreezeConfig, "train": TrainConfig,
-                "compare": CompareConfig, "predict": PredictConfig}
+                "compare": CompareConfig, "predict": PredictConfig, "rank": RankConfig}
     kwargs = dict(values)
     for key, cls in sections.items():
         section = dict(kwargs.get(key, {}))

@@ -21,7 +21,7 @@ from tfl import backbones as backbones_lib
 from tfl import data as data_lib
 from tfl import export as export_lib
 from tfl import freezing as freeze_lib
-from tfl import heads, run_dir, train
+from tfl import heads, ranking, run_dir, train
 from tfl import transfer as transfer_lib
 from tfl.config import Config
 from tfl.storage import write_json_atomically
@@ -199,6 +199,8 @@ def _run_mode(config: Config, verbose: int) -> dict:
         return {"predictions": len(rows), "output": config.predict.output}
     if config.mode == "zero_shot":
         return run_zero_shot(config)
+    if config.mode == "rank":
+        return ranking.rank(config)
     if config.mode == "compare":
         from tfl import report
 
