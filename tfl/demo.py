@@ -52,7 +52,7 @@ def main(argv: list) -> int:
     caps = {"max_examples": 400, "seeds": 1} if quick else {}
     started = time.time()
     summarise_data()
-    from tfl.runner import run
+    from tfl.job import run
 
     out = os.path.join(ROOT, "runs", "demo")
     jobs = [
