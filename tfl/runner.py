@@ -260,17 +260,17 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
     multipliers = (freeze_lib.layer_lr_multipliers(backbone, config.freeze.layer_lr_decay)
                    if config.freeze.layer_lr_decay < 1.0 else None)
     fit_started = time.perf_counter()
-    fit_model, fit_train, fit_val, feature_cache = model, train_ds, fit_val_ds, None
+    trained, fit_train, fit_val, feature_cache = model, train_ds, fit_val_ds, None
     if config.freeze.freeze_all and t.cache_frozen_features and not t.max_steps_per_epoch:
-        fit_model, fit_train, fit_val, feature_cache = cached_feature_batches(
+        trained, fit_train, fit_val, feature_cache = cached_feature_batches(
             config, splits, backbone, model, val_ds, bucketing, steps_per_epoch, devices.kind)
     # Only the chief writes the run; other workers keep their callbacks' files in scratch space.
-    chief_or_local = devices.chief or not config.model_dir
-    work_dir = config.model_dir if chief_or_local else devices_lib.worker_scratch_dir(config.model_dir)
+    writes_here = devices.chief or not config.model_dir
+    work_dir = config.model_dir if writes_here else devices_lib.worker_scratch_dir(config.model_dir)
     try:
         with devices.strategy.scope():
             history = train.fit(
-                fit_model, fit_train, fit_val, task=config.model.task, num_labels=len(splits.label_names),
+                trained, fit_train, fit_val, task=config.model.task, num_labels=len(splits.label_names),
                 epochs=t.epochs, learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch, model_dir=work_dir,
                 warmup_fraction=t.warmup_fraction, schedule=t.lr_schedule, weight_decay=t.weight_decay,
                 jit_compile=devices.jit_compile, steps_per_execution=t.steps_per_execution,
@@ -286,7 +286,7 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
                                      capped=bool(t.max_steps_per_epoch), drop_remainder=devices.kind == "tpu")
     return {"history": history, "feature_cache": feature_cache, "train_seconds": round(fit_seconds, 2),
             "steps_per_epoch": steps_per_epoch, "epochs_run": epochs_run,
-            "optimizer_steps": int(fit_model.optimizer.iterations.numpy()), "train_examples_seen": examples_seen,
+            "optimizer_steps": int(trained.optimizer.iterations.numpy()), "train_examples_seen": examples_seen,
             "train_examples_per_second": round(examples_seen / fit_seconds, 2) if fit_seconds > 0 else 0.0}
 
 
