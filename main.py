@@ -20,12 +20,12 @@ cli.define_flags(FLAGS)
 def main(argv):
     if len(argv) > 1:
         return fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
-    from tfl import errors  # imports TensorFlow: after flag parsing, so --helpfull stays fast
+    from tfl import job  # imports TensorFlow: after flag parsing, so --helpfull stays fast
     try:
         config = cli.config_from_flags(FLAGS)
-        errors.check_before_run(config)
-        metrics = errors.run_checked(config)
-    except errors.USER_ERRORS + errors.TRAINING_ERRORS as e:
+        job.check_before_run(config)
+        metrics = job.run_checked(config)
+    except job.USER_ERRORS + job.TRAINING_ERRORS as e:
         return fail(str(e).splitlines()[0])
     if config.mode == "predict":  # stdout may be the predictions CSV: keep it clean
         print(f"tfl: {metrics['predictions']} predictions" + (f" in {config.predict.output}"

@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfl import assets, heads, storage, train  # noqa: E402
+from tfl import assets, devices, heads, storage, train  # noqa: E402
 from tfl import data as data_lib  # noqa: E402
 from tfl.backbones import build_backbone  # noqa: E402
 from tfl.runner import build_model, cache_features  # noqa: E402
@@ -107,9 +107,9 @@ def main() -> int:
     # Record what XLA buys on this CPU, so --jit_compile=auto can decide from a measurement.
     speedup = throughput["plain Keras float32 + XLA"] / throughput["plain Keras float32"]
     os.makedirs(assets.cache_dir(), exist_ok=True)
-    with open(os.path.join(assets.cache_dir(), train.JIT_MEASUREMENT), "w") as f:
+    with open(os.path.join(assets.cache_dir(), devices.JIT_MEASUREMENT), "w") as f:
         json.dump({"speedup": round(speedup, 3), "model": "MiniLM fine-tune, batch 32, seq 128, float32"}, f)
-    precision, jit = train.resolve_precision("auto"), train.resolve_jit_compile("auto")
+    precision, jit = devices.resolve_precision("auto"), devices.resolve_jit_compile("auto")
     backbone = build_backbone("asset:minilm", sequence_length=SEQ, dtype=precision)
     model = build_model(backbone, ["rotten", "fresh"])
     train.compile_model(model, train.make_optimizer(5e-5, 1000), task="classification", num_labels=2, jit_compile=jit)
@@ -169,7 +169,7 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     table = ["| measurement | result | ratio |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     text = (f"# tfl benchmarks\n\nMachine: {os.cpu_count()} cores ({cpu}), bf16-native CPU: "
-            f"{train.cpu_has_native_bf16()}; TF {tf.__version__}, Keras {keras.__version__}. "
+            f"{devices.cpu_has_native_bf16()}; TF {tf.__version__}, Keras {keras.__version__}. "
             f"Command: `.venv/bin/python benchmarks/run.py --steps={args.steps}` "
             f"({time.strftime('%Y-%m-%d')}).\n\n" + "\n".join(table) + "\n")
     print(text)

@@ -36,13 +36,13 @@ setup, steps = sys.argv[1], int(sys.argv[2])
 if setup == "mirrored" and not tf.config.list_physical_devices("GPU"):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from tfl import train
-strategy = train.make_strategy({"single": "default", "mirrored": "mirrored", "multi_worker": "multi_worker"}[setup])
+from tfl import devices, keras_workarounds, train
+strategy = devices.make_strategy({"single": "default", "mirrored": "mirrored", "multi_worker": "multi_worker"}[setup])
 import keras, numpy as np
 from tfl import data as data_lib
 from tfl.backbones import build_backbone
 from tfl.runner import build_model
-precision = train.resolve_precision("auto")
+precision = devices.resolve_precision("auto")
 splits = data_lib.load_data("asset:rotten_tomatoes", seed=0)
 texts = np.array([x.decode() for x, _ in splits.train.take(32 * 8).as_numpy_iterator()])
 labels = np.array([y for _, y in splits.train.take(32 * 8).as_numpy_iterator()])
@@ -52,11 +52,11 @@ with strategy.scope():
     backbone = build_backbone("asset:minilm", sequence_length=%(seq)d, dtype=precision)
     model = build_model(backbone, ["rotten", "fresh"])
     train.compile_model(model, train.make_optimizer(5e-5, 1000), task="classification", num_labels=2,
-                        jit_compile=train.resolve_jit_compile("auto"))
+                        jit_compile=devices.resolve_jit_compile("auto"))
 if strategy.num_replicas_in_sync > 1:
-    train.patch_keras_for_distribution(model, strategy)  # what tfl.train.fit does
+    keras_workarounds.patch_keras_for_distribution(model, strategy)  # what tfl.train.fit does
 inputs = backbone.preprocess(tf.constant(texts))
-dataset = train.shard_by_data(tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(%(batch)d, drop_remainder=True).cache().repeat())
+dataset = devices.shard_by_data(tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(%(batch)d, drop_remainder=True).cache().repeat())
 
 class Clock(keras.callbacks.Callback):
     marks = []

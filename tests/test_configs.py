@@ -22,7 +22,7 @@ from absl import flags
 
 from test_cli import ROOT
 from test_export import reload_in_fresh_process
-from tfl import cli, errors
+from tfl import cli, job
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.flags")))
 REHEARSED = [c for c in CONFIGS if c != "base.flags"]  # base.flags is covered through the others
@@ -155,8 +155,8 @@ def rehearse(name: str, tmp_root, monkeypatch, presets: dict, done: dict) -> dic
     config = parse(args)
     monkeypatch.chdir(ROOT)  # flagfiles name each other relative to the repository root
     with internet_stand_ins(config, monkeypatch, tmp_root):
-        errors.check_before_run(config)
-        metrics = errors.run_checked(config)
+        job.check_before_run(config)
+        metrics = job.run_checked(config)
     done[name] = {"config": config, "metrics": metrics}
     return done[name]
 

@@ -86,7 +86,7 @@ def test_tpu_shaped_check_on_the_real_model_and_input_paths(tiny_bert_preset, te
     """TPU-breaking changes fail here without a TPU: strings must stay in tf.data, batches full."""
     import tensorflow as tf
 
-    from tfl import train
+    from tfl import devices
     from tfl.backbones import build_backbone
     from tfl.data import load_data, make_batches
     from tfl.runner import build_model
@@ -96,18 +96,18 @@ def test_tpu_shaped_check_on_the_real_model_and_input_paths(tiny_bert_preset, te
     model = build_model(backbone, splits.label_names)
     full = make_batches(splits.train, batch_size=4, preprocess=backbone.preprocess, training=True,
                         drop_remainder=True)
-    assert train.tpu_compatibility_problems(model, full) == []
+    assert devices.tpu_compatibility_problems(model, full) == []
     ragged = make_batches(splits.train, batch_size=4, preprocess=backbone.preprocess, training=True)
-    assert train.tpu_compatibility_problems(model, ragged) == [
+    assert devices.tpu_compatibility_problems(model, ragged) == [
         "the batch dimension is not static (batch with drop_remainder=True)"]
     # Raw strings reaching the model (tokenization moved out of tf.data) is what TPUs cannot run.
     raw = make_batches(splits.train, batch_size=4, training=True, drop_remainder=True)
-    assert any("string input" in p for p in train.tpu_compatibility_problems(model, raw))
+    assert any("string input" in p for p in devices.tpu_compatibility_problems(model, raw))
     lstm = build_backbone("lstm", num_words=30, maxlen=6, train_texts=["good film", "bad film"])
     lstm_model = build_model(lstm, splits.label_names)
     lstm_batches = make_batches(splits.train, batch_size=4, preprocess=lstm.preprocess, training=True,
                                 drop_remainder=True)
-    assert train.tpu_compatibility_problems(lstm_model, lstm_batches) == []
+    assert devices.tpu_compatibility_problems(lstm_model, lstm_batches) == []
     assert tf.executing_eagerly()
 
     # The run's own input pipeline in TPU mode (length buckets included): what fit() sees is TPU-shaped.
@@ -116,16 +116,16 @@ def test_tpu_shaped_check_on_the_real_model_and_input_paths(tiny_bert_preset, te
     from tfl.config import Config, DataConfig, ModelConfig
     from tfl.runner import batches_for
 
-    monkeypatch.setattr(train, "device_kind", lambda strategy=None: "tpu")
+    monkeypatch.setattr(devices, "device_kind", lambda strategy=None: "tpu")
     config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, bucket_shapes=2),
                     model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8))
     train_ds, fit_val_ds, val_ds, _, bucketing = batches_for(config, splits, backbone,
                                                              SimpleNamespace(num_replicas_in_sync=1))
     assert bucketing is not None  # the bucketed pipeline, as on real text
-    assert train.tpu_compatibility_problems(model, train_ds) == []
-    assert train.tpu_compatibility_problems(model, fit_val_ds) == []
+    assert devices.tpu_compatibility_problems(model, train_ds) == []
+    assert devices.tpu_compatibility_problems(model, fit_val_ds) == []
     # The final metrics still see every validation example, from batches fit() never gets.
-    assert train.tpu_compatibility_problems(model, val_ds) != []
+    assert devices.tpu_compatibility_problems(model, val_ds) != []
     assert sum(int(y.shape[0]) for _, y in val_ds) == splits.sizes["validation"]
 
 
@@ -205,12 +205,12 @@ def test_two_worker_job_on_localhost_matches_one_worker(text_csv, tmp_path):
 
 
 def test_a_restarted_worker_resumes_from_the_chiefs_backup(tmp_path, monkeypatch):
-    from tfl import train
+    from tfl import devices, train
 
     (tmp_path / "run" / "backup").mkdir(parents=True)
     (tmp_path / "run" / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
     (tmp_path / "run" / "backup" / "latest.weights.h5").write_bytes(b"weights")
-    scratch = train.worker_scratch_dir(str(tmp_path / "run"))
+    scratch = devices.worker_scratch_dir(str(tmp_path / "run"))
     try:
         assert train.describe_backup(scratch) == "epoch 2, after batch 0"
         assert open(os.path.join(scratch, "backup", "latest.weights.h5"), "rb").read() == b"weights"
@@ -220,12 +220,12 @@ def test_a_restarted_worker_resumes_from_the_chiefs_backup(tmp_path, monkeypatch
         shutil.rmtree(scratch)
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1"]},
                                                 "task": {"type": "worker", "index": 0}}))
-    assert not train.is_chief()  # with a chief task in the cluster, worker 0 is not the chief
+    assert not devices.is_chief()  # with a chief task in the cluster, worker 0 is not the chief
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
                                                 "task": {"type": "worker", "index": 0}}))
-    assert train.is_chief()
+    assert devices.is_chief()
     monkeypatch.delenv("TF_CONFIG")
-    assert train.is_chief() and train.cluster_from_tf_config() == {}
+    assert devices.is_chief() and devices.cluster_from_tf_config() == {}
 
 
 def test_a_killed_two_worker_job_resumes_on_both_workers(tmp_path):

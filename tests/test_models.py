@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from tfl import backbones as backbones_lib
 from tfl import freezing as freeze_lib
-from tfl import heads, train
+from tfl import devices, heads, train
 from tfl.backbones import BackboneError, build_backbone
 from tfl.runner import build_model
 
@@ -241,24 +241,24 @@ def test_precision_policies_keep_the_head_in_float32(tiny_bert_preset, precision
 
 
 def test_auto_precision_and_jit_rules(monkeypatch):
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
-    assert train.resolve_precision("auto", "cpu") == "mixed_bfloat16"
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
-    assert train.resolve_precision("auto", "cpu") == "float32"
-    assert train.resolve_precision("auto", "tpu") == "mixed_bfloat16"
-    assert train.resolve_precision("float32", "tpu") == "float32"
-    assert train.resolve_jit_compile("auto", "gpu") is True and train.resolve_jit_compile("false", "gpu") is False
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve_precision("auto", "cpu") == "mixed_bfloat16"
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.resolve_precision("auto", "cpu") == "float32"
+    assert devices.resolve_precision("auto", "tpu") == "mixed_bfloat16"
+    assert devices.resolve_precision("float32", "tpu") == "float32"
+    assert devices.resolve_jit_compile("auto", "gpu") is True and devices.resolve_jit_compile("false", "gpu") is False
 
 
 def test_cpu_jit_follows_the_measured_speedup(tfl_home):
     import json
     import os
 
-    assert train.resolve_jit_compile("auto", "cpu") is False  # not measured here: off
+    assert devices.resolve_jit_compile("auto", "cpu") is False  # not measured here: off
     os.makedirs(tfl_home)
     for speedup, expected in [(0.89, False), (1.2, True)]:
-        (tfl_home / train.JIT_MEASUREMENT).write_text(json.dumps({"speedup": speedup}))
-        assert train.resolve_jit_compile("auto", "cpu") is expected
+        (tfl_home / devices.JIT_MEASUREMENT).write_text(json.dumps({"speedup": speedup}))
+        assert devices.resolve_jit_compile("auto", "cpu") is expected
 
 
 def test_warmup_decay_schedule():

@@ -35,7 +35,7 @@ def test_atomic_writes_and_folder_moves_on_an_object_store(bucket):
 
 
 def test_a_run_reads_and_writes_only_through_the_bucket(bucket):
-    from tfl import errors
+    from tfl import job
 
     rng = np.random.RandomState(0)
     rows = ["text,label"] + [f"a {'great' if i % 2 else 'awful'} film {rng.randint(99)},{'pos' if i % 2 else 'neg'}"
@@ -43,7 +43,7 @@ def test_a_run_reads_and_writes_only_through_the_bucket(bucket):
     storage.write_text_atomically(f"{bucket}/data/reviews.csv", "\n".join(rows) + "\n")
     common = dict(data=DataConfig(source=f"csv:{bucket}/data/reviews.csv", batch_size=8, maxlen=8, num_words=50),
                   train=TrainConfig(epochs=2, learning_rate=1e-2, precision="float32"))
-    metrics = errors.run_checked(Config(model=ModelConfig(backbone="lstm"), model_dir=f"{bucket}/run", **common))
+    metrics = job.run_checked(Config(model=ModelConfig(backbone="lstm"), model_dir=f"{bucket}/run", **common))
     run = f"{bucket}/run"
     for name in ("config.json", "metrics.json", "model.keras", "best.weights.h5", "source_model/source.json",
                  "source_model/model.weights.h5", "source_model/vocabulary.txt", "export/1/saved_model.pb"):
@@ -57,12 +57,12 @@ def test_a_run_reads_and_writes_only_through_the_bucket(bucket):
     assert next(iter(serving(inputs=tf.constant(["a great film", "an awful film"])).values())).shape[0] == 2
 
     # The bucket's run is a source model for parameter transfer.
-    transferred = errors.run_checked(Config(model=ModelConfig(backbone="lstm", transfer="parameter",
+    transferred = job.run_checked(Config(model=ModelConfig(backbone="lstm", transfer="parameter",
                                                               source_model=run),
                                             model_dir=f"{bucket}/run2", **common))
     assert transferred["transfer_mapping"]["copied"]
-    with pytest.raises(errors.ConfigError, match="holds a run with a different config"):
-        errors.check_model_dir(Config(model=ModelConfig(backbone="small_cnn"), model_dir=run, **common))
+    with pytest.raises(job.ConfigError, match="holds a run with a different config"):
+        job.check_model_dir(Config(model=ModelConfig(backbone="small_cnn"), model_dir=run, **common))
 
 
 def test_image_folders_and_label_descriptions_on_an_object_store(bucket):

@@ -11,7 +11,8 @@ import tensorflow as tf
 from tfl import backbones as backbones_lib
 from tfl import transfer as transfer_lib
 from tfl.config import CompareConfig, Config, DataConfig, ModelConfig, TrainConfig
-from tfl.runner import build_model, run
+from tfl.job import run
+from tfl.runner import build_model
 
 
 def _write_csv(path, rows):

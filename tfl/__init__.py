@@ -25,7 +25,7 @@ _EXPORTS = {
     "DataError": "tfl.data", "load_data": "tfl.data", "make_batches": "tfl.data",
     "export_serving_model": "tfl.export",
     "format_table": "tfl.freezing", "freeze": "tfl.freezing", "freeze_table": "tfl.freezing",
-    "build_model": "tfl.runner", "run": "tfl.runner", "predict": "tfl.prediction",
+    "build_model": "tfl.runner", "run": "tfl.job", "predict": "tfl.prediction",
 }
 
 __all__ = sorted(_EXPORTS)

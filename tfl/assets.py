@@ -335,5 +335,17 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def efficientnet_lite0_preset() -> str:
+    """The converted folder, made once from the fetched asset and cached next to it."""
+    out_dir = os.path.join(cache_dir(), "presets", "efficientnet_lite0")
+    if not os.path.isfile(os.path.join(out_dir, "model.safetensors")):
+        pth = os.path.join(asset_path("efficientnet_lite0"), "efficientnet-lite0-57934424.pth")
+        from tfl import convert  # the converters read this module's files; they never import it
+
+        convert.convert_efficientnet_lite0(pth, out_dir)
+    return out_dir
+
+
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+

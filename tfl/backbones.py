@@ -114,7 +114,7 @@ def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0
     if name == "small_cnn":
         return build_small_cnn_backbone(input_shape, seed)
     if name == "asset:efficientnet_lite0":
-        from tfl.convert import efficientnet_lite0_preset
+        from tfl.assets import efficientnet_lite0_preset
 
         # TF-style "same" stem padding, as the TF Lite original (NOTES.md: better ImageNet agreement).
         return build_keras_hub_backbone(efficientnet_lite0_preset(), sequence_length, pooling, dtype,

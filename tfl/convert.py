@@ -1,6 +1,6 @@
 """Converts offline weights that ship in foreign formats to folders keras-hub's loaders read.
 
-    folder = tfl.convert.efficientnet_lite0_preset()   # cached under $TFL_HOME/presets/efficientnet_lite0
+    folder = tfl.assets.efficientnet_lite0_preset()   # cached under $TFL_HOME/presets/efficientnet_lite0
     backbone = tfl.build_backbone("asset:efficientnet_lite0")
 
     tfl.convert.convert_onnx_bert("model.onnx", "vocab.txt", "out/")   # an exported BERT -> Hugging Face folder
@@ -24,7 +24,6 @@ import tempfile
 
 import numpy as np
 
-from tfl import assets
 
 _STORAGE_DTYPES = {"FloatStorage": np.float32, "LongStorage": np.int64}
 
@@ -194,15 +193,6 @@ def convert_efficientnet_lite0(pth_path: str, out_dir: str) -> str:
     return out_dir
 
 
-def efficientnet_lite0_preset() -> str:
-    """The converted folder, made once from the fetched asset and cached next to it."""
-    out_dir = os.path.join(assets.cache_dir(), "presets", "efficientnet_lite0")
-    if not os.path.isfile(os.path.join(out_dir, "model.safetensors")):
-        pth = os.path.join(assets.asset_path("efficientnet_lite0"), "efficientnet-lite0-57934424.pth")
-        convert_efficientnet_lite0(pth, out_dir)
-    return out_dir
-
-
 # ---- ONNX BERT -> Hugging Face folder ------------------------------------------------------------------
 
 # The six linear layers of a BERT encoder layer, by their Hugging Face name, as (input dim, output dim).
@@ -252,6 +242,62 @@ def _attention_heads(graph, query_output: str, hidden: int, initializers: dict):
     return None
 
 
+def _name_matmul_weights(graph, initializers: dict, prefix: str, name: str) -> tuple:
+    """({Hugging Face weight name: [out, in] array}, {that name: the output of its bias Add}), each anonymous
+    MatMul weight named by the named bias its output feeds."""
+    tensors, bias_adds = {}, {}  # Hugging Face weight name -> the output of the Add of its bias
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for i in node.input:
+            consumers[i].append(node)
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in initializers or node.input[1].startswith(prefix):
+            continue
+        weight_name = node.input[1]
+        add, bias = next(((add, other) for add in consumers[node.output[0]] if add.op_type == "Add"
+                          for other in add.input if other in initializers and other.startswith(prefix)
+                          and other.endswith(".bias")), (None, None))
+        if bias is None:
+            raise ValueError(f"{name}: the MatMul of weight '{weight_name}' feeds no Add with a named bias, "
+                             "so the weight cannot be named")
+        hf_name = bias[len(prefix): -len("bias")] + "weight"
+        weight, bias_value = initializers[weight_name], initializers[bias]
+        if weight.ndim != 2 or weight.shape[1] != bias_value.shape[0]:
+            raise ValueError(f"{name}: weight '{weight_name}' has shape {list(weight.shape)} but the bias it feeds, "
+                             f"'{bias}', has {bias_value.shape[0]} values; expected [in, {bias_value.shape[0]}]")
+        if hf_name in tensors:
+            raise ValueError(f"{name}: two MatMul weights feed the bias '{bias}'")
+        tensors[hf_name], bias_adds[hf_name] = weight.T, add.output[0]
+    return tensors, bias_adds
+
+
+
+def _complete_bert_tensors(named: dict, tensors: dict, name: str) -> tuple:
+    """Checks every tensor a BERT encoder needs is there with its shape; adds the named ones to ``tensors``.
+    Returns (number of layers, hidden size, intermediate size, vocabulary size)."""
+    layers = sorted({int(n.split(".")[2]) for n in named if n.startswith("encoder.layer.")})
+    if layers != list(range(len(layers))) or not layers:
+        raise ValueError(f"{name}: encoder layers {layers} are not numbered 0..N-1")
+    vocab_size, hidden = named[_BERT_NAMED[0]].shape
+    intermediate = named.get("encoder.layer.0.intermediate.dense.bias", np.zeros(0)).shape[0]
+    dims = {"hidden": hidden, "intermediate": intermediate}
+    expected = {n: None for n in _BERT_NAMED}
+    for i in layers:
+        for layer, (d_in, d_out) in _BERT_LINEARS.items():
+            expected[f"encoder.layer.{i}.{layer}.weight"] = (dims[d_out], dims[d_in])
+            expected[f"encoder.layer.{i}.{layer}.bias"] = (dims[d_out],)
+        for norm in _BERT_LAYER_NORMS:
+            expected[f"encoder.layer.{i}.{norm}.weight"] = expected[f"encoder.layer.{i}.{norm}.bias"] = (hidden,)
+    for key, shape in expected.items():
+        value = tensors[key] if key in tensors else named.get(key)
+        if value is None:
+            raise ValueError(f"{name}: no tensor for '{key}' (named, or a MatMul weight feeding its bias)")
+        if shape is not None and tuple(value.shape) != shape:
+            raise ValueError(f"{name}: '{key}' has shape {list(value.shape)}, expected {list(shape)}")
+        tensors[key] = value
+    return len(layers), hidden, intermediate, vocab_size
+
+
 def convert_onnx_bert(onnx_path: str, vocab_path: str, out_dir: str, *, lowercase: bool = True,
                       num_heads: int = 0) -> str:
     """Writes a BERT encoder exported to ONNX by torch as a Hugging Face folder keras-hub's BERT loader reads
@@ -279,50 +325,8 @@ def convert_onnx_bert(onnx_path: str, vocab_path: str, out_dir: str, *, lowercas
         raise ValueError(f"{name} has no '{_BERT_NAMED[0]}' initializer; it is not an exported BERT encoder")
     named = {n[len(prefix):]: a for n, a in initializers.items() if n.startswith(prefix)}
 
-    tensors, bias_adds = {}, {}  # Hugging Face weight name -> the output of the Add of its bias
-    consumers = collections.defaultdict(list)
-    for node in graph.node:
-        for i in node.input:
-            consumers[i].append(node)
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in initializers or node.input[1].startswith(prefix):
-            continue
-        weight_name = node.input[1]
-        add, bias = next(((add, other) for add in consumers[node.output[0]] if add.op_type == "Add"
-                          for other in add.input if other in initializers and other.startswith(prefix)
-                          and other.endswith(".bias")), (None, None))
-        if bias is None:
-            raise ValueError(f"{name}: the MatMul of weight '{weight_name}' feeds no Add with a named bias, "
-                             "so the weight cannot be named")
-        hf_name = bias[len(prefix): -len("bias")] + "weight"
-        weight, bias_value = initializers[weight_name], initializers[bias]
-        if weight.ndim != 2 or weight.shape[1] != bias_value.shape[0]:
-            raise ValueError(f"{name}: weight '{weight_name}' has shape {list(weight.shape)} but the bias it feeds, "
-                             f"'{bias}', has {bias_value.shape[0]} values; expected [in, {bias_value.shape[0]}]")
-        if hf_name in tensors:
-            raise ValueError(f"{name}: two MatMul weights feed the bias '{bias}'")
-        tensors[hf_name], bias_adds[hf_name] = weight.T, add.output[0]
-
-    layers = sorted({int(n.split(".")[2]) for n in named if n.startswith("encoder.layer.")})
-    if layers != list(range(len(layers))) or not layers:
-        raise ValueError(f"{name}: encoder layers {layers} are not numbered 0..N-1")
-    vocab_size, hidden = named[_BERT_NAMED[0]].shape
-    intermediate = named.get("encoder.layer.0.intermediate.dense.bias", np.zeros(0)).shape[0]
-    dims = {"hidden": hidden, "intermediate": intermediate}
-    expected = {n: None for n in _BERT_NAMED}
-    for i in layers:
-        for layer, (d_in, d_out) in _BERT_LINEARS.items():
-            expected[f"encoder.layer.{i}.{layer}.weight"] = (dims[d_out], dims[d_in])
-            expected[f"encoder.layer.{i}.{layer}.bias"] = (dims[d_out],)
-        for norm in _BERT_LAYER_NORMS:
-            expected[f"encoder.layer.{i}.{norm}.weight"] = expected[f"encoder.layer.{i}.{norm}.bias"] = (hidden,)
-    for key, shape in expected.items():
-        value = tensors[key] if key in tensors else named.get(key)
-        if value is None:
-            raise ValueError(f"{name}: no tensor for '{key}' (named, or a MatMul weight feeding its bias)")
-        if shape is not None and tuple(value.shape) != shape:
-            raise ValueError(f"{name}: '{key}' has shape {list(value.shape)}, expected {list(shape)}")
-        tensors[key] = value
+    tensors, bias_adds = _name_matmul_weights(graph, initializers, prefix, name)
+    num_layers, hidden, intermediate, vocab_size = _complete_bert_tensors(named, tensors, name)
     for node in graph.node:
         epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)  # ONNX's default
         if node.op_type == "LayerNormalization" and not np.isclose(epsilon, _KERAS_HUB_BERT_LAYER_NORM_EPSILON,
@@ -342,8 +346,8 @@ def convert_onnx_bert(onnx_path: str, vocab_path: str, out_dir: str, *, lowercas
     tensors["pooler.dense.bias"] = np.zeros(hidden, dtype=np.float32)
 
     config = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": int(vocab_size),
-              "hidden_size": int(hidden), "num_hidden_layers": len(layers), "num_attention_heads": int(heads),
-              "intermediate_size": int(dims["intermediate"]),
+              "hidden_size": int(hidden), "num_hidden_layers": num_layers, "num_attention_heads": int(heads),
+              "intermediate_size": int(intermediate),
               "max_position_embeddings": int(named["embeddings.position_embeddings.weight"].shape[0]),
               "type_vocab_size": int(named["embeddings.token_type_embeddings.weight"].shape[0]),
               "hidden_act": "gelu", "layer_norm_eps": _KERAS_HUB_BERT_LAYER_NORM_EPSILON,

@@ -128,7 +128,7 @@ def main(argv: list) -> int:
         return 2
     started = time.time()
     summarise_data()
-    from tfl.runner import run
+    from tfl.job import run
 
     out = os.path.join(ROOT, "runs", "demo")
     jobs = DEMO_JOBS + (DOCS_JOBS if refresh_docs else [])

@@ -97,6 +97,16 @@ def predict(model_dir: str, inputs: Union[str, list], *, text_column: str = "tex
     return rows
 
 
+def run_predict(config, verbose: int = 1) -> dict:
+    """--mode=predict: ``config.predict.input`` through the run's export, as CSV to ``config.predict.output``
+    (or stdout)."""
+    rows = predict(config.model_dir, config.predict.input, text_column=config.data.text_column)
+    text = write_predictions(rows, config.predict.output)
+    if not config.predict.output:
+        print(text, end="")
+    return {"predictions": len(rows), "output": config.predict.output}
+
+
 def write_predictions(rows: list, output: Optional[str] = None) -> str:
     """The rows as CSV, written atomically to ``output`` (any tf.io.gfile path), or returned for stdout."""
     buffer = io.StringIO()

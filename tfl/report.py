@@ -1,9 +1,10 @@
 """--mode=compare: one target task under several transfer strategies, and the report that compares them.
 
-    metrics = tfl.report.compare(config)   # writes <model_dir>/report.md, report.json, *.png
+    report = tfl.report.compare(config, tfl.job.run_mode)   # writes <model_dir>/report.md, report.json, *.png
 
 Every strategy sees the same data, budget (epochs, batch size, learning rate) and seeds; each
-(strategy, label fraction, seed) is a normal tfl run under ``<model_dir>/runs/``. The report gives
+(strategy, label fraction, seed) is a normal tfl run under ``<model_dir>/runs/``, run by the function
+the caller passes (tfl.job.run_mode), so this module never imports the runner. The report gives
 mean ± std over seeds of the test metrics, train time, trainable parameters and examples/s.
 """
 
@@ -12,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Callable
 
 import numpy as np
 
 from tfl import storage
 from tfl.config import Config
+from tfl.devices import is_chief
 
 STRATEGY_HELP = {
     "scratch": "same architecture, random initialisation",
@@ -54,10 +57,9 @@ def strategy_config(base: Config, strategy: str, seed: int, fraction: float, mod
                                model_dir=model_dir, export=False, overwrite=True)
 
 
-def compare(config: Config, verbose: int = 0) -> dict:
-    """Runs every (strategy, fraction, seed); writes report.md/json and plots under config.model_dir."""
-    from tfl.runner import train_and_evaluate, run_zero_shot
-    from tfl.train import is_chief
+def compare(config: Config, run: Callable[[Config, int], dict], verbose: int = 0) -> dict:
+    """Runs every (strategy, fraction, seed) with ``run(config, verbose)``; writes report.md/json and plots
+    under config.model_dir."""
 
     fractions = list(config.compare.label_fractions) or [config.data.label_fraction]
     seeds = [config.seed + i for i in range(config.compare.seeds)]
@@ -74,7 +76,7 @@ def compare(config: Config, verbose: int = 0) -> dict:
                 child = strategy_config(config, strategy, seed, fraction, run_dir)
                 print(f"tfl: compare {strategy} fraction={fraction:g} seed={seed}")
                 started = time.time()
-                metrics = run_zero_shot(child) if strategy == "zero_shot" else train_and_evaluate(child, verbose)
+                metrics = run(child, verbose)
                 runs.append({"strategy": strategy, "fraction": fraction, "seed": seed, "test": metrics["test"],
                              "train_seconds": metrics.get("train_seconds", 0.0),
                              "wall_seconds": round(time.time() - started, 2),

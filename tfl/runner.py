@@ -1,4 +1,5 @@
-"""One run, start to end: data -> backbone -> freeze -> head -> train -> evaluate -> export -> metrics.json.
+"""One training run as named stages: devices -> data -> build (backbone, freeze, head, transfer) -> batches
+-> fit -> evaluate -> write outputs (model, export, metrics.json). Modes are dispatched in tfl.job.
 
     metrics = tfl.run(tfl.Config(data=tfl.DataConfig(source="asset:rotten_tomatoes"),
                                  model=tfl.ModelConfig(backbone="asset:minilm", sequence_length=64),
@@ -7,7 +8,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import platform
 import shutil
@@ -19,11 +20,12 @@ import tensorflow as tf
 
 from tfl import backbones as backbones_lib
 from tfl import data as data_lib
+from tfl import devices as devices_lib
 from tfl import export as export_lib
 from tfl import freezing as freeze_lib
-from tfl import heads, ranking, run_dir, train
+from tfl import heads, train
 from tfl import transfer as transfer_lib
-from tfl.config import Config
+from tfl.config import Config, ConfigError
 from tfl.storage import write_json_atomically
 
 
@@ -117,7 +119,7 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
     eval_batch_size = d.eval_batch_size or d.batch_size
     for flag, size in (("batch_size", d.batch_size), ("eval_batch_size", eval_batch_size)):
         if size % strategy.num_replicas_in_sync:
-            raise ValueError(f"--{flag}={size} is not divisible by the {strategy.num_replicas_in_sync} "
+            raise ConfigError(f"--{flag}={size} is not divisible by the {strategy.num_replicas_in_sync} "
                              "replicas; use a multiple of the replica count")
     decode = image_file_decoder(splits, backbone)
     bucketing = None
@@ -136,14 +138,14 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
                   bucket_boundaries=bucketing["boundaries"] if bucketing else None)
     # TPUs compile one program per shape: every batch fit() sees must be full. The final metrics are
     # computed on every example by tfl's own loop, from the unpruned validation and test batches.
-    tpu = train.device_kind(strategy) == "tpu"
+    tpu = devices_lib.device_kind(strategy) == "tpu"
     train_ds = data_lib.make_batches(splits.train, training=True, drop_remainder=tpu, **common)
     evaluation = {**common, "batch_size": eval_batch_size}
     val_ds = data_lib.make_batches(splits.validation, **evaluation)
     fit_val_ds = data_lib.make_batches(splits.validation, drop_remainder=True, **evaluation) if tpu else val_ds
     datasets = (train_ds, fit_val_ds, val_ds, data_lib.make_batches(splits.test, **evaluation))
     if strategy.num_replicas_in_sync > 1:
-        datasets = tuple(train.shard_by_data(ds) for ds in datasets)
+        datasets = tuple(devices_lib.shard_by_data(ds) for ds in datasets)
     return (*datasets, bucketing)
 
 
@@ -168,65 +170,55 @@ def batch_count(dataset: tf.data.Dataset) -> int:
     return count
 
 
-def run(config: Config, verbose: int = 1) -> dict:
-    """Trains, evaluates and exports as ``config`` says; writes everything under ``config.model_dir``.
-
-    ``mode``: train (default), zero_shot (no training) or compare (see tfl.report).
-    """
-    config.validate()
-    if not config.model_dir or not train.is_chief() or config.mode == "predict":  # predict only reads the run
-        return _run_mode(config, verbose)
-    # The writing process holds the folder's lock (a no-op when main.py took it already) and marks
-    # it as a tfl run, library runs included, so --overwrite can recognise it later.
-    run_dir.check_writable(config.model_dir)
-    with run_dir.locked(config.model_dir):
-        run_dir.check_starts_cleanly(config.model_dir)
-        run_dir.mark(config.model_dir)
-        config_path = os.path.join(config.model_dir, "config.json")
-        if not tf.io.gfile.exists(config_path):  # main.py wrote it already; a library run writes it here
-            write_json_atomically(config_path, config.to_dict())
-        return _run_mode(config, verbose)
-
-
-def _run_mode(config: Config, verbose: int) -> dict:
-    if config.mode == "predict":
-        from tfl import prediction
-
-        rows = prediction.predict(config.model_dir, config.predict.input, text_column=config.data.text_column)
-        text = prediction.write_predictions(rows, config.predict.output)
-        if not config.predict.output:
-            print(text, end="")
-        return {"predictions": len(rows), "output": config.predict.output}
-    if config.mode == "zero_shot":
-        return run_zero_shot(config)
-    if config.mode == "rank":
-        return ranking.rank(config)
-    if config.mode == "compare":
-        from tfl import report
-
-        return report.compare(config, verbose=verbose)
-    return train_and_evaluate(config, verbose=verbose)
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """Where and how a run computes (see tfl.devices)."""
+    strategy: tf.distribute.Strategy
+    kind: str
+    precision: str
+    jit_compile: bool
+    chief: bool  # this process writes the run
 
 
 def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
+    """One training run, stage by stage; writes it under ``config.model_dir`` (on the chief)."""
     started = time.time()
+    devices = set_up_devices(config)
+    splits = load_data_for(config)
+    print(f"tfl: data {config.data.source}: {splits.sizes} labels={splits.label_names}")
+    backbone, model, mapping = build(config, splits, devices)
+    batches = batches_for(config, splits, backbone, devices.strategy)
+    training = fit_model(config, splits, backbone, model, batches, devices, verbose)
+    metrics = evaluate_model(config, splits, backbone, model, mapping, batches, training, devices)
+    if config.model_dir and devices.chief:
+        write_outputs(config, splits, backbone, model, metrics, started)
+    metrics["wall_seconds"] = round(time.time() - started, 2)
+    print("tfl: test " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["test"].items()))
+    return metrics
+
+
+def set_up_devices(config: Config) -> Devices:
+    """Seeds, the strategy, precision and XLA for this machine."""
     keras.utils.set_random_seed(config.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()  # identical reruns on CPU, at some speed cost
-    strategy = train.make_strategy(config.train.strategy, config.train.tpu)
-    kind = train.device_kind(strategy)
-    precision = train.resolve_precision(config.train.precision, kind)
-    jit_compile = train.resolve_jit_compile(config.train.jit_compile, kind)
-    chief = train.is_chief()
-    print(f"tfl: device={kind} replicas={strategy.num_replicas_in_sync} precision={precision} "
-          f"jit_compile={jit_compile}" + ("" if chief else " (not the chief: the chief writes the run)"))
+    strategy = devices_lib.make_strategy(config.train.strategy, config.train.tpu)
+    kind = devices_lib.device_kind(strategy)
+    devices = Devices(strategy=strategy, kind=kind, precision=devices_lib.resolve_precision(config.train.precision, kind),
+                      jit_compile=devices_lib.resolve_jit_compile(config.train.jit_compile, kind),
+                      chief=devices_lib.is_chief())
+    print(f"tfl: device={kind} replicas={strategy.num_replicas_in_sync} precision={devices.precision} "
+          f"jit_compile={devices.jit_compile}" + ("" if devices.chief else " (not the chief: the chief writes the run)"))
+    return devices
 
-    splits = load_data_for(config)
-    print(f"tfl: data {config.data.source}: {splits.sizes} labels={splits.label_names}")
-    keras.config.set_dtype_policy(precision)
+
+def build(config: Config, splits: data_lib.DataSplits, devices: Devices) -> tuple:
+    """(backbone, model, transfer mapping or None): backbone, freezing, head and parameter transfer,
+    built under the strategy at the run's precision."""
+    keras.config.set_dtype_policy(devices.precision)
     try:
-        with strategy.scope():
-            backbone = backbone_for(config, splits, precision)
+        with devices.strategy.scope():
+            backbone = backbone_for(config, splits, devices.precision)
             f = config.freeze
             table = freeze_lib.freeze(backbone, freeze_all=f.freeze_all, freeze_blocks=f.freeze_blocks,
                                       trainable=f.trainable, lora_rank=f.lora_rank)
@@ -234,21 +226,30 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
                                 head_dropout=config.model.head_dropout,
                                 head_hidden_units=config.model.head_hidden_units, seed=config.seed,
                                 frozen_backbone=config.freeze.freeze_all)
-            mapping = None
-            if config.model.transfer == "parameter":
-                aligned = backbone.vectorizer is not None and config.model.transfer_vocabulary == "target"
-                mapping = transfer_lib.copy_weights(
-                    transfer_lib.load_source_model(config.model.source_model), model,
-                    target_vocabulary=backbone.vectorizer.get_vocabulary() if aligned else None)
+            mapping = transfer_parameters(config, backbone, model)
     finally:
         keras.config.set_dtype_policy("float32")
     print(freeze_lib.format_table(table))
     if mapping:
         print("tfl: parameter transfer from " + config.model.source_model + "\n" +
               transfer_lib.format_mapping_report(mapping))
-    train_ds, fit_val_ds, val_ds, test_ds, bucketing = batches_for(config, splits, backbone, strategy)
+    return backbone, model, mapping
 
+
+def transfer_parameters(config: Config, backbone: backbones_lib.Backbone, model: keras.Model):
+    """--transfer=parameter: the source model's weights copied into ``model``; the mapping, or None."""
+    if config.model.transfer != "parameter":
+        return None
+    aligned = backbone.vectorizer is not None and config.model.transfer_vocabulary == "target"
+    return transfer_lib.copy_weights(transfer_lib.load_source_model(config.model.source_model), model,
+                                     target_vocabulary=backbone.vectorizer.get_vocabulary() if aligned else None)
+
+
+def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone, model: keras.Model,
+              batches: tuple, devices: Devices, verbose: int) -> dict:
+    """Trains ``model`` (a linear probe: its head, on cached features); returns the training metrics."""
     t = config.train
+    train_ds, fit_val_ds, val_ds, _, bucketing = batches
     # The batches the training pipeline really yields (make_batches counts them exactly, buckets included).
     steps_per_epoch = batch_count(train_ds)
     if t.max_steps_per_epoch:
@@ -261,44 +262,21 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
                   for stage, epoch in enumerate(range(0, t.epochs, k))]
     multipliers = (freeze_lib.layer_lr_multipliers(backbone, config.freeze.layer_lr_decay)
                    if config.freeze.layer_lr_decay < 1.0 else None)
-    num_labels = len(splits.label_names)
     fit_started = time.perf_counter()
-    fit_model, fit_train, fit_val = model, train_ds, fit_val_ds
-    feature_cache = None
-    steps_per_execution = t.steps_per_execution
+    trained, fit_train, fit_val, feature_cache = model, train_ds, fit_val_ds, None
     if config.freeze.freeze_all and t.cache_frozen_features and not t.max_steps_per_epoch:
-        # Linear probe: the frozen backbone's outputs never change, so compute them once and train the
-        # head (sharing its layers with the full model) on the cache: epochs 2+ cost almost nothing.
-        # Features are taken in the data's own order and then shuffled as the uncached path shuffles.
-        cache_started = time.perf_counter()
-        in_order = data_lib.make_batches(splits.train, batch_size=256, preprocess=backbone.preprocess,
-                                         modality=splits.modality, cache=False,
-                                         decode_image=image_file_decoder(splits, backbone))
-        train_x, train_y, train_lengths = cache_features(backbone, in_order)
-        val_x, val_y, _ = cache_features(backbone, val_ds)
-        fit_model = heads.head_only_model(model, train_x.shape[1])
-        # The same shuffle and buckets as the uncached path, so the head sees the same batches.
-        fit_train = data_lib.make_feature_batches(
-            train_x, train_y, batch_size=config.data.batch_size, seed=config.seed,
-            shuffle_buffer=config.data.shuffle_buffer, lengths=train_lengths,
-            bucket_boundaries=bucketing["boundaries"] if bucketing else None, drop_remainder=kind == "tpu")
-        if batch_count(fit_train) != steps_per_epoch:  # the schedule was sized from the uncached pipeline
-            raise RuntimeError(f"cached-feature batches ({batch_count(fit_train)}) differ from the pipeline's "
-                               f"({steps_per_epoch}); please report this with the config")
-        fit_val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.data.batch_size,
-                                                                           drop_remainder=kind == "tpu")
-        feature_cache = {"examples": int(len(train_x)), "dim": int(train_x.shape[1]),
-                         "seconds": round(time.perf_counter() - cache_started, 2)}
-        print(f"tfl: linear probe on cached backbone features {feature_cache}")
+        trained, fit_train, fit_val, feature_cache = cached_feature_batches(
+            config, splits, backbone, model, val_ds, bucketing, steps_per_epoch, devices.kind)
     # Only the chief writes the run; other workers keep their callbacks' files in scratch space.
-    work_dir = config.model_dir if chief or not config.model_dir else train.worker_scratch_dir(config.model_dir)
+    writes_here = devices.chief or not config.model_dir
+    work_dir = config.model_dir if writes_here else devices_lib.worker_scratch_dir(config.model_dir)
     try:
-        with strategy.scope():
+        with devices.strategy.scope():
             history = train.fit(
-                fit_model, fit_train, fit_val, task=config.model.task, num_labels=num_labels, epochs=t.epochs,
-                learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch, model_dir=work_dir,
+                trained, fit_train, fit_val, task=config.model.task, num_labels=len(splits.label_names),
+                epochs=t.epochs, learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch, model_dir=work_dir,
                 warmup_fraction=t.warmup_fraction, schedule=t.lr_schedule, weight_decay=t.weight_decay,
-                jit_compile=jit_compile, steps_per_execution=steps_per_execution,
+                jit_compile=devices.jit_compile, steps_per_execution=t.steps_per_execution,
                 early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
                 unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch),
                 save_every_steps=t.save_every_steps)
@@ -308,76 +286,89 @@ def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
     fit_seconds = time.perf_counter() - fit_started
     epochs_run = len(history.get("loss", []))
     examples_seen = examples_trained(splits.sizes["train"], epochs_run, steps_per_epoch, config.data.batch_size,
-                                     capped=bool(t.max_steps_per_epoch), drop_remainder=kind == "tpu")
+                                     capped=bool(t.max_steps_per_epoch), drop_remainder=devices.kind == "tpu")
+    return {"history": history, "feature_cache": feature_cache, "train_seconds": round(fit_seconds, 2),
+            "steps_per_epoch": steps_per_epoch, "epochs_run": epochs_run,
+            "optimizer_steps": int(trained.optimizer.iterations.numpy()), "train_examples_seen": examples_seen,
+            "train_examples_per_second": round(examples_seen / fit_seconds, 2) if fit_seconds > 0 else 0.0}
 
-    validation = train.evaluate(model, val_ds, task=config.model.task, num_labels=num_labels)
-    test = train.evaluate(model, test_ds, task=config.model.task, num_labels=num_labels)
-    metrics = {
-        "validation": validation, "test": test, "history": history,
+
+def cached_feature_batches(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
+                           model: keras.Model, val_ds: tf.data.Dataset, bucketing, steps_per_epoch: int,
+                           kind: str) -> tuple:
+    """(head model, train batches, validation batches, cache summary) for a linear probe.
+
+    The frozen backbone's outputs never change, so they are computed once and the head (sharing its
+    layers with the full model) trains on the cache: epochs 2+ cost almost nothing. Features are taken
+    in the data's own order and then shuffled and bucketed as the uncached path does, so the head sees
+    the same batches.
+    """
+    started = time.perf_counter()
+    in_order = data_lib.make_batches(splits.train, batch_size=256, preprocess=backbone.preprocess,
+                                     modality=splits.modality, cache=False,
+                                     decode_image=image_file_decoder(splits, backbone))
+    train_x, train_y, train_lengths = cache_features(backbone, in_order)
+    val_x, val_y, _ = cache_features(backbone, val_ds)
+    head = heads.head_only_model(model, train_x.shape[1])
+    train_batches = data_lib.make_feature_batches(
+        train_x, train_y, batch_size=config.data.batch_size, seed=config.seed,
+        shuffle_buffer=config.data.shuffle_buffer, lengths=train_lengths,
+        bucket_boundaries=bucketing["boundaries"] if bucketing else None, drop_remainder=kind == "tpu")
+    if batch_count(train_batches) != steps_per_epoch:  # the schedule was sized from the uncached pipeline
+        raise RuntimeError(f"cached-feature batches ({batch_count(train_batches)}) differ from the pipeline's "
+                           f"({steps_per_epoch}); please report this with the config")
+    val_batches = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.data.batch_size,
+                                                                           drop_remainder=kind == "tpu")
+    feature_cache = {"examples": int(len(train_x)), "dim": int(train_x.shape[1]),
+                     "seconds": round(time.perf_counter() - started, 2)}
+    print(f"tfl: linear probe on cached backbone features {feature_cache}")
+    return head, train_batches, val_batches, feature_cache
+
+
+def evaluate_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
+                   model: keras.Model, mapping, batches: tuple, training: dict, devices: Devices) -> dict:
+    """The run's metrics: validation and test scores of ``model``, with what trained and how."""
+    num_labels = len(splits.label_names)
+    _, _, val_ds, test_ds, bucketing = batches
+    validation, test = (train.evaluate(model, ds, task=config.model.task, num_labels=num_labels)
+                        for ds in (val_ds, test_ds))
+    return {
+        "validation": validation, "test": test, "history": training["history"],
         "freeze_table": freeze_lib.freeze_table(backbone),
         "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "total_params": int(model.count_params()),
         "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names,
                  "label_counts": splits.label_counts, "skipped": splits.skipped, "modality": splits.modality},
-        "transfer_mapping": mapping, "feature_cache": feature_cache, "bucketing": bucketing,
-        "precision": precision, "jit_compile": jit_compile, "device": kind, "steps_per_execution": steps_per_execution,
-        "replicas": strategy.num_replicas_in_sync,
-        "train_seconds": round(fit_seconds, 2),
-        "steps_per_epoch": steps_per_epoch, "epochs_run": epochs_run,
-        "optimizer_steps": int(fit_model.optimizer.iterations.numpy()),
-        "train_examples_seen": examples_seen,
-        "train_examples_per_second": round(examples_seen / fit_seconds, 2) if fit_seconds > 0 else 0.0,
+        "transfer_mapping": mapping, "feature_cache": training["feature_cache"], "bucketing": bucketing,
+        "precision": devices.precision, "jit_compile": devices.jit_compile, "device": devices.kind,
+        "steps_per_execution": config.train.steps_per_execution, "replicas": devices.strategy.num_replicas_in_sync,
+        **{k: training[k] for k in ("train_seconds", "steps_per_epoch", "epochs_run", "optimizer_steps",
+                                    "train_examples_seen", "train_examples_per_second")},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
                      "keras_hub": _version("keras_hub")},
         "config": config.to_dict(),
     }
-    if config.model_dir and chief:
-        save_model_atomically(model, os.path.join(config.model_dir, "model.keras"))
-        m = config.model
+
+
+def write_outputs(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
+                  model: keras.Model, metrics: dict, started: float) -> None:
+    """model.keras, source_model/, export/<n>/ and metrics.json under ``config.model_dir``."""
+    save_model_atomically(model, os.path.join(config.model_dir, "model.keras"))
+    m = config.model
+    if m.transfer:
+        architecture = dict(transfer_lib.load_source_model(m.source_model)["architecture"])
+        if "maxlen" in architecture:  # the target's length, as its vectorizer pads to it
+            architecture["maxlen"] = config.data.maxlen
+    else:
         architecture = transfer_lib.source_architecture(
             backbone, num_words=config.data.num_words, maxlen=config.data.maxlen, embedding_dim=m.embedding_dim,
             lstm_units=m.lstm_units, data_source=config.data.source)
-        if config.model.transfer:
-            architecture = dict(transfer_lib.load_source_model(m.source_model)["architecture"])
-            if "maxlen" in architecture:  # the target's length, as its vectorizer pads to it
-                architecture["maxlen"] = config.data.maxlen
-        transfer_lib.save_source_model(config.model_dir, backbone, model, splits.label_names, architecture)
-        if config.export:
-            metrics["export_path"] = export_lib.export_serving_model(
-                model, backbone, splits.label_names, config.model.task, os.path.join(config.model_dir, "export"))
-        metrics["wall_seconds"] = round(time.time() - started, 2)
-        write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
+    transfer_lib.save_source_model(config.model_dir, backbone, model, splits.label_names, architecture)
+    if config.export:
+        metrics["export_path"] = export_lib.export_serving_model(
+            model, backbone, splits.label_names, m.task, os.path.join(config.model_dir, "export"))
     metrics["wall_seconds"] = round(time.time() - started, 2)
-    print("tfl: test " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
-    return metrics
-
-
-def run_zero_shot(config: Config) -> dict:
-    """Scores the test split by similarity to label descriptions: no labels are used for training."""
-    started = time.time()
-    splits = load_data_for(config)
-    precision = train.resolve_precision(config.train.precision)
-    backbone = backbones_lib.build_backbone(config.model.backbone, sequence_length=config.model.sequence_length,
-                                            pooling="mean", dtype=precision)
-    if backbone.modality != data_lib.TEXT or splits.modality != data_lib.TEXT:
-        raise backbones_lib.BackboneError("--mode=zero_shot works on text data with a text encoder (asset:minilm "
-                                          "or a keras-hub text preset); image zero-shot needs a CLIP/SigLIP preset")
-    descriptions = transfer_lib.parse_label_descriptions(config.model.label_descriptions, splits.label_names)
-    texts, labels = zip(*[(x.decode("utf-8"), y) for x, y in splits.test.as_numpy_iterator()])
-    scores = transfer_lib.zero_shot_scores(transfer_lib.normalised_embeddings(backbone, texts),
-                                           transfer_lib.label_embeddings(backbone, descriptions))
-    num_labels = len(splits.label_names)
-    probabilities = np.exp(scores * 20.0)  # a fixed temperature turns cosines into scores for AUC
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    outputs = probabilities[:, 1:] if heads.is_binary("classification", num_labels) else probabilities
-    test = heads.evaluation_metrics("classification", num_labels, outputs, np.array(labels))
-    metrics = {"test": test, "mode": "zero_shot", "label_descriptions": descriptions, "trainable_params": 0,
-               "train_seconds": 0.0, "wall_seconds": round(time.time() - started, 2), "config": config.to_dict(),
-               "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names}}
-    if config.model_dir and train.is_chief():
-        write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
-    print("tfl: zero-shot test " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
-    return metrics
+    write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
 
 
 def _version(module: str) -> str:

@@ -1,7 +1,5 @@
-"""Devices, precision, optimizer and schedule, callbacks, fit, and evaluation.
+"""Optimizer and schedule, callbacks, fit with resume, and evaluation (devices: tfl.devices).
 
-    strategy = tfl.train.make_strategy("auto")
-    precision = tfl.train.resolve_precision("auto")          # mixed_bfloat16 on this CPU
     history = tfl.train.fit(model, train_ds, val_ds, epochs=3, learning_rate=5e-5, model_dir=d, ...)
 """
 
@@ -10,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Optional
 
 import keras
@@ -19,196 +16,7 @@ import tensorflow as tf
 
 from tfl import heads, storage
 from tfl.freezing import LayerwiseAdamW
-
-
-# ---- device, precision, compilation ---------------------------------------------------------
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512_BF16 or AMX: the CPU computes bfloat16 matmuls natively (Linux /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def device_kind(strategy: Optional[tf.distribute.Strategy] = None) -> str:
-    if isinstance(strategy, tf.distribute.TPUStrategy):
-        return "tpu"
-    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
-
-
-def resolve_precision(precision: str, kind: Optional[str] = None) -> str:
-    """auto: bf16 on TPUs and bf16-native CPUs; on GPUs bf16 from Ampere (8.0), fp16 from Volta (7.0)."""
-    if precision != "auto":
-        return precision
-    kind = kind or device_kind()
-    if kind == "tpu":
-        return "mixed_bfloat16"
-    if kind == "gpu":
-        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
-        major, _ = details.get("compute_capability", (0, 0))
-        return "mixed_bfloat16" if major >= 8 else ("mixed_float16" if major >= 7 else "float32")
-    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
-
-
-JIT_MEASUREMENT = "cpu_xla_speedup.json"  # written by benchmarks/run.py into the tfl cache
-
-
-def measured_cpu_xla_speedup() -> Optional[float]:
-    """XLA's measured speed-up of a fine-tune step on this machine's CPU, if the benchmark has run here."""
-    from tfl.assets import cache_dir
-
-    path = os.path.join(cache_dir(), JIT_MEASUREMENT)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return float(json.load(f).get("speedup", 0.0))
-
-
-def resolve_jit_compile(jit_compile: str, kind: Optional[str] = None) -> bool:
-    """auto: XLA on GPU/TPU; on CPU only where benchmarks/run.py measured it at least 5% faster here
-    (on this 2-core machine it measured 0.89x, so it stays off)."""
-    if jit_compile != "auto":
-        return jit_compile == "true"
-    if (kind or device_kind()) in ("gpu", "tpu"):
-        return True
-    speedup = measured_cpu_xla_speedup()
-    return speedup is not None and speedup >= 1.05
-
-
-_multi_worker_strategy: Optional[tf.distribute.Strategy] = None
-
-
-def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
-    """default / mirrored (all local GPUs, or CPU) / multi_worker (TF_CONFIG) / tpu.
-
-    auto picks tpu if --tpu is set, multi_worker if TF_CONFIG names a cluster, mirrored for >1 GPU.
-    A multi-worker strategy must be made before TensorFlow runs any op in the process.
-    """
-    if strategy == "auto":
-        strategy = ("tpu" if tpu else "multi_worker" if cluster_from_tf_config()
-                    else "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default")
-    if strategy == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="" if tpu == "local" else tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    if strategy == "multi_worker":
-        if not cluster_from_tf_config():
-            raise ValueError(MISSING_TF_CONFIG)
-        global _multi_worker_strategy
-        # A process can set up its collective ops once: later runs (e.g. --mode=compare) reuse the strategy.
-        _multi_worker_strategy = _multi_worker_strategy or tf.distribute.MultiWorkerMirroredStrategy()
-        return _multi_worker_strategy
-    if strategy == "mirrored":
-        # All local GPUs; without GPUs, the logical CPU devices (tests split the CPU in two this way).
-        gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=gpus or (cpus if len(cpus) > 1 else None))
-    return tf.distribute.get_strategy()
-
-
-MISSING_TF_CONFIG = ("--strategy=multi_worker needs the TF_CONFIG environment variable naming the cluster and "
-                     "this task, e.g. {\"cluster\": {\"worker\": [\"host1:2222\", \"host2:2222\"]}, "
-                     "\"task\": {\"type\": \"worker\", \"index\": 0}}")
-
-
-def _tf_config() -> dict:
-    return json.loads(os.environ.get("TF_CONFIG") or "{}")
-
-
-def cluster_from_tf_config() -> dict:
-    """The cluster TF_CONFIG names ({"worker": [...], ...}), or {} outside a multi-worker job."""
-    return _tf_config().get("cluster") or {}
-
-
-def is_chief() -> bool:
-    """Whether this process writes the run: the "chief" task, or worker 0 when the cluster has no chief.
-    Outside a multi-worker job every process is its own chief. Read from TF_CONFIG, so it can be asked
-    before any strategy exists (e.g. before the resolved config is written)."""
-    tf_config = _tf_config()
-    cluster = tf_config.get("cluster")
-    if not cluster:
-        return True
-    task = tf_config.get("task") or {}
-    if "chief" in cluster:
-        return task.get("type") == "chief"
-    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
-
-
-def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
-
-
-def patch_keras_for_distribution(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
-    """Works around Keras 3.15 bugs that stop ``fit`` with several replicas (keras-team/keras#20585).
-
-    1. Before training, Keras builds the model from the first batch after averaging it across
-       replicas with ``strategy.reduce``: that fails on boolean inputs such as keras-hub's
-       ``padding_mask`` under MirroredStrategy ("AddN ... bool"), and on any nested batch across
-       workers ("Attempt to convert a value (PerReplica ...)"). The build only needs shapes, so it
-       takes this replica's local batch instead.
-    2. Under MultiWorkerMirroredStrategy its metric reduction averages scalar logs over axis 0
-       ("Invalid reduction dimension 0"); scalars are averaged across workers with axis=None.
-    Both run in the tests (a BERT on 2 logical CPUs; a two-process job), so a Keras upgrade that
-    changes these internals fails there first.
-    """
-    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
-
-    def build_from_local_batch(iterator=None, data_batch=None):
-        if iterator is not None:
-            for _, _, batches in iterator:
-                batch = next(batches)
-                data_batch = tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], batch)
-                break
-        with strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
-
-    model._maybe_symbolic_build = build_from_local_batch
-    original = keras_tf_trainer.reduce_per_replica
-    if not in_multi_worker_mode(strategy) or getattr(original, "tfl_multi_worker_fix", False):
-        return
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction in ("auto", "mean") and in_multi_worker_mode(strategy):
-            def mean(value):
-                local = strategy.experimental_local_results(value)[0]
-                return strategy.reduce("MEAN", value, axis=0 if local.shape.rank else None)
-            return tf.nest.map_structure(mean, values)
-        return original(values, strategy, reduction)
-
-    reduce_per_replica.tfl_multi_worker_fix = True
-    keras_tf_trainer.reduce_per_replica = reduce_per_replica
-
-
-def tpu_compatibility_problems(model: keras.Model, dataset: tf.data.Dataset) -> list:
-    """What would break on a TPU, found without one: string tensors reaching the model (tokenize in
-    tf.data on the host instead), a batch dimension that is not static (use drop_remainder=True),
-    and string ops inside the traced model. An empty list means the model and its inputs look TPU-shaped."""
-    problems = []
-    inputs_spec = dataset.element_spec[0]
-    for spec in tf.nest.flatten(inputs_spec):
-        if spec.dtype == tf.string:
-            problems.append(f"string input {spec.name or ''} reaches the model")
-        elif spec.shape.rank and spec.shape[0] is None:
-            problems.append("the batch dimension is not static (batch with drop_remainder=True)")
-    if problems:
-        return sorted(set(problems))
-    graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(inputs_spec).graph
-    for op in graph.get_operations():
-        if any(t.dtype == tf.string for t in list(op.inputs) + list(op.outputs)):
-            problems.append(f"string op {op.type} inside the model")
-    return sorted(set(problems))
-
-
-def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """In-memory and tfds pipelines cannot be sharded by file: shard them by element, explicitly."""
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
+from tfl.keras_workarounds import CSVLogger, patch_keras_for_distribution, with_loss_scaling
 
 
 # ---- optimizer and schedule -----------------------------------------------------------------
@@ -333,33 +141,6 @@ class Backup(keras.callbacks.BackupAndRestore):
             tf.io.gfile.rmtree(self.backup_dir)
 
 
-class CSVLogger(keras.callbacks.CSVLogger):
-    """Keras' CSVLogger, also for gs:// paths: Keras 3.15 asks the tf.io.gfile file it opens there for
-    ``.closed``, which GFile lacks, and fails at the end of training."""
-
-    def on_train_end(self, logs=None):
-        if self.csv_file is not None:
-            self.csv_file.close()
-            self.csv_file = None
-        self.writer = None
-
-
-def worker_scratch_dir(model_dir: str) -> str:
-    """A local scratch folder for a non-chief worker's callback files (backup, logs, checkpoints).
-
-    It starts with a copy of the chief's backup in ``model_dir``, so after a restart every worker
-    resumes at the same epoch; that needs ``model_dir`` on storage all workers share (e.g. gs://).
-    """
-    scratch = tempfile.mkdtemp(prefix="tfl-worker-")
-    backup = os.path.join(model_dir, "backup")
-    if tf.io.gfile.isdir(backup):
-        os.makedirs(os.path.join(scratch, "backup"))
-        for name in storage.list_folder(backup):
-            if storage.is_file(os.path.join(backup, name)):
-                tf.io.gfile.copy(os.path.join(backup, name), os.path.join(scratch, "backup", name))
-    return scratch
-
-
 def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: bool = True,
                    save_every_steps: int = 0) -> list:
     """Resume state, best checkpoint, early stopping, TensorBoard and CSV logs under ``model_dir``.
@@ -386,17 +167,10 @@ def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: 
     return callbacks
 
 
-def uses_float16(model: keras.Model) -> bool:
-    return any(layer.dtype_policy.compute_dtype == "float16" for layer in model._flatten_layers())
-
-
 def compile_model(model: keras.Model, optimizer, *, task: str, num_labels: int, jit_compile: bool,
                   steps_per_execution: int = 1) -> None:
     loss, metrics = heads.loss_and_metrics(task, num_labels)
-    if uses_float16(model) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        # float16 gradients underflow without loss scaling; Keras adds it only for a float16 outer model.
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile,
+    model.compile(optimizer=with_loss_scaling(model, optimizer), loss=loss, metrics=metrics, jit_compile=jit_compile,
                   steps_per_execution=steps_per_execution)
 
 

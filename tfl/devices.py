@@ -1,0 +1,180 @@
+"""Devices, precision, XLA, distribution strategies, and the cluster: which process is the chief.
+
+    strategy = tfl.devices.make_strategy("auto")
+    precision = tfl.devices.resolve_precision("auto")          # mixed_bfloat16 on a bf16-native CPU
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from tfl import storage
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512_BF16 or AMX: the CPU computes bfloat16 matmuls natively (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_kind(strategy: Optional[tf.distribute.Strategy] = None) -> str:
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "tpu"
+    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+
+
+def resolve_precision(precision: str, kind: Optional[str] = None) -> str:
+    """auto: bf16 on TPUs and bf16-native CPUs; on GPUs bf16 from Ampere (8.0), fp16 from Volta (7.0)."""
+    if precision != "auto":
+        return precision
+    kind = kind or device_kind()
+    if kind == "tpu":
+        return "mixed_bfloat16"
+    if kind == "gpu":
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        major, _ = details.get("compute_capability", (0, 0))
+        return "mixed_bfloat16" if major >= 8 else ("mixed_float16" if major >= 7 else "float32")
+    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+JIT_MEASUREMENT = "cpu_xla_speedup.json"  # written by benchmarks/run.py into the tfl cache
+
+
+def measured_cpu_xla_speedup() -> Optional[float]:
+    """XLA's measured speed-up of a fine-tune step on this machine's CPU, if the benchmark has run here."""
+    from tfl.assets import cache_dir
+
+    path = os.path.join(cache_dir(), JIT_MEASUREMENT)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f).get("speedup", 0.0))
+
+
+def resolve_jit_compile(jit_compile: str, kind: Optional[str] = None) -> bool:
+    """auto: XLA on GPU/TPU; on CPU only where benchmarks/run.py measured it at least 5% faster here
+    (on this 2-core machine it measured 0.89x, so it stays off)."""
+    if jit_compile != "auto":
+        return jit_compile == "true"
+    if (kind or device_kind()) in ("gpu", "tpu"):
+        return True
+    speedup = measured_cpu_xla_speedup()
+    return speedup is not None and speedup >= 1.05
+
+
+_multi_worker_strategy: Optional[tf.distribute.Strategy] = None
+
+
+def make_strategy(strategy: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
+    """default / mirrored (all local GPUs, or CPU) / multi_worker (TF_CONFIG) / tpu.
+
+    auto picks tpu if --tpu is set, multi_worker if TF_CONFIG names a cluster, mirrored for >1 GPU.
+    A multi-worker strategy must be made before TensorFlow runs any op in the process.
+    """
+    if strategy == "auto":
+        strategy = ("tpu" if tpu else "multi_worker" if cluster_from_tf_config()
+                    else "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default")
+    if strategy == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="" if tpu == "local" else tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    if strategy == "multi_worker":
+        if not cluster_from_tf_config():
+            raise ValueError(MISSING_TF_CONFIG)
+        global _multi_worker_strategy
+        # A process can set up its collective ops once: later runs (e.g. --mode=compare) reuse the strategy.
+        _multi_worker_strategy = _multi_worker_strategy or tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker_strategy
+    if strategy == "mirrored":
+        # All local GPUs; without GPUs, the logical CPU devices (tests split the CPU in two this way).
+        gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=gpus or (cpus if len(cpus) > 1 else None))
+    return tf.distribute.get_strategy()
+
+
+MISSING_TF_CONFIG = ("--strategy=multi_worker needs the TF_CONFIG environment variable naming the cluster and "
+                     "this task, e.g. {\"cluster\": {\"worker\": [\"host1:2222\", \"host2:2222\"]}, "
+                     "\"task\": {\"type\": \"worker\", \"index\": 0}}")
+
+
+def _tf_config() -> dict:
+    return json.loads(os.environ.get("TF_CONFIG") or "{}")
+
+
+def cluster_from_tf_config() -> dict:
+    """The cluster TF_CONFIG names ({"worker": [...], ...}), or {} outside a multi-worker job."""
+    return _tf_config().get("cluster") or {}
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run: the "chief" task, or worker 0 when the cluster has no chief.
+    Outside a multi-worker job every process is its own chief. Read from TF_CONFIG, so it can be asked
+    before any strategy exists (e.g. before the resolved config is written)."""
+    tf_config = _tf_config()
+    cluster = tf_config.get("cluster")
+    if not cluster:
+        return True
+    task = tf_config.get("task") or {}
+    if "chief" in cluster:
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def tpu_compatibility_problems(model: keras.Model, dataset: tf.data.Dataset) -> list:
+    """What would break on a TPU, found without one: string tensors reaching the model (tokenize in
+    tf.data on the host instead), a batch dimension that is not static (use drop_remainder=True),
+    and string ops inside the traced model. An empty list means the model and its inputs look TPU-shaped."""
+    problems = []
+    inputs_spec = dataset.element_spec[0]
+    for spec in tf.nest.flatten(inputs_spec):
+        if spec.dtype == tf.string:
+            problems.append(f"string input {spec.name or ''} reaches the model")
+        elif spec.shape.rank and spec.shape[0] is None:
+            problems.append("the batch dimension is not static (batch with drop_remainder=True)")
+    if problems:
+        return sorted(set(problems))
+    graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(inputs_spec).graph
+    for op in graph.get_operations():
+        if any(t.dtype == tf.string for t in list(op.inputs) + list(op.outputs)):
+            problems.append(f"string op {op.type} inside the model")
+    return sorted(set(problems))
+
+
+def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """In-memory and tfds pipelines cannot be sharded by file: shard them by element, explicitly."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def worker_scratch_dir(model_dir: str) -> str:
+    """A local scratch folder for a non-chief worker's callback files (backup, logs, checkpoints).
+
+    It starts with a copy of the chief's backup in ``model_dir``, so after a restart every worker
+    resumes at the same epoch; that needs ``model_dir`` on storage all workers share (e.g. gs://).
+    """
+    scratch = tempfile.mkdtemp(prefix="tfl-worker-")
+    backup = os.path.join(model_dir, "backup")
+    if tf.io.gfile.isdir(backup):
+        os.makedirs(os.path.join(scratch, "backup"))
+        for name in storage.list_folder(backup):
+            if storage.is_file(os.path.join(backup, name)):
+                tf.io.gfile.copy(os.path.join(backup, name), os.path.join(scratch, "backup", name))
+    return scratch

@@ -1,0 +1,115 @@
+"""A job, start to end: the checks that run before any heavy work, the run folder (lock, marker,
+config.json), the one table that maps each --mode to the function that runs it, and the error kinds
+main.py reports as one line.
+
+    metrics = tfl.run(tfl.Config(model=tfl.ModelConfig(backbone="lstm"), model_dir="/tmp/run"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from tfl import prediction, ranking, report, run_dir, runner, storage, zero_shot
+from tfl.assets import AssetError
+from tfl.backbones import BackboneError, check_backbone_name
+from tfl.config import Config, ConfigError, config_from_dict
+from tfl.data.sources import DataError
+from tfl.devices import MISSING_TF_CONFIG, cluster_from_tf_config, is_chief
+from tfl.export import ExportError
+from tfl.train import NonFiniteLossError
+from tfl.transfer import TransferError
+
+# Raised for a user mistake; main.py prints the message on one line and exits 2.
+USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError, TransferError)
+# Raised when training fails numerically: also one line, exit 2, but the run folder is kept.
+TRAINING_ERRORS = (NonFiniteLossError, ExportError)
+
+
+def run_mode(config: Config, verbose: int = 1) -> dict:
+    """Runs ``config`` as its --mode says, with no checks and no run-folder bookkeeping."""
+    return MODE_FUNCTIONS[config.mode](config, verbose)
+
+
+def compare(config: Config, verbose: int = 1) -> dict:
+    """--mode=compare: each strategy's run goes through this same table (see tfl.report)."""
+    return report.compare(config, run_mode, verbose=verbose)
+
+
+# Every --mode (config.MODES lists the names), each a function (config, verbose) -> metrics.
+MODE_FUNCTIONS = {
+    "train": runner.train_and_evaluate,
+    "zero_shot": zero_shot.run_zero_shot,
+    "compare": compare,
+    "predict": prediction.run_predict,
+    "rank": lambda config, verbose: ranking.rank(config),
+}
+
+
+def check_model_dir(config: Config) -> None:
+    """Refuses a --model_dir that holds a run with a different config, unless --overwrite."""
+    if not config.model_dir or config.mode == "predict":
+        return
+    path = os.path.join(config.model_dir, "config.json")
+    if tf.io.gfile.exists(path) and not config.overwrite:
+        previous = json.loads(storage.read_bytes(path))
+        try:  # through the dataclasses, so sections added since that run compare as their defaults
+            previous = config_from_dict(previous).to_dict()
+        except (TypeError, ValueError):
+            pass  # not a config this version reads: it differs
+        current = config.to_dict()
+        ignore = {"overwrite", "predict"}
+        if {k: v for k, v in previous.items() if k not in ignore} != {k: v for k, v in current.items() if k not in ignore}:
+            raise ConfigError(f"--model_dir={config.model_dir} holds a run with a different config; use a new "
+                              "--model_dir, or --overwrite to replace it")
+
+
+def check_before_run(config: Config) -> None:
+    """Everything that can be checked cheaply, before data or weights load."""
+    config.validate()
+    check_backbone_name(config.model.backbone)
+    check_model_dir(config)
+    if config.train.strategy == "multi_worker" and not cluster_from_tf_config():
+        raise ConfigError(MISSING_TF_CONFIG)
+
+
+def run(config: Config, verbose: int = 1) -> dict:
+    """Trains, evaluates and exports as ``config`` says (or runs its other --mode); writes everything under
+    ``config.model_dir``. A library run keeps a config.json it finds there (it resumes that run)."""
+    config.validate()
+    return _run_in_folder(config, verbose, command_line=False)
+
+
+def run_checked(config: Config) -> dict:
+    """main.py's run, after check_before_run: --overwrite clears the folder (only a tfl run folder), the
+    resolved config is written next to the run, and a run that fails on a user mistake leaves no folder
+    behind."""
+    created = bool(config.model_dir) and not tf.io.gfile.exists(config.model_dir)
+    try:
+        return _run_in_folder(config, 1, command_line=True)
+    except USER_ERRORS:
+        if created and tf.io.gfile.exists(config.model_dir):
+            tf.io.gfile.rmtree(config.model_dir)
+        raise
+
+
+def _run_in_folder(config: Config, verbose: int, *, command_line: bool) -> dict:
+    # In a multi-worker job only the chief writes the run; predict only reads it.
+    if not config.model_dir or not is_chief() or config.mode == "predict":
+        return run_mode(config, verbose)
+    # The writing process holds the folder's lock and marks it as a tfl run, so --overwrite can
+    # recognise it later.
+    run_dir.check_writable(config.model_dir)
+    with run_dir.locked(config.model_dir):
+        if command_line and config.overwrite:
+            # --overwrite starts over: an old run's resume state must not leak into the new one.
+            run_dir.clear_for_overwrite(config.model_dir)
+        else:
+            run_dir.check_starts_cleanly(config.model_dir)
+        run_dir.mark(config.model_dir)
+        config_path = os.path.join(config.model_dir, "config.json")
+        if command_line or not tf.io.gfile.exists(config_path):
+            storage.write_json_atomically(config_path, config.to_dict())
+        return run_mode(config, verbose)

@@ -1,0 +1,97 @@
+"""Where tfl works around Keras (3.15): each entry says what breaks, links the upstream report, and has a
+test in tests/test_keras_workarounds.py that fails the day Keras fixes it, so the workaround can go.
+
+    keras_workarounds.patch_keras_for_distribution(model, strategy)   # before model.fit with >1 replica
+    optimizer = keras_workarounds.with_loss_scaling(model, optimizer)  # before model.compile
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tfl.devices import in_multi_worker_mode
+
+
+def patch_keras_for_distribution(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """Both distribution workarounds below: what ``fit`` with several replicas needs."""
+    build_from_local_batch(model, strategy)
+    average_scalar_logs_across_workers(strategy)
+
+
+def build_from_local_batch(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """Before training under a strategy, Keras builds the model from the first batch after averaging it
+    across replicas with ``strategy.reduce("MEAN", ...)``. That fails on boolean inputs such as keras-hub's
+    ``padding_mask`` under MirroredStrategy ("AddN ... bool"), and on any nested batch across workers
+    ("Attempt to convert a value (PerReplica ...)"). The build only needs shapes, so it takes this
+    replica's local batch instead.
+
+    Upstream: no report of the boolean/nested case found; keras-team/keras#19246
+    (https://github.com/keras-team/keras/issues/19246) shows the same averaging of the first batch failing
+    in AddN when the replicas' batches differ in size.
+    """
+
+    def build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                batch = next(batches)
+                data_batch = tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], batch)
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = build
+
+
+def average_scalar_logs_across_workers(strategy: tf.distribute.Strategy) -> None:
+    """Under MultiWorkerMirroredStrategy, Keras' ``reduce_per_replica`` averages every log over axis 0,
+    which fails on scalars ("Invalid reduction dimension 0 for input with 0 dimensions"); scalars are
+    averaged across workers with axis=None instead. Patches the Keras module once per process.
+
+    Upstream: tensorflow/tensorflow#72388 (https://github.com/tensorflow/tensorflow/issues/72388).
+    """
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+    original = keras_tf_trainer.reduce_per_replica
+    if not in_multi_worker_mode(strategy) or getattr(original, "tfl_multi_worker_fix", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and in_multi_worker_mode(strategy):
+            def mean(value):
+                local = strategy.experimental_local_results(value)[0]
+                return strategy.reduce("MEAN", value, axis=0 if local.shape.rank else None)
+            return tf.nest.map_structure(mean, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica.tfl_multi_worker_fix = True
+    keras_tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+class CSVLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger, also for gs:// paths: Keras asks the tf.io.gfile file it opens there for
+    ``.closed``, which GFile lacks, and fails at the end of training.
+
+    Upstream: no report found (searched keras-team/keras and tensorflow/tensorflow issues).
+    """
+
+    def on_train_end(self, logs=None):
+        if self.csv_file is not None:
+            self.csv_file.close()
+            self.csv_file = None
+        self.writer = None
+
+
+def uses_float16(model: keras.Model) -> bool:
+    return any(layer.dtype_policy.compute_dtype == "float16" for layer in model._flatten_layers())
+
+
+def with_loss_scaling(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """float16 gradients underflow without loss scaling, and ``compile`` adds it only when the outer
+    model's policy is mixed_float16: tfl's float32 head on a float16 backbone would train unscaled.
+
+    Upstream: no report found; Keras documents the outer-policy rule, so this may stay by design.
+    """
+    if uses_float16(model) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
