@@ -47,3 +47,12 @@ def test_refresh_readme_fills_the_block_from_reports(tmp_path):
     readme.write_text("no block")
     with pytest.raises(SystemExit, match="no <!-- demo results"):
         demo.refresh_readme(str(readme), str(docs))
+
+
+def test_bad_arguments_and_a_missing_source_run_are_one_line_errors(capsys, monkeypatch, tmp_path):
+    assert demo.main(["--only=nope"]) == 2
+    assert "unknown argument nope" in capsys.readouterr().err
+    monkeypatch.setattr(demo, "ROOT", str(tmp_path))  # no runs/demo there
+    assert demo.main(["--only=imdb_to_rt"]) == 2
+    err = capsys.readouterr().err
+    assert "--only needs the run" in err and "runs/demo/imdb_quick" in err

@@ -10,7 +10,7 @@ documentation jobs (the unrelated control IMDB -> SpamAssassin and the Fashion-M
 every report with its plots to the committed docs/demo/, and regenerates the README's results from
 them, so a plain ``make demo`` leaves a clone's tracked files alone and no result is typed by hand.
 
-    python -m tfl.demo [--quick] [--refresh-docs]     # --quick: tiny caps, for a smoke test
+    python -m tfl.demo [--quick] [--refresh-docs] [--only=imdb_to_rt,...]   # --quick: tiny caps, a smoke test
 """
 
 from __future__ import annotations
@@ -122,16 +122,26 @@ def main(argv: list) -> int:
     os.chdir(ROOT)
     quick = "--quick" in argv
     refresh_docs = "--refresh-docs" in argv and not quick
-    unknown = [a for a in argv if a not in ("--quick", "--refresh-docs")]
-    if unknown:
-        print(f"error: unknown argument {unknown[0]}; expected --quick and/or --refresh-docs", file=sys.stderr)
+    only = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--only=")), None)
+    unknown = [a for a in argv if a not in ("--quick", "--refresh-docs") and not a.startswith("--only=")]
+    known = [name for name, _, _ in DEMO_JOBS + DOCS_JOBS]
+    if unknown or (only and not set(only) <= set(known)):
+        print(f"error: unknown argument {(unknown or only)[0]}; expected --quick, --refresh-docs and/or "
+              f"--only=<jobs from {known}>", file=sys.stderr)
         return 2
+    out = os.path.join(ROOT, "runs", "demo")
+    jobs = DEMO_JOBS + (DOCS_JOBS if refresh_docs else [])
+    if only:  # rerun some jobs; the runs they transfer from must be in runs/demo already
+        jobs = [job for job in DEMO_JOBS + DOCS_JOBS if job[0] in only]
+        missing = [f"{out}/{source}" for _, _, source in jobs if source and source not in only
+                   and not os.path.isdir(f"{out}/{source}/source_model")]
+        if missing:
+            print(f"error: --only needs the run {missing[0]}; add its job to --only", file=sys.stderr)
+            return 2
     started = time.time()
     summarise_data()
     from tfl.job import run
 
-    out = os.path.join(ROOT, "runs", "demo")
-    jobs = DEMO_JOBS + (DOCS_JOBS if refresh_docs else [])
     demo_seconds = 0.0
     for name, flagfile, source_job in jobs:
         print(f"demo: === {name} ({time.time() - started:.0f} s so far) ===")
@@ -142,11 +152,12 @@ def main(argv: list) -> int:
             demo_seconds = time.time() - started
         if config.mode == "compare" and refresh_docs:
             copy_report(config.model_dir, os.path.join(DOCS, name))
-    if refresh_docs:
+    if refresh_docs and not only:  # the timing of a whole run only
         with open(os.path.join(DOCS, "demo.json"), "w", encoding="utf-8") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started),
                        "demo_seconds": round(demo_seconds),
                        "host": f"{platform.machine()}, {os.cpu_count()} CPUs"}, f, indent=1)
+    if refresh_docs:
         refresh_readme()
     print(f"demo: done in {time.time() - started:.0f} s; reports in runs/demo/*/report.md"
           + (" and docs/demo/; README results regenerated" if refresh_docs else ""))
