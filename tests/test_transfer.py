@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import keras
 import numpy as np
@@ -111,6 +112,10 @@ def test_cli_parameter_transfer_run(source_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert metrics["transfer_mapping"]["copied"] == ["embedding", "lstm"]
+    # The default --transfer_vocabulary=source: the target reads text with the source's word index.
+    assert "embedding_rows_copied" not in metrics["transfer_mapping"]
+    vocabulary = lambda run: (pathlib.Path(run) / "source_model" / "vocabulary.txt").read_text()  # noqa: E731
+    assert vocabulary(tmp_path / "t") == vocabulary(run_dir)
 
 
 def _known_encoder():

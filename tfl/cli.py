@@ -90,9 +90,14 @@ HELP = {
                       "multilabel and regression labels are drawn without stratification.",
     "transfer": "structure (the source model's architecture, fresh weights) or parameter (also its weights and "
                 "vocabulary; the head is re-initialised). Needs --source_model.",
-    "transfer_vocabulary": "Parameter transfer of a text model: target (a vocabulary fitted on the new task; "
-                           "embedding rows copied for the tokens it shares with the source) or source (the "
-                           "source's vocabulary as is: words it never saw become out-of-vocabulary).",
+    "transfer_vocabulary": "Parameter transfer of a text model: source (the default: the source's vocabulary as is; "
+                           "words it never saw become out-of-vocabulary) or target (a vocabulary fitted on the "
+                           "new task's labelled texts; embedding rows copied for the tokens it shares with the "
+                           "source). The default is what won on the related pair IMDB -> Rotten Tomatoes "
+                           "(docs/imdb_to_rt_variants.md, benchmarks/transfer_variants.py): with few labels a "
+                           "vocabulary fitted on them is tiny. Freezing the transferred embedding "
+                           "(--freeze_blocks=1) or every transferred layer (--freeze_all) measured no better than "
+                           "training them all, so transferred layers train (at --learning_rate) unless frozen.",
     "source_model": "--model_dir of a finished lstm or small_cnn run (its source_model/ folder).",
     "label_descriptions": "Zero-shot: a JSON file {label: [descriptions]} or 'label=desc|desc;label=desc'; "
                           "default: templates of the label names.",

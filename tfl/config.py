@@ -70,8 +70,8 @@ class ModelConfig:
     embedding_dim: int = 50
     transfer: str = ""  # "" | structure | parameter (with source_model)
     source_model: str = ""  # the model_dir of a finished lstm/small_cnn run
-    transfer_vocabulary: str = "target"  # parameter transfer of text: target (own vocabulary, embedding rows
-    # copied for shared tokens) | source (the source's vocabulary and ids unchanged)
+    transfer_vocabulary: str = "source"  # parameter transfer of text: source (the source's vocabulary and ids
+    # unchanged) | target (own vocabulary, embedding rows copied for shared tokens); source won on IMDB -> RT
     label_descriptions: str = ""  # zero-shot: JSON file or 'label=desc|desc;label=desc'; default from names
 
 
