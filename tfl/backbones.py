@@ -8,11 +8,12 @@
 Names: a keras-hub preset (``bert_base_en_uncased``) or a local preset/Hugging Face/timm folder;
 ``asset:minilm`` / ``asset:minilm_l3`` (the offline all-MiniLM-L6-v2 and paraphrase-MiniLM-L3-v2 assets);
 a ``keras.applications`` model (``ResNet50``, ``EfficientNetB0``, ...); ``lstm`` (the seed IMDB model); ``small_cnn``.
+Each family is one entry of ``BACKBONES`` (its name pattern, builder and help line), which --helpfull,
+``check_backbone_name`` and ``build_backbone`` all read: a new family is one entry (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import re
 import sys
@@ -24,6 +25,9 @@ import tensorflow as tf
 
 from tfl import assets
 from tfl.data.sources import IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS
+from tfl.images import decode_image_bytes, decode_image_file, fit_images  # noqa: F401 (re-exported)
+from tfl.imdb_vocabulary import (IMDB_INDEX_FROM, IMDB_SPECIAL_TOKENS, ImdbVectorizer,  # noqa: F401 (re-exported)
+                                 fit_imdb_word_index, imdb_standardize, imdb_words)
 
 
 @keras.saving.register_keras_serializable(package="tfl")
@@ -76,23 +80,105 @@ def keras_application_names() -> list:
     return sorted(n for n in dir(keras.applications) if n[0].isupper() and callable(getattr(keras.applications, n)))
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneOptions:
+    """What build_backbone passes every builder; each family reads the fields it needs."""
+
+    sequence_length: int = 128
+    image_size: int = 0
+    weights: str = "imagenet"
+    pooling: str = "mean"
+    dtype: Optional[str] = None
+    num_words: int = 10000
+    maxlen: int = 500
+    embedding_dim: int = 50
+    lstm_units: int = 100
+    input_shape: tuple = (32, 32, 3)
+    train_texts: object = None
+    seed: int = 0
+    pretrained: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneFamily:
+    """One kind of backbone name: which names it takes, how it builds one, and its help line."""
+
+    pattern: str  # how its names look, in --helpfull and in the unknown-name error
+    help: str
+    matches: Callable[[str], bool]  # cheap first: the table is tried in order, the first match builds
+    build: Callable[[str, BackboneOptions], "Backbone"]
+    check: Callable[[str], None] = lambda name: None  # raises for a matching name that cannot load
+
+
+def _check_asset(name: str) -> None:
+    if name[len("asset:"):] not in BACKBONE_ASSETS:
+        raise BackboneError(f"Unknown backbone asset '{name}'; expected one of "
+                            f"{['asset:' + a for a in BACKBONE_ASSETS]}")
+    assets.asset_path(name[len("asset:"):])
+
+
+def _is_keras_hub_name(name: str) -> bool:
+    # A preset folder, a kaggle://, hf:// or gs:// preset handle, or a keras-hub preset name.
+    return "://" in name or tf.io.gfile.isdir(name) or name in _known_keras_hub_presets()
+
+
+def _preset_kwargs(o: BackboneOptions) -> dict:
+    return {} if o.pretrained else {"load_weights": False}
+
+
+def build_asset_backbone(name: str, o: BackboneOptions) -> "Backbone":
+    if name == "asset:efficientnet_lite0":
+        # TF-style "same" stem padding, as the TF Lite original (NOTES.md: better ImageNet agreement).
+        return build_keras_hub_backbone(assets.efficientnet_lite0_preset(), o.sequence_length, o.pooling, o.dtype,
+                                        display_name=name, image_size=o.image_size,
+                                        preset_kwargs=dict(include_stem_padding=False, stem_conv_padding="same",
+                                                           **_preset_kwargs(o)))
+    return build_keras_hub_backbone(assets.asset_path(name[len("asset:"):]), o.sequence_length, o.pooling, o.dtype,
+                                    display_name=name, preset_kwargs=_preset_kwargs(o))
+
+
+# The backbone families, tried in this order; --helpfull, check_backbone_name and build_backbone read it.
+BACKBONES = {
+    "lstm": BackboneFamily(
+        "lstm", "the seed's IMDB model (Embedding -> LSTM), on raw text or keras:imdb ids",
+        lambda name: name == "lstm",
+        lambda name, o: build_lstm_backbone(o.num_words, o.maxlen, o.embedding_dim, o.lstm_units, o.train_texts,
+                                            o.seed)),
+    "small_cnn": BackboneFamily(
+        "small_cnn", "the seed's CIFAR-10 CNN", lambda name: name == "small_cnn",
+        lambda name, o: build_small_cnn_backbone(o.input_shape, o.seed)),
+    "asset": BackboneFamily(
+        "asset:<" + "|".join(BACKBONE_ASSETS) + ">", "offline pretrained weights (python -m tfl.assets fetch)",
+        lambda name: name.startswith("asset:"), build_asset_backbone, _check_asset),
+    "keras_application": BackboneFamily(
+        "a keras.applications name (e.g. ResNet50, EfficientNetB0)", "ImageNet weights with --weights",
+        lambda name: name in keras_application_names(),
+        lambda name, o: build_keras_application(name, o.weights if o.pretrained else "none", o.image_size, o.dtype)),
+    "keras_hub": BackboneFamily(
+        "a keras-hub preset name (e.g. bert_base_en_uncased) or handle (kaggle://, hf://, gs://), or a preset folder",
+        "text or image encoders (bert_base_en_uncased, vit_base_patch16_224_imagenet, ...)", _is_keras_hub_name,
+        lambda name, o: build_keras_hub_backbone(name, o.sequence_length, o.pooling, o.dtype, display_name=name,
+                                                 preset_kwargs=_preset_kwargs(o))),
+}
+
+
+def backbones_help() -> str:
+    """The --backbone help line, from the table."""
+    return "Backbone: " + "; ".join(f"{f.pattern}: {f.help}" for f in BACKBONES.values()) + "."
+
+
+def backbone_family(name: str) -> BackboneFamily:
+    """The first family in BACKBONES that takes ``name``; an unknown name is a one-line BackboneError."""
+    for family in BACKBONES.values():
+        if family.matches(name):
+            return family
+    raise BackboneError(f"Unknown backbone '{name}'; expected "
+                        + ", ".join(family.pattern for family in BACKBONES.values()))
+
+
 def check_backbone_name(name: str) -> None:
     """Fails fast, before data or weights load, on a name that cannot be a backbone."""
-    if name in SMALL_MODELS or name in keras_application_names():
-        return
-    if "://" in name or tf.io.gfile.isdir(name):  # a preset folder, or a kaggle://, hf:// or gs:// preset handle
-        return
-    if name.startswith("asset:"):
-        if name[len("asset:"):] not in BACKBONE_ASSETS:
-            raise BackboneError(f"Unknown backbone asset '{name}'; expected one of "
-                                f"{['asset:' + a for a in BACKBONE_ASSETS]}")
-        assets.asset_path(name[len("asset:"):])
-        return
-    if name not in _known_keras_hub_presets():
-        raise BackboneError(
-            f"Unknown backbone '{name}'; expected lstm, small_cnn, asset:minilm, a keras.applications name "
-            "(e.g. ResNet50, EfficientNetB0), a keras-hub preset name (e.g. bert_base_en_uncased) or handle "
-            "(kaggle://, hf://, gs://), or a preset folder")
+    backbone_family(name).check(name)
 
 
 def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0, weights: str = "imagenet",
@@ -100,35 +186,15 @@ def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0
                    maxlen: int = 500, embedding_dim: int = 50, lstm_units: int = 100,
                    input_shape: tuple = (32, 32, 3), train_texts=None, seed: int = 0,
                    pretrained: bool = True) -> Backbone:
-    """Builds a backbone by name; see the module docstring for the accepted names.
+    """Builds a backbone by name with its BACKBONES family; see the module docstring for the names.
 
     ``train_texts`` adapts the lstm's vectorizer (omit it for token-id data such as keras:imdb);
     ``input_shape`` is the small_cnn's image shape; ``dtype`` is a Keras dtype policy name;
     ``pretrained=False`` keeps the architecture (and tokenizer) but not the weights.
     """
-    preset_kwargs = {} if pretrained else {"load_weights": False}
-    if not pretrained and name in keras_application_names():
-        weights = "none"
-    if name == "lstm":
-        return build_lstm_backbone(num_words, maxlen, embedding_dim, lstm_units, train_texts, seed)
-    if name == "small_cnn":
-        return build_small_cnn_backbone(input_shape, seed)
-    if name == "asset:efficientnet_lite0":
-        from tfl.assets import efficientnet_lite0_preset
-
-        # TF-style "same" stem padding, as the TF Lite original (NOTES.md: better ImageNet agreement).
-        return build_keras_hub_backbone(efficientnet_lite0_preset(), sequence_length, pooling, dtype,
-                                        display_name=name, image_size=image_size,
-                                        preset_kwargs=dict(include_stem_padding=False, stem_conv_padding="same",
-                                                           **preset_kwargs))
-    if name.startswith("asset:"):
-        preset = assets.asset_path(name[len("asset:"):])
-        return build_keras_hub_backbone(preset, sequence_length, pooling, dtype, display_name=name,
-                                        preset_kwargs=preset_kwargs)
-    if name in keras_application_names():
-        return build_keras_application(name, weights, image_size, dtype)
-    return build_keras_hub_backbone(name, sequence_length, pooling, dtype, display_name=name,
-                                    preset_kwargs=preset_kwargs)
+    options = BackboneOptions(sequence_length, image_size, weights, pooling, dtype, num_words, maxlen,
+                              embedding_dim, lstm_units, tuple(input_shape), train_texts, seed, pretrained)
+    return backbone_family(name).build(name, options)
 
 
 # ---- keras-hub ------------------------------------------------------------------------------
@@ -259,123 +325,7 @@ def build_keras_application(name: str, weights: str, image_size: int, dtype: Opt
     return Backbone(name, base, application_blocks(base), IMAGE, preprocess, (size, size, 3), source=name)
 
 
-def fit_images(images, shape: tuple):
-    """A batch of images (uint8 or float, any size, 1 or 3 channels) -> float32 of ``shape`` in 0..255."""
-    images = tf.cast(images, tf.float32)
-    height, width, channels = shape
-    if images.shape[-1] == 1 and channels == 3:
-        images = tf.image.grayscale_to_rgb(images)
-    if tuple(images.shape[1:3]) != (height, width):
-        images = tf.image.resize(images, (height, width))
-    return images
-
-
-def decode_image_file(path, shape: tuple):
-    """One image file (PNG/JPEG/GIF/BMP) -> float32 image of ``shape``; also used on encoded bytes."""
-    return decode_image_bytes(tf.io.read_file(path), shape)
-
-
-def decode_image_bytes(encoded, shape: tuple):
-    height, width, channels = shape
-    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-    image = tf.image.resize(tf.cast(image, tf.float32), (height, width))
-    return tf.ensure_shape(image, (height, width, channels))
-
-
 # ---- tfl's own small models -----------------------------------------------------------------
-
-# keras.datasets.imdb's ids: 0 padding, 1 start of text, 2 out-of-vocabulary, 3 unused, and the word of
-# frequency rank r (1 = most frequent) -> r + 3; only ids below num_words are kept, the others become 2.
-IMDB_SPECIAL_TOKENS = ("", "<START>", "<UNK>", "<UNUSED>")  # the tokens of ids 0-3 in get_vocabulary()
-IMDB_INDEX_FROM = 3
-# Python's string.punctuation less the apostrophe, which is dropped on its own so that "don't" stays one word.
-_IMDB_PUNCTUATION = r"[!\"#$%&()*+,\-./:;<=>?@\[\\\]^_`{|}~]"
-
-
-@keras.saving.register_keras_serializable(package="tfl")
-def imdb_standardize(texts):
-    """Lower-cases and removes ``<br />`` and punctuation (tf ops: runs in tf.data and in the export).
-
-        imdb_standardize(tf.constant(["Don't miss it!<br /><br />A GREAT film."]))
-        # [b"dont miss it   a great film "]: split on whitespace, "dont miss it a great film"
-    """
-    texts = tf.strings.lower(texts, encoding="utf-8")
-    texts = tf.strings.regex_replace(texts, r"<br\s*/?>", " ")  # IMDB's line breaks; "br" is no word
-    texts = tf.strings.regex_replace(texts, "'", "")
-    # A space, not nothing: "film.The" and "good/bad" are two words each.
-    return tf.strings.regex_replace(texts, _IMDB_PUNCTUATION, " ")
-
-
-def imdb_words(texts):
-    """A batch of raw strings -> a RaggedTensor of their words, as the lstm vectorizer sees them."""
-    return tf.strings.split(imdb_standardize(texts))
-
-
-def fit_imdb_word_index(texts, num_words: int) -> list:
-    """The words that get ids under ``num_words``, most frequent first (ties in alphabetical order):
-    keras.datasets.imdb's word index, fitted on ``texts`` (pass the training split only).
-
-        fit_imdb_word_index(["the film", "The end."], num_words=10)   # ["the", "end", "film"]
-    """
-    counts = collections.Counter()
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), tf.string)).batch(1024).map(imdb_words)
-    for words in dataset:
-        counts.update(words.flat_values.numpy().tolist())
-    ranked = sorted(counts, key=lambda word: (-counts[word], word))  # UTF-8 bytes sort as the characters do
-    return [word.decode("utf-8") for word in ranked[:max(num_words - IMDB_INDEX_FROM - 1, 0)]]
-
-
-@keras.saving.register_keras_serializable(package="tfl")
-class ImdbVectorizer(keras.layers.Layer):
-    """Raw strings -> keras.datasets.imdb ids of the seed model: the start token, then each word's id
-    (rank + 3, out-of-vocabulary 2), the last ``maxlen`` kept and zeros in front, as keras' imdb
-    ``load_data`` followed by ``pad_sequences(maxlen=...)`` (pre-padding, pre-truncation).
-
-        vectorizer = ImdbVectorizer(num_words=10, maxlen=6, words=["the", "film", "good"])
-        vectorizer(tf.constant(["The good film!", "the worst"]))   # [[0, 0, 1, 4, 6, 5], [0, 0, 0, 1, 4, 2]]
-        vectorizer.get_vocabulary()   # ["", "<START>", "<UNK>", "<UNUSED>", "the", "film", "good"]: index = id
-    """
-
-    def __init__(self, num_words: int, maxlen: int, words=(), **kwargs):
-        super().__init__(**kwargs)
-        self.num_words, self.maxlen = int(num_words), int(maxlen)
-        self.words = list(words)[:max(self.num_words - IMDB_INDEX_FROM - 1, 0)]
-        # Rank lookup: 0 for an unknown word, r for the word of rank r.
-        self._ranks = keras.layers.StringLookup(vocabulary=self.words, num_oov_indices=1, mask_token=None,
-                                                name="word_ranks")
-        self._convert_input_args = False  # string inputs, as TextVectorization
-        self._allow_non_tensor_positional_args = True
-        self.supports_jit = False
-
-    def build(self, input_shape=None):
-        pass
-
-    def call(self, texts):
-        texts = tf.convert_to_tensor(texts, tf.string)
-        if texts.shape.rank == 2:  # a (batch, 1) column
-            texts = tf.squeeze(texts, -1)
-        ranks = tf.cast(self._ranks(imdb_words(texts)), tf.int32)
-        oov = IMDB_SPECIAL_TOKENS.index("<UNK>")
-        ids = tf.ragged.map_flat_values(
-            lambda r: tf.where((r > 0) & (r + IMDB_INDEX_FROM < self.num_words), r + IMDB_INDEX_FROM, oov), ranks)
-        start = tf.RaggedTensor.from_tensor(tf.ones([tf.shape(texts)[0], 1], tf.int32))
-        ids = tf.concat([start, ids], axis=1)[:, -self.maxlen:]  # pre-truncation keeps the end
-        # Pre-padding: pad the reversed rows at their end, then turn them back.
-        return tf.reverse(tf.reverse(ids, axis=[1]).to_tensor(0, shape=[None, self.maxlen]), axis=[1])
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.maxlen)
-
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor((inputs.shape[0], self.maxlen), dtype="int32")
-
-    def get_vocabulary(self) -> list:
-        """Token of each id (the index): the four special tokens, then the words by rank."""
-        return [*IMDB_SPECIAL_TOKENS, *self.words]
-
-    def get_config(self):
-        return {**super().get_config(), "num_words": self.num_words, "maxlen": self.maxlen, "words": self.words}
-
 
 def build_lstm_backbone(num_words: int, maxlen: int, embedding_dim: int, lstm_units: int, train_texts,
                         seed: int) -> Backbone:

@@ -10,6 +10,8 @@ import sys
 from absl import flags
 
 from tfl import config as config_lib
+from tfl import backbones, strategies
+from tfl.data import sources
 
 _SECTIONS = {
     "data": config_lib.DataConfig,
@@ -22,12 +24,9 @@ _SECTIONS = {
 }
 _TOP_LEVEL = ("mode", "model_dir", "seed", "export", "overwrite")
 
-# Help strings, one per Config field; the defaults come from the dataclasses themselves.
+# Help strings, one per Config field; the defaults come from the dataclasses themselves. The flags that
+# name an extension point get theirs from its table when the flags are defined (table_help).
 HELP = {
-    "source": "Data: asset:<imdb|rt_polarity|rotten_tomatoes|spam_assassin|fashion_mnist|mnist5k|"
-              "political_speeches> (offline; asset:imdb is keras:imdb's 25,000 training reviews as raw text), "
-              "tfds:<name>, keras:<imdb|reuters|mnist|fashion_mnist|cifar10|cifar100>, csv:<path>, "
-              "jsonl:<path>, images:<dir with one sub-folder per class>.",
     "text_column": "csv/jsonl: column with the text (or image path).",
     "label_column": "csv/jsonl: column with the label ('a|b' lists for multilabel).",
     "train_split": "tfds: training split (slicing allowed, e.g. train[:80%]). tfds splits are read into memory, "
@@ -51,9 +50,6 @@ HELP = {
     "cache": "Cache preprocessed examples in memory.",
     "bucket_shapes": "Tokenized text: batch by length and pad to at most this many boundaries (from the training "
                      "data's lengths); 0 = pad everything to --sequence_length.",
-    "backbone": "lstm, small_cnn, asset:minilm, asset:minilm_l3, a keras.applications name (ResNet50, "
-                "EfficientNetB0, ...), a keras-hub preset (bert_base_en_uncased, vit_base_patch16_224_imagenet, ...) "
-                "or a local folder.",
     "weights": "keras.applications weights: imagenet, none or a .weights.h5 path.",
     "pretrained": "Load the backbone's pretrained weights; --nopretrained trains the same architecture from scratch.",
     "task": "classification, multilabel or regression.",
@@ -101,8 +97,6 @@ HELP = {
     "source_model": "--model_dir of a finished lstm or small_cnn run (its source_model/ folder).",
     "label_descriptions": "Zero-shot: a JSON file {label: [descriptions]} or 'label=desc|desc;label=desc'; "
                           "default: templates of the label names.",
-    "strategies": "--mode=compare: strategies to run, from scratch, linear_probe, partial, fine_tune, lora, "
-                  "structure, parameter, zero_shot.",
     "probe_learning_rate": "--mode=compare: learning rate of the linear_probe strategy (head only).",
     "seeds": "--mode=compare: runs per strategy (seeds --seed, --seed+1, ...).",
     "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",
@@ -126,17 +120,23 @@ HELP = {
 }
 
 
+def table_help() -> dict:
+    """Help of the flags that name an extension point, built from its one table (read at call time)."""
+    return {"source": sources.sources_help(), "backbone": backbones.backbones_help(),
+            "strategies": strategies.strategies_help()}
+
+
 def define_flags(flag_values: flags.FlagValues) -> None:
     """Defines one flag per Config field, with the dataclass default and a help string."""
+    help_texts = {**HELP, **table_help()}
     for section in _SECTIONS.values():
         for field in section.__dataclass_fields__.values():
-            _define(flag_values, field.name, field.default)
+            _define(flag_values, field.name, field.default, help_texts[field.name])
     for name in _TOP_LEVEL:
-        _define(flag_values, name, config_lib.Config.__dataclass_fields__[name].default)
+        _define(flag_values, name, config_lib.Config.__dataclass_fields__[name].default, help_texts[name])
 
 
-def _define(flag_values, name, default):
-    help_text = HELP[name]
+def _define(flag_values, name, default, help_text):
     if isinstance(default, bool):
         flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
     elif isinstance(default, int):

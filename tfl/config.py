@@ -13,16 +13,17 @@ import dataclasses
 import json
 import re
 
+from tfl.data.sources import DATA_SOURCES  # --source kinds, one table
+from tfl.strategies import STRATEGIES as COMPARE_STRATEGIES  # --strategies (compare), one table
+
 TASKS = ("classification", "multilabel", "regression")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 JIT_CHOICES = ("auto", "true", "false")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
-SOURCE_KINDS = ("tfds", "keras", "csv", "jsonl", "images", "asset")
 MODES = ("train", "zero_shot", "compare", "predict", "rank")
 TRANSFERS = ("", "structure", "parameter")
-STRATEGY_NAMES = ("scratch", "linear_probe", "partial", "fine_tune", "lora", "structure", "parameter", "zero_shot")
 
 
 class ConfigError(ValueError):
@@ -161,10 +162,10 @@ class Config:
         """Raises ConfigError naming the first problem and its fix; returns self when valid."""
         d, m, f, t = self.data, self.model, self.freeze, self.train
         kind = d.source.split(":", 1)[0]
-        if ":" not in d.source or kind not in SOURCE_KINDS:
+        if ":" not in d.source or kind not in DATA_SOURCES:
             raise ConfigError(
                 f"--source='{d.source}' is not valid; expected <kind>:<name> with kind one of "
-                f"{list(SOURCE_KINDS)}, e.g. --source=asset:rotten_tomatoes")
+                f"{list(DATA_SOURCES)}, e.g. --source=asset:rotten_tomatoes")
         _check_positive("batch_size", d.batch_size)
         _check_non_negative("eval_batch_size", d.eval_batch_size)
         _check_positive("epochs", t.epochs)
@@ -205,9 +206,9 @@ class Config:
             raise ConfigError(f"--transfer={m.transfer} needs --source_model=<model_dir of a finished lstm/small_cnn run>")
         if not 0.0 < d.label_fraction <= 1.0:
             raise ConfigError(f"--label_fraction must be in (0, 1]; got {d.label_fraction}")
-        unknown = [s for s in self.compare.strategies if s not in STRATEGY_NAMES]
+        unknown = [s for s in self.compare.strategies if s not in COMPARE_STRATEGIES]
         if unknown:
-            raise ConfigError(f"Unknown strategy '{unknown[0]}' in --strategies; expected some of {list(STRATEGY_NAMES)}")
+            raise ConfigError(f"Unknown strategy '{unknown[0]}' in --strategies; expected some of {list(COMPARE_STRATEGIES)}")
         if any(not 0.0 < x <= 1.0 for x in self.compare.label_fractions):
             raise ConfigError(f"--label_fractions must each be in (0, 1]; got {list(self.compare.label_fractions)}")
         _check_positive("seeds", self.compare.seeds)

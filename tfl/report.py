@@ -20,41 +20,25 @@ import numpy as np
 from tfl import storage
 from tfl.config import Config
 from tfl.devices import is_chief
-
-STRATEGY_HELP = {
-    "scratch": "same architecture, random initialisation",
-    "linear_probe": "frozen pretrained backbone, head only (cached features)",
-    "partial": "first --freeze_blocks blocks frozen",
-    "fine_tune": "everything trains",
-    "lora": "low-rank adapters on the frozen backbone",
-    "structure": "source model's architecture, fresh weights",
-    "parameter": "source model's weights and vocabulary, new head",
-    "zero_shot": "no training: similarity to label descriptions",
-}
-
+from tfl.strategies import STRATEGIES
 
 def strategy_config(base: Config, strategy: str, seed: int, fraction: float, model_dir: str) -> Config:
-    """The base config changed as one strategy needs; everything else stays equal across strategies."""
-    freeze = dataclasses.replace(base.freeze, freeze_all=False, freeze_blocks=0, lora_rank=0, trainable="")
-    model = dataclasses.replace(base.model, transfer="")
-    mode = "train"
-    train = base.train
-    if strategy == "scratch":
-        model = dataclasses.replace(model, pretrained=False)
-    elif strategy == "linear_probe":
-        freeze = dataclasses.replace(freeze, freeze_all=True)
-        train = dataclasses.replace(train, learning_rate=base.compare.probe_learning_rate)
-    elif strategy == "partial":
-        freeze = dataclasses.replace(freeze, freeze_blocks=base.freeze.freeze_blocks or 2)
-    elif strategy == "lora":
-        freeze = dataclasses.replace(freeze, lora_rank=base.freeze.lora_rank or 4)
-    elif strategy in ("structure", "parameter"):
-        model = dataclasses.replace(model, transfer=strategy)
-    elif strategy == "zero_shot":
-        mode = "zero_shot"
+    """The base config changed as one strategy needs (its STRATEGIES entry); everything else stays equal."""
+    sections = {"model": dataclasses.replace(base.model, transfer=""), "train": base.train,
+                "freeze": dataclasses.replace(base.freeze, freeze_all=False, freeze_blocks=0, lora_rank=0,
+                                              trainable="")}
+    changes = dict(STRATEGIES[strategy].settings(base))
+    mode = changes.pop("mode", "train")
+    for section, fields in changes.items():
+        sections[section] = dataclasses.replace(sections[section], **fields)
     data = dataclasses.replace(base.data, label_fraction=fraction)
-    return dataclasses.replace(base, mode=mode, model=model, freeze=freeze, data=data, train=train, seed=seed,
-                               model_dir=model_dir, export=False, overwrite=True)
+    return dataclasses.replace(base, mode=mode, data=data, seed=seed, model_dir=model_dir, export=False,
+                               overwrite=True, **sections)
+
+
+def strategy_descriptions(names=None) -> dict:
+    """name -> description, from the STRATEGIES table (all of them, or ``names``)."""
+    return {name: STRATEGIES[name].description for name in (STRATEGIES if names is None else names)}
 
 
 def compare(config: Config, run: Callable[[Config, int], dict], verbose: int = 0) -> dict:
@@ -85,7 +69,7 @@ def compare(config: Config, run: Callable[[Config, int], dict], verbose: int = 0
                              "train_examples": (metrics.get("data", {}).get("sizes") or {}).get("train"),
                              "history": metrics.get("history", {})})
     rows = summarise(runs)
-    report = {"rows": rows, "runs": runs, "config": config.to_dict(), "strategies": STRATEGY_HELP}
+    report = {"rows": rows, "runs": runs, "config": config.to_dict(), "strategies": strategy_descriptions()}
     if is_chief():  # in a multi-worker job only the chief writes
         storage.write_json_atomically(os.path.join(config.model_dir, "report.json"), report)
         plots = write_plots(runs, fractions, config.model_dir)
@@ -139,7 +123,7 @@ def format_markdown(rows: list, config: Config, plots: list) -> str:
              f"Backbone `{config.model.backbone}`; {config.train.epochs} epoch(s), batch {config.data.batch_size}, "
              f"learning rate {config.train.learning_rate:g}; {config.compare.seeds} seed(s) from {config.seed}; "
              "mean ± std over seeds of the test split.", "", format_table(rows), "", "Strategies:", ""]
-    lines += [f"- `{s}`: {STRATEGY_HELP[s]}" for s in config.compare.strategies]
+    lines += [f"- `{s}`: {d}" for s, d in strategy_descriptions(config.compare.strategies).items()]
     lines += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

@@ -20,7 +20,6 @@ from tfl.data.bucketing import (bucket_batch_count, bucket_batches, choose_bound
                                 padding_fraction, token_lengths)
 from tfl.data.sources import (IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS, DataError, Examples, SourceData,
                               load_source)
-from tfl.data.tfds_source import load_tfds
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -128,13 +127,9 @@ def load_data(source: str, *, seed: int = 0, task: str = "classification", text_
     ``label_fraction`` keeps a stratified share of the training split (validation and test stay whole,
     so runs at different fractions are scored on the same examples).
     """
-    if source.startswith("tfds:"):
-        raw = load_tfds(source[len("tfds:"):], train_split=train_split, validation_split=validation_split,
-                        test_split=test_split, text_column=text_column, label_column=label_column,
-                        data_dir=data_dir)
-    else:
-        raw = load_source(source, text_column=text_column, label_column=label_column, task=task,
-                          num_words=num_words, maxlen=maxlen)
+    raw = load_source(source, text_column=text_column, label_column=label_column, task=task, num_words=num_words,
+                      maxlen=maxlen, train_split=train_split, validation_split=validation_split,
+                      test_split=test_split, data_dir=data_dir)
     data = _keep_classes(raw, classes)
     if data.pool is not None:
         pool = _cap(data.pool, max_examples, seed)

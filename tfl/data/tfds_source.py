@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tfl.data.sources import IMAGE, TEXT, DataError, Examples, SourceData
+from tfl.data.examples import IMAGE, TEXT, DataError, Examples, SourceData
 
 
 def load_tfds(name: str, *, train_split: str = "train", validation_split: str = "", test_split: str = "test",
