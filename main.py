@@ -1,17 +1,17 @@
 """tfl command line: python main.py --flagfile=configs/<name>.flags [--flag=value ...]
 
 Reads flags into one Config, checks it before any heavy work, writes it to <model_dir>/config.json
-and calls tfl.run. A user mistake prints one line naming the fix and exits 2.
+and calls tfl.run. A user mistake prints one line naming the fix and exits 2. Quiet by default (tfl's
+lines, one line per epoch in a log or a progress bar on a terminal); absl's --verbosity=0 (or -v=0, 1 for
+debug) shows TensorFlow's own log lines too.
 """
 
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from tfl import cli  # noqa: E402
+from tfl import cli, quiet
 
 FLAGS = flags.FLAGS
 cli.define_flags(FLAGS)
@@ -20,11 +20,12 @@ cli.define_flags(FLAGS)
 def main(argv):
     if len(argv) > 1:
         return fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
-    from tfl import job  # imports TensorFlow: after flag parsing, so --helpfull stays fast
+    with quiet.tensorflow_start(quiet=not FLAGS["verbosity"].present):
+        from tfl import job  # imports TensorFlow: after flag parsing, so --helpfull stays fast
     try:
         config = cli.config_from_flags(FLAGS)
         job.check_before_run(config)
-        metrics = job.run_checked(config)
+        metrics = job.run_checked(config, verbose=quiet.keras_verbose())
     except job.USER_ERRORS + job.TRAINING_ERRORS as e:
         return fail(str(e).splitlines()[0])
     if config.mode == "predict":  # stdout may be the predictions CSV: keep it clean

@@ -10,7 +10,8 @@ documentation jobs (the unrelated control IMDB -> SpamAssassin and the Fashion-M
 every report with its plots to the committed docs/demo/, and regenerates the README's results from
 them, so a plain ``make demo`` leaves a clone's tracked files alone and no result is typed by hand.
 
-    python -m tfl.demo [--quick] [--refresh-docs] [--only=imdb_to_rt,...]   # --quick: tiny caps, a smoke test
+    python -m tfl.demo [--quick] [--refresh-docs] [--only=imdb_to_rt,...] [--verbose]
+    # --quick: tiny caps, a smoke test; --verbose: TensorFlow's own log lines too
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 
 from absl import flags
 
-from tfl import cli
+from tfl import cli, quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs", "demo")
@@ -123,10 +124,10 @@ def main(argv: list) -> int:
     quick = "--quick" in argv
     refresh_docs = "--refresh-docs" in argv and not quick
     only = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--only=")), None)
-    unknown = [a for a in argv if a not in ("--quick", "--refresh-docs") and not a.startswith("--only=")]
+    unknown = [a for a in argv if a not in ("--quick", "--refresh-docs", "--verbose") and not a.startswith("--only=")]
     known = [name for name, _, _ in DEMO_JOBS + DOCS_JOBS]
     if unknown or (only and not set(only) <= set(known)):
-        print(f"error: unknown argument {(unknown or only)[0]}; expected --quick, --refresh-docs and/or "
+        print(f"error: unknown argument {(unknown or only)[0]}; expected --quick, --refresh-docs, --verbose and/or "
               f"--only=<jobs from {known}>", file=sys.stderr)
         return 2
     out = os.path.join(ROOT, "runs", "demo")
@@ -139,15 +140,16 @@ def main(argv: list) -> int:
             print(f"error: --only needs the run {missing[0]}; add its job to --only", file=sys.stderr)
             return 2
     started = time.time()
+    with quiet.tensorflow_start(quiet="--verbose" not in argv):
+        from tfl.job import run
     summarise_data()
-    from tfl.job import run
 
     demo_seconds = 0.0
     for name, flagfile, source_job in jobs:
         print(f"demo: === {name} ({time.time() - started:.0f} s so far) ===")
         config = job_config(name, flagfile, source_job, out, quick)
         shutil.rmtree(config.model_dir, ignore_errors=True)
-        run(config, verbose=2)
+        run(config, verbose=quiet.keras_verbose())
         if (name, flagfile, source_job) == DEMO_JOBS[-1]:
             demo_seconds = time.time() - started
         if config.mode == "compare" and refresh_docs:

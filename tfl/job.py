@@ -82,13 +82,13 @@ def run(config: Config, verbose: int = 1) -> dict:
     return _run_in_folder(config, verbose, command_line=False)
 
 
-def run_checked(config: Config) -> dict:
+def run_checked(config: Config, verbose: int = 1) -> dict:
     """main.py's run, after check_before_run: --overwrite clears the folder (only a tfl run folder), the
     resolved config is written next to the run, and a run that fails on a user mistake leaves no folder
     behind."""
     created = bool(config.model_dir) and not tf.io.gfile.exists(config.model_dir)
     try:
-        return _run_in_folder(config, 1, command_line=True)
+        return _run_in_folder(config, verbose, command_line=True)
     except USER_ERRORS:
         if created and tf.io.gfile.exists(config.model_dir):
             tf.io.gfile.rmtree(config.model_dir)

@@ -48,6 +48,8 @@ def compare(config: Config, run: Callable[[Config, int], dict], verbose: int = 0
     fractions = list(config.compare.label_fractions) or [config.data.label_fraction]
     seeds = [config.seed + i for i in range(config.compare.seeds)]
     runs = []
+    total = sum(1 if s == "zero_shot" else len(fractions) for s in config.compare.strategies) * len(seeds)
+    started_runs = 0
     for strategy in config.compare.strategies:
         for fraction in fractions:
             for seed in seeds:
@@ -58,7 +60,8 @@ def compare(config: Config, run: Callable[[Config, int], dict], verbose: int = 0
                     continue
                 run_dir = os.path.join(config.model_dir, "runs", f"{strategy}-f{fraction:g}-s{seed}")
                 child = strategy_config(config, strategy, seed, fraction, run_dir)
-                print(f"tfl: compare {strategy} fraction={fraction:g} seed={seed}")
+                started_runs += 1
+                print(f"tfl: compare run {started_runs} of {total}: {strategy} fraction={fraction:g} seed={seed}")
                 started = time.time()
                 metrics = run(child, verbose)
                 runs.append({"strategy": strategy, "fraction": fraction, "seed": seed, "test": metrics["test"],

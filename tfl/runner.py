@@ -12,6 +12,7 @@ import dataclasses
 import os
 import platform
 import shutil
+import sys
 import time
 
 import keras
@@ -54,11 +55,15 @@ def build_model(backbone: backbones_lib.Backbone, label_names: list, *, task: st
 
 def cache_features(backbone: backbones_lib.Backbone, dataset: tf.data.Dataset) -> tuple:
     """(features, labels, token lengths or None) of a batched dataset through the frozen backbone, computed once."""
-    extract = tf.function(lambda x: backbone.model(x, training=False), reduce_retracing=True)
+    extract = train.inference_function(backbone.model)
     features, labels, lengths = [], [], []
+    batches = int(dataset.cardinality())  # a progress bar on a terminal only: a log gets the lines around it
+    progress = keras.utils.Progbar(batches if batches > 0 else None, verbose=int(sys.stdout.isatty()),
+                                   unit_name="batch")
     for x, y in dataset:
         features.append(np.asarray(tf.cast(extract(x), tf.float32)))
         labels.append(y.numpy())
+        progress.add(1)
         if isinstance(x, dict) and "padding_mask" in x:
             lengths.append(tf.reduce_sum(tf.cast(x["padding_mask"], tf.int32), axis=1).numpy())
     return np.concatenate(features), np.concatenate(labels), (np.concatenate(lengths) if lengths else None)
@@ -307,6 +312,8 @@ def cached_feature_batches(config: Config, splits: data_lib.DataSplits, backbone
     in_order = data_lib.make_batches(splits.train, batch_size=256, preprocess=backbone.preprocess,
                                      modality=splits.modality, cache=False,
                                      decode_image=image_file_decoder(splits, backbone))
+    print(f"tfl: computing frozen backbone features of {splits.sizes['train']:,d} training and "
+          f"{splits.sizes['validation']:,d} validation examples (once)")
     train_x, train_y, train_lengths = cache_features(backbone, in_order)
     val_x, val_y, _ = cache_features(backbone, val_ds)
     head = heads.head_only_model(model, train_x.shape[1])

@@ -248,10 +248,29 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
     return history
 
 
+class _InferenceCall:
+    """``model(preprocess(x), training=False)``: a callable object, so that each tf.function of it is its own
+    key in TensorFlow's retracing count (a lambda's key is its code object, shared by every model and call, and
+    a compare run's fresh models then read as "excessive retracing")."""
+
+    def __init__(self, model, preprocess=None):
+        self.model, self.preprocess = model, preprocess
+
+    def __call__(self, x):
+        return self.model(self.preprocess(x) if self.preprocess else x, training=False)
+
+
+def inference_function(model, preprocess=None):
+    """``model(preprocess(x), training=False)`` as one tf.function for batches of every shape: reduce_retracing
+    makes the second batch shape (a last partial batch, another length bucket) a trace with unknown
+    dimensions that serves all the rest. Build it once per pass over a dataset, not per batch."""
+    return tf.function(_InferenceCall(model, preprocess), reduce_retracing=True)
+
+
 def predict_with_labels(model: keras.Model, dataset: tf.data.Dataset) -> tuple:
     """(outputs, labels) as numpy arrays over a batched (inputs, labels) dataset, in one pass."""
     outputs, labels = [], []
-    predict_step = tf.function(lambda x: model(x, training=False))
+    predict_step = inference_function(model)
     for x, y in dataset:
         outputs.append(np.asarray(predict_step(x), np.float32))
         labels.append(y.numpy())

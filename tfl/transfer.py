@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional
 
 import keras
@@ -26,6 +27,7 @@ import tensorflow as tf
 from tfl import backbones as backbones_lib
 from tfl import heads
 from tfl import storage
+from tfl import train as train_lib
 
 SOURCE_KIND = "tfl-source-model"
 SOURCE_FILE = "source.json"
@@ -246,18 +248,22 @@ def parse_label_descriptions(value: str, label_names: list) -> dict:
 def normalised_embeddings(backbone: backbones_lib.Backbone, texts, batch_size: int = 64) -> np.ndarray:
     """Mean-pooled encoder outputs, L2-normalised: the sentence embeddings of a sentence encoder."""
     dataset = tf.data.Dataset.from_tensor_slices(np.asarray(texts, dtype=object).astype(str)).batch(batch_size)
-    encode = tf.function(lambda x: backbone.model(backbone.preprocess(x), training=False))
-    vectors = np.concatenate([np.asarray(encode(batch), np.float32) for batch in dataset])
+    encode = train_lib.inference_function(backbone.model, backbone.preprocess)
+    progress = keras.utils.Progbar(int(dataset.cardinality()), verbose=int(sys.stdout.isatty()), unit_name="batch")
+    vectors = []
+    for batch in dataset:
+        vectors.append(np.asarray(encode(batch), np.float32))
+        progress.add(1)
+    vectors = np.concatenate(vectors)
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def label_embeddings(backbone: backbones_lib.Backbone, descriptions: dict) -> np.ndarray:
-    """One unit vector per label: the normalised mean of its descriptions' embeddings."""
-    rows = []
-    for texts in descriptions.values():
-        mean = normalised_embeddings(backbone, texts).mean(axis=0)
-        rows.append(mean / np.linalg.norm(mean))
-    return np.stack(rows)
+    """One unit vector per label: the normalised mean of its descriptions' embeddings (all encoded in one pass)."""
+    vectors = normalised_embeddings(backbone, [text for texts in descriptions.values() for text in texts])
+    ends = np.cumsum([len(texts) for texts in descriptions.values()])
+    means = np.stack([part.mean(axis=0) for part in np.split(vectors, ends[:-1])])
+    return means / np.linalg.norm(means, axis=1, keepdims=True)
 
 
 def zero_shot_scores(input_embeddings: np.ndarray, label_vectors: np.ndarray) -> np.ndarray:

@@ -31,6 +31,8 @@ def run_zero_shot(config: Config, verbose: int = 1) -> dict:
                                           "or a keras-hub text preset); image zero-shot needs a CLIP/SigLIP preset")
     descriptions = transfer_lib.parse_label_descriptions(config.model.label_descriptions, splits.label_names)
     texts, labels = zip(*[(x.decode("utf-8"), y) for x, y in splits.test.as_numpy_iterator()])
+    print(f"tfl: zero-shot: encoding {len(texts):,d} test texts and "
+          f"{sum(len(d) for d in descriptions.values())} label descriptions with {config.model.backbone}")
     scores = transfer_lib.zero_shot_scores(transfer_lib.normalised_embeddings(backbone, texts),
                                            transfer_lib.label_embeddings(backbone, descriptions))
     num_labels = len(splits.label_names)
