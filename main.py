@@ -11,7 +11,13 @@ import sys
 
 from absl import app, flags
 
-from tfl import cli, quiet
+from tfl import quiet
+
+# The flag tables live next to what they register (backbones, data sources), so defining the flags loads
+# TensorFlow: quietly, unless --verbosity/-v is on the command line (a flagfile's is read too late for this).
+_VERBOSE = any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:])
+with quiet.tensorflow_start(quiet=not _VERBOSE):
+    from tfl import cli
 
 FLAGS = flags.FLAGS
 cli.define_flags(FLAGS)
@@ -20,8 +26,10 @@ cli.define_flags(FLAGS)
 def main(argv):
     if len(argv) > 1:
         return fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
-    with quiet.tensorflow_start(quiet=not FLAGS["verbosity"].present):
-        from tfl import job  # imports TensorFlow: after flag parsing, so --helpfull stays fast
+    from tfl import job
+
+    if not FLAGS["verbosity"].present:
+        quiet.quiet_python_logging()  # again: absl's app.run turned its logging up to INFO after parsing
     try:
         config = cli.config_from_flags(FLAGS)
         job.check_before_run(config)

@@ -50,6 +50,7 @@ def test_refresh_readme_fills_the_block_from_reports(tmp_path):
 
 
 def test_bad_arguments_and_a_missing_source_run_are_one_line_errors(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(os.getcwd())  # demo.main changes directory to its ROOT: restore it afterwards
     assert demo.main(["--only=nope"]) == 2
     assert "unknown argument nope" in capsys.readouterr().err
     monkeypatch.setattr(demo, "ROOT", str(tmp_path))  # no runs/demo there

@@ -24,9 +24,7 @@ import shutil
 import sys
 import time
 
-from absl import flags
-
-from tfl import cli, quiet
+from tfl import quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs", "demo")
@@ -47,6 +45,10 @@ README_BEGIN, README_END = "<!-- demo results: begin -->", "<!-- demo results: e
 
 
 def config_from_flagfile(flagfile: str, **overrides):
+    from absl import flags
+
+    from tfl import cli  # loads TensorFlow (the flag tables sit next to backbones and data sources)
+
     values = flags.FlagValues()
     cli.define_flags(values)
     values(["demo", f"--flagfile={os.path.join(ROOT, flagfile)}"] + [f"--{k}={v}" for k, v in overrides.items()])
