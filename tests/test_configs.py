@@ -209,8 +209,8 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
     model_dir = config.model_dir
     assert json.loads(open(os.path.join(model_dir, "config.json")).read()) == json.loads(config.to_json())
     if config.mode == "rank":  # no training: the ranking of every candidate, best LogME first
-        ranking = json.loads(open(os.path.join(model_dir, "ranking.json")).read())
-        markdown = open(os.path.join(model_dir, "ranking.md")).read()
+        ranking = json.loads(open(os.path.join(model_dir, "rank.json")).read())
+        markdown = open(os.path.join(model_dir, "rank.md")).read()
         names = [row["candidate"] for row in ranking["rows"]]
         assert any(n.endswith("(random init)") for n in names) and len(names) >= 3, names
         assert all(name in markdown for name in names)

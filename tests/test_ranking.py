@@ -130,14 +130,14 @@ def _rank_config(source, model_dir, backbones, **rank):
                   rank=RankConfig(backbones=tuple(backbones), **rank), model_dir=str(model_dir))
 
 
-def test_rank_mode_writes_ranking_json_and_md_with_every_candidate(tmp_path, text_csv, tiny_bert_preset, capsys):
-    from tfl import errors
+def test_rank_mode_writes_rank_json_and_md_with_every_candidate(tmp_path, text_csv, tiny_bert_preset, capsys):
+    from tfl import job
 
     config = _rank_config(f"csv:{text_csv}", tmp_path / "run", [tiny_bert_preset], rank_examples=24)
-    errors.check_before_run(config)
-    result = errors.run_checked(config)
-    report = json.loads((tmp_path / "run" / "ranking.json").read_text())
-    markdown = (tmp_path / "run" / "ranking.md").read_text()
+    job.check_before_run(config)
+    result = job.run_checked(config)
+    report = json.loads((tmp_path / "run" / "rank.json").read_text())
+    markdown = (tmp_path / "run" / "rank.md").read_text()
     names = [row["candidate"] for row in report["rows"]]
     assert sorted(names) == sorted([f"{tiny_bert_preset}@{k}" for k in range(3)]
                                    + [f"{tiny_bert_preset}@2 (random init)"])
@@ -152,12 +152,11 @@ def test_rank_mode_writes_ranking_json_and_md_with_every_candidate(tmp_path, tex
 
 
 def test_unknown_backbones_name_is_one_line_naming_the_choices(tmp_path, text_csv):
-    from tfl import errors
-    from tfl.config import ConfigError
+    from tfl import job
 
     config = _rank_config(f"csv:{text_csv}", tmp_path / "run", ["no_such_encoder"])
-    with pytest.raises(ConfigError) as caught:
-        errors.run_checked(config)
+    with pytest.raises(job.USER_ERRORS) as caught:  # main.py prints these as one error: line, exit 2
+        job.run_checked(config)
     message = str(caught.value)
     assert "\n" not in message and "no_such_encoder" in message and "expected some of" in message
     assert "keras-hub" in message and "lstm/small_cnn run" in message
@@ -166,10 +165,11 @@ def test_unknown_backbones_name_is_one_line_naming_the_choices(tmp_path, text_cs
 
 def test_a_zoo_name_of_the_other_modality_is_refused(text_csv, tmp_path):
     from tfl import assets, ranking
+    from tfl.backbones import BackboneError
 
     if not assets.is_fetched("efficientnet_lite0"):
         pytest.skip("asset:efficientnet_lite0 not fetched")
-    with pytest.raises(ranking.BackboneError, match="takes image inputs but the data holds text"):
+    with pytest.raises(BackboneError, match="takes image inputs but the data holds text"):
         ranking.check_backbones(["asset:efficientnet_lite0"], "text")
 
 
@@ -214,3 +214,19 @@ def test_efficientnet_lite0_gives_every_block_and_its_imagenet_classifier():
     assert last.shape == (6, 1000) and np.allclose(last.sum(axis=1), 1.0, atol=1e-4)
     assert sum("source_probabilities" in v for v in features.values()) == 1  # the classifier tops the last depth
     assert list(features)[-1] == f"asset:efficientnet_lite0@8{ranking.RANDOM_SUFFIX}"
+
+
+def test_depths_selects_candidates_and_keeps_the_controls():
+    from tfl import ranking
+    from tfl.config import ConfigError
+
+    entry = lambda backbone, depth, pretrained=True: {"backbone": backbone, "depth": depth,  # noqa: E731
+                                                      "pretrained": pretrained}
+    features = {"a@0": entry("a", 0), "a@1": entry("a", 1), "a@2": entry("a", 2),
+                "a@2 (random init)": entry("a", 2, False), "b@0": entry("b", 0), "b@3": entry("b", 3)}
+    assert ranking.select_depths(features, "all") == features
+    assert sorted(ranking.select_depths(features, "last")) == ["a@2", "a@2 (random init)", "b@3"]
+    assert sorted(ranking.select_depths(features, "0,2")) == ["a@0", "a@2", "a@2 (random init)", "b@0"]
+    for bad in ("deep", "1,", "-1"):
+        with pytest.raises(ConfigError, match="--depths=.* expected all, last or a comma list"):
+            _rank_config("asset:rotten_tomatoes", "", [], depths=bad).validate()

@@ -102,11 +102,13 @@ HELP = {
     "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",
     "mode": "train (one run), zero_shot (no training: similarity to label descriptions), compare "
             "(a transfer report over --strategies), predict (a finished run's export on --input) or rank "
-            "(transferability estimates of --backbones at every depth: ranking.md/json, no training).",
+            "(transferability estimates of --backbones at every depth: rank.md/json, no training).",
     "backbones": "--mode=rank: candidates, comma-separated: asset:minilm, asset:minilm_l3, asset:efficientnet_lite0, "
                  "keras-hub encoder presets or folders, lstm/small_cnn run folders; each at every depth plus a "
                  "randomly initialised control. Empty = the offline zoo for the data's modality (and --source_model).",
     "rank_examples": "--mode=rank: score on at most this many training examples, drawn stratified from --seed.",
+    "depths": "--mode=rank: which depths of each backbone to score: all (every block; 0 = the embeddings alone), "
+              "last (each backbone's output) or a comma list such as 1,3. Random-init controls are always scored.",
     "input": "--mode=predict: a text, csv:<path> or jsonl:<path> (the --text_column), or images:<folder>.",
     "output": "--mode=predict: where to write the predictions CSV (input, label, p(<class>) ...); empty = stdout.",
     "save_every_steps": "Save the resume state (weights, optimizer, epoch) every N steps; 0 = at epoch ends only.",

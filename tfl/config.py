@@ -125,6 +125,7 @@ class RankConfig:
 
     backbones: tuple = ()  # empty = the offline zoo for the data's modality; else presets, folders, run folders
     rank_examples: int = 2000  # features of at most this many training examples (stratified)
+    depths: str = "all"  # all | last | a comma list of depths, e.g. "1,3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +214,9 @@ class Config:
             raise ConfigError(f"--label_fractions must each be in (0, 1]; got {list(self.compare.label_fractions)}")
         _check_positive("seeds", self.compare.seeds)
         _check_positive("rank_examples", self.rank.rank_examples)
+        if self.rank.depths not in ("all", "last") and not re.fullmatch(r"\d+(,\d+)*", self.rank.depths):
+            raise ConfigError(f"--depths={self.rank.depths} is not valid; expected all, last or a comma list of "
+                              "depths such as 1,3 (0 = the embeddings alone)")
         if f.trainable:
             try:
                 re.compile(f.trainable)

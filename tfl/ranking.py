@@ -112,7 +112,7 @@ def ranking_rows(features_by_candidate: dict, scores: dict) -> list:
 
 def rank_candidates(inputs, labels, *, modality: str, task: str = "classification", backbones=(),
                     source_models=(), sequence_length: int = 128, image_size: int = 0, maxlen: Optional[int] = None,
-                    controls: bool = True, batch_size: int = 64, seed: int = 0) -> list:
+                    controls: bool = True, batch_size: int = 64, seed: int = 0, depths: str = "all") -> list:
     """The whole ranking from raw inputs and labels: ``candidates`` -> ``extract_features`` ->
     ``score_candidates`` -> ``ranking_rows`` (best first). For a benchmark script::
 
@@ -121,8 +121,22 @@ def rank_candidates(inputs, labels, *, modality: str, task: str = "classificatio
     """
     zoo = candidates(modality, backbones, source_models, sequence_length=sequence_length, image_size=image_size,
                      maxlen=maxlen, controls=controls, seed=seed)
-    features = extract_features(zoo, inputs, modality=modality, batch_size=batch_size)
+    features = select_depths(extract_features(zoo, inputs, modality=modality, batch_size=batch_size), depths)
     return ranking_rows(features, score_candidates(features, labels, task))
+
+
+def select_depths(features_by_candidate: dict, depths: str = "all") -> dict:
+    """Keeps the candidates at ``depths``: "all", "last" (each backbone's deepest) or a comma list such as "1,3".
+    Random-init controls are kept whatever the choice (they exist at one depth only)."""
+    if depths == "all":
+        return features_by_candidate
+    deepest = {}
+    for entry in features_by_candidate.values():
+        deepest[entry["backbone"]] = max(deepest.get(entry["backbone"], entry["depth"]), entry["depth"])
+    wanted = None if depths == "last" else {int(d) for d in depths.split(",")}
+    return {name: entry for name, entry in features_by_candidate.items()
+            if not entry["pretrained"] or (entry["depth"] == deepest[entry["backbone"]] if wanted is None
+                                           else entry["depth"] in wanted)}
 
 
 # ---- examples -------------------------------------------------------------------------------
@@ -195,10 +209,10 @@ def format_markdown(rows: list, info: dict) -> str:
 
 
 def write_report(model_dir: str, rows: list, info: dict) -> dict:
-    """Writes ``ranking.json`` ({"rows", "info"}) and ``ranking.md`` under model_dir; returns the JSON content."""
+    """Writes ``rank.json`` ({"rows", "info"}) and ``rank.md`` under model_dir; returns the JSON content."""
     report = {"rows": rows, **info}
-    storage.write_json_atomically(os.path.join(model_dir, "ranking.json"), report)
-    storage.write_text_atomically(os.path.join(model_dir, "ranking.md"), format_markdown(rows, info))
+    storage.write_json_atomically(os.path.join(model_dir, "rank.json"), report)
+    storage.write_text_atomically(os.path.join(model_dir, "rank.md"), format_markdown(rows, info))
     return report
 
 
@@ -220,7 +234,7 @@ def rank(config) -> dict:
     rows = rank_candidates(inputs, labels, modality=splits.modality, task=config.model.task,
                            backbones=config.rank.backbones, source_models=sources,
                            sequence_length=config.model.sequence_length, image_size=config.model.image_size,
-                           maxlen=config.data.maxlen, seed=config.seed)
+                           maxlen=config.data.maxlen, seed=config.seed, depths=config.rank.depths)
     counts = {}
     if labels.ndim == 1 and labels.dtype.kind in "iu":
         values, numbers = np.unique(labels, return_counts=True)
