@@ -15,7 +15,7 @@ from tfl import quiet
 
 # The flag tables live next to what they register (backbones, data sources), so defining the flags loads
 # TensorFlow: quietly, unless --verbosity/-v is on the command line (a flagfile's is read too late for this).
-_VERBOSE = any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:])
+_VERBOSE = any(a in ("-v", "--verbosity") or a.startswith(("--verbosity=", "-v=")) for a in sys.argv[1:])
 with quiet.tensorflow_start(quiet=not _VERBOSE):
     from tfl import cli
 

@@ -7,7 +7,7 @@ Trains the flagfile's target task once per (variant, label fraction, seed), ever
 (data, epochs, batch, learning rate, seeds), and writes the test accuracy table, mean ± std over seeds,
 to --out. Variants: scratch; parameter transfer with the target's own vocabulary (embedding rows
 copied for shared words) or the source's word index; with the embedding frozen
-(--freeze_blocks=1); with every transferred layer frozen (head only); gradual unfreezing.
+(--freeze_blocks=1); with every transferred layer frozen (head only).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> int:
         strategy, model_changes, freeze_changes = VARIANTS[name]
         for fraction in fractions:
             for seed in range(base.seed, base.seed + args.seeds):
-                run_dir = os.path.join(args.work_dir, f"{len(results)}")
+                run_dir = os.path.join(args.work_dir, f"{names.index(name)}-f{fraction:g}-s{seed}")
                 config = strategy_config(base, strategy, seed, fraction, run_dir)
                 config = dataclasses.replace(config, model=dataclasses.replace(config.model, **model_changes),
                                              freeze=dataclasses.replace(config.freeze, **freeze_changes))
@@ -86,7 +86,8 @@ def main() -> int:
     if args.out:
         text = (f"# Parameter-transfer variants: {os.path.basename(args.flagfile)} from {args.source_model}\n\n"
                 f"Written by `benchmarks/transfer_variants.py --flagfile={args.flagfile} "
-                f"--source_model={args.source_model} --fractions={args.fractions} --seeds={args.seeds}`; "
+                f"--source_model={args.source_model} --fractions={args.fractions} --seeds={args.seeds} "
+                f"--variants={','.join(names)}`; "
                 f"test accuracy, mean ± std over {args.seeds} seeds; {platform.node()}, "
                 f"{os.cpu_count()} CPUs, {time.time() - started:.0f} s in all.\n"
                 f"Everything but the variant is the flagfile's: {base.train.epochs} epochs, batch "

@@ -57,3 +57,9 @@ def test_bad_arguments_and_a_missing_source_run_are_one_line_errors(capsys, monk
     assert demo.main(["--only=imdb_to_rt"]) == 2
     err = capsys.readouterr().err
     assert "--only needs the run" in err and "runs/demo/imdb_quick" in err
+
+
+def test_quick_and_refresh_docs_together_are_refused(capsys, monkeypatch):
+    monkeypatch.chdir(os.getcwd())
+    assert demo.main(["--quick", "--refresh-docs"]) == 2
+    assert "drop one of --quick, --refresh-docs" in capsys.readouterr().err

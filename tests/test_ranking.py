@@ -230,3 +230,22 @@ def test_depths_selects_candidates_and_keeps_the_controls():
     for bad in ("deep", "1,", "-1"):
         with pytest.raises(ConfigError, match="--depths=.* expected all, last or a comma list"):
             _rank_config("asset:rotten_tomatoes", "", [], depths=bad).validate()
+
+
+def test_a_score_that_could_not_be_computed_is_null_in_rank_json_and_ranked_last(tmp_path):
+    from tfl import ranking
+
+    features = {"flat": {"features": np.full((20, 3), np.nan, np.float32), "backbone": "flat", "depth": 0},
+                "useful": {"features": np.eye(2, dtype=np.float32)[np.arange(20) % 2] + 0.01
+                           * np.random.RandomState(0).randn(20, 2).astype(np.float32), "backbone": "useful", "depth": 0}}
+    labels = np.arange(20) % 2
+    rows = ranking.ranking_rows(features, ranking.score_candidates(features, labels))
+    assert [r["candidate"] for r in rows] == ["useful", "flat"] and np.isnan(rows[1]["logme"])
+    ranking.write_report(str(tmp_path), rows, {"source": "x", "task": "classification", "examples": 20,
+                                              "label_counts": {}, "seconds": 1.0})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    saved = json.loads((tmp_path / "rank.json").read_text(), parse_constant=refuse)
+    assert saved["rows"][1]["logme"] is None and "errors" in saved["rows"][1]

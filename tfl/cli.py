@@ -43,7 +43,8 @@ HELP = {
                     "stratified by label from --seed; 0 = all.",
     "classes": "Keep only these label ids, renumbered 0..k-1 (e.g. 0,1,2,3,4).",
     "num_words": "keras:imdb/reuters and lstm: vocabulary size.",
-    "maxlen": "keras:imdb/reuters and lstm: tokens per example.",
+    "maxlen": "keras:imdb/reuters and lstm: tokens per example. With --transfer of an lstm source, the target's "
+              "length, whatever the source's (the LSTM's weights do not depend on it): set it for the target's texts.",
     "batch_size": "Global batch size (split across replicas).",
     "eval_batch_size": "Global batch size for validation and test (0 = --batch_size). Larger is faster for small models where per-batch overhead dominates (an LSTM steps through every token per batch); the metrics do not change.",
     "shuffle_buffer": "tf.data shuffle buffer size.",

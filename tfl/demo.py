@@ -128,6 +128,10 @@ def main(argv: list) -> int:
     only = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--only=")), None)
     unknown = [a for a in argv if a not in ("--quick", "--refresh-docs", "--verbose") and not a.startswith("--only=")]
     known = [name for name, _, _ in DEMO_JOBS + DOCS_JOBS]
+    if quick and "--refresh-docs" in argv:
+        print("error: --quick runs are capped and never refresh docs/demo/; drop one of --quick, --refresh-docs",
+              file=sys.stderr)
+        return 2
     if unknown or (only and not set(only) <= set(known)):
         print(f"error: unknown argument {(unknown or only)[0]}; expected --quick, --refresh-docs, --verbose and/or "
               f"--only=<jobs from {known}>", file=sys.stderr)

@@ -211,7 +211,10 @@ def format_markdown(rows: list, info: dict) -> str:
 def write_report(model_dir: str, rows: list, info: dict) -> dict:
     """Writes ``rank.json`` ({"rows", "info"}) and ``rank.md`` under model_dir; returns the JSON content."""
     report = {"rows": rows, **info}
-    storage.write_json_atomically(os.path.join(model_dir, "rank.json"), report)
+    # A score that could not be computed is NaN in memory and null in the file (NaN is not JSON).
+    finite_rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                   for row in rows]
+    storage.write_json_atomically(os.path.join(model_dir, "rank.json"), {**report, "rows": finite_rows})
     storage.write_text_atomically(os.path.join(model_dir, "rank.md"), format_markdown(rows, info))
     return report
 

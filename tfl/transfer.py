@@ -107,7 +107,7 @@ def backbone_from_source(source: dict, *, reuse_vocabulary: bool, train_texts=No
                          dtype: Optional[str] = None, maxlen: Optional[int] = None) -> backbones_lib.Backbone:
     """The source's architecture, freshly initialised. Parameter transfer reuses its vocabulary
     (the same raw text gives the same ids); structure transfer fits a new one on ``train_texts``.
-    ``maxlen``: the target's tokens per text (default the source's). The LSTM's weights do not depend on
+    ``maxlen``: the target's tokens per text (None: the source's; the command line always passes --maxlen). The LSTM's weights do not depend on
     it, so short target texts (sentences) need not be padded to a long source's length (reviews)."""
     arch = dict(source["architecture"])
     if maxlen and "maxlen" in arch:
