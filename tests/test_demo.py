@@ -24,6 +24,10 @@ def test_quick_jobs_are_capped_and_sources_skip_the_export(tmp_path):
     target = demo.job_config("imdb_to_rt", "configs/imdb_to_rt.flags", "imdb_quick", str(tmp_path), quick=True)
     assert target.model.source_model == f"{tmp_path}/imdb_quick" and target.compare.seeds == 1
     assert target.train.max_steps_per_epoch == 4 and target.model_dir == f"{tmp_path}/imdb_to_rt"
+    assert target.compare.strategies == ("scratch", "parameter")  # make demo's cut
+    docs = demo.job_config("imdb_to_rt", "configs/imdb_to_rt.flags", "imdb_quick", str(tmp_path), quick=False,
+                           refresh_docs=True)
+    assert docs.compare.strategies == ("scratch", "structure", "parameter") and docs.compare.seeds == 3
 
 
 def test_the_readme_results_are_the_committed_reports():
