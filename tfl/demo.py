@@ -73,19 +73,15 @@ DEMO_ONLY_OVERRIDES = {"imdb_to_rt": {"strategies": "scratch,parameter"}}
 
 
 def job_config(name: str, flagfile: str, source_job, out: str, quick: bool, refresh_docs: bool = False):
-    overrides = {"model_dir": f"{out}/{name}", "overwrite": True}
+    # No export: a source run's source_model/ is what the next job needs, and compare runs never export.
+    overrides = {"model_dir": f"{out}/{name}", "overwrite": True, "export": False}
     if not refresh_docs:
         overrides.update(DEMO_ONLY_OVERRIDES.get(name, {}))
     if source_job:
         overrides["source_model"] = f"{out}/{source_job}"
-    if quick:
-        overrides.update(max_examples=400, max_steps_per_epoch=4, epochs=1)
-    config = config_from_flagfile(flagfile, **overrides)
-    if quick and config.mode == "compare":
-        config = config_from_flagfile(flagfile, seeds=1, **overrides)
-    if config.mode == "train":  # a source run: its source_model/ is what the next job needs, not an export
-        config = config_from_flagfile(flagfile, export=False, **overrides)
-    return config
+    if quick:  # --seeds only matters to compare jobs
+        overrides.update(max_examples=400, max_steps_per_epoch=4, epochs=1, seeds=1)
+    return config_from_flagfile(flagfile, **overrides)
 
 
 def results_markdown(docs: str = DOCS) -> str:
