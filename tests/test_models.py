@@ -1,5 +1,7 @@
 """Backbones, per-block freezing, heads and losses on tiny models built from configs."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -32,14 +34,30 @@ def _train_one_epoch(model, data, task="classification", num_labels=2, lr=1e-2, 
 
 def test_keras_hub_text_backbone_blocks_and_freeze_table(tiny_bert_preset):
     backbone = build_backbone(tiny_bert_preset, sequence_length=8)
-    assert [b.name for b in backbone.blocks] == ["embeddings", "transformer_layer_0", "transformer_layer_1", "pooler"]
+    # Mean pooling (the default) never reads the pooler: it is in no block, frozen, and listed as unused.
+    assert [b.name for b in backbone.blocks] == ["embeddings", "transformer_layer_0", "transformer_layer_1"]
     table = freeze_lib.freeze(backbone, freeze_blocks=2)
-    assert [r["status"] for r in table] == ["frozen", "frozen", "trainable", "trainable"]
+    assert [r["status"] for r in table] == ["frozen", "frozen", "trainable", "unused"]
+    assert not backbone.keras_hub_backbone.get_layer("pooled_dense").trainable
     hub_params = backbone.keras_hub_backbone.count_params()
     assert sum(r["params"] for r in table) == hub_params  # every weight is in exactly one block
     assert sum(r["trainable_params"] for r in table) == sum(
         int(np.prod(w.shape)) for w in backbone.keras_hub_backbone.trainable_weights)
     assert "transformer_layer_1" in freeze_lib.format_table(table)
+
+
+def test_pooled_output_keeps_the_pooler_and_mean_pooling_trains_without_gradient_warnings(tiny_bert_preset):
+    pooled = build_backbone(tiny_bert_preset, sequence_length=8, pooling="pooled")
+    assert pooled.blocks[-1].name == "pooler" and not pooled.unused_layers
+    assert freeze_lib.freeze(pooled)[-1]["status"] == "trainable"
+    backbone = build_backbone(tiny_bert_preset, sequence_length=8)
+    freeze_lib.freeze(backbone)
+    model = build_model(backbone, ["neg", "pos"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train_one_epoch(model, _text_batches(backbone))
+    assert not [w for w in caught if "Gradients do not exist" in str(w.message)]
+    assert "pooled_dense" not in " ".join(w.path for w in model.trainable_weights)
 
 
 def test_frozen_blocks_stay_bit_identical_after_training(tiny_bert_preset):
@@ -57,7 +75,7 @@ def test_frozen_blocks_stay_bit_identical_after_training(tiny_bert_preset):
 def test_freeze_all_is_a_linear_probe(tiny_bert_preset):
     backbone = build_backbone(tiny_bert_preset, sequence_length=8)
     table = freeze_lib.freeze(backbone, freeze_all=True)
-    assert all(r["status"] == "frozen" for r in table)
+    assert [r["status"] for r in table] == ["frozen"] * 3 + ["unused"]
     model = build_model(backbone, ["neg", "pos"])
     assert [w.path for w in model.trainable_weights] == ["head/kernel", "head/bias"]
     before = _snapshot(backbone.keras_hub_backbone.layers)
@@ -67,11 +85,11 @@ def test_freeze_all_is_a_linear_probe(tiny_bert_preset):
 
 def test_trainable_regex_and_bad_requests(tiny_bert_preset):
     backbone = build_backbone(tiny_bert_preset, sequence_length=8)
-    table = freeze_lib.freeze(backbone, trainable=r"transformer_layer_1|pooler")
-    assert [r["status"] for r in table] == ["frozen", "frozen", "trainable", "trainable"]
+    table = freeze_lib.freeze(backbone, trainable=r"transformer_layer_1")
+    assert [r["status"] for r in table] == ["frozen", "frozen", "trainable", "unused"]
     with pytest.raises(BackboneError, match="matches no layer"):
         freeze_lib.freeze(backbone, trainable="nothing_like_this")
-    with pytest.raises(BackboneError, match="has 4 blocks"):
+    with pytest.raises(BackboneError, match="has 3 blocks"):
         freeze_lib.freeze(backbone, freeze_blocks=9)
 
 
@@ -157,7 +175,8 @@ def test_unfreeze_schedule_unfreezes_from_the_top(tiny_bert_preset):
     embeddings = _snapshot(backbone.blocks[0].layers)
     history = _train_one_epoch(model, _text_batches(backbone), epochs=3,
                                unfreeze_stages=[(0, stage(0)), (1, stage(1)), (2, stage(2))])
-    assert seen == [["frozen"] * 4, ["frozen"] * 3 + ["trainable"], ["frozen"] * 2 + ["trainable"] * 2]
+    assert seen == [["frozen"] * 3 + ["unused"], ["frozen"] * 2 + ["trainable", "unused"],
+                    ["frozen", "trainable", "trainable", "unused"]]
     assert len(history["loss"]) == 3 and all(loss > 0 for loss in history["loss"])  # no empty epoch
     assert all(np.array_equal(a, b) for a, b in zip(embeddings, _snapshot(backbone.blocks[0].layers)))
 
@@ -166,17 +185,16 @@ def test_layer_lr_decay_scales_updates_by_depth(tiny_bert_preset):
     backbone = build_backbone(tiny_bert_preset, sequence_length=8)
     multipliers = freeze_lib.layer_lr_multipliers(backbone, 0.5)
     factors = [multipliers[b.layers[0].weights[0].path] for b in backbone.blocks]
-    assert factors == [0.125, 0.25, 0.5, 1.0]  # embeddings ... pooler
+    assert factors == [0.25, 0.5, 1.0]  # embeddings ... the top encoder layer (the pooler is unused)
     model = build_model(backbone, ["neg", "pos"])
     before = {w.path: w.numpy().copy() for w in model.weights}
     _train_one_epoch(model, _text_batches(backbone, batch=24), lr=1e-3, lr_multipliers=multipliers,
                      weight_decay=0.0)
     # AdamW's first step moves a weight by at most lr * factor (reached where the gradient is not tiny),
-    # so the largest move in each block is its factor. The pooler is unused by mean pooling: no move.
+    # so the largest move in each block is its factor.
     largest = [max(np.max(np.abs(w.numpy() - before[w.path])) for layer in b.layers for w in layer.weights) / 1e-3
                for b in backbone.blocks]
-    assert largest[:3] == pytest.approx(factors[:3], rel=0.02)
-    assert largest[3] == 0.0
+    assert largest == pytest.approx(factors, rel=0.02)
 
 
 def test_lora_trains_only_adapters(tiny_bert_preset):

@@ -70,6 +70,9 @@ class Backbone:
     keras_hub_backbone: object = None  # the keras_hub.models.Backbone, where there is one (for LoRA)
     vectorizer: object = None  # lstm: the ImdbVectorizer (keras.datasets.imdb ids), fitted on the training texts
     source: str = ""  # what was loaded, for the record
+    # Layers the features do not depend on (BERT's pooler under mean or cls pooling): in no block and always
+    # frozen, so the optimizer never holds weights that get no gradient (Keras warns about each one).
+    unused_layers: tuple = ()
 
 
 SMALL_MODELS = ("lstm", "small_cnn")
@@ -221,9 +224,16 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
             preset, sequence_length=sequence_length)
         outputs = hub_backbone(inputs)
         features = _pool_text(outputs, inputs, pooling)
-        return Backbone(display_name, keras.Model(inputs, features, name="backbone"),
-                        keras_hub_blocks(hub_backbone), TEXT, preprocessor, keras_hub_backbone=hub_backbone,
-                        source=preset)
+        # Mean or cls pooling never reads BERT's pooler: it leaves the blocks (freezing, unfreezing and
+        # layer-wise rates act on what the features use) and stays frozen.
+        unused = tuple(layer for layer in hub_backbone.layers if layer.name == "pooled_dense" and pooling != "pooled")
+        blocks = [Block(b.name, [layer for layer in b.layers if layer not in unused])
+                  for b in keras_hub_blocks(hub_backbone)]
+        backbone = Backbone(display_name, keras.Model(inputs, features, name="backbone"),
+                            [b for b in blocks if b.layers], TEXT, preprocessor, keras_hub_backbone=hub_backbone,
+                            source=preset, unused_layers=unused)
+        freeze_unused(backbone)
+        return backbone
     preprocessor = keras_hub.models.ImageClassifierPreprocessor.from_preset(preset)
     height, width, channels = hub_backbone.input.shape[1:]
     if image_size or height is None:  # convolutional backbones take any size: the flag, else the preset's
@@ -237,6 +247,11 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
     return Backbone(display_name, keras.Model(hub_backbone.input, features, name="backbone"),
                     keras_hub_blocks(hub_backbone), IMAGE, preprocess, (height, width, channels),
                     keras_hub_backbone=hub_backbone, source=preset)
+
+
+def freeze_unused(backbone: Backbone) -> None:
+    for layer in backbone.unused_layers:
+        layer.trainable = False
 
 
 def _known_keras_hub_presets() -> set:

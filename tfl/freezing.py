@@ -16,7 +16,7 @@ from typing import Optional
 import keras
 import numpy as np
 
-from tfl.backbones import Backbone, BackboneError
+from tfl.backbones import Backbone, BackboneError, freeze_unused
 
 
 def freeze(backbone: Backbone, *, freeze_all: bool = False, freeze_blocks: int = 0, trainable: str = "",
@@ -39,6 +39,7 @@ def freeze(backbone: Backbone, *, freeze_all: bool = False, freeze_blocks: int =
                 layer.trainable = bool(pattern.search(f"{block.name}/{layer.name}"))
             else:
                 layer.trainable = not (freeze_all or index < freeze_blocks)
+    freeze_unused(backbone)
     if pattern is not None and not any(layer.trainable for b in blocks for layer in b.layers):
         raise BackboneError(f"--trainable='{trainable}' matches no layer of {backbone.name}; its blocks are "
                             f"{[b.name for b in blocks]}")
@@ -61,6 +62,7 @@ def set_trainable_top_blocks(backbone: Backbone, count: int) -> None:
     for index, block in enumerate(backbone.blocks):
         for layer in block.layers:
             layer.trainable = index >= first_trainable
+    freeze_unused(backbone)
 
 
 def freeze_table(backbone: Backbone) -> list:
@@ -76,6 +78,11 @@ def freeze_table(backbone: Backbone) -> list:
         flags = [layer.trainable for layer in block.layers if layer.weights]
         status = "trainable" if all(flags) else ("frozen" if not any(flags) else "partial")
         rows.append({"block": block.name, "params": total, "trainable_params": trainable, "status": status})
+    if backbone.unused_layers:
+        unused = int(sum(np.prod(w.shape) for layer in backbone.unused_layers for w in layer.weights))
+        names = ", ".join(layer.name for layer in backbone.unused_layers)
+        rows.append({"block": f"({names}: unused by this pooling)", "params": unused, "trainable_params": 0,
+                     "status": "unused"})
     return rows
 
 
