@@ -7,7 +7,8 @@ Trains the flagfile's target task once per (variant, label fraction, seed), ever
 (data, epochs, batch, learning rate, seeds), and writes the test accuracy table, mean ± std over seeds,
 to --out. Variants: scratch; parameter transfer with the target's own vocabulary (embedding rows
 copied for shared words) or the source's word index; with the embedding frozen
-(--freeze_blocks=1); with every transferred layer frozen (head only).
+(--freeze_blocks=1); with every transferred layer frozen (head only); starting from the source's own head
+(--transfer_head=source: same classes, same order); at a lower learning rate.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# name -> (strategy for report.strategy_config, ModelConfig changes, FreezeConfig changes)
+# name -> (strategy for report.strategy_config, ModelConfig changes, FreezeConfig changes[, TrainConfig changes])
 VARIANTS = {
     "scratch": ("scratch", {}, {}),
     "parameter/target-vocabulary": ("parameter", {"transfer_vocabulary": "target"}, {}),
@@ -34,6 +35,16 @@ VARIANTS = {
     "parameter/source-vocabulary/head-only": ("parameter", {"transfer_vocabulary": "source"}, {"freeze_all": True}),
     "parameter/target-vocabulary/embedding-frozen": ("parameter", {"transfer_vocabulary": "target"},
                                                      {"freeze_blocks": 1}),
+    "parameter/source-vocabulary/source-head": ("parameter", {"transfer_vocabulary": "source",
+                                                              "transfer_head": "source"}, {}),
+    "parameter/source-vocabulary/source-head/embedding-frozen": (
+        "parameter", {"transfer_vocabulary": "source", "transfer_head": "source"}, {"freeze_blocks": 1}),
+    "parameter/source-vocabulary/source-head/lr-3e-4": (
+        "parameter", {"transfer_vocabulary": "source", "transfer_head": "source"}, {}, {"learning_rate": 3e-4}),
+    "parameter/source-vocabulary/source-head/lr-1e-4": (
+        "parameter", {"transfer_vocabulary": "source", "transfer_head": "source"}, {}, {"learning_rate": 1e-4}),
+    "parameter/source-vocabulary/lr-3e-4": ("parameter", {"transfer_vocabulary": "source"}, {},
+                                            {"learning_rate": 3e-4}),
 }
 
 
@@ -62,13 +73,14 @@ def main() -> int:
     started = time.time()
     results = {}
     for name in names:
-        strategy, model_changes, freeze_changes = VARIANTS[name]
+        strategy, model_changes, freeze_changes, *train_changes = VARIANTS[name]
         for fraction in fractions:
             for seed in range(base.seed, base.seed + args.seeds):
                 run_dir = os.path.join(args.work_dir, f"{names.index(name)}-f{fraction:g}-s{seed}")
                 config = strategy_config(base, strategy, seed, fraction, run_dir)
                 config = dataclasses.replace(config, model=dataclasses.replace(config.model, **model_changes),
-                                             freeze=dataclasses.replace(config.freeze, **freeze_changes))
+                                             freeze=dataclasses.replace(config.freeze, **freeze_changes),
+                                             train=dataclasses.replace(config.train, **(train_changes or [{}])[0]))
                 metrics = train_and_evaluate(config, verbose=0)
                 results.setdefault((name, fraction), []).append(metrics["test"]["accuracy"])
                 print(f"variants: {name} fraction={fraction:g} seed={seed}: "
@@ -91,7 +103,8 @@ def main() -> int:
                 f"test accuracy, mean ± std over {args.seeds} seeds; {platform.node()}, "
                 f"{os.cpu_count()} CPUs, {time.time() - started:.0f} s in all.\n"
                 f"Everything but the variant is the flagfile's: {base.train.epochs} epochs, batch "
-                f"{base.data.batch_size}, learning rate {base.train.learning_rate:g}, maxlen {base.data.maxlen}.\n\n"
+                f"{base.data.batch_size}, learning rate {base.train.learning_rate:g} (unless the variant names one), "
+                f"maxlen {base.data.maxlen}.\n\n"
                 + table + "\n")
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -71,6 +71,33 @@ def test_parameter_transfer_copies_body_and_reinitialises_head(source_run, tmp_p
     assert "reinitialised  head" in transfer_lib.format_mapping_report(report)
 
 
+def test_source_head_transfer_starts_as_the_source_model(source_run):
+    run_dir, _ = source_run
+    source = transfer_lib.load_source_model(run_dir)
+    backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=True, train_texts=["x"])
+    target = build_model(backbone, ["rotten", "fresh"])  # same two classes, same order, other names
+    report = transfer_lib.copy_weights(source, target, reuse_head=True)
+    assert report == {"copied": ["embedding", "lstm", "head"], "reinitialised": [], "missing": []}
+    ids = backbone.preprocess(tf.constant(["great fun film", "a dull boring film", "lovely superb"]))
+    source_model = transfer_lib.rebuild_source_model(source)
+    np.testing.assert_allclose(target.predict(ids, verbose=0), source_model.predict(ids, verbose=0), atol=1e-6)
+    fresh = build_model(backbone, ["rotten", "fresh"])
+    transfer_lib.copy_weights(source, fresh)  # the default: a new head, so other outputs
+    assert not np.allclose(fresh.predict(ids, verbose=0), source_model.predict(ids, verbose=0), atol=1e-3)
+    with pytest.raises(transfer_lib.TransferError, match="needs as many classes as the source model"):
+        transfer_lib.copy_weights(source, build_model(backbone, ["a", "b", "c"]), reuse_head=True)
+
+
+def test_source_head_needs_parameter_transfer():
+    from tfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs --transfer=parameter"):
+        Config(model=ModelConfig(backbone="lstm", transfer_head="source")).validate()
+    with pytest.raises(ConfigError, match="Unknown --transfer_head='old'"):
+        Config(model=ModelConfig(backbone="lstm", transfer="parameter", source_model="x",
+                                 transfer_head="old")).validate()
+
+
 def test_parameter_transfer_to_a_shorter_maxlen_keeps_the_weights(source_run):
     run_dir, _ = source_run
     source = transfer_lib.load_source_model(run_dir)  # trained with maxlen 6

@@ -224,16 +224,14 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
             preset, sequence_length=sequence_length)
         outputs = hub_backbone(inputs)
         features = _pool_text(outputs, inputs, pooling)
-        # Mean or cls pooling never reads BERT's pooler: it leaves the blocks (freezing, unfreezing and
-        # layer-wise rates act on what the features use) and stays frozen.
+        # Mean or cls pooling never reads BERT's pooler: out of the blocks (freezing, unfreezing and layer-wise
+        # rates act on what the features use), frozen (tfl.freezing keeps it so).
         unused = tuple(layer for layer in hub_backbone.layers if layer.name == "pooled_dense" and pooling != "pooled")
-        blocks = [Block(b.name, [layer for layer in b.layers if layer not in unused])
-                  for b in keras_hub_blocks(hub_backbone)]
-        backbone = Backbone(display_name, keras.Model(inputs, features, name="backbone"),
-                            [b for b in blocks if b.layers], TEXT, preprocessor, keras_hub_backbone=hub_backbone,
-                            source=preset, unused_layers=unused)
-        freeze_unused(backbone)
-        return backbone
+        blocks = [Block(b.name, [la for la in b.layers if la not in unused]) for b in keras_hub_blocks(hub_backbone)]
+        for layer in unused:
+            layer.trainable = False
+        return Backbone(display_name, keras.Model(inputs, features, name="backbone"), [b for b in blocks if b.layers],
+                        TEXT, preprocessor, keras_hub_backbone=hub_backbone, source=preset, unused_layers=unused)
     preprocessor = keras_hub.models.ImageClassifierPreprocessor.from_preset(preset)
     height, width, channels = hub_backbone.input.shape[1:]
     if image_size or height is None:  # convolutional backbones take any size: the flag, else the preset's
@@ -247,11 +245,6 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
     return Backbone(display_name, keras.Model(hub_backbone.input, features, name="backbone"),
                     keras_hub_blocks(hub_backbone), IMAGE, preprocess, (height, width, channels),
                     keras_hub_backbone=hub_backbone, source=preset)
-
-
-def freeze_unused(backbone: Backbone) -> None:
-    for layer in backbone.unused_layers:
-        layer.trainable = False
 
 
 def _known_keras_hub_presets() -> set:

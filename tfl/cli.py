@@ -95,6 +95,9 @@ HELP = {
                            "vocabulary fitted on them is tiny. Freezing the transferred embedding "
                            "(--freeze_blocks=1) or every transferred layer (--freeze_all) measured no better than "
                            "training them all, so transferred layers train (at --learning_rate) unless frozen.",
+    "transfer_head": "Parameter transfer: new (the default: a freshly initialised head) or source (the source "
+                     "model's head, so target class i starts as source class i: for a target with the same classes "
+                     "in the same order, e.g. negative/positive sentiment; an error if the class counts differ).",
     "source_model": "--model_dir of a finished lstm or small_cnn run (its source_model/ folder).",
     "label_descriptions": "Zero-shot: a JSON file {label: [descriptions]} or 'label=desc|desc;label=desc'; "
                           "default: templates of the label names.",

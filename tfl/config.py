@@ -73,6 +73,7 @@ class ModelConfig:
     source_model: str = ""  # the model_dir of a finished lstm/small_cnn run
     transfer_vocabulary: str = "source"  # parameter transfer of text: source (the source's vocabulary and ids
     # unchanged) | target (own vocabulary, embedding rows copied for shared tokens); source won on IMDB -> RT
+    transfer_head: str = "new"  # parameter transfer: new (a fresh head) | source (the source's head, class i -> i)
     label_descriptions: str = ""  # zero-shot: JSON file or 'label=desc|desc;label=desc'; default from names
 
 
@@ -200,11 +201,14 @@ class Config:
         if f.lora_rank and (f.freeze_blocks or f.trainable):
             raise ConfigError("--lora_rank freezes the backbone's own weights already; drop --freeze_blocks/--trainable")
         for name, value, choices in [("mode", self.mode, MODES), ("transfer", m.transfer, TRANSFERS),
-                                     ("transfer_vocabulary", m.transfer_vocabulary, ("target", "source"))]:
+                                     ("transfer_vocabulary", m.transfer_vocabulary, ("target", "source")),
+                                     ("transfer_head", m.transfer_head, ("new", "source"))]:
             if value not in choices:
                 raise ConfigError(f"Unknown --{name}='{value}'; expected one of {[c for c in choices if c]}")
         if m.transfer and not m.source_model:
             raise ConfigError(f"--transfer={m.transfer} needs --source_model=<model_dir of a finished lstm/small_cnn run>")
+        if m.transfer_head == "source" and m.transfer != "parameter" and self.mode != "compare":
+            raise ConfigError("--transfer_head=source reuses a source model's head: it needs --transfer=parameter")
         if not 0.0 < d.label_fraction <= 1.0:
             raise ConfigError(f"--label_fraction must be in (0, 1]; got {d.label_fraction}")
         unknown = [s for s in self.compare.strategies if s not in COMPARE_STRATEGIES]

@@ -16,7 +16,7 @@ from typing import Optional
 import keras
 import numpy as np
 
-from tfl.backbones import Backbone, BackboneError, freeze_unused
+from tfl.backbones import Backbone, BackboneError
 
 
 def freeze(backbone: Backbone, *, freeze_all: bool = False, freeze_blocks: int = 0, trainable: str = "",
@@ -63,6 +63,12 @@ def set_trainable_top_blocks(backbone: Backbone, count: int) -> None:
         for layer in block.layers:
             layer.trainable = index >= first_trainable
     freeze_unused(backbone)
+
+
+def freeze_unused(backbone: Backbone) -> None:
+    """Layers the features never read (BERT's pooler under mean pooling) stay frozen: no weight without a gradient."""
+    for layer in backbone.unused_layers:
+        layer.trainable = False
 
 
 def freeze_table(backbone: Backbone) -> list:

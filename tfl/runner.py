@@ -247,7 +247,8 @@ def transfer_parameters(config: Config, backbone: backbones_lib.Backbone, model:
         return None
     aligned = backbone.vectorizer is not None and config.model.transfer_vocabulary == "target"
     return transfer_lib.copy_weights(transfer_lib.load_source_model(config.model.source_model), model,
-                                     target_vocabulary=backbone.vectorizer.get_vocabulary() if aligned else None)
+                                     target_vocabulary=backbone.vectorizer.get_vocabulary() if aligned else None,
+                                     reuse_head=config.model.transfer_head == "source")
 
 
 def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone, model: keras.Model,

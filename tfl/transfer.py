@@ -32,7 +32,7 @@ from tfl import train as train_lib
 SOURCE_KIND = "tfl-source-model"
 SOURCE_FILE = "source.json"
 SOURCE_DIR = "source_model"
-ALWAYS_REINITIALISED = ("head",)  # a new task's head never inherits the source task's classes
+ALWAYS_REINITIALISED = ("head",)  # a new task's head starts fresh unless asked (--transfer_head=source)
 
 
 class TransferError(ValueError):
@@ -148,8 +148,10 @@ def rebuild_source_model(source: dict) -> keras.Model:
     return model
 
 
-def copy_weights(source: dict, target: keras.Model, target_vocabulary: Optional[list] = None) -> dict:
-    """Copies every target layer whose name and weight shapes match the source; the head is re-initialised.
+def copy_weights(source: dict, target: keras.Model, target_vocabulary: Optional[list] = None,
+                 reuse_head: bool = False) -> dict:
+    """Copies every target layer whose name and weight shapes match the source; the head is re-initialised
+    unless ``reuse_head`` (the target's class i takes the source's class i; the class counts must match).
 
     ``target_vocabulary`` (the target's own fitted vocabulary, ``get_vocabulary()``): the embedding is
     copied row by row for the tokens both vocabularies share, the other rows keep their fresh
@@ -168,6 +170,12 @@ def copy_weights(source: dict, target: keras.Model, target_vocabulary: Optional[
         elif target_vocabulary is not None and layer.name == "embedding" and theirs is not None:
             report["embedding_rows_copied"] = copy_embedding_rows(
                 theirs, layer, ["", *source["vocabulary_tokens"]], target_vocabulary)
+            report["copied"].append(layer.name)
+        elif reuse_head and layer.name == "head":
+            if theirs is None or [w.shape for w in theirs.weights] != [w.shape for w in layer.weights]:
+                raise TransferError(f"--transfer_head=source needs as many classes as the source model "
+                                    f"({len(source['label_names'])}: {source['label_names']}); use --transfer_head=new")
+            layer.set_weights(theirs.get_weights())
             report["copied"].append(layer.name)
         elif layer.name in ALWAYS_REINITIALISED:
             report["reinitialised"].append(layer.name)
