@@ -6,12 +6,16 @@ lines, one line per epoch in a log or a progress bar on a terminal); absl's --ve
 debug) shows TensorFlow's own log lines too.
 """
 
-import os
-import sys
+import time
 
-from absl import app, flags
+PROCESS_STARTED = time.time()  # before the heavy imports: metrics.json's timings count the imports from here
 
-from tfl import quiet
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from tfl import quiet  # noqa: E402
 
 # The flag tables live next to what they register (backbones, data sources), so defining the flags loads
 # TensorFlow: quietly, unless --verbosity/-v is on the command line (a flagfile's is read too late for this).
@@ -33,7 +37,7 @@ def main(argv):
     try:
         config = cli.config_from_flags(FLAGS)
         job.check_before_run(config)
-        metrics = job.run_checked(config, verbose=quiet.keras_verbose())
+        metrics = job.run_checked(config, verbose=quiet.keras_verbose(), process_started=PROCESS_STARTED)
     except job.USER_ERRORS + job.TRAINING_ERRORS as e:
         return fail(str(e).splitlines()[0])
     if config.mode == "predict":  # stdout may be the predictions CSV: keep it clean

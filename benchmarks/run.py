@@ -17,7 +17,6 @@ Throughputs exclude the first steps (tracing). The machine is noisy: compare wit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -106,9 +105,7 @@ def main() -> int:
         throughput[name] = timed_fit(plain_keras_classifier(preset, dtype, jit), fixed, args.steps)
     # Record what XLA buys on this CPU, so --jit_compile=auto can decide from a measurement.
     speedup = throughput["plain Keras float32 + XLA"] / throughput["plain Keras float32"]
-    os.makedirs(assets.cache_dir(), exist_ok=True)
-    with open(os.path.join(assets.cache_dir(), devices.JIT_MEASUREMENT), "w") as f:
-        json.dump({"speedup": round(speedup, 3), "model": "MiniLM fine-tune, batch 32, seq 128, float32"}, f)
+    devices.record_xla_speedup(speedup, "plain Keras MiniLM fine-tune step, batch 32, seq 128, float32")
     precision, jit = devices.resolve_precision("auto"), devices.resolve_jit_compile("auto")
     backbone = build_backbone("asset:minilm", sequence_length=SEQ, dtype=precision)
     model = build_model(backbone, ["rotten", "fresh"])

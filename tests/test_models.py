@@ -268,17 +268,6 @@ def test_auto_precision_and_jit_rules(monkeypatch):
     assert devices.resolve_jit_compile("auto", "gpu") is True and devices.resolve_jit_compile("false", "gpu") is False
 
 
-def test_cpu_jit_follows_the_measured_speedup(tfl_home):
-    import json
-    import os
-
-    assert devices.resolve_jit_compile("auto", "cpu") is False  # not measured here: off
-    os.makedirs(tfl_home)
-    for speedup, expected in [(0.89, False), (1.2, True)]:
-        (tfl_home / devices.JIT_MEASUREMENT).write_text(json.dumps({"speedup": speedup}))
-        assert devices.resolve_jit_compile("auto", "cpu") is expected
-
-
 def test_warmup_decay_schedule():
     schedule = train.WarmupDecay(1.0, total_steps=10, warmup_steps=2, decay="linear")
     values = [float(schedule(s)) for s in range(11)]

@@ -26,6 +26,16 @@ def test_cli_run_writes_metrics_model_and_export(text_csv, tmp_path):
     assert len(metrics["history"]["loss"]) == 2
     assert [r["block"] for r in metrics["freeze_table"]] == ["embedding", "lstm"]
     assert json.loads((model_dir / "config.json").read_text()) == metrics["config"]
+    timings = metrics["timings"]  # seconds per stage; "imports" only from the command line
+    assert set(timings) == {"imports", "devices", "data_load", "build", "transfer", "batches", "bucket_choice",
+                            "feature_cache", "fit", "epochs", "evaluation", "saving", "export", "total"}
+    assert len(timings["epochs"]) == metrics["epochs_run"] == 2
+    assert all(v >= 0 for v in timings["epochs"]) and all(v >= 0 for k, v in timings.items() if k != "epochs")
+    assert timings["imports"] > 0.2 and timings["export"] > 0 and timings["saving"] > 0  # TensorFlow loads, files written
+    assert sum(timings["epochs"]) <= timings["fit"] <= metrics["train_seconds"] + 0.01
+    stages = sum(v for k, v in timings.items() if k not in ("epochs", "bucket_choice", "total"))  # disjoint
+    assert stages <= timings["total"] + 0.01 and timings["total"] >= timings["imports"] + timings["fit"]
+    assert 100 < metrics["peak_rss_mb"] < 1024 * 1024  # MiB: TensorFlow alone holds more than 100
     assert os.listdir(model_dir / "export") == ["1"]
     for name in ("model.keras", "training_log.csv", "best.weights.h5", "logs"):
         assert (model_dir / name).exists(), name
@@ -52,6 +62,8 @@ def test_library_run_on_an_image_folder_with_a_frozen_block(tmp_path):
                     model_dir=str(tmp_path / "run"))
     metrics = tfl.run(config, verbose=0)
     assert [r["status"] for r in metrics["freeze_table"]] == ["frozen", "trainable", "trainable"]
+    assert "imports" not in metrics["timings"] and len(metrics["timings"]["epochs"]) == 10  # a library run
+    assert metrics["timings"]["total"] >= metrics["timings"]["fit"] and metrics["peak_rss_mb"] > 0
     assert metrics["test"]["accuracy"] >= 0.75  # dark vs light is easy
     assert os.path.isdir(tmp_path / "run" / "export" / "1")
 
@@ -73,6 +85,7 @@ def test_cached_linear_probe_matches_the_uncached_path(tiny_bert_preset, tmp_pat
     cached, uncached = probe(True), probe(False)
     assert cached["feature_cache"]["examples"] == cached["data"]["sizes"]["train"]
     assert uncached["feature_cache"] is None
+    assert cached["timings"]["feature_cache"] >= cached["feature_cache"]["seconds"] - 0.01  # timed as its own stage
     for key in ("loss", "val_loss"):
         assert np.allclose(cached["history"][key], uncached["history"][key], atol=1e-5), key
     assert cached["test"] == pytest.approx(uncached["test"], abs=1e-6)

@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
+import sys
 import tempfile
 from typing import Optional
 
@@ -50,20 +53,74 @@ def resolve_precision(precision: str, kind: Optional[str] = None) -> str:
 JIT_MEASUREMENT = "cpu_xla_speedup.json"  # written by benchmarks/run.py into the tfl cache
 
 
+def processor_model() -> str:
+    """The CPU's model name: /proc/cpuinfo's "model name" (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measurement_key(kind: str) -> dict:
+    """What a speed measurement holds for: the device kind, the CPU model (and the GPU's, on a GPU) and the
+    TensorFlow version. cpu_xla_speedup.json's writer and reader both use it, so a measurement never applies
+    to another machine or TensorFlow version."""
+    key = {"device": kind, "cpu": processor_model(), "tensorflow": tf.__version__}
+    if kind == "gpu":
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        key["gpu"] = details.get("device_name", "unknown")
+    return key
+
+
+def record_xla_speedup(speedup: float, measured: str, kind: Optional[str] = None) -> str:
+    """Writes XLA's measured speed-up of a training step into the tfl cache (atomically), keyed by
+    measurement_key; ``measured`` says what was timed. Returns the file's path."""
+    from tfl.assets import cache_dir
+
+    path = os.path.join(cache_dir(), JIT_MEASUREMENT)
+    storage.write_json_atomically(path, {"speedup": round(speedup, 3), "measured": measured,
+                                         "key": measurement_key(kind or device_kind())})
+    return path
+
+
 def measured_cpu_xla_speedup() -> Optional[float]:
-    """XLA's measured speed-up of a fine-tune step on this machine's CPU, if the benchmark has run here."""
+    """XLA's measured speed-up of a fine-tune step on this machine's CPU, if the benchmark has run here with
+    this TensorFlow. A file that cannot be read, or that holds another machine's or version's measurement,
+    counts as none, with one line on stderr saying why."""
     from tfl.assets import cache_dir
 
     path = os.path.join(cache_dir(), JIT_MEASUREMENT)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return float(json.load(f).get("speedup", 0.0))
+    try:
+        record = json.loads(storage.read_bytes(path))
+        speedup, key = float(record["speedup"]), record.get("key")
+    except (ValueError, TypeError, KeyError) as e:  # not JSON (or not UTF-8), or not a measurement
+        return _ignore_measurement(path, f"unreadable ({type(e).__name__}: {e})")
+    here = measurement_key("cpu")
+    if not isinstance(key, dict):
+        return _ignore_measurement(path, "it does not say which machine and TensorFlow it was measured on")
+    if key != here:
+        differs = sorted(k for k in set(here) | set(key) if key.get(k) != here.get(k))
+        return _ignore_measurement(path, "measured with another " + ", ".join(
+            f"{k} ({key.get(k, 'none')}; here {here.get(k, 'none')})" for k in differs))
+    return speedup
+
+
+@functools.lru_cache(maxsize=None)
+def _ignore_measurement(path: str, why: str) -> None:
+    """One stderr line, once per reason and process (a --mode=compare process resolves --jit_compile per run)."""
+    print(f"tfl: ignoring {path}: {why}; --jit_compile=auto keeps XLA off on this CPU until benchmarks/run.py "
+          "measures here", file=sys.stderr)
 
 
 def resolve_jit_compile(jit_compile: str, kind: Optional[str] = None) -> bool:
-    """auto: XLA on GPU/TPU; on CPU only where benchmarks/run.py measured it at least 5% faster here
-    (on this 2-core machine it measured 0.89x, so it stays off)."""
+    """auto: XLA on GPU/TPU; on CPU only where benchmarks/run.py measured it at least 5% faster here (the
+    same CPU model and TensorFlow version; on this 2-core machine it measured 0.89x, so it stays off)."""
     if jit_compile != "auto":
         return jit_compile == "true"
     if (kind or device_kind()) in ("gpu", "tpu"):

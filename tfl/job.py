@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import tensorflow as tf
 
@@ -28,9 +29,11 @@ USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError, TransferError)
 TRAINING_ERRORS = (NonFiniteLossError, ExportError)
 
 
-def run_mode(config: Config, verbose: int = 1) -> dict:
-    """Runs ``config`` as its --mode says, with no checks and no run-folder bookkeeping."""
-    return MODE_FUNCTIONS[config.mode](config, verbose)
+def run_mode(config: Config, verbose: int = 1, process_started: Optional[float] = None) -> dict:
+    """Runs ``config`` as its --mode says, with no checks and no run-folder bookkeeping. ``process_started``
+    (time.time() at the process start) goes to a --mode=train run, whose metrics.json then times the imports."""
+    timing = {"process_started": process_started} if config.mode == "train" and process_started is not None else {}
+    return MODE_FUNCTIONS[config.mode](config, verbose, **timing)
 
 
 def compare(config: Config, verbose: int = 1) -> dict:
@@ -82,23 +85,24 @@ def run(config: Config, verbose: int = 1) -> dict:
     return _run_in_folder(config, verbose, command_line=False)
 
 
-def run_checked(config: Config, verbose: int = 1) -> dict:
+def run_checked(config: Config, verbose: int = 1, process_started: Optional[float] = None) -> dict:
     """main.py's run, after check_before_run: --overwrite clears the folder (only a tfl run folder), the
     resolved config is written next to the run, and a run that fails on a user mistake leaves no folder
-    behind."""
+    behind. ``process_started``: see run_mode."""
     created = bool(config.model_dir) and not tf.io.gfile.exists(config.model_dir)
     try:
-        return _run_in_folder(config, verbose, command_line=True)
+        return _run_in_folder(config, verbose, command_line=True, process_started=process_started)
     except USER_ERRORS:
         if created and tf.io.gfile.exists(config.model_dir):
             tf.io.gfile.rmtree(config.model_dir)
         raise
 
 
-def _run_in_folder(config: Config, verbose: int, *, command_line: bool) -> dict:
+def _run_in_folder(config: Config, verbose: int, *, command_line: bool,
+                   process_started: Optional[float] = None) -> dict:
     # In a multi-worker job only the chief writes the run; predict only reads it.
     if not config.model_dir or not is_chief() or config.mode == "predict":
-        return run_mode(config, verbose)
+        return run_mode(config, verbose, process_started)
     # The writing process holds the folder's lock and marks it as a tfl run, so --overwrite can
     # recognise it later.
     run_dir.check_writable(config.model_dir)
@@ -112,4 +116,4 @@ def _run_in_folder(config: Config, verbose: int, *, command_line: bool) -> dict:
         config_path = os.path.join(config.model_dir, "config.json")
         if command_line or not tf.io.gfile.exists(config_path):
             storage.write_json_atomically(config_path, config.to_dict())
-        return run_mode(config, verbose)
+        return run_mode(config, verbose, process_started)

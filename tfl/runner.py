@@ -1,5 +1,6 @@
 """One training run as named stages: devices -> data -> build (backbone, freeze, head, transfer) -> batches
--> fit -> evaluate -> write outputs (model, export, metrics.json). Modes are dispatched in tfl.job.
+-> fit -> evaluate -> write outputs (tfl.outputs: model, export; then metrics.json, with each stage's seconds).
+Modes are dispatched in tfl.job.
 
     metrics = tfl.run(tfl.Config(data=tfl.DataConfig(source="asset:rotten_tomatoes"),
                                  model=tfl.ModelConfig(backbone="asset:minilm", sequence_length=64),
@@ -14,6 +15,7 @@ import platform
 import shutil
 import sys
 import time
+from typing import Optional
 
 import keras
 import numpy as np
@@ -22,23 +24,13 @@ import tensorflow as tf
 from tfl import backbones as backbones_lib
 from tfl import data as data_lib
 from tfl import devices as devices_lib
-from tfl import export as export_lib
 from tfl import freezing as freeze_lib
 from tfl import heads, train
 from tfl import transfer as transfer_lib
 from tfl.config import Config, ConfigError
+from tfl.costs import EpochTimes, peak_rss_mb, timed
+from tfl.outputs import write_outputs
 from tfl.storage import write_json_atomically
-
-
-def save_model_atomically(model: keras.Model, path: str) -> None:
-    """model.keras is written next to its place under a temporary name and renamed: never half a file."""
-    temporary = path[: -len(".keras")] + f".tmp-{os.getpid()}.keras"
-    try:
-        model.save(temporary)
-        tf.io.gfile.rename(temporary, path, overwrite=True)
-    finally:
-        if tf.io.gfile.exists(temporary):
-            tf.io.gfile.remove(temporary)
 
 
 def build_model(backbone: backbones_lib.Backbone, label_names: list, *, task: str = "classification",
@@ -118,8 +110,9 @@ def image_file_decoder(splits: data_lib.DataSplits, backbone: backbones_lib.Back
 
 
 def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
-                strategy: tf.distribute.Strategy) -> tuple:
-    """(train, validation for fit, validation, test, bucketing): batched, preprocessed, sharded datasets."""
+                strategy: tf.distribute.Strategy, timings: Optional[dict] = None) -> tuple:
+    """(train, validation for fit, validation, test, bucketing): batched, preprocessed, sharded datasets.
+    ``timings["bucket_choice"]``: the seconds spent choosing length buckets (it tokenises the training split)."""
     d = config.data
     eval_batch_size = d.eval_batch_size or d.batch_size
     for flag, size in (("batch_size", d.batch_size), ("eval_batch_size", eval_batch_size)):
@@ -127,17 +120,8 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
             raise ConfigError(f"--{flag}={size} is not divisible by the {strategy.num_replicas_in_sync} "
                              "replicas; use a multiple of the replica count")
     decode = image_file_decoder(splits, backbone)
-    bucketing = None
-    if d.bucket_shapes and backbone.modality == data_lib.TEXT and backbone.keras_hub_backbone is not None:
-        lengths = data_lib.token_lengths(splits.train.batch(256).map(lambda x, y: backbone.preprocess(x)))
-        boundaries = data_lib.choose_boundaries(lengths, d.bucket_shapes)
-        if boundaries and boundaries[-1] < config.model.sequence_length:
-            boundaries[-1] = config.model.sequence_length  # longer validation/test texts still fit
-        bucketing = {"boundaries": boundaries, "shapes": len(boundaries),
-                     "padding_fraction": round(data_lib.padding_fraction(lengths, boundaries), 4),
-                     "padding_fraction_without": round(data_lib.padding_fraction(
-                         lengths, [config.model.sequence_length]), 4)}
-        print(f"tfl: length buckets {bucketing}")
+    with timed(timings, "bucket_choice"):
+        bucketing = choose_buckets(config, splits, backbone)
     common = dict(batch_size=d.batch_size, preprocess=backbone.preprocess, seed=config.seed,
                   shuffle_buffer=d.shuffle_buffer, cache=d.cache, modality=splits.modality, decode_image=decode,
                   bucket_boundaries=bucketing["boundaries"] if bucketing else None)
@@ -152,6 +136,24 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
     if strategy.num_replicas_in_sync > 1:
         datasets = tuple(devices_lib.shard_by_data(ds) for ds in datasets)
     return (*datasets, bucketing)
+
+
+def choose_buckets(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone):
+    """--bucket_shapes for a keras-hub text backbone: the length buckets chosen from the training split's
+    token lengths, with their padding; None otherwise."""
+    d = config.data
+    if not (d.bucket_shapes and backbone.modality == data_lib.TEXT and backbone.keras_hub_backbone is not None):
+        return None
+    lengths = data_lib.token_lengths(splits.train.batch(256).map(lambda x, y: backbone.preprocess(x)))
+    boundaries = data_lib.choose_boundaries(lengths, d.bucket_shapes)
+    if boundaries and boundaries[-1] < config.model.sequence_length:
+        boundaries[-1] = config.model.sequence_length  # longer validation/test texts still fit
+    bucketing = {"boundaries": boundaries, "shapes": len(boundaries),
+                 "padding_fraction": round(data_lib.padding_fraction(lengths, boundaries), 4),
+                 "padding_fraction_without": round(data_lib.padding_fraction(
+                     lengths, [config.model.sequence_length]), 4)}
+    print(f"tfl: length buckets {bucketing}")
+    return bucketing
 
 
 def examples_trained(train_size: int, epochs: int, steps_per_epoch: int, batch_size: int, *,
@@ -185,19 +187,32 @@ class Devices:
     chief: bool  # this process writes the run
 
 
-def train_and_evaluate(config: Config, verbose: int = 1) -> dict:
-    """One training run, stage by stage; writes it under ``config.model_dir`` (on the chief)."""
+def train_and_evaluate(config: Config, verbose: int = 1, *, process_started: Optional[float] = None) -> dict:
+    """One training run, stage by stage; writes it under ``config.model_dir`` (on the chief).
+
+    metrics["timings"] holds each stage's wall seconds; ``process_started`` (time.time() when the process
+    started, as main.py records it) adds the seconds before the run as "imports" and counts "total" from there.
+    """
     started = time.time()
-    devices = set_up_devices(config)
-    splits = load_data_for(config)
+    timings = {} if process_started is None else {"imports": round(started - process_started, 3)}
+    with timed(timings, "devices"):
+        devices = set_up_devices(config)
+    with timed(timings, "data_load"):
+        splits = load_data_for(config)
     print(f"tfl: data {config.data.source}: {splits.sizes} labels={splits.label_names}")
-    backbone, model, mapping = build(config, splits, devices)
-    batches = batches_for(config, splits, backbone, devices.strategy)
-    training = fit_model(config, splits, backbone, model, batches, devices, verbose)
-    metrics = evaluate_model(config, splits, backbone, model, mapping, batches, training, devices)
-    if config.model_dir and devices.chief:
-        write_outputs(config, splits, backbone, model, metrics, started)
-    metrics["wall_seconds"] = round(time.time() - started, 2)
+    backbone, model, mapping = build(config, splits, devices, timings)
+    with timed(timings, "batches"):
+        batches = batches_for(config, splits, backbone, devices.strategy, timings)
+    training = fit_model(config, splits, backbone, model, batches, devices, verbose, timings)
+    with timed(timings, "evaluation"):
+        metrics = evaluate_model(config, splits, backbone, model, mapping, batches, training, devices)
+    writes = bool(config.model_dir) and devices.chief
+    if writes:
+        write_outputs(config, splits, backbone, model, metrics, timings)
+    timings["total"] = round(time.time() - (started if process_started is None else process_started), 3)
+    metrics.update(timings=timings, peak_rss_mb=peak_rss_mb(), wall_seconds=round(time.time() - started, 2))
+    if writes:  # last: its presence means the run finished
+        write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
     print("tfl: test " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["test"].items()))
     return metrics
 
@@ -217,21 +232,24 @@ def set_up_devices(config: Config) -> Devices:
     return devices
 
 
-def build(config: Config, splits: data_lib.DataSplits, devices: Devices) -> tuple:
+def build(config: Config, splits: data_lib.DataSplits, devices: Devices, timings: Optional[dict] = None) -> tuple:
     """(backbone, model, transfer mapping or None): backbone, freezing, head and parameter transfer,
-    built under the strategy at the run's precision."""
+    built under the strategy at the run's precision; their seconds in ``timings["build"]`` and
+    ``timings["transfer"]``."""
     keras.config.set_dtype_policy(devices.precision)
     try:
         with devices.strategy.scope():
-            backbone = backbone_for(config, splits, devices.precision)
-            f = config.freeze
-            table = freeze_lib.freeze(backbone, freeze_all=f.freeze_all, freeze_blocks=f.freeze_blocks,
-                                      trainable=f.trainable, lora_rank=f.lora_rank)
-            model = build_model(backbone, splits.label_names, task=config.model.task,
-                                head_dropout=config.model.head_dropout,
-                                head_hidden_units=config.model.head_hidden_units, seed=config.seed,
-                                frozen_backbone=config.freeze.freeze_all)
-            mapping = transfer_parameters(config, backbone, model)
+            with timed(timings, "build"):
+                backbone = backbone_for(config, splits, devices.precision)
+                f = config.freeze
+                table = freeze_lib.freeze(backbone, freeze_all=f.freeze_all, freeze_blocks=f.freeze_blocks,
+                                          trainable=f.trainable, lora_rank=f.lora_rank)
+                model = build_model(backbone, splits.label_names, task=config.model.task,
+                                    head_dropout=config.model.head_dropout,
+                                    head_hidden_units=config.model.head_hidden_units, seed=config.seed,
+                                    frozen_backbone=config.freeze.freeze_all)
+            with timed(timings, "transfer"):
+                mapping = transfer_parameters(config, backbone, model)
     finally:
         keras.config.set_dtype_policy("float32")
     print(freeze_lib.format_table(table))
@@ -252,8 +270,9 @@ def transfer_parameters(config: Config, backbone: backbones_lib.Backbone, model:
 
 
 def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone, model: keras.Model,
-              batches: tuple, devices: Devices, verbose: int) -> dict:
-    """Trains ``model`` (a linear probe: its head, on cached features); returns the training metrics."""
+              batches: tuple, devices: Devices, verbose: int, timings: Optional[dict] = None) -> dict:
+    """Trains ``model`` (a linear probe: its head, on cached features); returns the training metrics.
+    ``timings``: "feature_cache" (a linear probe's backbone features), "fit" and its "epochs"."""
     t = config.train
     train_ds, fit_val_ds, val_ds, _, bucketing = batches
     # The batches the training pipeline really yields (make_batches counts them exactly, buckets included).
@@ -270,14 +289,16 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
                    if config.freeze.layer_lr_decay < 1.0 else None)
     fit_started = time.perf_counter()
     trained, fit_train, fit_val, feature_cache = model, train_ds, fit_val_ds, None
-    if config.freeze.freeze_all and t.cache_frozen_features and not t.max_steps_per_epoch:
-        trained, fit_train, fit_val, feature_cache = cached_feature_batches(
-            config, splits, backbone, model, val_ds, bucketing, steps_per_epoch, devices.kind)
+    with timed(timings, "feature_cache"):
+        if config.freeze.freeze_all and t.cache_frozen_features and not t.max_steps_per_epoch:
+            trained, fit_train, fit_val, feature_cache = cached_feature_batches(
+                config, splits, backbone, model, val_ds, bucketing, steps_per_epoch, devices.kind)
     # Only the chief writes the run; other workers keep their callbacks' files in scratch space.
     writes_here = devices.chief or not config.model_dir
     work_dir = config.model_dir if writes_here else devices_lib.worker_scratch_dir(config.model_dir)
+    epoch_times = EpochTimes()
     try:
-        with devices.strategy.scope():
+        with devices.strategy.scope(), timed(timings, "fit"):
             history = train.fit(
                 trained, fit_train, fit_val, task=config.model.task, num_labels=len(splits.label_names),
                 epochs=t.epochs, learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch, model_dir=work_dir,
@@ -285,10 +306,12 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
                 jit_compile=devices.jit_compile, steps_per_execution=t.steps_per_execution,
                 early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
                 unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch),
-                save_every_steps=t.save_every_steps)
+                save_every_steps=t.save_every_steps, extra_callbacks=(epoch_times,))
     finally:
         if work_dir != config.model_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
+    if timings is not None:
+        timings["epochs"] = epoch_times.seconds
     fit_seconds = time.perf_counter() - fit_started
     epochs_run = len(history.get("loss", []))
     examples_seen = examples_trained(splits.sizes["train"], epochs_run, steps_per_epoch, config.data.batch_size,
@@ -356,27 +379,6 @@ def evaluate_model(config: Config, splits: data_lib.DataSplits, backbone: backbo
                      "keras_hub": _version("keras_hub")},
         "config": config.to_dict(),
     }
-
-
-def write_outputs(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
-                  model: keras.Model, metrics: dict, started: float) -> None:
-    """model.keras, source_model/, export/<n>/ and metrics.json under ``config.model_dir``."""
-    save_model_atomically(model, os.path.join(config.model_dir, "model.keras"))
-    m = config.model
-    if m.transfer:
-        architecture = dict(transfer_lib.load_source_model(m.source_model)["architecture"])
-        if "maxlen" in architecture:  # the target's length, as its vectorizer pads to it
-            architecture["maxlen"] = config.data.maxlen
-    else:
-        architecture = transfer_lib.source_architecture(
-            backbone, num_words=config.data.num_words, maxlen=config.data.maxlen, embedding_dim=m.embedding_dim,
-            lstm_units=m.lstm_units, data_source=config.data.source)
-    transfer_lib.save_source_model(config.model_dir, backbone, model, splits.label_names, architecture)
-    if config.export:
-        metrics["export_path"] = export_lib.export_serving_model(
-            model, backbone, splits.label_names, m.task, os.path.join(config.model_dir, "export"))
-    metrics["wall_seconds"] = round(time.time() - started, 2)
-    write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
 
 
 def _version(module: str) -> str:

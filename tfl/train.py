@@ -179,8 +179,9 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         warmup_fraction: float = 0.1, schedule: str = "linear", weight_decay: float = 0.01,
         jit_compile: bool = False, steps_per_execution: int = 1, early_stopping_patience: int = 0,
         lr_multipliers: Optional[dict] = None, unfreeze_stages: Optional[list] = None, verbose: int = 1,
-        train_repeats: bool = False, save_every_steps: int = 0) -> dict:
-    """Compiles and trains; returns the merged Keras history.
+        train_repeats: bool = False, save_every_steps: int = 0, extra_callbacks: tuple = ()) -> dict:
+    """Compiles and trains; returns the merged Keras history. ``extra_callbacks`` run after tfl's own
+    (e.g. tfl.costs.EpochTimes).
 
     ``steps_per_epoch`` sizes the learning-rate schedule. It is passed on to Keras only for a repeating
     ``train`` dataset (``train_repeats``): Keras keeps one iterator across epochs when given steps, so a
@@ -195,7 +196,7 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
     total_steps = epochs * steps_per_epoch
     history: dict = {}
     callbacks = make_callbacks(model_dir, early_stopping_patience=early_stopping_patience,
-                               save_every_steps=save_every_steps)
+                               save_every_steps=save_every_steps) + list(extra_callbacks)
     backup = next((c for c in callbacks if isinstance(c, Backup)), None)
     saved = read_backup(backup.backup_dir) if backup else None
     resume_stage = 0

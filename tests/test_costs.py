@@ -1,0 +1,48 @@
+"""tfl.costs: stage timers, per-epoch wall times and the peak resident memory that go into metrics.json."""
+
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from tfl.costs import EpochTimes, peak_rss_mb, timed
+
+
+def test_timed_adds_up_each_stage_also_when_it_raises():
+    timings = {}
+    with timed(timings, "load"):
+        time.sleep(0.05)
+    with timed(timings, "load"):  # a stage entered twice counts both times
+        time.sleep(0.05)
+    with pytest.raises(ZeroDivisionError), timed(timings, "broken"):
+        1 / 0
+    assert timings["load"] >= 0.1 and timings["load"] < 5
+    assert set(timings) == {"load", "broken"} and timings["broken"] >= 0
+    with timed(None, "nowhere"):  # a caller that keeps no timings
+        pass
+
+
+def test_epoch_times_has_one_entry_per_epoch_within_the_fit():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((16, 4), np.float32), np.zeros((16, 2), np.float32)
+    epochs = EpochTimes()
+    started = time.perf_counter()
+    model.fit(x, y, epochs=3, batch_size=4, verbose=0, callbacks=[epochs])
+    fit_seconds = time.perf_counter() - started
+    assert len(epochs.seconds) == 3 and all(s > 0 for s in epochs.seconds)
+    assert sum(epochs.seconds) <= fit_seconds
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_rss_is_in_mib_and_covers_what_the_process_holds():
+    held = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
+    with open("/proc/self/status") as f:
+        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    with open("/proc/meminfo") as f:
+        total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    # The peak is at least the memory held now, and (in MiB, not KiB or bytes) below the machine's.
+    assert rss_kib / 1024 - 1 <= peak_rss_mb() <= total_kib / 1024
+    assert held.sum() == held.size

@@ -1,0 +1,89 @@
+"""tfl.devices: --jit_compile=auto's measurement (cpu_xla_speedup.json in the tfl cache) is keyed to the device
+kind, CPU model and TensorFlow version, written atomically, and ignored with one stderr line when it is corrupt
+or from another machine."""
+
+import json
+import os
+
+import pytest
+import tensorflow as tf
+
+from tfl import devices, storage
+
+
+def _lines_about_the_file(capsys) -> list:
+    return [line for line in capsys.readouterr().err.splitlines() if devices.JIT_MEASUREMENT in line]
+
+
+def test_a_measurement_round_trips_and_decides_auto(tfl_home, capsys):
+    assert devices.measured_cpu_xla_speedup() is None
+    assert devices.resolve_jit_compile("auto", "cpu") is False  # not measured here: off
+    for speedup, expected in [(0.89, False), (1.2, True)]:
+        path = devices.record_xla_speedup(speedup, "a test step", kind="cpu")
+        assert devices.measured_cpu_xla_speedup() == speedup
+        assert devices.resolve_jit_compile("auto", "cpu") is expected
+    assert path == str(tfl_home / devices.JIT_MEASUREMENT)
+    key = json.loads((tfl_home / devices.JIT_MEASUREMENT).read_text())["key"]
+    assert key == {"device": "cpu", "cpu": devices.processor_model(), "tensorflow": tf.__version__}
+    assert key["cpu"]  # /proc/cpuinfo's model name, or platform.processor()
+    assert _lines_about_the_file(capsys) == []
+
+
+@pytest.mark.parametrize("content", [
+    '{"speedup": 1.5, "key": {"device": "c',  # half a file, as the old non-atomic write could leave
+    "",
+    '["a list"]',
+    '{"speedup": "fast", "key": {}}',
+    '{"measured": "no speedup"}',
+])
+def test_a_corrupt_file_is_ignored_with_one_line(tfl_home, capsys, content):
+    tfl_home.mkdir()
+    (tfl_home / devices.JIT_MEASUREMENT).write_text(content)
+    assert devices.resolve_jit_compile("auto", "cpu") is False
+    assert devices.resolve_jit_compile("auto", "cpu") is False  # asked again, as each run of a compare does
+    lines = _lines_about_the_file(capsys)
+    assert len(lines) == 1 and "unreadable" in lines[0], lines
+
+
+@pytest.mark.parametrize("change", ["cpu", "tensorflow"])
+def test_another_machines_measurement_is_ignored_with_one_line(tfl_home, capsys, monkeypatch, change):
+    devices.record_xla_speedup(1.5, "a test step", kind="cpu")  # 1.5x: auto would turn XLA on here
+    assert devices.resolve_jit_compile("auto", "cpu") is True
+    # The same key function on the reading side now sees another CPU or TensorFlow version.
+    if change == "cpu":
+        monkeypatch.setattr(devices, "processor_model", lambda: "Another CPU @ 1.0GHz")
+    else:
+        monkeypatch.setattr(devices.tf, "__version__", "9.9.9")
+    assert devices.resolve_jit_compile("auto", "cpu") is False
+    assert devices.resolve_jit_compile("auto", "cpu") is False
+    lines = _lines_about_the_file(capsys)
+    assert len(lines) == 1 and f"another {change}" in lines[0], lines
+
+
+@pytest.mark.parametrize("record", [
+    {"speedup": 1.5, "key": {"device": "gpu", "cpu": "same", "tensorflow": "same", "gpu": "NVIDIA H100"}},
+    {"speedup": 1.5, "model": "MiniLM fine-tune, batch 32, seq 128, float32"},  # an older tfl's file: no key
+])
+def test_a_gpu_or_unkeyed_measurement_does_not_decide_the_cpu(tfl_home, capsys, record):
+    tfl_home.mkdir()
+    if "key" in record:
+        record["key"].update(cpu=devices.processor_model(), tensorflow=tf.__version__)
+    (tfl_home / devices.JIT_MEASUREMENT).write_text(json.dumps(record))
+    assert devices.resolve_jit_compile("auto", "cpu") is False
+    lines = _lines_about_the_file(capsys)
+    assert len(lines) == 1, lines
+    assert ("another device (gpu; here cpu), gpu (NVIDIA H100; here none)" in lines[0]) if "key" in record else ("does not say which machine" in lines[0])
+
+
+def test_a_failed_write_leaves_the_previous_measurement_whole(tfl_home, monkeypatch):
+    devices.record_xla_speedup(1.2, "first", kind="cpu")
+    assert os.listdir(tfl_home) == [devices.JIT_MEASUREMENT]  # no staging file left after a write
+
+    def fail_to_move(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage.gfile, "rename", fail_to_move)
+    with pytest.raises(OSError, match="disk full"):
+        devices.record_xla_speedup(0.5, "second", kind="cpu")
+    assert os.listdir(tfl_home) == [devices.JIT_MEASUREMENT]
+    assert devices.measured_cpu_xla_speedup() == 1.2

@@ -1,0 +1,56 @@
+"""What a run costs: wall seconds per stage and per epoch, and the process's peak resident memory, for
+metrics.json's ``timings`` and ``peak_rss_mb``.
+
+    timings = {}
+    with timed(timings, "data_load"):
+        splits = tfl.load_data("csv:reviews.csv")
+    timings                                        # {"data_load": 0.412}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Optional
+
+import keras
+
+
+@contextlib.contextmanager
+def timed(timings: Optional[dict], name: str):
+    """Adds the body's wall seconds to ``timings[name]`` (also when it raises); ``timings=None`` records nothing."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 3)
+
+
+class EpochTimes(keras.callbacks.Callback):
+    """Wall seconds of each epoch fit() runs, in ``seconds``: its training steps, its validation and the
+    callbacks before this one at its end (checkpoints, backups). The first epoch also traces the step
+    functions and makes the input pipeline's first pass (tokenisation; cached afterwards with --cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(round(time.perf_counter() - self._started, 3))
+
+
+def peak_rss_mb() -> Optional[float]:
+    """The process's peak resident memory so far, in MiB (every run before it in this process counts too);
+    None where the platform does not report it."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
