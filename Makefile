@@ -20,7 +20,7 @@ assets: install
 
 # Two workers, one per core (pytest-xdist); every test sets up what it needs, so any worker can run it.
 test: assets
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 # The same suite on TensorFlow 2.20, the newest release with a TPU build (tensorflow-tpu; see README).
 VENV_TF220 := .venv-tf220

@@ -1,5 +1,6 @@
 """SavedModel export: raw inputs in, same probabilities as the Keras model, reloaded without tfl."""
 
+import atexit
 import json
 import os
 import subprocess
@@ -13,30 +14,55 @@ from tfl import export as export_lib
 from tfl.backbones import build_backbone
 from tfl.runner import build_model
 
-RELOAD = """
-import json, sys
+# A serving process without tfl: it loads each export it is sent (one JSON request per line on stdin) and
+# answers with the signature's outputs on one "served: " line. One per test worker, started on first use,
+# so each check costs a SavedModel load, not a fresh TensorFlow import.
+SERVER = """
+import json, sys, traceback
 import numpy as np
-import pytest
 import tensorflow as tf
 import tensorflow_text  # registers the tokenizer ops; tfl is not imported
-assert "tfl" not in sys.modules
-path, kind, inputs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-serve = tf.saved_model.load(path).signatures["serving_default"]
-if kind == "image":
-    inputs = [bytes.fromhex(x) for x in inputs]
-out = serve(inputs=tf.constant(inputs))
-print(json.dumps({"probabilities": out["probabilities"].numpy().tolist(),
+for line in sys.stdin:
+    request = json.loads(line)
+    try:
+        assert "tfl" not in sys.modules
+        serve = tf.saved_model.load(request["path"]).signatures["serving_default"]
+        inputs = request["inputs"]
+        if request["kind"] == "image":
+            inputs = [bytes.fromhex(x) for x in inputs]
+        out = serve(inputs=tf.constant(inputs))
+        answer = {"probabilities": out["probabilities"].numpy().tolist(),
                   "label": [x.decode() for x in out["label"].numpy()],
-                  "label_names": [x.decode() for x in out["label_names"].numpy()[0]]}))
+                  "label_names": [x.decode() for x in out["label_names"].numpy()[0]]}
+    except Exception:
+        answer = {"error": traceback.format_exc()[-3000:]}
+    print("served: " + json.dumps(answer), flush=True)
 """
+_server = {}
 
 
 def reload_in_fresh_process(path, kind, inputs):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", RELOAD, path, kind, json.dumps(inputs)], capture_output=True,
-                            text=True, env=env, cwd="/", timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """The export at ``path``, loaded and called in a process that never imported tfl."""
+    process = _server.get("process")
+    if process is None or process.poll() is not None:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
+        process = _server["process"] = subprocess.Popen(
+            [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, env=env, cwd="/")
+        atexit.register(process.kill)
+    process.stdin.write(json.dumps({"path": str(path), "kind": kind, "inputs": inputs}) + "\n")
+    process.stdin.flush()
+    for line in process.stdout:
+        if line.startswith("served: "):
+            answer = json.loads(line[len("served: "):])
+            assert "error" not in answer, answer.get("error")
+            return answer
+    raise AssertionError(f"the serving process exited ({process.wait()}) before answering")
+
+
+def test_the_serving_process_reports_a_failed_load(tmp_path):
+    with pytest.raises(AssertionError, match="SavedModel file does not exist|No such file|not found"):
+        reload_in_fresh_process(tmp_path / "no_export", "text", ["x"])
 
 
 def test_text_export_round_trip_in_a_fresh_process(tiny_bert_preset, tmp_path):
