@@ -104,7 +104,8 @@ HELP = {
     "probe_learning_rate": "--mode=compare: learning rate of the linear_probe strategy (head only).",
     "seeds": "--mode=compare: runs per strategy (seeds --seed, --seed+1, ...).",
     "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",
-    "mode": "train (one run), zero_shot (no training: similarity to label descriptions), compare "
+    "mode": "train (one run), zero_shot (no training: similarity to label descriptions), self_train (no labels: "
+            "zero-shot pseudo-labels on the unlabelled training texts, then rounds of a linear probe), compare "
             "(a transfer report over --strategies), predict (a finished run's export on --input) or rank "
             "(transferability estimates of --backbones at every depth: rank.md/json, no training).",
     "backbones": "--mode=rank: candidates, comma-separated: asset:minilm, asset:minilm_l3, asset:efficientnet_lite0, "

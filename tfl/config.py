@@ -22,7 +22,7 @@ JIT_CHOICES = ("auto", "true", "false")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
-MODES = ("train", "zero_shot", "compare", "predict", "rank")
+MODES = ("train", "zero_shot", "self_train", "compare", "predict", "rank")
 TRANSFERS = ("", "structure", "parameter")
 
 
@@ -141,7 +141,7 @@ class PredictConfig:
 class Config:
     """A whole run."""
 
-    mode: str = "train"  # train | zero_shot | compare | predict | rank
+    mode: str = "train"  # train | zero_shot | self_train | compare | predict | rank
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     freeze: FreezeConfig = FreezeConfig()

@@ -13,7 +13,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tfl import prediction, ranking, report, run_dir, runner, storage, zero_shot
+from tfl import prediction, ranking, report, run_dir, runner, self_training, storage, zero_shot
 from tfl.assets import AssetError
 from tfl.backbones import BackboneError, check_backbone_name
 from tfl.config import Config, ConfigError, config_from_dict
@@ -45,6 +45,7 @@ def compare(config: Config, verbose: int = 1) -> dict:
 MODE_FUNCTIONS = {
     "train": runner.train_and_evaluate,
     "zero_shot": zero_shot.run_zero_shot,
+    "self_train": self_training.run_self_training,
     "compare": compare,
     "predict": prediction.run_predict,
     "rank": lambda config, verbose: ranking.rank(config),

@@ -48,12 +48,12 @@ def compare(config: Config, run: Callable[[Config, int], dict], verbose: int = 0
     fractions = list(config.compare.label_fractions) or [config.data.label_fraction]
     seeds = [config.seed + i for i in range(config.compare.seeds)]
     runs = []
-    total = sum(1 if s == "zero_shot" else len(fractions) for s in config.compare.strategies) * len(seeds)
+    total = sum(len(fractions) if STRATEGIES[s].uses_labels else 1 for s in config.compare.strategies) * len(seeds)
     started_runs = 0
     for strategy in config.compare.strategies:
         for fraction in fractions:
             for seed in seeds:
-                if strategy == "zero_shot" and fraction != fractions[0]:
+                if not STRATEGIES[strategy].uses_labels and fraction != fractions[0]:
                     # No labels are used: the score is the same at every fraction.
                     previous = next(r for r in runs if r["strategy"] == strategy and r["seed"] == seed)
                     runs.append({**previous, "fraction": fraction})

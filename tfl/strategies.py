@@ -22,6 +22,7 @@ class Strategy:
     # The base Config -> the changes this strategy makes: {"mode": str, "model"/"freeze"/"train": {field: value}}.
     settings: Callable[[object], dict]
     needs: str = ""  # what it needs beyond a backbone and data, for --helpfull ("" = nothing)
+    uses_labels: bool = True  # False: the same run at every --label_fractions (compare runs it once per seed)
 
 
 STRATEGIES = {
@@ -41,7 +42,10 @@ STRATEGIES = {
     "parameter": Strategy("source model's weights and vocabulary, new head",
                           lambda base: {"model": {"transfer": "parameter"}}, needs="--source_model"),
     "zero_shot": Strategy("no training: similarity to label descriptions", lambda base: {"mode": "zero_shot"},
-                          needs="a text encoder backbone"),
+                          needs="a text encoder backbone", uses_labels=False),
+    "self_training": Strategy("no labels: zero-shot pseudo-labels on the training texts, then a linear probe "
+                              "in rounds", lambda base: {"mode": "self_train"}, needs="a text encoder backbone",
+                              uses_labels=False),
 }
 
 

@@ -1,0 +1,152 @@
+"""--mode=self_train: no labels at all. Zero-shot pseudo-labels on the unlabelled training texts, then a few
+rounds of a linear probe on frozen sentence embeddings, each round trained on the texts it is surest of.
+
+    probe = tfl.self_training.self_train(train_embeddings, zero_shot_scores)   # numpy only
+    predictions = probe.predict(test_embeddings)
+
+Zero-shot scores each text against the label descriptions alone; a probe trained on its most confident
+answers (balanced per class, so one over-predicted class cannot take over) learns a boundary in the
+embedding space that fits these texts better than the descriptions do. Labels are never read for
+training: the training split's labels are dropped, the validation split is only reported per round
+(the schedule is fixed in advance, not picked on it) and the test split once, at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from tfl import backbones as backbones_lib
+from tfl import data as data_lib
+from tfl import devices, heads
+from tfl import transfer as transfer_lib
+from tfl.config import Config
+from tfl.runner import load_data_for
+from tfl.storage import write_json_atomically
+
+# Share of the training texts each round learns from: the surest 20%, then 40%, then 60% (per class).
+ROUNDS = (0.2, 0.4, 0.6)
+ZERO_SHOT_TEMPERATURE = 20.0  # cosines (a few hundredths apart) -> probabilities; as tfl.zero_shot
+
+
+@dataclasses.dataclass
+class LinearProbe:
+    """Softmax regression on standardised embeddings."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    bias: np.ndarray
+
+    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        return softmax(((embeddings - self.mean) / self.scale) @ self.weights + self.bias)
+
+    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+        return np.argmax(self.probabilities(embeddings), axis=1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def fit_probe(embeddings: np.ndarray, labels: np.ndarray, num_labels: int, mean: np.ndarray, scale: np.ndarray,
+              l2: float = 1e-2, steps: int = 300, learning_rate: float = 0.5) -> LinearProbe:
+    """Full-batch gradient descent on the L2-regularised cross-entropy: deterministic, no framework needed."""
+    x = (embeddings - mean) / scale
+    targets = np.eye(num_labels)[labels]
+    weights, bias = np.zeros((x.shape[1], num_labels)), np.zeros(num_labels)
+    for _ in range(steps):
+        error = softmax(x @ weights + bias) - targets
+        weights -= learning_rate * (x.T @ error / len(x) + l2 * weights)
+        bias -= learning_rate * error.mean(axis=0)
+    return LinearProbe(mean, scale, weights, bias)
+
+
+def confident_subset(probabilities: np.ndarray, share: float) -> tuple:
+    """(indices, pseudo-labels): per predicted class, its surest ``share`` of the texts' count over classes.
+
+    Each class gets the same number of examples (or all it has), ranked by the probability of that class:
+    balanced, so a class the describer over-predicts does not crowd the others out."""
+    predicted = np.argmax(probabilities, axis=1)
+    per_class = max(1, int(round(share * len(probabilities) / probabilities.shape[1])))
+    chosen = []
+    for label in range(probabilities.shape[1]):
+        members = np.flatnonzero(predicted == label)
+        order = members[np.argsort(-probabilities[members, label], kind="stable")]
+        chosen.append(order[:per_class])
+    indices = np.concatenate(chosen)
+    return indices, predicted[indices]
+
+
+def self_train(train_embeddings: np.ndarray, zero_shot_scores: np.ndarray, rounds=ROUNDS,
+               on_round=None) -> LinearProbe:
+    """Rounds of (pick the surest texts, fit a probe on their pseudo-labels, re-score every text).
+
+    ``zero_shot_scores``: cosine similarity of each training text to each label. ``on_round(k, probe)``
+    is called after each round (reporting only)."""
+    num_labels = zero_shot_scores.shape[1]
+    mean, scale = train_embeddings.mean(axis=0), train_embeddings.std(axis=0) + 1e-6  # label-free statistics
+    probabilities = softmax(zero_shot_scores * ZERO_SHOT_TEMPERATURE)
+    probe = None
+    for k, share in enumerate(rounds, start=1):
+        indices, pseudo = confident_subset(probabilities, share)
+        probe = fit_probe(train_embeddings[indices], pseudo, num_labels, mean, scale)
+        probabilities = probe.probabilities(train_embeddings)
+        if on_round is not None:
+            on_round(k, probe)
+    return probe
+
+
+def _texts_and_labels(dataset) -> tuple:
+    pairs = [(x.decode("utf-8"), y) for x, y in dataset.as_numpy_iterator()]
+    return [p[0] for p in pairs], np.array([p[1] for p in pairs])
+
+
+def run_self_training(config: Config, verbose: int = 1) -> dict:
+    """Zero-shot, then self-training on the unlabelled training texts; test metrics of both."""
+    started = time.time()
+    splits = load_data_for(config)
+    backbone = backbones_lib.build_backbone(config.model.backbone, sequence_length=config.model.sequence_length,
+                                            pooling="mean", dtype=devices.resolve_precision(config.train.precision))
+    if backbone.modality != data_lib.TEXT or splits.modality != data_lib.TEXT:
+        raise backbones_lib.BackboneError("--mode=self_train works on text data with a text encoder (asset:minilm "
+                                          "or a keras-hub text preset)")
+    descriptions = transfer_lib.parse_label_descriptions(config.model.label_descriptions, splits.label_names)
+    label_vectors = transfer_lib.label_embeddings(backbone, descriptions)
+    embedded = {}
+    for name in ("train", "validation", "test"):
+        texts, labels = _texts_and_labels(getattr(splits, name))
+        print(f"tfl: self-training: encoding {len(texts):,d} {name} texts with {config.model.backbone}"
+              + (" (their labels are not used)" if name == "train" else ""))
+        embedded[name] = (transfer_lib.normalised_embeddings(backbone, texts), labels)
+    num_labels = len(splits.label_names)
+
+    def evaluate(probabilities, split):
+        outputs = probabilities[:, 1:] if heads.is_binary("classification", num_labels) else probabilities
+        return heads.evaluation_metrics("classification", num_labels, outputs, embedded[split][1])
+
+    zero_shot = {split: evaluate(softmax(transfer_lib.zero_shot_scores(embedded[split][0], label_vectors)
+                                         * ZERO_SHOT_TEMPERATURE), split) for split in ("validation", "test")}
+    rounds = []
+
+    def report_round(k, probe):
+        rounds.append({"round": k, "share": ROUNDS[k - 1],
+                       "validation": evaluate(probe.probabilities(embedded["validation"][0]), "validation")})
+        print(f"tfl: self-training round {k}: validation accuracy {rounds[-1]['validation']['accuracy']:.4f}")
+
+    probe = self_train(embedded["train"][0], transfer_lib.zero_shot_scores(embedded["train"][0], label_vectors),
+                       on_round=report_round)
+    test = evaluate(probe.probabilities(embedded["test"][0]), "test")
+    metrics = {"test": test, "mode": "self_train", "zero_shot": zero_shot, "rounds": rounds,
+               "label_descriptions": descriptions, "trainable_params": int(probe.weights.size + probe.bias.size),
+               "train_seconds": 0.0, "wall_seconds": round(time.time() - started, 2), "config": config.to_dict(),
+               "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names}}
+    if config.model_dir and devices.is_chief():
+        write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
+    print(f"tfl: zero-shot test accuracy {zero_shot['test']['accuracy']:.4f}; self-trained (no labels) "
+          + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
+    return metrics
