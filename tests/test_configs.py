@@ -217,6 +217,10 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
         assert all(name in markdown for name in names)
         assert [r["logme"] for r in ranking["rows"]] == sorted((r["logme"] for r in ranking["rows"]), reverse=True)
         return
+    if config.mode == "self_train":  # no labels, no training step: zero-shot, then the probe rounds
+        assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3] and metrics["zero_shot"]["test"]["accuracy"] >= 0
+        assert metrics["test"]["accuracy"] >= 0 and os.path.exists(os.path.join(model_dir, "metrics.json"))
+        return
     if config.mode == "compare":
         report = json.loads(open(os.path.join(model_dir, "report.json")).read())
         assert os.path.exists(os.path.join(model_dir, "report.md"))
