@@ -67,3 +67,12 @@ def test_quick_and_refresh_docs_together_are_refused(capsys, monkeypatch):
     monkeypatch.chdir(os.getcwd())
     assert demo.main(["--quick", "--refresh-docs"]) == 2
     assert "drop one of --quick, --refresh-docs" in capsys.readouterr().err
+
+
+def test_copy_report_takes_the_report_not_the_run_folders_markers(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("report.md", "report.json", "plot.png", "config.json", ".tfl-run.json", ".tfl-lock.json", "x.txt"):
+        (run / name).write_text("{}")
+    demo.copy_report(str(run), str(tmp_path / "docs"))
+    assert sorted(os.listdir(tmp_path / "docs")) == ["plot.png", "report.json", "report.md"]

@@ -124,7 +124,7 @@ def refresh_readme(readme: str = os.path.join(ROOT, "README.md"), docs: str = DO
 def copy_report(model_dir: str, docs: str) -> None:
     os.makedirs(docs, exist_ok=True)
     for file in os.listdir(model_dir):
-        if file.endswith((".md", ".png", ".json")) and file != "config.json":
+        if file.endswith((".md", ".png", ".json")) and file != "config.json" and not file.startswith("."):
             shutil.copy(os.path.join(model_dir, file), docs)
 
 
