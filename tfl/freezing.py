@@ -87,7 +87,7 @@ def freeze_table(backbone: Backbone) -> list:
     if backbone.unused_layers:
         unused = int(sum(np.prod(w.shape) for layer in backbone.unused_layers for w in layer.weights))
         names = ", ".join(layer.name for layer in backbone.unused_layers)
-        rows.append({"block": f"({names}: unused by this pooling)", "params": unused, "trainable_params": 0,
+        rows.append({"block": f"{names} (unused)", "params": unused, "trainable_params": 0,
                      "status": "unused"})
     return rows
 
