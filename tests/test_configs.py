@@ -1,5 +1,5 @@
 """Offline rehearsal of every flagfile in configs/: its own documented command, parsed as main.py parses it,
-run end to end for a few steps (train, evaluate, export, reload the export in a fresh process, predict).
+run end to end for a few steps (train, evaluate, export, reload the export in a process without tfl, predict).
 
 Stand-ins only for what needs the internet: tiny keras-hub presets of the same classes (BERT with its
 WordPiece tokenizer, ViT with its image converter), keras.applications with --weights=none, tfds mock data
@@ -176,7 +176,7 @@ def served_inputs(metrics: dict, config) -> tuple:
 
 
 def check_served(export_path: str, kind: str, inputs: list, label_names: list) -> None:
-    """The export, reloaded in a fresh process without tfl, predicts a distribution over the run's labels."""
+    """The export, reloaded in a process that never imported tfl, predicts a distribution over the run's labels."""
     served = reload_in_fresh_process(export_path, kind, inputs)
     assert served["label_names"] == label_names
     probabilities = np.array(served["probabilities"])
@@ -218,8 +218,10 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
         assert [r["logme"] for r in ranking["rows"]] == sorted((r["logme"] for r in ranking["rows"]), reverse=True)
         return
     if config.mode == "self_train":  # no labels, no training step: zero-shot, then the probe rounds
-        assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3] and metrics["zero_shot"]["test"]["accuracy"] >= 0
-        assert metrics["test"]["accuracy"] >= 0 and os.path.exists(os.path.join(model_dir, "metrics.json"))
+        assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+        assert all(0 <= r["validation"]["accuracy"] <= 1 for r in metrics["rounds"])
+        assert metrics["data"]["sizes"]["train"] > 0 and metrics["trainable_params"] == 384 * 2 + 2  # MiniLM, 2 classes
+        assert json.loads(open(os.path.join(model_dir, "metrics.json")).read())["test"] == metrics["test"]
         return
     if config.mode == "compare":
         report = json.loads(open(os.path.join(model_dir, "report.json")).read())

@@ -3,8 +3,12 @@
 import atexit
 import json
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -41,23 +45,37 @@ for line in sys.stdin:
 _server = {}
 
 
-def reload_in_fresh_process(path, kind, inputs):
-    """The export at ``path``, loaded and called in a process that never imported tfl."""
+def reload_in_fresh_process(path, kind, inputs, timeout=300):
+    """The export at ``path``, loaded and called in a process that never imported tfl (one per test worker,
+    reused: each check is a fresh SavedModel load in it). A server that hangs or dies is replaced."""
     process = _server.get("process")
     if process is None or process.poll() is not None:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
+        _server["stderr"] = tempfile.TemporaryFile(mode="w+")
         process = _server["process"] = subprocess.Popen(
             [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True, env=env, cwd="/")
+            stderr=_server["stderr"], text=True, env=env, cwd="/")
         atexit.register(process.kill)
+        answers = _server["answers"] = queue.Queue()
+        threading.Thread(target=lambda: [answers.put(line) for line in process.stdout] + [answers.put(None)],
+                         daemon=True).start()
     process.stdin.write(json.dumps({"path": str(path), "kind": kind, "inputs": inputs}) + "\n")
     process.stdin.flush()
-    for line in process.stdout:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            line = _server["answers"].get(timeout=max(0.0, deadline - time.time()))
+        except queue.Empty:
+            line = None
+        if line is None:  # hung or exited: replace it next time, and say why
+            process.kill()
+            _server.pop("process")
+            _server["stderr"].seek(0)
+            raise AssertionError(f"the serving process did not answer: {_server['stderr'].read()[-3000:]}")
         if line.startswith("served: "):
             answer = json.loads(line[len("served: "):])
             assert "error" not in answer, answer.get("error")
             return answer
-    raise AssertionError(f"the serving process exited ({process.wait()}) before answering")
 
 
 def test_the_serving_process_reports_a_failed_load(tmp_path):

@@ -27,9 +27,9 @@ def test_self_training_beats_the_zero_shot_it_starts_from():
     x, labels, described = _clusters()
     zero_shot = np.mean(np.argmax(x @ described.T, axis=1) == labels)
     seen = []
-    probe = self_training.self_train(x, x @ described.T, on_round=lambda k, p: seen.append(k))
+    probe = self_training.self_train(x, x @ described.T, on_round=lambda k, share, p: seen.append((k, share)))
     self_trained = np.mean(probe.predict(x) == labels)
-    assert seen == [1, 2, 3]
+    assert seen == [(1, 0.2), (2, 0.4), (3, 0.6)]
     assert 0.7 < zero_shot < 0.85 and self_trained > zero_shot + 0.1, (zero_shot, self_trained)  # measured .79, .95
     held_out, held_out_labels, _ = _clusters(seed=1)  # texts it never saw: the probe generalises
     assert np.mean(probe.predict(held_out) == held_out_labels) > zero_shot + 0.1  # measured .93
@@ -41,6 +41,12 @@ def test_confident_subset_is_balanced_and_surest_first():
     assert indices.tolist() == [0, 5] and pseudo.tolist() == [0, 1]
     indices, pseudo = self_training.confident_subset(probabilities, share=1.0)  # 3 a class; class 1 has 2
     assert indices.tolist() == [0, 2, 3, 5, 4] and pseudo.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_a_class_zero_shot_never_predicts_is_named(capsys):
+    indices, pseudo = self_training.confident_subset(np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1]]), share=1.0)
+    assert pseudo.tolist() == [0, 1]
+    assert "no text is scored as class 2" in capsys.readouterr().err
 
 
 def test_self_train_mode_and_compare_strategy_on_a_tiny_encoder(tiny_bert_preset, tmp_path):
@@ -58,8 +64,10 @@ def test_self_train_mode_and_compare_strategy_on_a_tiny_encoder(tiny_bert_preset
     # Neither uses labels: one run each, reported at both fractions.
     assert [(r["strategy"], r["fraction"]) for r in report["rows"]] == [
         (s, f) for s in ("zero_shot", "self_training") for f in (0.5, 1.0)]
-    assert len({json.dumps(r["test"]) for r in report["runs"] if r["strategy"] == "self_training"}) == 1
+    ran = sorted(p.name for p in (tmp_path / "cmp" / "runs").iterdir())
+    assert ran == ["self_training-f0.5-s0", "zero_shot-f0.5-s0"]
     metrics = json.loads((tmp_path / "cmp" / "runs" / "self_training-f0.5-s0" / "metrics.json").read_text())
+    assert metrics["data"]["sizes"]["train"] == 32  # every training text (80% of 40), not the 0.5 fraction
     assert metrics["mode"] == "self_train" and [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert 0 <= metrics["test"]["accuracy"] <= 1 and "accuracy" in metrics["zero_shot"]["test"]
     assert metrics["trainable_params"] == 8 * 2 + 2  # a softmax probe on the 8-wide embeddings

@@ -88,11 +88,27 @@ def test_source_head_transfer_starts_as_the_source_model(source_run):
         transfer_lib.copy_weights(source, build_model(backbone, ["a", "b", "c"]), reuse_head=True)
 
 
+def test_a_run_with_the_source_head_copies_it(source_run, tmp_path):
+    run_dir, csv = source_run
+    config = Config(data=DataConfig(source=f"csv:{csv}", batch_size=8, maxlen=6),
+                    model=ModelConfig(backbone="lstm", transfer="parameter", source_model=run_dir, transfer_head="source"),
+                    train=TrainConfig(epochs=1, learning_rate=1e-2, precision="float32"),
+                    model_dir=str(tmp_path / "t"), export=False)
+    metrics = run(config, verbose=0)
+    assert metrics["transfer_mapping"]["copied"] == ["embedding", "lstm", "head"]
+
+
 def test_source_head_needs_parameter_transfer():
     from tfl.config import ConfigError
 
     with pytest.raises(ConfigError, match="needs --transfer=parameter"):
         Config(model=ModelConfig(backbone="lstm", transfer_head="source")).validate()
+    with pytest.raises(ConfigError, match="needs --task=classification"):
+        Config(model=ModelConfig(backbone="lstm", transfer="parameter", source_model="x", transfer_head="source",
+                                 task="regression")).validate()
+    with pytest.raises(ConfigError, match="or the parameter strategy"):
+        Config(mode="compare", model=ModelConfig(backbone="lstm", source_model="x", transfer_head="source"),
+               compare=CompareConfig(strategies=("scratch",))).validate()
     with pytest.raises(ConfigError, match="Unknown --transfer_head='old'"):
         Config(model=ModelConfig(backbone="lstm", transfer="parameter", source_model="x",
                                  transfer_head="old")).validate()
@@ -259,15 +275,21 @@ def test_compare_writes_report_with_every_strategy(tiny_bert_preset, tmp_path):
 def test_strategy_configs_differ_only_where_they_must():
     from tfl.report import strategy_config
 
-    base = Config(model=ModelConfig(backbone="asset:minilm"), compare=CompareConfig(probe_learning_rate=1e-3))
+    base = Config(model=ModelConfig(backbone="asset:minilm", transfer_head="source"),
+                  compare=CompareConfig(probe_learning_rate=1e-3))
     made = {s: strategy_config(base, s, seed=4, fraction=0.2, model_dir="d") for s in
-            ("scratch", "linear_probe", "partial", "fine_tune", "lora", "parameter", "zero_shot")}
+            ("scratch", "linear_probe", "partial", "fine_tune", "lora", "parameter", "zero_shot", "self_training")}
     assert made["scratch"].model.pretrained is False and made["fine_tune"].model.pretrained is True
     assert made["linear_probe"].freeze.freeze_all and made["linear_probe"].train.learning_rate == 1e-3
     assert made["partial"].freeze.freeze_blocks == 2 and made["lora"].freeze.lora_rank == 4
     assert made["parameter"].model.transfer == "parameter" and made["zero_shot"].mode == "zero_shot"
-    assert all(c.seed == 4 and c.data.label_fraction == 0.2 and c.data == made["fine_tune"].data
-               for c in made.values())
+    # --transfer_head belongs to the parameter strategy alone; the others record the default they run with.
+    assert made["parameter"].model.transfer_head == "source" and made["scratch"].model.transfer_head == "new"
+    labelled = [s for s in made if s not in ("zero_shot", "self_training")]
+    assert all(made[s].seed == 4 for s in made)
+    assert all(made[s].data == made["fine_tune"].data and made[s].data.label_fraction == 0.2 for s in labelled)
+    # No labels used: the whole training split, unlabelled, at every fraction.
+    assert made["zero_shot"].data.label_fraction == made["self_training"].data.label_fraction == 1.0
 
 
 def test_aligned_parameter_transfer_copies_shared_token_rows(source_run):

@@ -98,10 +98,10 @@ HELP = {
     "transfer_head": "Parameter transfer: new (the default: a freshly initialised head) or source (the source "
                      "model's head, so target class i starts as source class i: for a target with the same classes "
                      "in the same order, e.g. negative/positive sentiment; an error if the class counts differ). "
-                     "On IMDB -> Rotten Tomatoes it was best on the mean, by about a point, at a lower learning "
-                     "rate: within the spread over seeds (docs/imdb_to_rt_variants.md), so new stays the default.",
+                     "On IMDB -> Rotten Tomatoes it was best on the mean at a lower learning rate, but within the "
+                     "spread over seeds (docs/imdb_to_rt_variants.md), so new stays the default.",
     "source_model": "--model_dir of a finished lstm or small_cnn run (its source_model/ folder).",
-    "label_descriptions": "Zero-shot: a JSON file {label: [descriptions]} or 'label=desc|desc;label=desc'; "
+    "label_descriptions": "Zero-shot and self_train: a JSON file {label: [descriptions]} or 'label=desc|desc;label=desc'; "
                           "default: templates of the label names.",
     "probe_learning_rate": "--mode=compare: learning rate of the linear_probe strategy (head only).",
     "seeds": "--mode=compare: runs per strategy (seeds --seed, --seed+1, ...).",

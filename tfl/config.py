@@ -207,8 +207,14 @@ class Config:
                 raise ConfigError(f"Unknown --{name}='{value}'; expected one of {[c for c in choices if c]}")
         if m.transfer and not m.source_model:
             raise ConfigError(f"--transfer={m.transfer} needs --source_model=<model_dir of a finished lstm/small_cnn run>")
-        if m.transfer_head == "source" and m.transfer != "parameter" and self.mode != "compare":
-            raise ConfigError("--transfer_head=source reuses a source model's head: it needs --transfer=parameter")
+        if m.transfer_head == "source":  # the source's head: a single-layer classifier's, class i -> i
+            compared = self.mode == "compare" and "parameter" in self.compare.strategies
+            if m.transfer != "parameter" and not compared:
+                raise ConfigError("--transfer_head=source reuses a source model's head: it needs --transfer=parameter "
+                                  "(or the parameter strategy in --mode=compare)")
+            if m.task != "classification" or m.head_hidden_units:
+                raise ConfigError("--transfer_head=source needs --task=classification and --head_hidden_units=0 "
+                                  "(the source's head is one classification layer); use --transfer_head=new")
         if not 0.0 < d.label_fraction <= 1.0:
             raise ConfigError(f"--label_fraction must be in (0, 1]; got {d.label_fraction}")
         unknown = [s for s in self.compare.strategies if s not in COMPARE_STRATEGIES]

@@ -99,7 +99,7 @@ def measured_cpu_xla_speedup() -> Optional[float]:
     try:
         record = json.loads(storage.read_bytes(path))
         speedup, key = float(record["speedup"]), record.get("key")
-    except (ValueError, TypeError, KeyError) as e:  # not JSON (or not UTF-8), or not a measurement
+    except (ValueError, TypeError, KeyError, OSError, tf.errors.OpError) as e:  # unreadable, or not a measurement
         return _ignore_measurement(path, f"unreadable ({type(e).__name__}: {e})")
     here = measurement_key("cpu")
     if not isinstance(key, dict):

@@ -66,13 +66,15 @@ def set_trainable_top_blocks(backbone: Backbone, count: int) -> None:
 
 
 def freeze_unused(backbone: Backbone) -> None:
-    """Layers the features never read (BERT's pooler under mean pooling) stay frozen: no weight without a gradient."""
+    """Layers the features never read (BERT's pooler under mean or cls pooling) stay frozen: no weight without
+    a gradient."""
     for layer in backbone.unused_layers:
         layer.trainable = False
 
 
 def freeze_table(backbone: Backbone) -> list:
-    """One row per block: name, params, trainable params, and status (trainable/frozen/partial).
+    """One row per block: name, params, trainable params, and status (trainable/frozen/partial), then one
+    "unused" row for the layers the features never read (``Backbone.unused_layers``), if any.
 
     Status follows the layers' ``trainable`` flags; params include non-trainable state such as
     BatchNorm moving statistics, so a trainable block can hold fewer trainable params than params.

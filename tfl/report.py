@@ -24,14 +24,15 @@ from tfl.strategies import STRATEGIES
 
 def strategy_config(base: Config, strategy: str, seed: int, fraction: float, model_dir: str) -> Config:
     """The base config changed as one strategy needs (its STRATEGIES entry); everything else stays equal."""
-    sections = {"model": dataclasses.replace(base.model, transfer=""), "train": base.train,
+    sections = {"model": dataclasses.replace(base.model, transfer="", transfer_head="new"), "train": base.train,
                 "freeze": dataclasses.replace(base.freeze, freeze_all=False, freeze_blocks=0, lora_rank=0,
                                               trainable="")}
     changes = dict(STRATEGIES[strategy].settings(base))
     mode = changes.pop("mode", "train")
     for section, fields in changes.items():
         sections[section] = dataclasses.replace(sections[section], **fields)
-    data = dataclasses.replace(base.data, label_fraction=fraction)
+    # A strategy that uses no labels (zero-shot, self-training) reads the whole training split, unlabelled.
+    data = dataclasses.replace(base.data, label_fraction=fraction if STRATEGIES[strategy].uses_labels else 1.0)
     return dataclasses.replace(base, mode=mode, data=data, seed=seed, model_dir=model_dir, export=False,
                                overwrite=True, **sections)
 

@@ -39,8 +39,9 @@ STRATEGIES = {
                      needs="a keras-hub backbone"),
     "structure": Strategy("source model's architecture, fresh weights",
                           lambda base: {"model": {"transfer": "structure"}}, needs="--source_model"),
-    "parameter": Strategy("source model's weights and vocabulary, new head",
-                          lambda base: {"model": {"transfer": "parameter"}}, needs="--source_model"),
+    "parameter": Strategy("source model's weights and vocabulary; a new head, or the source's (--transfer_head)",
+                          lambda base: {"model": {"transfer": "parameter", "transfer_head": base.model.transfer_head}},
+                          needs="--source_model"),
     "zero_shot": Strategy("no training: similarity to label descriptions", lambda base: {"mode": "zero_shot"},
                           needs="a text encoder backbone", uses_labels=False),
     "self_training": Strategy("no labels: zero-shot pseudo-labels on the training texts, then a linear probe "

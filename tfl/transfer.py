@@ -173,8 +173,9 @@ def copy_weights(source: dict, target: keras.Model, target_vocabulary: Optional[
             report["copied"].append(layer.name)
         elif reuse_head and layer.name == "head":
             if theirs is None or [w.shape for w in theirs.weights] != [w.shape for w in layer.weights]:
-                raise TransferError(f"--transfer_head=source needs as many classes as the source model "
-                                    f"({len(source['label_names'])}: {source['label_names']}); use --transfer_head=new")
+                raise TransferError(f"--transfer_head=source needs as many classes as the source model: it has "
+                                    f"{len(source['label_names'])} ({source['label_names']}), the target's head "
+                                    f"does not match; use --transfer_head=new")
             layer.set_weights(theirs.get_weights())
             report["copied"].append(layer.name)
         elif layer.name in ALWAYS_REINITIALISED:
