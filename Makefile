@@ -10,7 +10,9 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,convert]"
+	# setuptools warns on every editable install of a flat layout (a tfl/ folder next to the project); it is
+	# the layout we want, and the warning is the only thing a quiet install would print.
+	PYTHONWARNINGS=ignore $(PY) -m pip install --quiet -e ".[test,convert]"
 	touch $@
 
 install: $(VENV)/.installed
