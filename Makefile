@@ -7,11 +7,11 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install assets test test-tf220 demo docs-demo clean
 
+# PYTHONWARNINGS=ignore: setuptools warns on every editable install of a flat layout (a tfl/ folder next to the
+# project); that layout is on purpose, and the warning would be the only line a quiet install prints.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# setuptools warns on every editable install of a flat layout (a tfl/ folder next to the project); it is
-	# the layout we want, and the warning is the only thing a quiet install would print.
 	PYTHONWARNINGS=ignore $(PY) -m pip install --quiet -e ".[test,convert]"
 	touch $@
 
