@@ -31,7 +31,6 @@ from tfl.storage import write_json_atomically
 
 # Share of the training texts each round learns from: the surest 20%, then 40%, then 60% (per class).
 ROUNDS = (0.2, 0.4, 0.6)
-ZERO_SHOT_TEMPERATURE = 20.0  # cosines (a few hundredths apart) -> probabilities; as tfl.zero_shot
 
 
 @dataclasses.dataclass
@@ -95,7 +94,7 @@ def self_train(train_embeddings: np.ndarray, zero_shot_scores: np.ndarray, round
     is called after each round (reporting only)."""
     num_labels = zero_shot_scores.shape[1]
     mean, scale = train_embeddings.mean(axis=0), train_embeddings.std(axis=0) + 1e-6  # label-free statistics
-    probabilities = softmax(zero_shot_scores * ZERO_SHOT_TEMPERATURE)
+    probabilities = transfer_lib.zero_shot_probabilities(zero_shot_scores)
     probe = None
     for k, share in enumerate(rounds, start=1):
         indices, pseudo = confident_subset(probabilities, share)
@@ -134,8 +133,8 @@ def run_self_training(config: Config, verbose: int = 1) -> dict:
         outputs = probabilities[:, 1:] if heads.is_binary("classification", num_labels) else probabilities
         return heads.evaluation_metrics("classification", num_labels, outputs, embedded[split][1])
 
-    zero_shot = {split: evaluate(softmax(transfer_lib.zero_shot_scores(embedded[split][0], label_vectors)
-                                         * ZERO_SHOT_TEMPERATURE), split) for split in ("validation", "test")}
+    zero_shot = {split: evaluate(transfer_lib.zero_shot_probabilities(
+        transfer_lib.zero_shot_scores(embedded[split][0], label_vectors)), split) for split in ("validation", "test")}
     rounds = []
 
     def report_round(k, share, probe):

@@ -280,6 +280,16 @@ def zero_shot_scores(input_embeddings: np.ndarray, label_vectors: np.ndarray) ->
     return input_embeddings @ label_vectors.T
 
 
+ZERO_SHOT_TEMPERATURE = 20.0  # cosines (a few hundredths apart) -> probabilities that rank well for AUC
+
+
+def zero_shot_probabilities(scores: np.ndarray) -> np.ndarray:
+    """Cosine scores -> a softmax over labels at a fixed temperature (zero-shot and self-training share it)."""
+    logits = scores * ZERO_SHOT_TEMPERATURE
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def zero_shot_text(backbone: backbones_lib.Backbone, texts, descriptions: dict) -> np.ndarray:
     """Predicted label index per text, by cosine similarity to the label descriptions."""
     return np.argmax(zero_shot_scores(normalised_embeddings(backbone, texts), label_embeddings(backbone, descriptions)),

@@ -36,8 +36,7 @@ def run_zero_shot(config: Config, verbose: int = 1) -> dict:
     scores = transfer_lib.zero_shot_scores(transfer_lib.normalised_embeddings(backbone, texts),
                                            transfer_lib.label_embeddings(backbone, descriptions))
     num_labels = len(splits.label_names)
-    probabilities = np.exp(scores * 20.0)  # a fixed temperature turns cosines into scores for AUC
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    probabilities = transfer_lib.zero_shot_probabilities(scores)
     outputs = probabilities[:, 1:] if heads.is_binary("classification", num_labels) else probabilities
     test = heads.evaluation_metrics("classification", num_labels, outputs, np.array(labels))
     metrics = {"test": test, "mode": "zero_shot", "label_descriptions": descriptions, "trainable_params": 0,
