@@ -1,27 +1,31 @@
-"""Is the transferability ranking right? Rank the offline zoo, then fine-tune every candidate and compare.
+"""Is the transferability ranking right, and does --mode=auto's pick land near the best? Rank the offline
+zoo, then fine-tune every candidate, over several seeds, and compare.
 
     PYTHONPATH=. .venv/bin/python benchmarks/rank_proof.py \
-        [--tasks=asset:rotten_tomatoes,asset:spam_assassin] [--examples=1000] [--test_examples=1000] \
-        [--backbones=asset:minilm,asset:minilm_l3] [--epochs=1] [--out=docs/transferability.md] [--quick]
+        [--tasks=asset:rotten_tomatoes,asset:spam_assassin] [--examples=400] [--test_examples=400] \
+        [--backbones=asset:minilm,asset:minilm_l3] [--depths=1,3,6] [--seeds=3] [--epochs=1] \
+        [--out=docs/transferability.md] [--quick]
 
-Per task, on the same ``--examples`` stratified training examples (the training split of one
-``tfl.load_data`` call, capped with --max_examples and sized with --validation/--test_fraction):
+Per task and seed s (the seed draws the stratified split of ``--examples`` training, validation and test
+examples, the head's initialisation and the shuffling):
 
-1. **rank**: ``tfl.ranking`` as ``--mode=rank`` does (candidates -> extract_features -> score_candidates
-   -> ranking_rows): every (backbone, depth) of the zoo and a randomly initialised control per backbone;
+1. **rank**: ``tfl.ranking.rank_candidates`` as ``--mode=rank`` does, on that seed's training examples:
+   every (backbone, depth) of the zoo at ``--depths`` and a randomly initialised control per backbone;
 2. **ground truth**: every candidate with depth >= 1 is fine-tuned end to end by
-   ``tfl.runner.train_and_evaluate`` with the recipe of ``--recipe`` (a flagfile; --epochs replaces its
-   epochs). A candidate (backbone, depth k) is the backbone *truncated* after block k: a preset folder
-   under --work_dir whose ``config.json`` says ``num_hidden_layers=k`` beside the asset's own weights
-   file, so keras-hub loads the first k blocks' weights (checked: its mean-pooled output equals the
-   ranking's depth-k features). The random controls are ``--pretrained=false`` runs of the full depth;
-3. **report**: per task, the scores beside the test accuracy, Kendall's tau and weighted tau between
-   each estimator and the accuracy (``transferability.kendall_tau``), whether the top-ranked candidate is
-   the best or within 1 point of it, and seconds to rank vs seconds to fine-tune every candidate; the
-   host with its float32/bfloat16 matmul peak measured in the same run (``benchmarks/run.py``).
+   ``tfl.runner.train_and_evaluate`` with the recipe of ``--recipe`` (a flagfile; --epochs, --learning_rate
+   and --batch_size replace its own). A candidate (backbone, depth k) is the backbone cut after block k
+   (``--backbone_depth=k``, what --mode=auto runs; tests/test_auto.py checks it equals the ranking's
+   depth-k features). The random controls are ``--nopretrained`` runs of the full depth;
+3. **auto's pick**: ``tfl.auto.choose`` on the same ranking (no budget limit: the recipe's fine-tune) names
+   the candidate --mode=auto would run; its accuracy against the best candidate's, and its compute (the
+   ranking plus that one fine-tune) against fine-tuning every candidate;
+4. **report**: per task, the scores and test accuracies (mean over seeds), Kendall's tau and weighted tau
+   between each estimator and the accuracy (``transferability.kendall_tau``) on the means and per seed,
+   and seconds to rank vs seconds to fine-tune; the host with its float32/bfloat16 matmul peak measured in
+   the same run (``benchmarks/run.py``).
 
 Everything in --out is written by this script; a rerun replaces it. ``--quick``: tiny caps (one small
-task, MiniLM-L3 only, 96 examples, two steps per fine-tune) for a smoke test in a few minutes.
+task, MiniLM-L3 only, 96 examples, two steps per fine-tune, one seed) for a smoke test in a few minutes.
 --bucket_shapes replaces the recipe's length buckets: each bucket shape is one more trace of the training
 and evaluation steps per candidate, which a one-epoch run on a few hundred examples does not earn back.
 """
@@ -48,8 +52,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks.run import matmul_gflops  # noqa: E402
-from tfl import assets, ranking, transferability  # noqa: E402
-from tfl.backbones import build_backbone  # noqa: E402
+from tfl import auto, ranking, transferability  # noqa: E402
 from tfl.demo import config_from_flagfile  # noqa: E402
 from tfl.runner import load_data_for, train_and_evaluate  # noqa: E402
 
@@ -57,41 +60,25 @@ ESTIMATORS = (("logme", "LogME"), ("h_score", "H-score"), ("leep", "LEEP"), ("nc
 HIT_POINTS = 1.0  # the top-ranked candidate "hits" if its accuracy is within this many points of the best
 
 INTRO = """\
-Each task below is ranked and then fine-tuned on the same labelled training examples. The ranking is
-tfl's `--mode=rank`: frozen features of every candidate (a pretrained text encoder cut after one of its
-transformer blocks, mean-pooled), scored by LogME and H-score without any training; each backbone also
-has a randomly initialised copy as a control. The ground truth is what tfl's own training path reaches
-with each candidate: the encoder truncated after that block (the first blocks' pretrained weights, the
-later ones dropped) plus a fresh head, every weight trained, with the recipe named in the generated
-section, scored on held-out test examples. The random controls are fine-tuned the same way. A good
-estimator orders the candidates as the fine-tuned accuracies do (Kendall's tau near one; the weighted
-tau stresses the top of the order) and its first choice is the best candidate or close to it. The
-pretrained-only columns leave the random controls out, since telling those apart from pretrained
-encoders is the easy part. Held-out accuracies carry sampling noise (one standard error is given) and
-come from a single seed and a short schedule: read small differences between neighbouring depths as
-ties."""
+Each task below is ranked and then fine-tuned on the same labelled training examples, once per seed (the
+seed draws the split, the head's initialisation and the shuffling). The ranking is tfl's `--mode=rank`:
+frozen features of every candidate (a pretrained text encoder cut after one of its transformer blocks,
+mean-pooled), scored by LogME and H-score without any training; each backbone also has a randomly
+initialised copy as a control. The ground truth is what tfl's own training path reaches with each
+candidate: the encoder cut after that block (`--backbone_depth`, the first blocks' pretrained weights)
+plus a fresh head, every weight trained, with the recipe named in the generated section, scored on
+held-out test examples; the random controls are fine-tuned the same way. A good estimator orders the
+candidates as the fine-tuned accuracies do (Kendall's tau near one; the weighted tau stresses the top of
+the order) and its first choice is the best candidate or close to it. The taus are computed on the means
+over seeds (scores and accuracies), and per seed (mean ± standard deviation). The pretrained-only columns
+leave the random controls out, since telling those apart from pretrained encoders is the easy part.
+`--mode=auto`'s pick is what `tfl.auto.choose` makes of the same ranking; its compute is the ranking plus
+that one fine-tune, against fine-tuning every candidate. Held-out accuracies carry sampling noise (one
+standard error is given) and come from a short schedule: read small differences between neighbouring
+depths as ties."""
 
 
 # ---- candidates as training runs ------------------------------------------------------------
-
-def truncated_preset(backbone: str, depth: int, work_dir: str) -> str:
-    """A Hugging Face BERT folder for ``backbone`` (an ``asset:`` name or a folder) with only its first
-    ``depth`` transformer blocks: the same files (linked), ``num_hidden_layers`` set to ``depth``."""
-    source = assets.asset_path(backbone[len("asset:"):]) if backbone.startswith("asset:") else backbone
-    with open(os.path.join(source, "config.json")) as f:
-        config = json.load(f)
-    if "num_hidden_layers" not in config:
-        raise ValueError(f"{backbone}: config.json has no num_hidden_layers; expected a Hugging Face BERT folder")
-    folder = os.path.join(work_dir, "presets", f"{backbone.replace(':', '_').replace('/', '_')}_L{depth}")
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(source):
-        link = os.path.join(folder, name)
-        if name != "config.json" and not os.path.lexists(link):
-            os.symlink(os.path.join(source, name), link)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({**config, "num_hidden_layers": depth}, f, indent=2)
-    return folder
-
 
 def full_depths(rows: list) -> dict:
     """backbone -> its deepest ranked depth."""
@@ -101,107 +88,105 @@ def full_depths(rows: list) -> dict:
     return depths
 
 
-def training_target(row: dict, full_depth: int, work_dir: str) -> tuple:
-    """(--backbone, --pretrained) that fine-tunes the ranking's candidate ``row``."""
-    if not row["pretrained"] or row["depth"] == full_depth:
-        return row["backbone"], row["pretrained"]
-    return truncated_preset(row["backbone"], row["depth"], work_dir), True
+def training_model(base, row: dict, full_depth: int):
+    """The ModelConfig that fine-tunes the ranking's candidate ``row``: the backbone cut after its block
+    (``--backbone_depth``, as ``--mode=auto`` runs it; 0 = whole), or a random-init control."""
+    depth = row["depth"] if row["pretrained"] and row["depth"] < full_depth else 0
+    return dataclasses.replace(base.model, backbone=row["backbone"], backbone_depth=depth,
+                               pretrained=row["pretrained"])
 
 
-def truncation_error(folder: str, features: np.ndarray, texts: list, sequence_length: int) -> float:
-    """Max |difference| between the truncated backbone's output (as tfl builds it for training, float32)
-    and the ranking's features of the same texts at that depth."""
-    backbone = build_backbone(folder, sequence_length=sequence_length, pooling="mean")
-    outputs = backbone.model(backbone.preprocess(tf.constant(texts)), training=False)
-    return float(np.abs(np.asarray(outputs, np.float32) - features).max())
+# ---- one task, one seed ---------------------------------------------------------------------
 
-
-# ---- one task -------------------------------------------------------------------------------
-
-def task_config(recipe: str, task: str, examples: int, validation_examples: int, test_examples: int,
-                epochs: int, bucket_shapes: int, quick: bool):
+def task_config(args, task: str, seed: int):
     """The recipe for ``task`` with a pool of exactly train + validation + test examples (scaled down
-    together when the data set holds fewer)."""
-    pool = sum(load_data_for(config_from_flagfile(recipe, source=task)).sizes.values())
-    want = examples + validation_examples + test_examples
-    scale = min(1.0, pool / want)
-    sizes = [max(2, int(n * scale)) for n in (examples, validation_examples, test_examples)]
-    overrides = dict(source=task, epochs=epochs, max_examples=sum(sizes), export=False, bucket_shapes=bucket_shapes,
-                     validation_fraction=sizes[1] / sum(sizes), test_fraction=sizes[2] / sum(sizes))
-    if quick:
+    together when the data set holds fewer), drawn from ``seed``."""
+    pool = sum(load_data_for(config_from_flagfile(args.recipe, source=task)).sizes.values())
+    wanted = (args.examples, args.validation_examples, args.test_examples)
+    scale = min(1.0, pool / sum(wanted))
+    sizes = [max(2, int(n * scale)) for n in wanted]
+    overrides = dict(source=task, epochs=args.epochs, max_examples=sum(sizes), export=False, seed=seed,
+                     bucket_shapes=args.bucket_shapes, validation_fraction=sizes[1] / sum(sizes),
+                     test_fraction=sizes[2] / sum(sizes))
+    overrides.update({k: getattr(args, k) for k in ("learning_rate", "batch_size") if getattr(args, k)})
+    if args.quick:
         overrides["max_steps_per_epoch"] = 2
-    return config_from_flagfile(recipe, **overrides)
+    return config_from_flagfile(args.recipe, **overrides)
 
 
-def run_task(task: str, args, backbone_names: list) -> dict:
-    print(f"proof: {task}", flush=True)
-    base = task_config(args.recipe, task, args.examples, args.validation_examples, args.test_examples,
-                       args.epochs, args.bucket_shapes, args.quick)
+def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
+    base = task_config(args, task, seed)
     splits = load_data_for(base)
-    inputs, labels = ranking.training_examples(splits, 0, base.seed)  # the whole training split
-    texts = [x.decode("utf-8") if isinstance(x, bytes) else x for x in inputs]
-
+    inputs, labels = ranking.training_examples(splits, 0, seed)  # the whole training split
     started = time.perf_counter()
-    zoo = ranking.candidates(splits.modality, backbone_names, sequence_length=base.model.sequence_length,
-                             seed=base.seed)
-    features = ranking.extract_features(zoo, inputs, modality=splits.modality)
-    rows = ranking.ranking_rows(features, ranking.score_candidates(features, labels, base.model.task))
+    rows = ranking.rank_candidates(inputs, labels, modality=splits.modality, task=base.model.task,
+                                   backbones=backbone_names, sequence_length=base.model.sequence_length, seed=seed,
+                                   depths=args.depths)
     rank_seconds = time.perf_counter() - started
     print(ranking.format_table(rows), flush=True)
-
-    deepest = full_depths(rows)
-    runs = []
+    deepest = full_depths(rows)  # the controls sit at each backbone's full depth, whatever --depths keeps
+    runs = {}
     for row in rows:
-        if row["depth"] < 1:  # the embeddings alone: ranked, not a BERT one can fine-tune
+        if row["depth"] < 1:  # the embeddings alone: ranked, not a model one fine-tunes
             continue
-        name = row["candidate"]
-        backbone, pretrained = training_target(row, deepest[row["backbone"]], args.work_dir)
-        check = None
-        if backbone != row["backbone"]:
-            check = truncation_error(backbone, features[name]["features"][:8], texts[:8], base.model.sequence_length)
-        config = dataclasses.replace(base, model=dataclasses.replace(base.model, backbone=backbone,
-                                                                     pretrained=pretrained))
+        config = dataclasses.replace(base, model=training_model(base, row, deepest[row["backbone"]]))
         metrics = train_and_evaluate(config, verbose=0)
-        run = {"candidate": name, "backbone": backbone, "pretrained": pretrained,
-               "test_accuracy": metrics["test"]["accuracy"], "validation_accuracy": metrics["validation"]["accuracy"],
-               "train_seconds": metrics["train_seconds"], "wall_seconds": metrics["wall_seconds"],
-               "trainable_params": metrics["trainable_params"], "optimizer_steps": metrics["optimizer_steps"],
-               "precision": metrics["precision"], "truncation_error": check}
-        runs.append(run)
-        print(f"proof: {task} {name}: test accuracy {run['test_accuracy']:.4f} in {run['wall_seconds']:.0f} s",
-              flush=True)
+        runs[row["candidate"]] = {
+            "test_accuracy": metrics["test"]["accuracy"], "validation_accuracy": metrics["validation"]["accuracy"],
+            "train_seconds": metrics["train_seconds"], "wall_seconds": metrics["wall_seconds"],
+            "optimizer_steps": metrics["optimizer_steps"], "precision": metrics["precision"]}
+        print(f"proof: {task} seed {seed} {row['candidate']}: test accuracy {runs[row['candidate']]['test_accuracy']:.4f}"
+              f" in {metrics['wall_seconds']:.0f} s", flush=True)
+    sizes = metrics["data"]["sizes"]
+    pick = auto.choose(rows, train_examples=sizes["train"], num_classes=len(splits.label_names), epochs=base.train.epochs,
+                       budget_seconds=math.inf, ranked_examples=len(labels))
     values, counts = np.unique(labels, return_counts=True)
-    return {"task": task, "rows": rows, "runs": runs, "rank_seconds": rank_seconds,
-            "sizes": metrics["data"]["sizes"], "label_counts": {splits.label_names[v]: int(n)
-                                                                  for v, n in zip(values, counts)},
+    return {"seed": seed, "rows": rows, "runs": runs, "rank_seconds": rank_seconds, "sizes": sizes,
+            "auto": {"candidate": f"{pick.backbone}@{pick.depth}", "strategy": pick.strategy},
+            "label_counts": {splits.label_names[v]: int(n) for v, n in zip(values, counts)},
             "recipe": {"flagfile": args.recipe, "epochs": base.train.epochs, "learning_rate": base.train.learning_rate,
                        "batch_size": base.data.batch_size, "sequence_length": base.model.sequence_length,
                        "warmup_fraction": base.train.warmup_fraction, "lr_schedule": base.train.lr_schedule,
-                       "bucket_shapes": base.data.bucket_shapes,
-                       "precision": runs[0]["precision"], "seed": base.seed,
+                       "bucket_shapes": base.data.bucket_shapes, "precision": metrics["precision"],
                        "max_steps_per_epoch": base.train.max_steps_per_epoch}}
 
 
 # ---- judging the ranking --------------------------------------------------------------------
 
-def judge(result: dict) -> list:
-    """Per estimator present for every fine-tuned candidate: taus (all candidates, pretrained only) and the
-    top-1 check."""
-    rows = {row["candidate"]: row for row in result["rows"]}
-    accuracy = {run["candidate"]: run["test_accuracy"] for run in result["runs"]}
-    pretrained = [name for name in accuracy if rows[name]["pretrained"]]
+def mean_rows(seeds: list) -> list:
+    """One row per candidate fine-tuned in every seed: the estimators' scores and the test accuracy, each
+    the mean over seeds (with the accuracy's standard deviation), best mean LogME first."""
+    names = [n for n in seeds[0]["runs"] if all(n in s["runs"] for s in seeds)]
+    rows = []
+    for name in names:
+        per_seed = [next(r for r in s["rows"] if r["candidate"] == name) for s in seeds]
+        accuracy = [s["runs"][name]["test_accuracy"] for s in seeds]
+        row = {k: per_seed[0][k] for k in ("candidate", "backbone", "depth", "pretrained")}
+        for key, _ in ESTIMATORS:
+            values = [r.get(key, float("nan")) for r in per_seed]
+            row[key] = float(np.mean(values)) if all(math.isfinite(v) for v in values) else float("nan")
+        row.update(test_accuracy=float(np.mean(accuracy)), test_std=float(np.std(accuracy)),
+                   wall_seconds=float(np.mean([s["runs"][name]["wall_seconds"] for s in seeds])),
+                   optimizer_steps=seeds[0]["runs"][name]["optimizer_steps"])
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["logme"] if math.isfinite(r["logme"]) else math.inf)
+
+
+def judge(rows: list) -> list:
+    """Per estimator present for every candidate: taus (all candidates, pretrained only) and the top-1 check."""
+    accuracy = {row["candidate"]: row["test_accuracy"] for row in rows}
+    pretrained = [row["candidate"] for row in rows if row["pretrained"]]
     verdicts = []
     for key, title in ESTIMATORS:
-        scores = {name: rows[name].get(key, float("nan")) for name in accuracy}
+        scores = {row["candidate"]: row.get(key, float("nan")) for row in rows}
         if not all(math.isfinite(v) for v in scores.values()):
             continue
         verdict = {"estimator": title}
         for group, names in (("all", list(accuracy)), ("pretrained", pretrained)):
-            sub_scores = {n: scores[n] for n in names}
-            sub_accuracy = {n: accuracy[n] for n in names}
             for weighted in (True, False):
                 try:
-                    tau = transferability.rank_correlation(sub_scores, sub_accuracy, weighted=weighted)
+                    tau = transferability.rank_correlation({n: scores[n] for n in names},
+                                                           {n: accuracy[n] for n in names}, weighted=weighted)
                 except transferability.TransferabilityError:
                     tau = float("nan")
                 verdict[f"tau{'_w' if weighted else ''}_{group}"] = tau
@@ -212,6 +197,29 @@ def judge(result: dict) -> list:
                        hit=gap <= HIT_POINTS + 1e-9)
         verdicts.append(verdict)
     return verdicts
+
+
+def seed_rows(seed: dict) -> list:
+    """One seed's candidates in mean_rows' form."""
+    return mean_rows([seed])
+
+
+def judge_task(task: str, seeds: list) -> dict:
+    rows = mean_rows(seeds)
+    per_seed = [{v["estimator"]: v for v in judge(seed_rows(s))} for s in seeds]
+    fine_tune = [sum(r["wall_seconds"] for r in s["runs"].values()) for s in seeds]
+    picks = []
+    for s, total in zip(seeds, fine_tune):
+        name = s["auto"]["candidate"]
+        best = max(r["test_accuracy"] for r in s["runs"].values())
+        picks.append({"candidate": name, "gap_points": 100 * (best - s["runs"][name]["test_accuracy"]),
+                      "compute_share": (s["rank_seconds"] + s["runs"][name]["wall_seconds"]) / total})
+    mean_accuracy = {r["candidate"]: r["test_accuracy"] for r in rows}
+    return {"task": task, "seeds": seeds, "rows": rows, "verdicts": judge(rows), "per_seed": per_seed,
+            "picks": picks, "auto_gap_of_means": 100 * (max(mean_accuracy.values()) - float(np.mean(
+                [s["runs"][p["candidate"]]["test_accuracy"] for s, p in zip(seeds, picks)]))),
+            "rank_seconds": float(np.mean([s["rank_seconds"] for s in seeds])),
+            "fine_tune_seconds": float(np.mean(fine_tune))}
 
 
 def standard_error(accuracy: float, n: int) -> float:
@@ -243,66 +251,82 @@ def host_info() -> dict:
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
+def _mean_std(values) -> str:
+    values = [v for v in values if math.isfinite(v)]
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "n/a"
+
+
 def task_markdown(result: dict) -> list:
-    runs = {run["candidate"]: run for run in result["runs"]}
-    present = [(k, t) for k, t in ESTIMATORS if any(k in row for row in result["rows"])]
-    sizes, recipe = result["sizes"], result["recipe"]
-    best = max(run["test_accuracy"] for run in result["runs"])
+    seeds, rows = result["seeds"], result["rows"]
+    present = [(k, t) for k, t in ESTIMATORS if any(math.isfinite(row.get(k, float("nan"))) for row in rows)]
+    sizes, recipe = seeds[0]["sizes"], seeds[0]["recipe"]
+    best = max(row["test_accuracy"] for row in rows)
     lines = [f"## {result['task']}", "",
-             f"Training examples {sizes['train']} ({', '.join(f'{k} {v}' for k, v in result['label_counts'].items())}),"
-             f" validation {sizes['validation']}, test {sizes['test']}. Fine-tune recipe: `{recipe['flagfile']}` with "
+             f"Per seed: training examples {sizes['train']} ({', '.join(f'{k} {v}' for k, v in seeds[0]['label_counts'].items())}"
+             f" for seed {seeds[0]['seed']}), validation {sizes['validation']}, test {sizes['test']}; seeds "
+             f"{', '.join(str(s['seed']) for s in seeds)}. Fine-tune recipe: `{recipe['flagfile']}` with "
              f"epochs {recipe['epochs']}" + (f" (at most {recipe['max_steps_per_epoch']} steps)"
                                              if recipe["max_steps_per_epoch"] else "") +
              f", learning rate {recipe['learning_rate']:g} ({recipe['lr_schedule']}, warm-up "
              f"{recipe['warmup_fraction']:g}), batch {recipe['batch_size']}, sequence {recipe['sequence_length']} "
-             f"({recipe['bucket_shapes']} length buckets), "
-             f"precision {recipe['precision']}, seed {recipe['seed']}, every weight trained. One standard error of "
-             f"the best test accuracy: {100 * standard_error(best, sizes['test']):.1f} points.", ""]
-    header = ["rank", "candidate"] + [t for _, t in present] + ["test acc", "val acc", "steps", "fine-tune s"]
+             f"({recipe['bucket_shapes']} length buckets), precision {recipe['precision']}, every weight trained. One "
+             f"standard error of the best mean test accuracy over {len(seeds)} x {sizes['test']} test examples: "
+             f"{100 * standard_error(best, len(seeds) * sizes['test']):.1f} points.", ""]
+    header = ["rank", "candidate"] + [t for _, t in present] + ["test acc (mean ± std)", "steps", "fine-tune s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for index, row in enumerate(result["rows"], 1):
-        run = runs.get(row["candidate"])
+    for index, row in enumerate(rows, 1):
         cells = [str(index), f"`{row['candidate']}`"] + [_f(row.get(k), 4) for k, _ in present]
-        cells += ([_f(run["test_accuracy"]), _f(run["validation_accuracy"]), str(run["optimizer_steps"]),
-                   _f(run["wall_seconds"], 0)] if run else ["not fine-tuned (embeddings only)", "", "", ""])
+        cells += [f"{row['test_accuracy']:.3f} ± {row['test_std']:.3f}", str(row["optimizer_steps"]),
+                  _f(row["wall_seconds"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Rank = order by LogME (what `--mode=rank` reports first). The taus and the top-1 check below "
-              "are over the fine-tuned candidates.", ""]
-    lines += ["| estimator | τ_w all | τ all | τ_w pretrained | τ pretrained | top-ranked (test acc) | "
-              "best (test acc) | gap, points | top-1 within 1 point |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Rank = order by mean LogME (what `--mode=rank` reports first); scores, accuracies and "
+              "seconds are means over the seeds.", ""]
+    lines += ["| estimator | τ_w all | τ all | τ_w pretrained | τ pretrained | τ_w all per seed | top-ranked (test acc) | "
+              "best (test acc) | gap, points | top-1 within 1 point |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v in result["verdicts"]:
+        per_seed = [s[v["estimator"]]["tau_w_all"] for s in result["per_seed"] if v["estimator"] in s]
         lines.append(f"| {v['estimator']} | {_f(v['tau_w_all'])} | {_f(v['tau_all'])} | {_f(v['tau_w_pretrained'])} | "
-                     f"{_f(v['tau_pretrained'])} | `{v['top']}` ({_f(v['top_accuracy'])}) | `{v['best']}` "
-                     f"({_f(v['best_accuracy'])}) | {v['gap_points']:.1f} | {'yes' if v['hit'] else 'no'} |")
-    fine_tune = sum(run["wall_seconds"] for run in result["runs"])
-    fit = sum(run["train_seconds"] for run in result["runs"])
-    checks = [run["truncation_error"] for run in result["runs"] if run["truncation_error"] is not None]
-    lines += ["", f"Compute: ranking all {len(result['rows'])} candidates took {result['rank_seconds']:.0f} s "
-              f"(building the models, one feature pass per backbone, the scores); fine-tuning the "
-              f"{len(result['runs'])} candidates took {fine_tune:.0f} s ({fit:.0f} s of it in `fit`, the rest data, "
-              f"model building and evaluation): {fine_tune / result['rank_seconds']:.1f}x the ranking's time."]
-    if checks:
-        lines[-1] += (f" Truncated backbones vs. the ranking's features at the same depth (8 texts, float32): "
-                      f"max |difference| {max(checks):.1e}.")
+                     f"{_f(v['tau_pretrained'])} | {_mean_std(per_seed)} | `{v['top']}` ({_f(v['top_accuracy'])}) | "
+                     f"`{v['best']}` ({_f(v['best_accuracy'])}) | {v['gap_points']:.1f} | "
+                     f"{'yes' if v['hit'] else 'no'} |")
+    picks = result["picks"]
+    lines += ["", "`--mode=auto`'s pick per seed: " + "; ".join(
+        f"seed {s['seed']}: `{p['candidate']}`, {p['gap_points']:.1f} points below that seed's best, "
+        f"{100 * p['compute_share']:.0f}% of the compute of fine-tuning every candidate" for s, p in zip(seeds, picks))
+        + f". Its mean accuracy is {result['auto_gap_of_means']:.1f} points below the best candidate's mean.", "",
+        f"Compute (mean per seed): ranking all {len(seeds[0]['rows'])} candidates took {result['rank_seconds']:.0f} s "
+        f"(building the models, one feature pass per backbone, the scores); fine-tuning the {len(rows)} candidates "
+        f"took {result['fine_tune_seconds']:.0f} s (data, model building, `fit` and evaluation): "
+        f"{result['fine_tune_seconds'] / result['rank_seconds']:.1f}x the ranking's time."]
     return lines + [""]
 
 
 def summary_markdown(results: list) -> list:
     lines = ["## Summary", "",
-             "| task | estimator | τ_w all | τ_w pretrained | τ all | τ pretrained | top-1 within 1 point | "
-             "rank s | fine-tune s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| task | estimator | τ_w all | τ_w pretrained | τ all | τ pretrained | τ_w all per seed | "
+             "top-1 within 1 point | rank s | fine-tune s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
-        fine_tune = sum(run["wall_seconds"] for run in result["runs"])
         for v in result["verdicts"]:
+            per_seed = [s[v["estimator"]]["tau_w_all"] for s in result["per_seed"] if v["estimator"] in s]
             lines.append(f"| {result['task']} | {v['estimator']} | {_f(v['tau_w_all'])} | {_f(v['tau_w_pretrained'])} | "
-                         f"{_f(v['tau_all'])} | {_f(v['tau_pretrained'])} | {'yes' if v['hit'] else 'no'} "
-                         f"({v['gap_points']:.1f}) | {result['rank_seconds']:.0f} | {fine_tune:.0f} |")
+                         f"{_f(v['tau_all'])} | {_f(v['tau_pretrained'])} | {_mean_std(per_seed)} | "
+                         f"{'yes' if v['hit'] else 'no'} ({v['gap_points']:.1f}) | {result['rank_seconds']:.0f} | "
+                         f"{result['fine_tune_seconds']:.0f} |")
     for _, title in ESTIMATORS:
         taus = [v["tau_w_all"] for r in results for v in r["verdicts"] if v["estimator"] == title]
         pretrained = [v["tau_w_pretrained"] for r in results for v in r["verdicts"] if v["estimator"] == title]
         if taus:
             lines.append(f"| mean over {len(taus)} task(s) | {title} | {_f(float(np.nanmean(taus)))} | "
-                         f"{_f(float(np.nanmean(pretrained)))} | | | | | |")
+                         f"{_f(float(np.nanmean(pretrained)))} | | | | | | |")
+    lines += ["", "`--mode=auto` (its pick from the ranking, then one fine-tune), per task, mean over seeds:", "",
+              "| task | picks | points below the best candidate's mean | compute vs fine-tuning every candidate |",
+              "|---|---|---|---|"]
+    for result in results:
+        picks = result["picks"]
+        names = ", ".join(f"`{name}`" for name in sorted({p["candidate"] for p in picks}))
+        lines.append(f"| {result['task']} | {names} | "
+                     f"{result['auto_gap_of_means']:.1f} | "
+                     f"{100 * float(np.mean([p['compute_share'] for p in picks])):.0f}% |")
     return lines + [""]
 
 
@@ -327,14 +351,18 @@ def document(results: list, host: dict, command: str, seconds: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="asset:rotten_tomatoes,asset:spam_assassin")
-    parser.add_argument("--examples", type=int, default=1000, help="labelled training examples per task")
+    parser.add_argument("--examples", type=int, default=400, help="labelled training examples per task and seed")
     parser.add_argument("--validation_examples", type=int, default=32,
                         help="only fit's end-of-epoch validation uses them (no early stopping, no selection)")
-    parser.add_argument("--test_examples", type=int, default=1000)
+    parser.add_argument("--test_examples", type=int, default=400)
     parser.add_argument("--backbones", default="asset:minilm,asset:minilm_l3")
     parser.add_argument("--recipe", default="configs/minilm_rotten_tomatoes.flags",
                         help="the flagfile whose training recipe every candidate gets (its --source is replaced)")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="0 = the recipe's")
+    parser.add_argument("--batch_size", type=int, default=16, help="0 = the recipe's")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..n-1 per task")
+    parser.add_argument("--depths", default="1,3,6", help="as --depths of --mode=rank (controls always kept)")
     parser.add_argument("--bucket_shapes", type=int, default=2)
     parser.add_argument("--out", default="docs/transferability.md")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "rank_proof"))
@@ -342,7 +370,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.backbones = args.tasks.split(",")[0], "asset:minilm_l3"
-        args.examples, args.validation_examples, args.test_examples = 96, 32, 64
+        args.examples, args.validation_examples, args.test_examples, args.seeds = 96, 32, 64, 1
     command = "PYTHONPATH=. .venv/bin/python benchmarks/rank_proof.py" + (
         " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
     started = time.time()
@@ -354,9 +382,8 @@ def main() -> int:
     results = []
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for task in tasks:
-        result = run_task(task, args, backbone_names)
-        result["verdicts"] = judge(result)
-        results.append(result)
+        print(f"proof: {task}", flush=True)
+        results.append(judge_task(task, [run_seed(task, args, backbone_names, seed) for seed in range(args.seeds)]))
         # Written after every task, so a long run that is stopped still leaves the finished tasks.
         host["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         text = document(results, host, command, time.time() - started)

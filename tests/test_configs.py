@@ -23,6 +23,7 @@ from absl import flags
 from test_cli import ROOT
 from test_export import reload_in_fresh_process
 from tfl import cli, job
+from tfl.config import config_from_dict
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.flags")))
 REHEARSED = [c for c in CONFIGS if c != "base.flags"]  # base.flags is covered through the others
@@ -223,6 +224,11 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
         assert metrics["data"]["sizes"]["train"] > 0 and metrics["trainable_params"] == 384 * 2 + 2  # MiniLM, 2 classes
         assert json.loads(open(os.path.join(model_dir, "metrics.json")).read())["test"] == metrics["test"]
         return
+    if config.mode == "auto":  # the ranking, the choice with its reasons, and the chosen run, exported
+        report = open(os.path.join(model_dir, "report.md")).read()
+        assert all(part in report for part in ("## Choice", "## Result", "## Ranking")), report
+        assert metrics["choice"]["reasons"] and metrics["test"] == metrics["chosen_run"]["test"]
+        metrics, config = metrics["chosen_run"], config_from_dict(metrics["chosen_run"]["config"])
     if config.mode == "compare":
         report = json.loads(open(os.path.join(model_dir, "report.json")).read())
         assert os.path.exists(os.path.join(model_dir, "report.md"))

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from test_export import reload_in_fresh_process
 from tfl import assets
-from tfl import backbones as backbones_lib
+from tfl import small_models
 from tfl import export as export_lib
 from tfl import transfer as transfer_lib
 from tfl.config import Config, DataConfig, ModelConfig
@@ -53,7 +53,7 @@ TRAIN = ["The film was great, GREAT fun!<br /><br />Don't miss it.",
 
 def test_ids_are_keras_imdb_ids_of_the_training_word_index():
     num_words, maxlen = 12, 7  # a vocabulary cut: words of rank >= 9 are out-of-vocabulary
-    backbone = backbones_lib.build_lstm_backbone(num_words, maxlen, 4, 3, TRAIN, seed=0)
+    backbone = small_models.build_lstm_backbone(num_words, maxlen, 4, 3, TRAIN, seed=0)
     index = word_index(TRAIN)
     texts = ["Great film!", "the DULL plot<br />was thin", "unseen words only",
              "a great film, a dull film, a thin plot, the end, don't",  # longer than maxlen: the start is cut
@@ -69,7 +69,7 @@ def test_ids_are_keras_imdb_ids_of_the_training_word_index():
 
 
 def test_the_same_ids_in_tf_data_and_from_a_column():
-    backbone = backbones_lib.build_lstm_backbone(30, 6, 4, 3, TRAIN, seed=0)
+    backbone = small_models.build_lstm_backbone(30, 6, 4, 3, TRAIN, seed=0)
     texts = ["great fun", "Thin plot, long film."]
     batches = tf.data.Dataset.from_tensor_slices(texts).batch(2).map(backbone.preprocess)
     expected = [keras_imdb_ids(t, word_index(TRAIN), 30, 6) for t in texts]
@@ -107,7 +107,7 @@ def test_the_vocabulary_is_fitted_on_the_training_split_only(unique_word_csv):
 
 
 def test_lstm_export_serves_raw_strings_with_the_same_ids(tmp_path):
-    backbone = backbones_lib.build_lstm_backbone(40, 8, 4, 3, TRAIN, seed=0)
+    backbone = small_models.build_lstm_backbone(40, 8, 4, 3, TRAIN, seed=0)
     model = build_model(backbone, ["negative", "positive"], head_dropout=0.0)
     texts = ["Great film!<br /><br />Great fun.", "dull, DULL, dull", "a film about nothing we saw", ""]
     expected = model.predict(backbone.preprocess(tf.constant(texts)), verbose=0)[:, 0]
@@ -129,7 +129,7 @@ def _save_source(tmp_path, backbone, data_source=""):
 
 
 def test_a_source_model_rebuilds_the_identical_preprocessing(tmp_path):
-    backbone = backbones_lib.build_lstm_backbone(30, 6, 4, 3, TRAIN, seed=0)
+    backbone = small_models.build_lstm_backbone(30, 6, 4, 3, TRAIN, seed=0)
     source = _save_source(tmp_path, backbone)
     assert source["vocabulary_tokens"][:4] == ["<START>", "<UNK>", "<UNUSED>", "film"]
     rebuilt = transfer_lib.backbone_from_source(source, reuse_vocabulary=True, train_texts=["other words"])
@@ -143,7 +143,7 @@ def test_keras_imdb_source_and_raw_text_share_the_ids(tmp_path, monkeypatch):
     import keras
 
     monkeypatch.setattr(keras.datasets.imdb, "get_word_index", lambda: {"the": 1, "movie": 2, "great": 3, "a": 4})
-    backbone = backbones_lib.build_lstm_backbone(7, 6, 4, 3, train_texts=None, seed=0)
+    backbone = small_models.build_lstm_backbone(7, 6, 4, 3, train_texts=None, seed=0)
     source = _save_source(tmp_path, backbone, data_source="keras:imdb")
     rebuilt = transfer_lib.backbone_from_source(source, reuse_vocabulary=True, train_texts=["x"])
     ids = rebuilt.preprocess(tf.constant(["The great movie, a great movie!"])).numpy()[0]
@@ -152,7 +152,7 @@ def test_keras_imdb_source_and_raw_text_share_the_ids(tmp_path, monkeypatch):
 
 
 def test_aligned_parameter_transfer_copies_rows_by_token(tmp_path):
-    source_backbone = backbones_lib.build_lstm_backbone(30, 6, 4, 3, TRAIN, seed=0)
+    source_backbone = small_models.build_lstm_backbone(30, 6, 4, 3, TRAIN, seed=0)
     source = _save_source(tmp_path, source_backbone)
     target_texts = ["spam spam eggs", "great spam", "the film"]
     target_backbone = transfer_lib.backbone_from_source(source, reuse_vocabulary=False, train_texts=target_texts,

@@ -17,35 +17,51 @@ def rank_proof():
     return module
 
 
-def test_truncated_preset_keeps_the_weights_and_cuts_the_layers(rank_proof, tmp_path):
-    source = tmp_path / "encoder"
-    source.mkdir()
-    (source / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 6}))
-    (source / "model.safetensors").write_bytes(b"weights")
-    work = tmp_path / "work"
-    folder = rank_proof.truncated_preset(str(source), 2, str(work))
-    assert json.loads(open(os.path.join(folder, "config.json")).read()) == {"model_type": "bert",
-                                                                             "num_hidden_layers": 2}
-    assert os.path.realpath(os.path.join(folder, "model.safetensors")) == str(source / "model.safetensors")
-    assert rank_proof.truncated_preset(str(source), 2, str(work)) == folder  # a second call reuses it
-    assert json.loads((source / "config.json").read_text())["num_hidden_layers"] == 6  # the source is untouched
+def test_a_candidate_trains_as_the_backbone_cut_at_its_depth(rank_proof):
+    from tfl.config import Config, ModelConfig
+
+    base = Config(model=ModelConfig(backbone="lstm", sequence_length=64))
+    model = rank_proof.training_model(base, {"backbone": "asset:minilm", "depth": 3, "pretrained": True}, 6)
+    assert (model.backbone, model.backbone_depth, model.pretrained, model.sequence_length) == ("asset:minilm", 3,
+                                                                                               True, 64)
+    whole = rank_proof.training_model(base, {"backbone": "asset:minilm", "depth": 6, "pretrained": True}, 6)
+    control = rank_proof.training_model(base, {"backbone": "asset:minilm", "depth": 6, "pretrained": False}, 6)
+    assert (whole.backbone_depth, control.backbone_depth, control.pretrained) == (0, 0, False)
 
 
-def test_truncated_preset_refuses_a_folder_without_layers(rank_proof, tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="num_hidden_layers"):
-        rank_proof.truncated_preset(str(tmp_path), 1, str(tmp_path / "work"))
+def _seed(seed, accuracy, logme):
+    rows = [{"candidate": name, "backbone": name.split("@")[0], "depth": int(name.split("@")[1][0]),
+             "pretrained": "random" not in name, "logme": logme[name], "h_score": -logme[name]} for name in accuracy]
+    rows.append({"candidate": "a@0", "backbone": "a", "depth": 0, "pretrained": True, "logme": 9.0, "h_score": 9.0})
+    runs = {name: {"test_accuracy": value, "wall_seconds": 10.0 * int(name.split("@")[1][0]), "optimizer_steps": 5}
+            for name, value in accuracy.items()}
+    return {"seed": seed, "rows": rows, "runs": runs, "rank_seconds": 6.0, "auto": {"candidate": "a@2"}}
 
 
 def test_judge_scores_an_estimator_against_the_accuracies(rank_proof):
     accuracy = {"a@1": 0.70, "a@2": 0.80, "a@3": 0.805, "a@3 (random init)": 0.55}
-    rows = [{"candidate": name, "pretrained": "random" not in name, "logme": value, "h_score": -value}
-            for name, value in accuracy.items()]
-    rows.append({"candidate": "a@0", "pretrained": True, "logme": 9.0, "h_score": 9.0})  # ranked, not fine-tuned
-    runs = [{"candidate": name, "test_accuracy": value} for name, value in accuracy.items()]
-    logme, h_score = rank_proof.judge({"rows": rows, "runs": runs})
-    assert logme["estimator"] == "LogME" and logme["tau_all"] == pytest.approx(1.0)
-    assert logme["tau_w_pretrained"] == pytest.approx(1.0) and logme["hit"] and logme["gap_points"] == 0.0
+    logme = {"a@1": 1.0, "a@2": 2.0, "a@3": 3.0, "a@3 (random init)": 0.0}
+    rows = rank_proof.mean_rows([_seed(0, accuracy, logme)])
+    assert [r["candidate"] for r in rows] == ["a@3", "a@2", "a@1", "a@3 (random init)"]  # a@0 was not fine-tuned
+    logme_verdict, h_score = rank_proof.judge(rows)
+    assert logme_verdict["estimator"] == "LogME" and logme_verdict["tau_all"] == pytest.approx(1.0)
+    assert logme_verdict["tau_w_pretrained"] == pytest.approx(1.0) and logme_verdict["hit"]
+    assert logme_verdict["gap_points"] == 0.0
     assert h_score["tau_w_all"] == pytest.approx(-1.0)
     assert h_score["top"] == "a@3 (random init)" and not h_score["hit"]
     assert h_score["gap_points"] == pytest.approx(25.5)
+
+
+def test_seeds_are_averaged_and_autos_pick_is_measured_against_the_best(rank_proof):
+    logme = {"a@1": 1.0, "a@2": 2.0, "a@3": 3.0, "a@3 (random init)": 0.0}
+    seeds = [_seed(0, {"a@1": 0.70, "a@2": 0.80, "a@3": 0.78, "a@3 (random init)": 0.5}, logme),
+             _seed(1, {"a@1": 0.72, "a@2": 0.76, "a@3": 0.84, "a@3 (random init)": 0.6}, logme)]
+    result = rank_proof.judge_task("t", seeds)
+    by_name = {r["candidate"]: r for r in result["rows"]}
+    assert by_name["a@3"]["test_accuracy"] == pytest.approx(0.81) and by_name["a@3"]["test_std"] == pytest.approx(0.03)
+    # auto picked a@2 in both seeds: 0 points below seed 0's best, 8 below seed 1's; 78 vs 81 on the means.
+    assert [round(p["gap_points"], 6) for p in result["picks"]] == [0.0, 8.0]
+    assert result["auto_gap_of_means"] == pytest.approx(3.0)
+    # Ranking 6 s + a@2's 20 s, of fine-tuning all four: 10 + 20 + 30 + 30 s.
+    assert result["picks"][0]["compute_share"] == pytest.approx(26 / 90)
+    assert len(result["per_seed"]) == 2 and result["fine_tune_seconds"] == pytest.approx(90)

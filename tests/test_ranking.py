@@ -176,10 +176,10 @@ def test_a_zoo_name_of_the_other_modality_is_refused(text_csv, tmp_path):
 def test_a_saved_lstm_source_model_is_ranked_with_leep_and_nce_from_its_classifier(tmp_path):
     import keras
 
-    from tfl import backbones, heads, ranking, transfer, transferability
+    from tfl import heads, ranking, small_models, transfer, transferability
 
     texts = [t.replace("the film", "good") for t in KEYWORD_TEXTS]
-    backbone = backbones.build_lstm_backbone(50, 12, 8, 4, train_texts=texts, seed=0)
+    backbone = small_models.build_lstm_backbone(50, 12, 8, 4, train_texts=texts, seed=0)
     model = heads.attach_head(backbone.model, task="classification", label_names=["neg", "pos"])
     keras.utils.set_random_seed(1)
     model.get_layer("head").set_weights([w + 0.5 for w in model.get_layer("head").get_weights()])

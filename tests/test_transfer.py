@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tfl import backbones as backbones_lib
+from tfl import small_models
 from tfl import transfer as transfer_lib
 from tfl.config import CompareConfig, Config, DataConfig, ModelConfig, TrainConfig
 from tfl.job import run
@@ -127,7 +128,7 @@ def test_parameter_transfer_to_a_shorter_maxlen_keeps_the_weights(source_run):
 def test_mismatched_architecture_is_an_error_not_a_no_op(source_run):
     run_dir, _ = source_run
     source = transfer_lib.load_source_model(run_dir)
-    other = backbones_lib.build_lstm_backbone(num_words=40, maxlen=6, embedding_dim=7, lstm_units=9,
+    other = small_models.build_lstm_backbone(num_words=40, maxlen=6, embedding_dim=7, lstm_units=9,
                                               train_texts=None, seed=0)
     with pytest.raises(transfer_lib.TransferError, match="No layer of the source model"):
         transfer_lib.copy_weights(source, build_model(other, ["a", "b"]))
@@ -316,7 +317,7 @@ def test_imdb_source_model_saves_the_word_index_with_its_offset(tmp_path, monkey
     import keras
 
     monkeypatch.setattr(keras.datasets.imdb, "get_word_index", lambda: {"the": 1, "movie": 2, "great": 3})
-    backbone = backbones_lib.build_lstm_backbone(num_words=20, maxlen=5, embedding_dim=4, lstm_units=3,
+    backbone = small_models.build_lstm_backbone(num_words=20, maxlen=5, embedding_dim=4, lstm_units=3,
                                                  train_texts=None, seed=0)
     model = build_model(backbone, ["negative", "positive"])
     architecture = transfer_lib.source_architecture(backbone, num_words=20, maxlen=5, embedding_dim=4,

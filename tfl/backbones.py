@@ -5,11 +5,10 @@
     backbone.preprocess     # batch of raw inputs -> model inputs (runs in tf.data, and in the export)
     backbone.blocks         # [Block("embeddings", ...), Block("transformer_layer_0", ...), ...]
 
-Names: a keras-hub preset (``bert_base_en_uncased``) or a local preset/Hugging Face/timm folder;
-``asset:minilm`` / ``asset:minilm_l3`` (the offline all-MiniLM-L6-v2 and paraphrase-MiniLM-L3-v2 assets);
-a ``keras.applications`` model (``ResNet50``, ``EfficientNetB0``, ...); ``lstm`` (the seed IMDB model); ``small_cnn``.
-Each family is one entry of ``BACKBONES`` (its name pattern, builder and help line), which --helpfull,
-``check_backbone_name`` and ``build_backbone`` all read: a new family is one entry (CONTRIBUTING.md).
+Names: a keras-hub preset (``bert_base_en_uncased``) or a local preset/Hugging Face/timm folder; ``asset:minilm``
+/ ``asset:minilm_l3`` (offline all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2); a ``keras.applications`` model
+(``ResNet50``, ...); ``lstm`` (the seed IMDB model); ``small_cnn``. Each family is one entry of ``BACKBONES``
+(name pattern, builder, help line), read by --helpfull, ``check_backbone_name`` and ``build_backbone``.
 """
 
 from __future__ import annotations
@@ -20,14 +19,12 @@ import sys
 from typing import Callable, Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tfl import assets
+from tfl import assets, small_models
+from tfl.backbone_types import Backbone, BackboneError, Block  # noqa: F401 (re-exported: tfl.backbones.Backbone)
 from tfl.data.sources import IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS
 from tfl.images import decode_image_bytes, decode_image_file, fit_images  # noqa: F401 (re-exported)
-from tfl.imdb_vocabulary import (IMDB_INDEX_FROM, IMDB_SPECIAL_TOKENS, ImdbVectorizer,  # noqa: F401 (re-exported)
-                                 fit_imdb_word_index, imdb_standardize, imdb_words)
 
 
 @keras.saving.register_keras_serializable(package="tfl")
@@ -40,39 +37,6 @@ class FirstToken(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[2])
-
-
-class BackboneError(ValueError):
-    """An unknown backbone, a backbone that cannot load, or one that does not fit the data."""
-
-
-@dataclasses.dataclass
-class Block:
-    """A named group of consecutive layers that are frozen or trained together."""
-
-    name: str
-    layers: list
-
-    def count_params(self) -> int:
-        return int(sum(np.prod(w.shape) for layer in self.layers for w in layer.weights))
-
-
-@dataclasses.dataclass
-class Backbone:
-    """A backbone, ready for a head: ``model`` maps preprocessed inputs to a feature vector."""
-
-    name: str
-    model: keras.Model  # inputs -> pooled features (batch, dim)
-    blocks: list  # ordered Block list, input side first
-    modality: str  # TEXT | IMAGE | TOKEN_IDS: what raw inputs it takes
-    preprocess: Optional[Callable] = None  # batch of raw inputs -> model inputs (tf ops only)
-    image_size: tuple = ()  # (height, width, channels) for image backbones
-    keras_hub_backbone: object = None  # the keras_hub.models.Backbone, where there is one (for LoRA)
-    vectorizer: object = None  # lstm: the ImdbVectorizer (keras.datasets.imdb ids), fitted on the training texts
-    source: str = ""  # what was loaded, for the record
-    # Layers the features do not depend on (BERT's pooler under mean or cls pooling): in no block and always
-    # frozen, so the optimizer never holds weights that get no gradient (Keras warns about each one).
-    unused_layers: tuple = ()
 
 
 SMALL_MODELS = ("lstm", "small_cnn")
@@ -100,6 +64,7 @@ class BackboneOptions:
     train_texts: object = None
     seed: int = 0
     pretrained: bool = True
+    depth: int = 0  # keras-hub text encoders: keep the first `depth` transformer blocks (0 = all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +98,11 @@ def build_asset_backbone(name: str, o: BackboneOptions) -> "Backbone":
     if name == "asset:efficientnet_lite0":
         # TF-style "same" stem padding, as the TF Lite original (NOTES.md: better ImageNet agreement).
         return build_keras_hub_backbone(assets.efficientnet_lite0_preset(), o.sequence_length, o.pooling, o.dtype,
-                                        display_name=name, image_size=o.image_size,
+                                        display_name=name, image_size=o.image_size, depth=o.depth,
                                         preset_kwargs=dict(include_stem_padding=False, stem_conv_padding="same",
                                                            **_preset_kwargs(o)))
     return build_keras_hub_backbone(assets.asset_path(name[len("asset:"):]), o.sequence_length, o.pooling, o.dtype,
-                                    display_name=name, preset_kwargs=_preset_kwargs(o))
+                                    display_name=name, preset_kwargs=_preset_kwargs(o), depth=o.depth)
 
 
 # The backbone families, tried in this order; --helpfull, check_backbone_name and build_backbone read it.
@@ -145,11 +110,11 @@ BACKBONES = {
     "lstm": BackboneFamily(
         "lstm", "the seed's IMDB model (Embedding -> LSTM), on raw text or keras:imdb ids",
         lambda name: name == "lstm",
-        lambda name, o: build_lstm_backbone(o.num_words, o.maxlen, o.embedding_dim, o.lstm_units, o.train_texts,
-                                            o.seed)),
+        lambda name, o: small_models.build_lstm_backbone(o.num_words, o.maxlen, o.embedding_dim, o.lstm_units,
+                                                            o.train_texts, o.seed)),
     "small_cnn": BackboneFamily(
         "small_cnn", "the seed's CIFAR-10 CNN", lambda name: name == "small_cnn",
-        lambda name, o: build_small_cnn_backbone(o.input_shape, o.seed)),
+        lambda name, o: small_models.build_small_cnn_backbone(o.input_shape, o.seed)),
     "asset": BackboneFamily(
         "asset:<" + "|".join(BACKBONE_ASSETS) + ">", "offline pretrained weights (python -m tfl.assets fetch)",
         lambda name: name.startswith("asset:"), build_asset_backbone, _check_asset),
@@ -161,7 +126,7 @@ BACKBONES = {
         "a keras-hub preset name (e.g. bert_base_en_uncased) or handle (kaggle://, hf://, gs://), or a preset folder",
         "text or image encoders (bert_base_en_uncased, vit_base_patch16_224_imagenet, ...)", _is_keras_hub_name,
         lambda name, o: build_keras_hub_backbone(name, o.sequence_length, o.pooling, o.dtype, display_name=name,
-                                                 preset_kwargs=_preset_kwargs(o))),
+                                                 preset_kwargs=_preset_kwargs(o), depth=o.depth)),
 }
 
 
@@ -188,22 +153,25 @@ def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0
                    pooling: str = "mean", dtype: Optional[str] = None, num_words: int = 10000,
                    maxlen: int = 500, embedding_dim: int = 50, lstm_units: int = 100,
                    input_shape: tuple = (32, 32, 3), train_texts=None, seed: int = 0,
-                   pretrained: bool = True) -> Backbone:
+                   pretrained: bool = True, depth: int = 0) -> Backbone:
     """Builds a backbone by name with its BACKBONES family; see the module docstring for the names.
 
     ``train_texts`` adapts the lstm's vectorizer (omit it for token-id data such as keras:imdb);
     ``input_shape`` is the small_cnn's image shape; ``dtype`` is a Keras dtype policy name;
-    ``pretrained=False`` keeps the architecture (and tokenizer) but not the weights.
+    ``pretrained=False`` keeps the architecture (and tokenizer) but not the weights; ``depth=k`` keeps
+    a keras-hub text encoder's first k transformer blocks (--mode=rank's candidate at depth k).
     """
     options = BackboneOptions(sequence_length, image_size, weights, pooling, dtype, num_words, maxlen,
-                              embedding_dim, lstm_units, tuple(input_shape), train_texts, seed, pretrained)
+                              embedding_dim, lstm_units, tuple(input_shape), train_texts, seed, pretrained, depth)
+    if depth and backbone_family(name) not in (BACKBONES["asset"], BACKBONES["keras_hub"]):
+        raise BackboneError(f"--backbone_depth={depth} cuts a keras-hub text encoder; {name} is not one (use 0)")
     return backbone_family(name).build(name, options)
 
 
 # ---- keras-hub ------------------------------------------------------------------------------
 
-def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dtype: Optional[str],
-                             display_name: str, image_size: int = 0, preset_kwargs: Optional[dict] = None) -> Backbone:
+def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dtype: Optional[str], display_name: str,
+                             image_size: int = 0, preset_kwargs: Optional[dict] = None, depth: int = 0) -> Backbone:
     import keras_hub
 
     check_backbone_name(preset)
@@ -222,16 +190,16 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
                                 f"({longest} positions); use --sequence_length={longest} or less")
         preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
             preset, sequence_length=sequence_length)
-        outputs = hub_backbone(inputs)
+        all_blocks = keras_hub_blocks(hub_backbone)
+        outputs, unused = _text_outputs(hub_backbone, all_blocks, depth, pooling, display_name)
         features = _pool_text(outputs, inputs, pooling)
-        # Mean or cls pooling never reads BERT's pooler: out of the blocks (freezing, unfreezing and layer-wise
-        # rates act on what the features use), frozen (tfl.freezing keeps it so).
-        unused = tuple(layer for layer in hub_backbone.layers if layer.name == "pooled_dense" and pooling != "pooled")
-        blocks = [Block(b.name, [la for la in b.layers if la not in unused]) for b in keras_hub_blocks(hub_backbone)]
+        blocks = [Block(b.name, [la for la in b.layers if la not in unused]) for b in all_blocks]
         for layer in unused:
             layer.trainable = False
         return Backbone(display_name, keras.Model(inputs, features, name="backbone"), [b for b in blocks if b.layers],
                         TEXT, preprocessor, keras_hub_backbone=hub_backbone, source=preset, unused_layers=unused)
+    if depth:
+        raise BackboneError(f"--backbone_depth={depth} cuts a text encoder; {display_name} is an image backbone (use 0)")
     preprocessor = keras_hub.models.ImageClassifierPreprocessor.from_preset(preset)
     height, width, channels = hub_backbone.input.shape[1:]
     if image_size or height is None:  # convolutional backbones take any size: the flag, else the preset's
@@ -251,6 +219,22 @@ def _known_keras_hub_presets() -> set:
     import keras_hub
 
     return set(keras_hub.models.Backbone.presets)
+
+
+def _text_outputs(hub_backbone, blocks: list, depth: int, pooling: str, name: str) -> tuple:
+    """(outputs dict, layers the features never read). Mean or cls pooling never reads BERT's pooler, and
+    ``depth=k`` stops after block k: those layers are in no block (freezing, unfreezing and layer-wise rates
+    act on what the features use) and frozen (tfl.freezing keeps them so)."""
+    pooler = tuple(la for la in hub_backbone.layers if la.name == "pooled_dense" and pooling != "pooled")
+    if not depth:
+        return hub_backbone(hub_backbone.input), pooler
+    encoder = [b for b in blocks if _ENCODER_LAYER.search(b.name)]
+    if pooling == "pooled" or not 0 < depth <= len(encoder):
+        raise BackboneError(f"--backbone_depth={depth}: {name} has {len(encoder)} transformer blocks and the cut "
+                            "needs --pooling=mean or cls; use 1.." + f"{len(encoder)} (0 = all)")
+    # The encoder's own graph, read after block k (as tfl.zoo's depth-k features); later blocks go unused.
+    later = tuple(la for b in encoder[depth:] for la in b.layers)
+    return {"sequence_output": encoder[depth - 1].layers[-1].output}, later + pooler
 
 
 def _pool_text(outputs: dict, inputs: dict, pooling: str):
@@ -331,62 +315,6 @@ def build_keras_application(name: str, weights: str, image_size: int, dtype: Opt
     preprocess_input = sys.modules[constructor.__module__].preprocess_input
     preprocess = lambda images: preprocess_input(fit_images(images, (size, size, 3)))  # noqa: E731
     return Backbone(name, base, application_blocks(base), IMAGE, preprocess, (size, size, 3), source=name)
-
-
-# ---- tfl's own small models -----------------------------------------------------------------
-
-def build_lstm_backbone(num_words: int, maxlen: int, embedding_dim: int, lstm_units: int, train_texts,
-                        seed: int) -> Backbone:
-    """The seed's Keras IMDB model: Embedding(num_words, 50) -> LSTM(100, dropout .2, recurrent .2).
-
-    With ``train_texts`` an ImdbVectorizer (keras.datasets.imdb's ids, word index fitted on these
-    texts) turns raw strings into ``maxlen`` ids; without, the inputs are already ids (keras:imdb).
-
-        backbone = build_lstm_backbone(10000, 500, 50, 100, train_texts=["a fine film", ...], seed=0)
-        backbone.model(backbone.preprocess(tf.constant(["a fine film"])))   # (1, 100) features
-    """
-    if num_words <= IMDB_INDEX_FROM + 1:
-        raise BackboneError(f"--num_words={num_words} leaves no id for any word (ids 0-3 are padding, start, "
-                            "out-of-vocabulary and unused); use --num_words=10000 as the seed")
-    ids = keras.Input((maxlen,), dtype="int32", name="token_ids")
-    # mask_zero: the padding in front of each text does not reach the LSTM state.
-    embedded = keras.layers.Embedding(num_words, embedding_dim, mask_zero=True, name="embedding",
-                                      embeddings_initializer=keras.initializers.RandomUniform(seed=seed))(ids)
-    features = keras.layers.LSTM(lstm_units, dropout=0.2, recurrent_dropout=0.2, name="lstm", seed=seed,
-                                 kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
-                                 recurrent_initializer=keras.initializers.Orthogonal(seed=seed))(embedded)
-    model = keras.Model(ids, features, name="backbone")
-    blocks = [Block("embedding", [model.get_layer("embedding")]), Block("lstm", [model.get_layer("lstm")])]
-    if train_texts is None:
-        return Backbone("lstm", model, blocks, TOKEN_IDS, source="lstm")
-    words = fit_imdb_word_index(train_texts, num_words)
-    if not words:
-        raise BackboneError("The training texts hold no words for the lstm vocabulary; check --text_column")
-    vectorizer = ImdbVectorizer(num_words, maxlen, words, name="vectorizer")
-    return Backbone("lstm", model, blocks, TEXT, vectorizer, vectorizer=vectorizer, source="lstm")
-
-
-def build_small_cnn_backbone(input_shape: tuple, seed: int) -> Backbone:
-    """The seed's CIFAR-10 CNN (keras examples cifar10_cnn) without its classifier layer."""
-    init = lambda i: keras.initializers.GlorotUniform(seed=seed + i)  # noqa: E731
-    images = keras.Input(input_shape, name="images")
-    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(images)
-    for stage, filters in [(1, 32), (2, 64)]:
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"block{stage}_conv1",
-                                kernel_initializer=init(2 * stage))(x)
-        x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"block{stage}_conv2",
-                                kernel_initializer=init(2 * stage + 1))(x)
-        x = keras.layers.MaxPooling2D(name=f"block{stage}_pool")(x)
-        x = keras.layers.Dropout(0.25, name=f"block{stage}_dropout", seed=seed)(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(512, activation="relu", name="dense", kernel_initializer=init(9))(x)
-    x = keras.layers.Dropout(0.5, name="dense_dropout", seed=seed)(x)
-    model = keras.Model(images, x, name="backbone")
-    blocks = [Block(f"block{s}", [l for l in model.layers if l.name.startswith(f"block{s}_")]) for s in (1, 2)]
-    blocks.append(Block("dense", [model.get_layer("flatten"), model.get_layer("dense"),
-                                  model.get_layer("dense_dropout")]))
-    preprocess = lambda images: fit_images(images, tuple(input_shape))  # noqa: E731
-    return Backbone("small_cnn", model, blocks, IMAGE, preprocess, tuple(input_shape), source="small_cnn")
 
 
 def check_fits_data(backbone: Backbone, data_modality: str) -> None:

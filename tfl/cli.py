@@ -21,6 +21,7 @@ _SECTIONS = {
     "compare": config_lib.CompareConfig,
     "predict": config_lib.PredictConfig,
     "rank": config_lib.RankConfig,
+    "auto": config_lib.AutoConfig,
 }
 _TOP_LEVEL = ("mode", "model_dir", "seed", "export", "overwrite")
 
@@ -109,10 +110,17 @@ HELP = {
     "mode": "train (one run), zero_shot (no training: similarity to label descriptions), self_train (no labels: "
             "zero-shot pseudo-labels on the unlabelled training texts, then rounds of a linear probe), compare "
             "(a transfer report over --strategies), predict (a finished run's export on --input) or rank "
-            "(transferability estimates of --backbones at every depth: rank.md/json, no training).",
+            "(transferability estimates of --backbones at every depth: rank.md/json, no training) or auto (rank, "
+            "then choose backbone, depth and strategy within --budget_minutes and run the choice: report.md).",
     "backbones": "--mode=rank: candidates, comma-separated: asset:minilm, asset:minilm_l3, asset:efficientnet_lite0, "
                  "keras-hub encoder presets or folders, lstm/small_cnn run folders; each at every depth plus a "
                  "randomly initialised control. Empty = the offline zoo for the data's modality (and --source_model).",
+    "budget_minutes": "--mode=auto: minutes for the whole run (ranking, then the chosen training); the choice "
+                      "of depth and strategy fits what the ranking leaves (estimated from its forward pass).",
+    "labels": "--nolabels: the training split's labels are not used (--mode=auto: zero-shot by label descriptions, "
+              "then self-training on the unlabelled training texts; validation and test labels only score).",
+    "backbone_depth": "keras-hub text encoders: keep only the first N transformer blocks, the features after "
+                      "block N mean- or cls-pooled (--mode=rank's depth N, which --mode=auto picks); 0 = all.",
     "rank_examples": "--mode=rank: score on at most this many training examples, drawn stratified from --seed.",
     "depths": "--mode=rank: which depths of each backbone to score: all (every block; 0 = the embeddings alone), "
               "last (each backbone's output) or a comma list such as 1,3. Random-init controls are always scored.",

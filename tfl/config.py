@@ -22,7 +22,7 @@ JIT_CHOICES = ("auto", "true", "false")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
-MODES = ("train", "zero_shot", "self_train", "compare", "predict", "rank")
+MODES = ("train", "zero_shot", "self_train", "compare", "predict", "rank", "auto")
 TRANSFERS = ("", "structure", "parameter")
 
 
@@ -44,6 +44,7 @@ class DataConfig:
     test_fraction: float = 0.1  # for sources without a test split
     max_examples: int = 0  # 0 = all; caps the pool before splitting (each split for pre-split sources)
     label_fraction: float = 1.0  # keep this stratified share of the training split (learning curves)
+    labels: bool = True  # False: the training split counts as unlabelled (--mode=auto: zero-shot, self-training)
     classes: tuple = ()  # keep only these label ids (e.g. Fashion-MNIST 0..4), relabelled 0..k-1
     num_words: int = 10000  # keras:imdb / keras:reuters vocabulary size
     maxlen: int = 500  # keras:imdb / keras:reuters sequence length
@@ -59,6 +60,7 @@ class ModelConfig:
     """The backbone and the head on top of it."""
 
     backbone: str = "lstm"  # keras-hub preset or folder, keras.applications name, lstm, small_cnn, asset:minilm
+    backbone_depth: int = 0  # keras-hub text encoders: keep the first N transformer blocks; 0 = all
     weights: str = "imagenet"  # keras.applications: imagenet | none | <path>.weights.h5
     pretrained: bool = True  # False: the backbone's architecture with random weights (a scratch baseline)
     task: str = "classification"
@@ -130,6 +132,13 @@ class RankConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AutoConfig:
+    """--mode=auto: rank, choose backbone, depth and strategy within a budget, run the choice (tfl.auto)."""
+
+    budget_minutes: float = 30.0  # the whole run: ranking, then the chosen training
+
+
+@dataclasses.dataclass(frozen=True)
 class PredictConfig:
     """--mode=predict: a finished run's latest export applied to new inputs."""
 
@@ -141,7 +150,7 @@ class PredictConfig:
 class Config:
     """A whole run."""
 
-    mode: str = "train"  # train | zero_shot | self_train | compare | predict | rank
+    mode: str = "train"  # train | zero_shot | self_train | compare | predict | rank | auto
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     freeze: FreezeConfig = FreezeConfig()
@@ -149,6 +158,7 @@ class Config:
     compare: CompareConfig = CompareConfig()
     predict: PredictConfig = PredictConfig()
     rank: RankConfig = RankConfig()
+    auto: AutoConfig = AutoConfig()
     model_dir: str = ""
     seed: int = 0
     export: bool = True
@@ -174,6 +184,7 @@ class Config:
         _check_positive("sequence_length", m.sequence_length)
         _check_non_negative("max_examples", d.max_examples)
         _check_non_negative("freeze_blocks", f.freeze_blocks)
+        _check_non_negative("backbone_depth", m.backbone_depth)
         _check_non_negative("lora_rank", f.lora_rank)
         _check_non_negative("unfreeze_every_epochs", f.unfreeze_every_epochs)
         if not 0.0 < d.validation_fraction < 1.0 or not 0.0 < d.test_fraction < 1.0 \
@@ -216,7 +227,25 @@ class Config:
                 raise ConfigError("--transfer_head=source needs --task=classification and --head_hidden_units=0 "
                                   "(the source's head is one classification layer); use --transfer_head=new")
         if not 0.0 < d.label_fraction <= 1.0:
-            raise ConfigError(f"--label_fraction must be in (0, 1]; got {d.label_fraction}")
+            raise ConfigError(f"--label_fraction must be in (0, 1]; got {d.label_fraction} (no labels at all: "
+                              "--mode=auto --nolabels)")
+        self._check_mode_options()
+        if f.trainable:
+            try:
+                re.compile(f.trainable)
+            except re.error as e:
+                raise ConfigError(f"--trainable='{f.trainable}' is not a valid regular expression ({e})")
+        if t.strategy == "tpu" and not t.tpu:
+            raise ConfigError("--strategy=tpu needs --tpu=local|<grpc address>|<TPU name>")
+        return self
+
+    def _check_mode_options(self) -> None:
+        """The options of one --mode (compare, rank, auto, predict)."""
+        if not self.data.labels and self.mode not in ("auto", "zero_shot", "self_train"):
+            raise ConfigError(f"--nolabels needs --mode=auto (zero-shot, then self-training), zero_shot or "
+                              f"self_train; --mode={self.mode} learns from labels")
+        if not self.auto.budget_minutes > 0:
+            raise ConfigError(f"--budget_minutes must be > 0; got {self.auto.budget_minutes}")
         unknown = [s for s in self.compare.strategies if s not in COMPARE_STRATEGIES]
         if unknown:
             raise ConfigError(f"Unknown strategy '{unknown[0]}' in --strategies; expected some of {list(COMPARE_STRATEGIES)}")
@@ -227,17 +256,9 @@ class Config:
         if self.rank.depths not in ("all", "last") and not re.fullmatch(r"\d+(,\d+)*", self.rank.depths):
             raise ConfigError(f"--depths={self.rank.depths} is not valid; expected all, last or a comma list of "
                               "depths such as 1,3 (0 = the embeddings alone)")
-        if f.trainable:
-            try:
-                re.compile(f.trainable)
-            except re.error as e:
-                raise ConfigError(f"--trainable='{f.trainable}' is not a valid regular expression ({e})")
         if self.mode == "predict" and not (self.model_dir and self.predict.input):
             raise ConfigError("--mode=predict needs --model_dir=<a finished run> and --input=<text|csv:path|"
                               "jsonl:path|images:folder>")
-        if t.strategy == "tpu" and not t.tpu:
-            raise ConfigError("--strategy=tpu needs --tpu=local|<grpc address>|<TPU name>")
-        return self
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -253,7 +274,7 @@ def _check_non_negative(name: str, value: int) -> None:
 def config_from_dict(values: dict) -> Config:
     """Rebuilds a Config from ``to_dict()`` output (e.g. a run's config.json)."""
     sections = {"data": DataConfig, "model": ModelConfig, "freeze": FreezeConfig, "train": TrainConfig,
-                "compare": CompareConfig, "predict": PredictConfig, "rank": RankConfig}
+                "compare": CompareConfig, "predict": PredictConfig, "rank": RankConfig, "auto": AutoConfig}
     kwargs = dict(values)
     for key, cls in sections.items():
         section = dict(kwargs.get(key, {}))

@@ -97,7 +97,7 @@ def backbone_for(config: Config, splits: data_lib.DataSplits, precision: str) ->
         m.backbone, sequence_length=m.sequence_length, image_size=m.image_size, weights=m.weights,
         pooling=m.pooling, dtype=precision, num_words=d.num_words, maxlen=d.maxlen, embedding_dim=m.embedding_dim,
         lstm_units=m.lstm_units, input_shape=input_shape, train_texts=train_texts, seed=config.seed,
-        pretrained=m.pretrained)
+        pretrained=m.pretrained, depth=m.backbone_depth)
     backbones_lib.check_fits_data(backbone, splits.modality)
     return backbone
 

@@ -25,9 +25,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfl import backbones as backbones_lib
-from tfl import heads
+from tfl import heads, small_models
 from tfl import storage
 from tfl import train as train_lib
+from tfl.imdb_vocabulary import IMDB_SPECIAL_TOKENS, ImdbVectorizer
 
 SOURCE_KIND = "tfl-source-model"
 SOURCE_FILE = "source.json"
@@ -83,7 +84,7 @@ def imdb_vocabulary(architecture: dict) -> Optional[list]:
     except Exception:
         return None
     words = [w for w, _ in sorted(word_index.items(), key=lambda item: item[1])]
-    special = list(backbones_lib.IMDB_SPECIAL_TOKENS[1:])
+    special = list(IMDB_SPECIAL_TOKENS[1:])
     return special + words[:architecture["num_words"] - len(special) - 1]
 
 
@@ -113,17 +114,17 @@ def backbone_from_source(source: dict, *, reuse_vocabulary: bool, train_texts=No
     if maxlen and "maxlen" in arch:
         arch["maxlen"] = maxlen
     if source["backbone"] == "small_cnn":
-        return backbones_lib.build_small_cnn_backbone(tuple(arch["input_shape"]), seed)
+        return small_models.build_small_cnn_backbone(tuple(arch["input_shape"]), seed)
     if source["modality"] == backbones_lib.TEXT and train_texts is None:
         raise TransferError("The source model is a text model but the target data is not text; use text data")
-    backbone = backbones_lib.build_lstm_backbone(
+    backbone = small_models.build_lstm_backbone(
         arch["num_words"], arch["maxlen"], arch["embedding_dim"], arch["lstm_units"],
         None if reuse_vocabulary else train_texts, seed)
     tokens = source.get("vocabulary_tokens")
     if reuse_vocabulary and tokens:
-        special = list(backbones_lib.IMDB_SPECIAL_TOKENS[1:])
+        special = list(IMDB_SPECIAL_TOKENS[1:])
         if tokens[:len(special)] == special:
-            vectorizer = backbones_lib.ImdbVectorizer(arch["num_words"], arch["maxlen"], tokens[len(special):],
+            vectorizer = ImdbVectorizer(arch["num_words"], arch["maxlen"], tokens[len(special):],
                                                       name="vectorizer")
         else:  # a source model saved before the imdb convention: its own post-padded ids, [UNK] = 1
             vectorizer = keras.layers.TextVectorization(max_tokens=arch["num_words"],

@@ -1,0 +1,123 @@
+"""tfl.auto: the choice rule on ranking rows, --backbone_depth (the cut it runs), and --mode=auto end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tfl import auto
+from tfl.backbones import BackboneError, build_backbone
+from tfl.config import AutoConfig, Config, ConfigError, DataConfig, ModelConfig, RankConfig, TrainConfig
+
+
+def _row(candidate, logme, depth, pretrained=True, backbone="enc", feature_seconds=60.0):
+    return {"candidate": candidate, "backbone": backbone, "depth": depth, "pretrained": pretrained,
+            "logme": logme, "feature_seconds": feature_seconds}
+
+
+# The ranking of one 6-block encoder: depth 4 scores best; 1,000 ranked examples took 60 s for all depths.
+ROWS = [_row("enc@4", -0.5, 4), _row("enc@6", -0.6, 6), _row("enc@0", -0.65, 0),
+        _row("enc@6 (random init)", -0.7, 6, pretrained=False)]
+ARGS = dict(num_classes=2, epochs=2, ranked_examples=1000, eval_examples=0)
+
+
+def test_few_labels_per_class_get_a_linear_probe_on_the_best_depth():
+    choice = auto.choose(ROWS, train_examples=40, budget_seconds=1e9, **ARGS)
+    assert (choice.strategy, choice.backbone, choice.depth) == ("linear_probe", "enc", 4)
+    assert "per class" in choice.reasons[-1] and "enc@4" in choice.reasons[0]
+    # One forward pass per example, at 4/6 of the full backbone's 0.06 s.
+    assert choice.estimated_seconds == pytest.approx(40 * 0.06 * 4 / 6)
+
+
+def test_the_budget_decides_between_fine_tune_partial_and_probe():
+    full = auto.training_seconds(0.04, train_examples=1000, eval_examples=0, epochs=2, trained_share=1.0)
+    assert full == pytest.approx(0.04 * 2 * 1000 * 3)
+    assert auto.choose(ROWS, train_examples=1000, budget_seconds=full, **ARGS).strategy == "fine_tune"
+    partial = auto.choose(ROWS, train_examples=1000, budget_seconds=full * 0.8, **ARGS)
+    assert partial.strategy == "partial" and partial.freeze_blocks >= 1
+    assert partial.estimated_seconds <= full * 0.8 and "over the budget" in partial.reasons[-1]
+    # One block fewer frozen would not have fitted: the fewest frozen blocks that fit.
+    one_less = auto.training_seconds(0.04, train_examples=1000, eval_examples=0, epochs=2,
+                                     trained_share=(5 - partial.freeze_blocks + 1) / 5)
+    assert one_less > full * 0.8
+    tighter = auto.choose(ROWS, train_examples=1000, budget_seconds=full * 0.5, **ARGS)
+    assert tighter.freeze_blocks > partial.freeze_blocks
+    assert auto.choose(ROWS, train_examples=1000, budget_seconds=1.0, **ARGS).strategy == "linear_probe"
+
+
+def test_controls_are_never_chosen_and_a_best_that_does_not_beat_its_control_is_flagged():
+    rows = [_row("enc@6 (random init)", 0.0, 6, pretrained=False)] + ROWS[:2]
+    choice = auto.choose(rows, train_examples=1000, budget_seconds=1e9, **ARGS)
+    assert choice.backbone == "enc" and choice.depth == 4
+    assert any("does not beat its own random-init control" in r for r in choice.reasons)
+    with pytest.raises(ConfigError, match="no pretrained backbone"):
+        auto.choose(rows[:1], train_examples=1000, budget_seconds=1e9, **ARGS)
+    # Images are not cut: only each backbone's full depth is a choice.
+    assert auto.choose(ROWS, train_examples=1000, budget_seconds=1e9, can_cut=False, **ARGS).depth == 0
+
+
+def test_backbone_depth_is_the_rankings_depth_k_and_leaves_later_blocks_out(tiny_bert_preset):
+    from tfl import freezing, ranking
+
+    texts = ["the great film", "a awful movie the plot the film", "great"]
+    cut = build_backbone(tiny_bert_preset, sequence_length=16, depth=1)
+    features = ranking.extract_features(ranking.candidates("text", [tiny_bert_preset], sequence_length=16,
+                                                           controls=False), texts, modality="text")
+    import tensorflow as tf
+    np.testing.assert_allclose(cut.model(cut.preprocess(tf.constant(texts))),
+                               features[f"{tiny_bert_preset}@1"]["features"], atol=1e-5)
+    assert [b.name for b in cut.blocks] == ["embeddings", "transformer_layer_0"]
+    rows = freezing.freeze(cut)
+    assert rows[-1]["block"] == "transformer_layer_1, pooled_dense (unused)" and rows[-1]["trainable_params"] == 0
+    layer_1 = {id(w) for w in cut.keras_hub_backbone.get_layer("transformer_layer_1").weights}
+    assert cut.model.trainable_weights and not layer_1 & {id(w) for w in cut.model.trainable_weights}
+    with pytest.raises(BackboneError, match="has 2 transformer blocks"):
+        build_backbone(tiny_bert_preset, sequence_length=16, depth=3)
+    with pytest.raises(BackboneError, match="cuts a keras-hub text encoder"):
+        build_backbone("lstm", depth=1)
+
+
+def _sentences(tmp_path, rows=48):
+    words = {1: ["great", "film"], 0: ["awful", "plot"]}
+    lines = [f"the {words[i % 2][0]} {words[i % 2][1]} {'a' * (1 + i % 3)}" for i in range(rows)]
+    path = tmp_path / "s.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(lines)))
+    return f"csv:{path}"
+
+
+def test_auto_mode_ranks_chooses_runs_and_reports(tmp_path, tiny_bert_preset):
+    from tfl import job
+
+    config = Config(mode="auto", data=DataConfig(source=_sentences(tmp_path), batch_size=8),
+                    model=ModelConfig(sequence_length=8), train=TrainConfig(precision="float32", epochs=1),
+                    rank=RankConfig(backbones=(tiny_bert_preset,), rank_examples=24), auto=AutoConfig(5.0),
+                    model_dir=str(tmp_path / "auto"), export=False)
+    job.check_before_run(config)
+    result = job.run_checked(config, verbose=0)
+    report = (tmp_path / "auto" / "report.md").read_text()
+    rank = json.loads((tmp_path / "auto" / "rank.json").read_text())
+    chosen = json.loads((tmp_path / "auto" / "chosen" / "metrics.json").read_text())
+    choice = result["choice"]
+    # 38 training examples, 19 per class: under 32 per class, so a probe on the top-ranked pretrained depth.
+    top = next(r for r in rank["rows"] if r["pretrained"] and r["depth"] >= 1)
+    assert (choice["strategy"], choice["depth"]) == ("linear_probe", top["depth"])
+    assert chosen["config"]["model"]["backbone_depth"] == top["depth"] and chosen["config"]["freeze"]["freeze_all"]
+    assert result["test"] == chosen["test"]
+    for text in ("## Choice", "**linear_probe**", "## Result", "## Ranking", top["candidate"],
+                 f"accuracy {chosen['test']['accuracy']:.4f}"):
+        assert text in report, text
+
+
+def test_nolabels_runs_zero_shot_then_self_training(tmp_path, tiny_bert_preset):
+    from tfl import job
+
+    config = Config(mode="auto", data=DataConfig(source=_sentences(tmp_path), batch_size=8, labels=False),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8,
+                                      label_descriptions="0=awful|bad;1=great|good"),
+                    train=TrainConfig(precision="float32"), model_dir=str(tmp_path / "auto"), export=False)
+    result = job.run_checked(config, verbose=0)
+    assert result["choice"]["strategy"] == "self_training"
+    report = (tmp_path / "auto" / "report.md").read_text()
+    assert "Plain zero-shot on the same test split" in report and "**self_training**" in report
+    with pytest.raises(ConfigError, match="--nolabels needs --mode=auto"):
+        Config(data=DataConfig(labels=False)).validate()

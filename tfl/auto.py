@@ -1,0 +1,173 @@
+"""--mode=auto: rank the zoo, choose (backbone, depth, strategy) within a compute budget, run the choice, and
+write why in report.md.
+
+    choice = tfl.auto.choose(rows, train_examples=800, num_classes=2, epochs=3, budget_seconds=600)
+    choice.strategy, choice.backbone, choice.depth, choice.reasons
+
+The rule (``choose``; the README repeats it):
+
+1. No labels (``--nolabels``): nothing can be ranked, so zero-shot by label descriptions, then self-training
+   on the unlabelled training texts (``tfl.self_training``), with the text encoder of ``--backbone``.
+2. Otherwise rank every candidate of the zoo by LogME on at most ``--rank_examples`` training examples and
+   take the best pretrained (backbone, depth) with at least one transformer block. The depth is kept: the
+   backbone is cut after that block (``--backbone_depth``), which also makes every step cheaper.
+3. Strategy, from the labels per class and the budget left after ranking (costs estimated from the
+   ranking's own forward pass: a training step costs about three forward passes, frozen blocks one):
+   * fewer than ``FINE_TUNE_MIN_PER_CLASS`` labelled examples per class: a linear probe on the frozen
+     features (fine-tuning every weight on so few examples mostly fits noise);
+   * else full fine-tuning when its estimate fits the budget; else partial fine-tuning with the fewest
+     frozen blocks that fit; else a linear probe.
+   LoRA is not chosen: on a CPU its backward pass still runs through every block, so it saves memory,
+   not time, and this rule budgets time.
+The report shows the ranking, the choice with these reasons and the estimate, and the run's result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from tfl import ranking, runner, self_training, storage
+from tfl.config import Config, ConfigError
+from tfl.data import TEXT
+from tfl.zoo import is_source_model_folder
+
+FINE_TUNE_MIN_PER_CLASS = 32  # below this many labelled examples per class: a linear probe
+FORWARD_PASSES_PER_STEP = 3.0  # forward + backward through a trained block, in forward passes
+
+
+@dataclasses.dataclass
+class Choice:
+    """What auto runs, and why."""
+
+    strategy: str  # linear_probe | partial | fine_tune
+    backbone: str
+    depth: int
+    freeze_blocks: int = 0
+    estimated_seconds: float = 0.0
+    reasons: list = dataclasses.field(default_factory=list)
+
+
+def training_seconds(forward_seconds: float, *, train_examples: int, eval_examples: int, epochs: int,
+                     trained_share: float) -> float:
+    """Estimated seconds of one run: ``forward_seconds`` per example through the whole (cut) backbone;
+    ``trained_share`` of it trains (0 = a linear probe: one pass over every example, features cached)."""
+    if trained_share == 0:
+        return forward_seconds * (train_examples + eval_examples)
+    step = 1.0 + (FORWARD_PASSES_PER_STEP - 1.0) * trained_share
+    return forward_seconds * (epochs * train_examples * step + eval_examples)
+
+
+def choose(rows: list, *, train_examples: int, num_classes: int, epochs: int, budget_seconds: float,
+           ranked_examples: int, eval_examples: int = 0, can_cut: bool = True) -> Choice:
+    """The rule of this module's docstring, applied to ``ranking.ranking_rows`` output (best first).
+    ``can_cut=False`` (image backbones): only each backbone's full depth is a choice."""
+    deepest = {}
+    for r in rows:
+        deepest[r["backbone"]] = max(deepest.get(r["backbone"], 0), r["depth"] or 0)
+    pretrained = [r for r in rows if r["pretrained"] and (r["depth"] or 0) >= 1 and not is_source_model_folder(
+        r["backbone"]) and (can_cut or r["depth"] == deepest[r["backbone"]])]
+    if not pretrained:
+        raise ConfigError("--mode=auto found no pretrained backbone to run in the ranking; add one to --backbones "
+                          "(e.g. asset:minilm)")
+    best = pretrained[0]
+    # The ranking's shared pass ran every depth of the backbone: the cut model costs depth / deepest of it.
+    forward = best["feature_seconds"] / max(ranked_examples, 1) * best["depth"] / deepest[best["backbone"]]
+    reasons = [f"`{best['candidate']}` has the highest LogME of the pretrained candidates ({best['logme']:.4f})"]
+    control = [r for r in rows if not r["pretrained"] and r["backbone"] == best["backbone"]]
+    if control and not best["logme"] > control[0]["logme"]:
+        reasons.append(f"warning: it does not beat its own random-init control ({control[0]['logme']:.4f}): "
+                       "its pretrained weights carry nothing LogME can see for this task")
+    per_class = train_examples / max(num_classes, 1)
+    cost = lambda share: training_seconds(forward, train_examples=train_examples,  # noqa: E731
+                                          eval_examples=eval_examples, epochs=epochs, trained_share=share)
+    depth = best["depth"] if can_cut else 0  # 0: the whole backbone
+    choice = Choice("linear_probe", best["backbone"], depth, 0, cost(0.0), reasons)
+    if per_class < FINE_TUNE_MIN_PER_CLASS:
+        reasons.append(f"{per_class:.0f} labelled examples per class (< {FINE_TUNE_MIN_PER_CLASS}): a linear "
+                       "probe on the frozen features; fine-tuning every weight on so few mostly fits noise")
+        return choice
+    # Blocks of the (cut) backbone: the embeddings or stem, then one per depth. Fewest frozen that fit first.
+    blocks = best["depth"] + 1
+    for frozen in range(blocks):
+        seconds = cost((blocks - frozen) / blocks)
+        if seconds <= budget_seconds:
+            strategy = "fine_tune" if frozen == 0 else "partial"
+            reasons.append(f"{per_class:.0f} labelled examples per class; "
+                           + (f"fine-tuning every weight fits the budget (estimate {seconds:.0f} s of "
+                              f"{budget_seconds:.0f} s)" if frozen == 0 else
+                              f"full fine-tuning would take about {cost(1.0):.0f} s, over the budget of "
+                              f"{budget_seconds:.0f} s; the first {frozen} of {blocks} blocks frozen fits "
+                              f"({seconds:.0f} s)"))
+            return Choice(strategy, best["backbone"], depth, frozen, seconds, reasons)
+    reasons.append(f"even the top block alone would take about {cost(1.0 / blocks):.0f} s, over the budget of "
+                   f"{budget_seconds:.0f} s: a linear probe ({choice.estimated_seconds:.0f} s)")
+    return choice
+
+
+def chosen_config(config: Config, choice: Choice, model_dir: str) -> Config:
+    """The --mode=train run of ``choice``."""
+    model = dataclasses.replace(config.model, backbone=choice.backbone, backbone_depth=choice.depth, pretrained=True)
+    freeze = dataclasses.replace(config.freeze, freeze_all=choice.strategy == "linear_probe",
+                                 freeze_blocks=choice.freeze_blocks if choice.strategy == "partial" else 0)
+    train = config.train
+    if choice.strategy == "linear_probe":  # a head alone needs a larger step (as --mode=compare's probe)
+        train = dataclasses.replace(train, learning_rate=config.compare.probe_learning_rate)
+    return dataclasses.replace(config, mode="train", model=model, freeze=freeze, train=train, model_dir=model_dir)
+
+
+def run_auto(config: Config, verbose: int = 1) -> dict:
+    """--mode=auto: ranks, chooses, runs the choice under ``<model_dir>/chosen``, writes report.md/json."""
+    started = time.time()
+    sub_dir = lambda name: os.path.join(config.model_dir, name) if config.model_dir else ""  # noqa: E731
+    if not config.data.labels:
+        metrics = self_training.run_self_training(dataclasses.replace(config, mode="self_train",
+                                                                      model_dir=sub_dir("chosen")), verbose)
+        reasons = ["--nolabels: nothing to rank; zero-shot by label descriptions, then self-training on the "
+                   "unlabelled training texts"]
+        return _finish(config, {"strategy": "self_training", "backbone": config.model.backbone, "reasons": reasons},
+                       None, metrics, started)
+    splits = runner.load_data_for(config)
+    ranked = ranking.rank(config)  # writes rank.md / rank.json beside the report
+    budget = config.auto.budget_minutes * 60.0 - (time.time() - started)
+    sizes = splits.sizes
+    choice = choose(ranked["rows"], train_examples=sizes["train"], num_classes=len(splits.label_names),
+                    epochs=config.train.epochs, budget_seconds=budget, ranked_examples=ranked["examples"],
+                    eval_examples=sizes["validation"] + sizes["test"], can_cut=splits.modality == TEXT)
+    print(f"tfl: auto chose {choice.strategy} of {choice.backbone}"
+          + (f" cut after block {choice.depth}" if choice.depth else "") + ": " + "; ".join(choice.reasons))
+    metrics = runner.train_and_evaluate(chosen_config(config, choice, sub_dir("chosen")), verbose)
+    return _finish(config, dataclasses.asdict(choice), ranked, metrics, started)
+
+
+def _finish(config: Config, choice: dict, ranked, metrics: dict, started: float) -> dict:
+    result = {"mode": "auto", "choice": choice, "test": metrics["test"], "budget_minutes": config.auto.budget_minutes,
+              "wall_seconds": round(time.time() - started, 2), "chosen_run": metrics,
+              "ranking_seconds": ranked["seconds"] if ranked else 0.0}
+    if config.model_dir:
+        storage.write_json_atomically(os.path.join(config.model_dir, "report.json"), result)
+        storage.write_text_atomically(os.path.join(config.model_dir, "report.md"),
+                                      format_report(config, choice, ranked, metrics, result["wall_seconds"]))
+    return result
+
+
+def format_report(config: Config, choice: dict, ranked, metrics: dict, wall_seconds: float) -> str:
+    test = ", ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items())
+    lines = [f"# Auto: {config.data.source}", "",
+             f"Budget {config.auto.budget_minutes:g} min; the whole run took {wall_seconds / 60:.1f} min.", "",
+             "## Choice", "", f"**{choice['strategy']}** of `{choice['backbone']}`"
+             + (f" cut after block {choice['depth']}" if choice.get("depth") else "")
+             + (f", first {choice['freeze_blocks']} blocks frozen" if choice.get("freeze_blocks") else "")
+             + (f" (estimated {choice['estimated_seconds']:.0f} s)" if choice.get("estimated_seconds") else "") + ".",
+             ""] + [f"- {reason}" for reason in choice["reasons"]]
+    lines += ["", "## Result", "", f"Test split: {test}."]
+    if "zero_shot" in metrics:
+        lines.append(f"Plain zero-shot on the same test split: accuracy {metrics['zero_shot']['test']['accuracy']:.4f}.")
+    else:
+        lines.append(f"Training took {metrics['train_seconds']:.0f} s of {metrics['wall_seconds']:.0f} s; the "
+                     "run, with its export, is in `chosen/`.")
+    if ranked:
+        lines += ["", "## Ranking", "", f"{ranked['examples']} training examples, in {ranked['seconds']:.0f} s; "
+                  "best LogME first (`rank.md` has every estimator).", "", ranking.format_table(ranked["rows"])]
+    return "\n".join(lines) + "\n"
