@@ -126,6 +126,12 @@ def internet_stand_ins(config, monkeypatch, tmp_path):
 
 def stand_in_args(config, presets: dict) -> list:
     args = []
+    # The offline encoders run for real where one run shows them (minilm_rotten_tomatoes, rank_rotten_tomatoes,
+    # self_train_rt); configs that train them several times over (compare, auto) get the tiny BERT: a short suite.
+    if config.mode in ("compare", "auto") and config.model.backbone.startswith("asset:minilm"):
+        args.append(f"--backbone={presets['tiny_bert']}")
+    if config.mode == "auto" and not config.rank.backbones:
+        args.append(f"--backbones={presets['tiny_bert']}")
     if config.model.backbone in HUB_STAND_INS:
         args.append(f"--backbone={presets[HUB_STAND_INS[config.model.backbone]]}")
     if config.model.backbone == "ResNet50":
@@ -229,6 +235,8 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
         assert all(part in report for part in ("## Choice", "## Result", "## Ranking")), report
         assert metrics["choice"]["reasons"] and metrics["test"] == metrics["chosen_run"]["test"]
         metrics, config = metrics["chosen_run"], config_from_dict(metrics["chosen_run"]["config"])
+        model_dir = config.model_dir
+        assert model_dir == os.path.join(result["config"].model_dir, "chosen")
     if config.mode == "compare":
         report = json.loads(open(os.path.join(model_dir, "report.json")).read())
         assert os.path.exists(os.path.join(model_dir, "report.md"))
