@@ -121,3 +121,49 @@ def test_nolabels_runs_zero_shot_then_self_training(tmp_path, tiny_bert_preset):
     assert "Plain zero-shot on the same test split" in report and "**self_training**" in report
     with pytest.raises(ConfigError, match="--nolabels needs --mode=auto"):
         Config(data=DataConfig(labels=False)).validate()
+
+
+def test_tune_searches_within_its_budget_and_reports_every_trial(tmp_path, tiny_bert_preset):
+    from tfl import job, tuning
+
+    config = Config(mode="tune", data=DataConfig(source=_sentences(tmp_path), batch_size=8),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8),
+                    train=TrainConfig(precision="float32", epochs=3, learning_rate=1e-3),
+                    auto=AutoConfig(budget_minutes=0.05), model_dir=str(tmp_path / "tune"), export=False)
+    started = __import__("time").time()
+    result = job.run_checked(config, verbose=0)
+    elapsed = __import__("time").time() - started
+    trials = result["trials"]
+    assert trials and result["best"] in trials
+    for trial in trials:
+        values = trial["values"]
+        assert 1e-4 <= values["learning_rate"] <= 1e-2 and 1 <= values["tuner/epochs"] <= 3
+        assert values["adaptation"] in ("blocks", "lora")
+        assert ("lora_rank" in values) == (values["adaptation"] == "lora")
+        run = json.loads((tmp_path / "tune" / "trials" / trial["trial"] / "metrics.json").read_text())
+        assert run["epochs_run"] == values["tuner/epochs"]  # each trial is a whole tfl run with its own epochs
+        assert run["config"]["freeze"]["lora_rank"] == values.get("lora_rank", 0)
+    best = max(t["validation"]["accuracy"] for t in trials)
+    assert result["best"]["validation"]["accuracy"] == best
+    report = (tmp_path / "tune" / "report.md").read_text()
+    assert all(f"| {t['trial']} |" in report for t in trials) and "Best: trial" in report
+    # 3 s of budget: the first trial always runs (and takes longer), then the measured seconds per epoch stop
+    # the search; Hyperband alone would run 6 trials here.
+    assert len(trials) == 1 and elapsed < 3 + 2 * trials[0]["seconds"]
+
+
+def test_the_budgeted_oracle_starts_a_trial_only_if_it_ends_in_time():
+    import time
+
+    import keras_tuner
+
+    from tfl import tuning
+
+    oracle_class, _ = tuning._tuner_classes()
+    oracle = oracle_class(time.time() + 60, objective=keras_tuner.Objective("val_accuracy", "max"), max_epochs=3,
+                          hyperparameters=tuning.search_space(1e-3, 3, lora=False), tune_new_entries=False, seed=0)
+    assert oracle.populate_space("0")["status"] == "RUNNING"  # nothing measured yet: the first trial runs
+    oracle.seconds_per_epoch = 100.0
+    assert oracle.populate_space("1")["status"] == "STOPPED"
+    oracle.seconds_per_epoch = 1.0
+    assert oracle.populate_space("2")["status"] == "RUNNING"

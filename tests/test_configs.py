@@ -127,8 +127,8 @@ def internet_stand_ins(config, monkeypatch, tmp_path):
 def stand_in_args(config, presets: dict) -> list:
     args = []
     # The offline encoders run for real where one run shows them (minilm_rotten_tomatoes, rank_rotten_tomatoes,
-    # self_train_rt); configs that train them several times over (compare, auto) get the tiny BERT: a short suite.
-    if config.mode in ("compare", "auto") and config.model.backbone.startswith("asset:minilm"):
+    # self_train_rt); configs that train them several times over (compare, auto, tune) get the tiny BERT.
+    if config.mode in ("compare", "auto", "tune") and config.model.backbone.startswith("asset:minilm"):
         args.append(f"--backbone={presets['tiny_bert']}")
     if config.mode == "auto" and not config.rank.backbones:
         args.append(f"--backbones={presets['tiny_bert']}")
@@ -237,6 +237,11 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
         metrics, config = metrics["chosen_run"], config_from_dict(metrics["chosen_run"]["config"])
         model_dir = config.model_dir
         assert model_dir == os.path.join(result["config"].model_dir, "chosen")
+    if config.mode == "tune":  # every trial a run of its own, and the report's table of them
+        report = open(os.path.join(model_dir, "report.md")).read()
+        assert metrics["trials"] and all(f"| {t['trial']} |" in report for t in metrics["trials"])
+        assert all(os.path.exists(os.path.join(model_dir, "trials", t["trial"], "metrics.json")) for t in metrics["trials"])
+        return
     if config.mode == "compare":
         report = json.loads(open(os.path.join(model_dir, "report.json")).read())
         assert os.path.exists(os.path.join(model_dir, "report.md"))

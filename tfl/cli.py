@@ -111,12 +111,15 @@ HELP = {
             "zero-shot pseudo-labels on the unlabelled training texts, then rounds of a linear probe), compare "
             "(a transfer report over --strategies), predict (a finished run's export on --input) or rank "
             "(transferability estimates of --backbones at every depth: rank.md/json, no training) or auto (rank, "
-            "then choose backbone, depth and strategy within --budget_minutes and run the choice: report.md).",
+            "then choose backbone, depth and strategy within --budget_minutes and run the choice: report.md) or "
+            "tune (a KerasTuner Hyperband search over learning rate, epochs, frozen blocks and LoRA rank for "
+            "--backbone within --budget_minutes: report.md with every trial).",
     "backbones": "--mode=rank: candidates, comma-separated: asset:minilm, asset:minilm_l3, asset:efficientnet_lite0, "
                  "keras-hub encoder presets or folders, lstm/small_cnn run folders; each at every depth plus a "
                  "randomly initialised control. Empty = the offline zoo for the data's modality (and --source_model).",
     "budget_minutes": "--mode=auto: minutes for the whole run (ranking, then the chosen training); the choice "
-                      "of depth and strategy fits what the ranking leaves (estimated from its forward pass).",
+                      "of depth and strategy fits what the ranking leaves (estimated from its forward pass). "
+                      "--mode=tune: minutes for the search; a trial starts only if it should end in time.",
     "labels": "--nolabels: the training split's labels are not used (--mode=auto: zero-shot by label descriptions, "
               "then self-training on the unlabelled training texts; validation and test labels only score).",
     "backbone_depth": "keras-hub text encoders: keep only the first N transformer blocks, the features after "

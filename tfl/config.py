@@ -22,7 +22,7 @@ JIT_CHOICES = ("auto", "true", "false")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
-MODES = ("train", "zero_shot", "self_train", "compare", "predict", "rank", "auto")
+MODES = ("train", "zero_shot", "self_train", "compare", "predict", "rank", "auto", "tune")
 TRANSFERS = ("", "structure", "parameter")
 
 
@@ -133,9 +133,10 @@ class RankConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AutoConfig:
-    """--mode=auto: rank, choose backbone, depth and strategy within a budget, run the choice (tfl.auto)."""
+    """--mode=auto (rank, choose backbone, depth and strategy, run the choice: tfl.auto) and --mode=tune (a
+    Hyperband search: tfl.tuning), each within a budget."""
 
-    budget_minutes: float = 30.0  # the whole run: ranking, then the chosen training
+    budget_minutes: float = 30.0  # the whole run: auto's ranking and chosen training, or tune's trials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,7 @@ class PredictConfig:
 class Config:
     """A whole run."""
 
-    mode: str = "train"  # train | zero_shot | self_train | compare | predict | rank | auto
+    mode: str = "train"  # train | zero_shot | self_train | compare | predict | rank | auto | tune
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     freeze: FreezeConfig = FreezeConfig()

@@ -13,7 +13,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tfl import auto, prediction, ranking, report, run_dir, runner, self_training, storage, zero_shot
+from tfl import auto, prediction, ranking, report, run_dir, runner, self_training, storage, tuning, zero_shot
 from tfl.assets import AssetError
 from tfl.backbones import BackboneError, check_backbone_name
 from tfl.config import Config, ConfigError, config_from_dict
@@ -50,6 +50,7 @@ MODE_FUNCTIONS = {
     "predict": prediction.run_predict,
     "rank": lambda config, verbose: ranking.rank(config),
     "auto": auto.run_auto,
+    "tune": tuning.tune,
 }
 
 

@@ -1,0 +1,155 @@
+"""--mode=tune: a budgeted Hyperband search (KerasTuner) over learning rate, epochs, freeze depth and LoRA rank
+for one backbone. Every trial is a whole tfl run (``runner.train_and_evaluate``), its model rebuilt from the
+preset, under ``<model_dir>/trials/<id>``; trials are compared on the validation split only.
+
+    result = tfl.tuning.tune(config)     # config.mode == "tune"; writes report.md / report.json
+    result["best"]["values"]             # {"learning_rate": ..., "freeze_blocks": ..., "tuner/epochs": ...}
+
+The space: learning rate log-uniform in [--learning_rate / 10, --learning_rate * 10]; then, for keras-hub
+backbones, either frozen blocks (0 .. all but the last) or LoRA (rank 4 or 8) on the frozen backbone; for
+others, frozen blocks alone. Hyperband (factor 3) hands each trial its epochs, up to --epochs. The search
+stops at --budget_minutes: a trial starts only when the seconds per epoch measured so far say it ends in time
+(the first trial always runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from tfl import devices as devices_lib
+from tfl import runner, storage
+from tfl.config import Config
+
+# The validation metric a trial is judged by, per task: (name in metrics["validation"], direction).
+OBJECTIVES = {"classification": ("accuracy", "max"), "multilabel": ("macro_f1", "max"), "regression": ("mae", "min")}
+LORA_RANKS = (4, 8)
+
+
+def search_space(learning_rate: float, blocks: int, lora: bool):
+    """The KerasTuner HyperParameters of the module docstring, for a backbone of ``blocks`` blocks."""
+    import keras_tuner
+
+    hp = keras_tuner.HyperParameters()
+    hp.Float("learning_rate", learning_rate / 10, learning_rate * 10, sampling="log")
+    if not lora:
+        hp.Int("freeze_blocks", 0, max(blocks - 1, 0))
+        return hp
+    hp.Choice("adaptation", ["blocks", "lora"])
+    with hp.conditional_scope("adaptation", ["blocks"]):
+        hp.Int("freeze_blocks", 0, max(blocks - 1, 0))
+    with hp.conditional_scope("adaptation", ["lora"]):
+        hp.Choice("lora_rank", list(LORA_RANKS))
+    return hp
+
+
+def trial_config(config: Config, values: dict, model_dir: str) -> Config:
+    """The --mode=train run of one trial's values."""
+    freeze = dataclasses.replace(config.freeze, freeze_blocks=int(values.get("freeze_blocks", 0)),
+                                 lora_rank=int(values.get("lora_rank", 0)), freeze_all=False)
+    train = dataclasses.replace(config.train, learning_rate=float(values["learning_rate"]),
+                                epochs=int(values.get("tuner/epochs", config.train.epochs)))
+    return dataclasses.replace(config, mode="train", freeze=freeze, train=train, model_dir=model_dir, export=False)
+
+
+def _tuner_classes():
+    """The oracle and tuner, defined when keras_tuner is first needed (it is imported only by --mode=tune)."""
+    import keras_tuner
+
+    class BudgetedHyperband(keras_tuner.oracles.HyperbandOracle):
+        """Hyperband that stops when the next trial would not end before ``deadline``."""
+
+        def __init__(self, deadline: float, **kwargs):
+            super().__init__(**kwargs)
+            self.deadline, self.seconds_per_epoch = deadline, None
+
+        def populate_space(self, trial_id):
+            response = super().populate_space(trial_id)
+            if response.get("status") == "RUNNING" and self.seconds_per_epoch is not None:
+                epochs = response["values"].get("tuner/epochs", 1)
+                if time.time() + self.seconds_per_epoch * epochs > self.deadline:
+                    return {"status": "STOPPED"}
+            return response
+
+    class RunTuner(keras_tuner.Tuner):
+        """Each trial is a tfl run; its validation metric is the objective."""
+
+        def run_trial(self, trial, config: Config, rows: list, **unused):
+            values = dict(trial.hyperparameters.values)
+            started = time.time()
+            metrics = runner.train_and_evaluate(trial_config(config, values, os.path.join(
+                config.model_dir or self.project_dir, "trials", trial.trial_id)), verbose=0)
+            seconds = time.time() - started
+            epochs = max(int(values.get("tuner/epochs", 1)), 1)
+            measured = self.oracle.seconds_per_epoch or 0.0
+            self.oracle.seconds_per_epoch = max(measured, seconds / epochs)  # the slowest so far, per epoch
+            name, _ = OBJECTIVES[config.model.task]
+            rows.append({"trial": trial.trial_id, "values": values, "validation": metrics["validation"],
+                         "test": metrics["test"], "seconds": round(seconds, 1)})
+            print(f"tfl: tune trial {trial.trial_id}: {_describe(values)}: validation {name} "
+                  f"{metrics['validation'][name]:.4f} in {seconds:.0f} s")
+            return {f"val_{name}": metrics["validation"][name]}
+
+    return BudgetedHyperband, RunTuner
+
+
+def _describe(values: dict) -> str:
+    parts = [f"lr {values['learning_rate']:.2e}", f"{values.get('tuner/epochs', '-')} epoch(s)"]
+    parts.append(f"LoRA rank {values['lora_rank']}" if values.get("lora_rank") else
+                 f"{values.get('freeze_blocks', 0)} block(s) frozen")
+    return ", ".join(parts)
+
+
+def tune(config: Config, verbose: int = 1) -> dict:
+    """--mode=tune: the search, then report.md / report.json under model_dir."""
+    import keras_tuner
+
+    started = time.time()
+    splits = runner.load_data_for(config)
+    backbone = runner.backbone_for(config, splits, devices_lib.resolve_precision(config.train.precision))
+    lora = backbone.keras_hub_backbone is not None and hasattr(backbone.keras_hub_backbone, "enable_lora")
+    name, direction = OBJECTIVES[config.model.task]
+    oracle_class, tuner_class = _tuner_classes()
+    oracle = oracle_class(started + config.auto.budget_minutes * 60.0,
+                          objective=keras_tuner.Objective(f"val_{name}", direction),
+                          max_epochs=config.train.epochs, factor=3, hyperband_iterations=1, seed=config.seed,
+                          hyperparameters=search_space(config.train.learning_rate, len(backbone.blocks), lora),
+                          tune_new_entries=False)
+    work_dir = os.path.join(config.model_dir, "tuner") if config.model_dir else None
+    tuner = tuner_class(oracle=oracle, directory=work_dir, project_name="hyperband", overwrite=True)
+    rows: list = []
+    tuner.search(config, rows, verbose=0)  # tfl prints one line per trial
+    if not rows:
+        raise RuntimeError("--mode=tune ran no trial")
+    best = max(rows, key=lambda r: r["validation"][name] * (1 if direction == "max" else -1))
+    result = {"mode": "tune", "objective": f"validation {name} ({direction})", "trials": rows, "best": best,
+              "test": best["test"], "budget_minutes": config.auto.budget_minutes,
+              "wall_seconds": round(time.time() - started, 2)}
+    print(f"tfl: tune: best trial {best['trial']} ({_describe(best['values'])}): validation {name} "
+          f"{best['validation'][name]:.4f}; {len(rows)} trial(s) in {result['wall_seconds']:.0f} s")
+    if config.model_dir:
+        storage.write_json_atomically(os.path.join(config.model_dir, "report.json"), result)
+        storage.write_text_atomically(os.path.join(config.model_dir, "report.md"), format_report(config, result))
+    return result
+
+
+def format_report(config: Config, result: dict) -> str:
+    name = result["objective"].split()[1]
+    lines = [f"# Tune: {config.model.backbone} on {config.data.source}", "",
+             f"Hyperband (KerasTuner) over learning rate, epochs (up to {config.train.epochs}), frozen blocks and "
+             f"LoRA rank; judged by {result['objective']}. {len(result['trials'])} trial(s) in "
+             f"{result['wall_seconds'] / 60:.1f} min of a {result['budget_minutes']:g} min budget.", "",
+             "| trial | learning rate | epochs | adaptation | validation " + name + " | seconds |",
+             "|---|---|---|---|---|---|"]
+    for row in sorted(result["trials"], key=lambda r: r["trial"]):
+        values = row["values"]
+        adaptation = (f"LoRA rank {values['lora_rank']}" if values.get("lora_rank")
+                      else f"{values.get('freeze_blocks', 0)} frozen")
+        lines.append(f"| {row['trial']} | {values['learning_rate']:.2e} | {values.get('tuner/epochs', '-')} | "
+                     f"{adaptation} | {row['validation'][name]:.4f} | {row['seconds']:.0f} |")
+    best = result["best"]
+    test = ", ".join(f"{k} {v:.4f}" for k, v in best["test"].items())
+    lines += ["", f"Best: trial {best['trial']} ({_describe(best['values'])}); its run is `trials/{best['trial']}/`. "
+              f"Its test split, scored once after the search: {test}."]
+    return "\n".join(lines) + "\n"
