@@ -1,4 +1,5 @@
-"""tfl's performance benchmark: side-by-side ratios measured in one process, one sitting.
+"""tfl's performance benchmark: side-by-side ratios measured in one process, one sitting; writes the whole of
+docs/benchmarks.md (nothing in it is typed by hand).
 
     .venv/bin/python benchmarks/run.py [--steps=30] [--out=docs/benchmarks.md]
 
@@ -6,11 +7,14 @@ Needs the offline assets (make assets). Sections:
   1. the machine's matmul peak (float32, bfloat16);
   2. MiniLM fine-tune step throughput at batch 32, sequence 128: plain Keras (keras-hub
      BertTextClassifier) in float32, float32 + XLA, mixed_bfloat16, against tfl's default path,
-     and the share of the bf16 peak it reaches;
-  3. a Rotten Tomatoes fine-tune epoch with length bucketing vs. padding every batch to 128
-     (timed over --steps batches of each and scaled to the epoch's batch count);
+     and the share of the peak of the dtype each computes in;
+  3. a Rotten Tomatoes fine-tune epoch with length bucketing vs. padding every batch to 128: one
+     epoch's batches are built, --steps of them drawn at random (so in the epoch's own proportions of
+     bucket shapes) are timed, and the mean time per batch is scaled to the epoch's batch count;
   4. a linear-probe epoch after the first: head on cached features vs. recomputing the backbone;
-  5. input pipeline overhead: the real tf.data pipeline vs. the same batches already in memory.
+  5. input pipeline overhead: the real tf.data pipeline vs. the same batches as tensors already in memory;
+  6. where the default step's time goes: the step's matmul shapes alone (benchmarks/matmul_shapes.py)
+     and forward / backward / whole-step times (benchmarks/step_breakdown.py), with what follows from them.
 Throughputs exclude the first steps (tracing). The machine is noisy: compare within one run.
 """
 
@@ -33,6 +37,10 @@ from tfl import assets, devices, heads, storage, train  # noqa: E402
 from tfl import data as data_lib  # noqa: E402
 from tfl.backbones import build_backbone  # noqa: E402
 from tfl.runner import build_model, cache_features  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import matmul_shapes  # noqa: E402
+import step_breakdown  # noqa: E402
 
 BATCH, SEQ = 32, 128
 
@@ -81,6 +89,44 @@ def plain_keras_classifier(preset: str, dtype: str, jit: bool):
     return model
 
 
+def epoch_seconds(model, batches, steps: int, seed: int = 0) -> tuple:
+    """(seconds for one epoch of ``batches``, its batch count): ``steps`` batches drawn at random from one
+    epoch (so bucket shapes in the epoch's proportions), each shape traced once first, mean time x count."""
+    epoch = list(batches)
+    picks = np.random.RandomState(seed).choice(len(epoch), min(steps, len(epoch)), replace=False)
+    for shape in {tuple(epoch[i][0]["token_ids"].shape) for i in picks}:  # trace every shape before timing
+        model.train_on_batch(*next(b for b in epoch if tuple(b[0]["token_ids"].shape) == shape))
+    started = time.perf_counter()
+    for i in picks:
+        model.train_on_batch(*epoch[i])
+    return (time.perf_counter() - started) / len(picks) * len(epoch), len(epoch)
+
+
+def in_memory(batches: list) -> tf.data.Dataset:
+    """The same batches as a dataset of tensors already in memory (no Python generator in between)."""
+    dataset = tf.data.Dataset.from_tensors(batches[0])
+    for batch in batches[1:]:
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(batch))
+    return dataset
+
+
+def step_analysis(shapes: dict, parts: dict, flops_per_example: float) -> str:
+    """What the matmul speeds and the step breakdown, measured above, say; every number computed here."""
+    forward = parts["forward (training mode)"]
+    forward_gflop = flops_per_example / 3 * BATCH / 1e9  # forward is a third of forward + backward
+    matmul_share = forward_gflop / shapes["mix"] / forward
+    step = parts["whole train step (Keras)"]
+    rest = step - parts["forward + backward"]
+    return (f"- The forward pass does about {forward_gflop:.0f} GFLOP of matmuls per batch in {forward * 1000:.0f} ms, "
+            f"{forward_gflop / forward:.0f} GFLOP/s. The same matmuls alone run at {shapes['mix']:.0f} GFLOP/s "
+            f"(FLOP-weighted mix above), so they account for about {matmul_share:.0%} of the forward time; the "
+            "rest is the work between them (softmax, GELU, layer norm, dropout, masks, dtype casts). That share is "
+            "a remainder, not measured op by op.\n"
+            f"- Forward + backward is {parts['forward + backward'] / forward:.1f}x the forward pass; the optimizer "
+            f"update and Keras's own overhead are the rest of the step: {rest * 1000:.0f} ms of {step * 1000:.0f} ms "
+            f"({rest / step:.0%}; a negative value means it is within the timing noise).\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
@@ -92,17 +138,19 @@ def main() -> int:
     texts = np.array([x.decode() for x, _ in splits.train.as_numpy_iterator()], dtype=object)
     labels = np.array([y for _, y in splits.train.as_numpy_iterator()])
 
-    peak32, peak16 = matmul_gflops(tf.float32), matmul_gflops(tf.bfloat16)
-    rows.append(("matmul 2048² peak", f"float32 {peak32:.0f} GFLOP/s, bfloat16 {peak16:.0f} GFLOP/s", ""))
+    peaks = {"float32": matmul_gflops(tf.float32), "bfloat16": matmul_gflops(tf.bfloat16)}
+    rows.append(("matmul 2048² peak", f"float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} "
+                 "GFLOP/s", ""))
 
     # 2. fine-tune throughput, batch 32, sequence 128, the same real sentences for every configuration.
     tokenizer_backbone = build_backbone("asset:minilm", sequence_length=SEQ)
     inputs = tokenizer_backbone.preprocess(tf.constant(texts[: BATCH * 8].astype(str)))
     fixed = tf.data.Dataset.from_tensor_slices((inputs, labels[: BATCH * 8])).batch(BATCH, drop_remainder=True).cache()
-    throughput = {}
+    throughput, computes_in = {}, {}
     for name, dtype, jit in [("plain Keras float32", "float32", False), ("plain Keras float32 + XLA", "float32", True),
                              ("plain Keras mixed_bfloat16", "mixed_bfloat16", False)]:
         throughput[name] = timed_fit(plain_keras_classifier(preset, dtype, jit), fixed, args.steps)
+        computes_in[name] = "bfloat16" if "bfloat16" in dtype else "float32"
     # Record what XLA buys on this CPU, so --jit_compile=auto can decide from a measurement.
     speedup = throughput["plain Keras float32 + XLA"] / throughput["plain Keras float32"]
     devices.record_xla_speedup(speedup, "plain Keras MiniLM fine-tune step, batch 32, seq 128, float32")
@@ -110,14 +158,17 @@ def main() -> int:
     backbone = build_backbone("asset:minilm", sequence_length=SEQ, dtype=precision)
     model = build_model(backbone, ["rotten", "fresh"])
     train.compile_model(model, train.make_optimizer(5e-5, 1000), task="classification", num_labels=2, jit_compile=jit)
-    throughput[f"tfl default ({precision}, jit={jit})"] = timed_fit(model, fixed, args.steps)
+    default = f"tfl default ({precision}, jit={jit})"
+    throughput[default] = timed_fit(model, fixed, args.steps)
+    computes_in[default] = "bfloat16" if "bfloat16" in precision else "float32"
     best_plain = max(v for k, v in throughput.items() if k.startswith("plain"))
     flops = minilm_flops_per_example(backbone, SEQ)
     for name, value in throughput.items():
-        rows.append((f"MiniLM fine-tune, {name}", f"{value:.1f} ex/s",
-                     f"{value / best_plain:.2f}x best plain; {value * flops / 1e9 / peak16:.0%} of bf16 peak"))
+        peak = computes_in[name]
+        rows.append((f"MiniLM fine-tune, {name}", f"{value:.1f} ex/s", f"{value / best_plain:.2f}x best plain; "
+                     f"{value * flops / 1e9 / peaks[peak]:.0%} of the {peak} peak"))
 
-    # 3. bucketing vs. padding to 128, on the tfl default model.
+    # 3. bucketing vs. padding to 128, on the tfl default model, over batches drawn in the epoch's proportions.
     lengths = data_lib.token_lengths(splits.train.batch(256).map(lambda x, y: backbone.preprocess(x)))
     bounds = data_lib.choose_boundaries(lengths, 8)
     bounds[-1] = SEQ
@@ -125,13 +176,10 @@ def main() -> int:
     for name, boundaries in [("pad to 128", None), ("8 length buckets", bounds)]:
         batches = data_lib.make_batches(splits.train, batch_size=BATCH, preprocess=backbone.preprocess, training=True,
                                         bucket_boundaries=boundaries)
-        epoch_batches = sum(1 for _ in batches)
-        rate = timed_fit(model, batches, args.steps)
-        timings[name] = len(texts) / rate
+        timings[name], epoch_batches = epoch_seconds(model, batches, args.steps)
         rows.append((f"RT fine-tune epoch, {name}", f"{timings[name]:.0f} s/epoch ({epoch_batches} batches)",
                      f"padding {data_lib.padding_fraction(lengths, boundaries or [SEQ]):.1%}"))
     rows.append(("bucketing speed-up per epoch", f"{timings['pad to 128'] / timings['8 length buckets']:.2f}x", ""))
-
     # 4. linear probe, an epoch after the first: cached features vs. recomputing the frozen backbone.
     probe_backbone = build_backbone("asset:minilm", sequence_length=64, dtype=precision)
     probe = build_model(probe_backbone, ["rotten", "fresh"], frozen_backbone=True)
@@ -154,21 +202,30 @@ def main() -> int:
     rows.append(("linear probe epoch 2+ (2,048 sentences)", f"recompute {recompute:.1f} s, cached {cached_seconds:.2f} s",
                  f"{recompute / cached_seconds:.0f}x"))
 
-    # 5. input pipeline overhead: the real pipeline vs. the same batches pre-materialised in memory.
+    # 5. input pipeline overhead: the real pipeline vs. the same batches as tensors already in memory.
     real = data_lib.make_batches(splits.train, batch_size=BATCH, preprocess=backbone.preprocess, training=True,
                                  bucket_boundaries=bounds)
-    in_memory = list(real.take(args.steps + 3))
-    materialised = tf.data.Dataset.from_generator(lambda: iter(in_memory), output_signature=real.element_spec)
+    materialised = in_memory(list(real.take(args.steps + 3)))
     rate_real, rate_memory = timed_fit(model, real, args.steps), timed_fit(model, materialised, args.steps)
     rows.append(("input pipeline", f"real {rate_real:.1f} ex/s, in memory {rate_memory:.1f} ex/s",
-                 f"overhead {max(0.0, 1 - rate_real / rate_memory):.1%}"))
+                 f"overhead {1 - rate_real / rate_memory:.1%} (negative: within the noise)"))
 
+    # 6. where the default step's time goes.
+    compute_dtype = tf.bfloat16 if "bfloat16" in precision else tf.float32
+    shapes = matmul_shapes.shape_speeds(BATCH, SEQ, compute_dtype)
+    parts = step_breakdown.breakdown(list(texts[:BATCH].astype(str)), precision)
+    analysis = (f"\n## Where the default step's time goes\n\nBatch {BATCH}, sequence {SEQ}, {precision}, measured "
+                "in this run: the step's matmul shapes alone (`benchmarks/matmul_shapes.py`), then forward, "
+                "forward + backward and the whole Keras step on one batch (`benchmarks/step_breakdown.py`).\n\n"
+                + matmul_shapes.markdown(shapes) + "\n" + step_breakdown.markdown(parts) + "\n"
+                + step_analysis(shapes, parts, flops))
     cpu = platform.processor() or platform.machine()
     table = ["| measurement | result | ratio |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     text = (f"# tfl benchmarks\n\nMachine: {os.cpu_count()} cores ({cpu}), bf16-native CPU: "
             f"{devices.cpu_has_native_bf16()}; TF {tf.__version__}, Keras {keras.__version__}. "
             f"Command: `.venv/bin/python benchmarks/run.py --steps={args.steps}` "
-            f"({time.strftime('%Y-%m-%d')}).\n\n" + "\n".join(table) + "\n")
+            f"({time.strftime('%Y-%m-%d')}). Every number below comes from this run; rerun the command to "
+            "refresh it.\n\n" + "\n".join(table) + "\n" + analysis)
     print(text)
     storage.write_text_atomically(args.out, text)
     return 0
