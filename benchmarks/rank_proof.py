@@ -137,17 +137,18 @@ def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
             "optimizer_steps": metrics["optimizer_steps"], "precision": metrics["precision"]}
         print(f"proof: {task} seed {seed} {row['candidate']}: test accuracy {runs[row['candidate']]['test_accuracy']:.4f}"
               f" in {metrics['wall_seconds']:.0f} s", flush=True)
-    sizes = metrics["data"]["sizes"]
-    pick = auto.choose(rows, train_examples=sizes["train"], num_classes=len(splits.label_names), epochs=base.train.epochs,
-                       budget_seconds=math.inf, ranked_examples=len(labels))
+    sizes = splits.sizes
     values, counts = np.unique(labels, return_counts=True)
+    pick = auto.choose(rows, train_examples=sizes["train"], smallest_class=int(counts.min()), epochs=base.train.epochs,
+                       budget_seconds=math.inf, ranked_examples=len(labels))
     return {"seed": seed, "rows": rows, "runs": runs, "rank_seconds": rank_seconds, "sizes": sizes,
             "auto": {"candidate": f"{pick.backbone}@{pick.depth}", "strategy": pick.strategy},
             "label_counts": {splits.label_names[v]: int(n) for v, n in zip(values, counts)},
             "recipe": {"flagfile": args.recipe, "epochs": base.train.epochs, "learning_rate": base.train.learning_rate,
                        "batch_size": base.data.batch_size, "sequence_length": base.model.sequence_length,
                        "warmup_fraction": base.train.warmup_fraction, "lr_schedule": base.train.lr_schedule,
-                       "bucket_shapes": base.data.bucket_shapes, "precision": metrics["precision"],
+                       "bucket_shapes": base.data.bucket_shapes,
+                       "precision": next(iter(runs.values()))["precision"] if runs else "-",
                        "max_steps_per_epoch": base.train.max_steps_per_epoch}}
 
 

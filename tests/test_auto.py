@@ -18,13 +18,16 @@ def _row(candidate, logme, depth, pretrained=True, backbone="enc", feature_secon
 # The ranking of one 6-block encoder: depth 4 scores best; 1,000 ranked examples took 60 s for all depths.
 ROWS = [_row("enc@4", -0.5, 4), _row("enc@6", -0.6, 6), _row("enc@0", -0.65, 0),
         _row("enc@6 (random init)", -0.7, 6, pretrained=False)]
-ARGS = dict(num_classes=2, epochs=2, ranked_examples=1000, eval_examples=0)
+ARGS = dict(epochs=2, ranked_examples=1000, eval_examples=0)
 
 
 def test_few_labels_per_class_get_a_linear_probe_on_the_best_depth():
-    choice = auto.choose(ROWS, train_examples=40, budget_seconds=1e9, **ARGS)
+    choice = auto.choose(ROWS, train_examples=40, smallest_class=20, budget_seconds=1e9, **ARGS)
     assert (choice.strategy, choice.backbone, choice.depth) == ("linear_probe", "enc", 4)
-    assert "per class" in choice.reasons[-1] and "enc@4" in choice.reasons[0]
+    assert "rarest class has 20" in choice.reasons[-1] and "enc@4" in choice.reasons[0]
+    # Many examples, but one class rare: still a probe (the rarest class decides, not the mean).
+    assert auto.choose(ROWS, train_examples=1000, smallest_class=10, budget_seconds=1e9, **ARGS).strategy == \
+        "linear_probe"
     # One forward pass per example, at 4/6 of the full backbone's 0.06 s.
     assert choice.estimated_seconds == pytest.approx(40 * 0.06 * 4 / 6)
 
@@ -32,28 +35,31 @@ def test_few_labels_per_class_get_a_linear_probe_on_the_best_depth():
 def test_the_budget_decides_between_fine_tune_partial_and_probe():
     full = auto.training_seconds(0.04, train_examples=1000, eval_examples=0, epochs=2, trained_share=1.0)
     assert full == pytest.approx(0.04 * 2 * 1000 * 3)
-    assert auto.choose(ROWS, train_examples=1000, budget_seconds=full, **ARGS).strategy == "fine_tune"
-    partial = auto.choose(ROWS, train_examples=1000, budget_seconds=full * 0.8, **ARGS)
+    assert auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=full * 1.01,
+                       **ARGS).strategy == "fine_tune"
+    partial = auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=full * 0.8, **ARGS)
     assert partial.strategy == "partial" and partial.freeze_blocks >= 1
     assert partial.estimated_seconds <= full * 0.8 and "over the budget" in partial.reasons[-1]
     # One block fewer frozen would not have fitted: the fewest frozen blocks that fit.
     one_less = auto.training_seconds(0.04, train_examples=1000, eval_examples=0, epochs=2,
                                      trained_share=(5 - partial.freeze_blocks + 1) / 5)
     assert one_less > full * 0.8
-    tighter = auto.choose(ROWS, train_examples=1000, budget_seconds=full * 0.5, **ARGS)
+    tighter = auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=full * 0.5, **ARGS)
     assert tighter.freeze_blocks > partial.freeze_blocks
-    assert auto.choose(ROWS, train_examples=1000, budget_seconds=1.0, **ARGS).strategy == "linear_probe"
+    assert auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=1.0, **ARGS).strategy == "linear_probe"
+    spent = auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=-35.0, **ARGS)
+    assert spent.strategy == "linear_probe" and "ranking used up the budget" in spent.reasons[-1]
 
 
 def test_controls_are_never_chosen_and_a_best_that_does_not_beat_its_control_is_flagged():
     rows = [_row("enc@6 (random init)", 0.0, 6, pretrained=False)] + ROWS[:2]
-    choice = auto.choose(rows, train_examples=1000, budget_seconds=1e9, **ARGS)
+    choice = auto.choose(rows, train_examples=1000, smallest_class=500, budget_seconds=1e9, **ARGS)
     assert choice.backbone == "enc" and choice.depth == 4
     assert any("does not beat its own random-init control" in r for r in choice.reasons)
-    with pytest.raises(ConfigError, match="no pretrained backbone"):
-        auto.choose(rows[:1], train_examples=1000, budget_seconds=1e9, **ARGS)
+    with pytest.raises(ConfigError, match="no pretrained candidate"):
+        auto.choose(rows[:1], train_examples=1000, smallest_class=500, budget_seconds=1e9, **ARGS)
     # Images are not cut: only each backbone's full depth is a choice.
-    assert auto.choose(ROWS, train_examples=1000, budget_seconds=1e9, can_cut=False, **ARGS).depth == 0
+    assert auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=1e9, can_cut=False, **ARGS).depth == 0
 
 
 def test_backbone_depth_is_the_rankings_depth_k_and_leaves_later_blocks_out(tiny_bert_preset):
@@ -147,9 +153,33 @@ def test_tune_searches_within_its_budget_and_reports_every_trial(tmp_path, tiny_
     assert result["best"]["validation"]["accuracy"] == best
     report = (tmp_path / "tune" / "report.md").read_text()
     assert all(f"| {t['trial']} |" in report for t in trials) and "Best: trial" in report
-    # 3 s of budget: the first trial always runs (and takes longer), then the measured seconds per epoch stop
-    # the search; Hyperband alone would run 6 trials here.
-    assert len(trials) == 1 and elapsed < 3 + 2 * trials[0]["seconds"]
+    # 3 s of budget: the first trial always runs, then the measured seconds per epoch stop the search before a
+    # trial that would end late; Hyperband alone would run 6 trials here.
+    assert len(trials) < 6 and elapsed < 3 + 2 * max(t["seconds"] for t in trials)
+
+
+def test_a_user_mistake_inside_a_trial_stops_the_search_as_itself(tmp_path, tiny_bert_preset):
+    from tfl import job
+
+    config = Config(mode="tune", data=DataConfig(source=_sentences(tmp_path), batch_size=8),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=64),  # longer than its 16 positions
+                    train=TrainConfig(precision="float32", epochs=1), model_dir=str(tmp_path / "tune"), export=False)
+    with pytest.raises(BackboneError, match="--sequence_length=64 is longer"):
+        job.run_checked(config, verbose=0)
+    with pytest.raises(ConfigError, match="--mode=tune needs --model_dir"):
+        Config(mode="tune").validate()
+
+
+def test_auto_runs_what_was_chosen_not_the_users_other_freezing_flags():
+    from tfl.config import FreezeConfig
+
+    config = Config(mode="auto", model=ModelConfig(pooling="cls"), freeze=FreezeConfig(trainable="pooler",
+                                                                                       lora_rank=4))
+    probe = auto.chosen_config(config, auto.Choice("linear_probe", "asset:minilm", 3), "/tmp/x")
+    assert probe.freeze.freeze_all and not probe.freeze.trainable and probe.freeze.lora_rank == 0
+    assert (probe.model.backbone_depth, probe.model.pooling, probe.mode) == (3, "mean", "train")
+    partial = auto.chosen_config(config, auto.Choice("partial", "asset:minilm", 4, freeze_blocks=2), "/tmp/x")
+    assert (partial.freeze.freeze_blocks, partial.freeze.freeze_all, partial.train.learning_rate) == (2, False, 5e-5)
 
 
 def test_the_budgeted_oracle_starts_a_trial_only_if_it_ends_in_time():

@@ -1,7 +1,8 @@
 """--mode=auto: rank the zoo, choose (backbone, depth, strategy) within a compute budget, run the choice, and
 write why in report.md.
 
-    choice = tfl.auto.choose(rows, train_examples=800, num_classes=2, epochs=3, budget_seconds=600)
+    choice = tfl.auto.choose(rows, train_examples=800, smallest_class=400, epochs=3, budget_seconds=600,
+                             ranked_examples=800)
     choice.strategy, choice.backbone, choice.depth, choice.reasons
 
 The rule (``choose``; the README repeats it):
@@ -59,34 +60,40 @@ def training_seconds(forward_seconds: float, *, train_examples: int, eval_exampl
     return forward_seconds * (epochs * train_examples * step + eval_examples)
 
 
-def choose(rows: list, *, train_examples: int, num_classes: int, epochs: int, budget_seconds: float,
+def choose(rows: list, *, train_examples: int, smallest_class: int, epochs: int, budget_seconds: float,
            ranked_examples: int, eval_examples: int = 0, can_cut: bool = True) -> Choice:
     """The rule of this module's docstring, applied to ``ranking.ranking_rows`` output (best first).
-    ``can_cut=False`` (image backbones): only each backbone's full depth is a choice."""
+    ``smallest_class``: labelled training examples of the rarest class; ``eval_examples``: examples evaluated
+    over the whole run (validation after every epoch, then test); ``can_cut=False`` (image backbones): only
+    each backbone's full depth is a choice."""
     deepest = {}
     for r in rows:
         deepest[r["backbone"]] = max(deepest.get(r["backbone"], 0), r["depth"] or 0)
     pretrained = [r for r in rows if r["pretrained"] and (r["depth"] or 0) >= 1 and not is_source_model_folder(
         r["backbone"]) and (can_cut or r["depth"] == deepest[r["backbone"]])]
     if not pretrained:
-        raise ConfigError("--mode=auto found no pretrained backbone to run in the ranking; add one to --backbones "
-                          "(e.g. asset:minilm)")
+        raise ConfigError("--mode=auto found no pretrained candidate it can run in the ranking (a backbone after at "
+                          "least one block); add a pretrained backbone to --backbones, or a depth >= 1 to --depths")
     best = pretrained[0]
     # The ranking's shared pass ran every depth of the backbone: the cut model costs depth / deepest of it.
     forward = best["feature_seconds"] / max(ranked_examples, 1) * best["depth"] / deepest[best["backbone"]]
-    reasons = [f"`{best['candidate']}` has the highest LogME of the pretrained candidates ({best['logme']:.4f})"]
+    reasons = [f"`{best['candidate']}` has the highest LogME of the pretrained candidates "
+               + ("" if can_cut else "at each backbone's full depth ") + f"({best['logme']:.4f})"]
     control = [r for r in rows if not r["pretrained"] and r["backbone"] == best["backbone"]]
     if control and not best["logme"] > control[0]["logme"]:
         reasons.append(f"warning: it does not beat its own random-init control ({control[0]['logme']:.4f}): "
                        "its pretrained weights carry nothing LogME can see for this task")
-    per_class = train_examples / max(num_classes, 1)
     cost = lambda share: training_seconds(forward, train_examples=train_examples,  # noqa: E731
                                           eval_examples=eval_examples, epochs=epochs, trained_share=share)
     depth = best["depth"] if can_cut else 0  # 0: the whole backbone
     choice = Choice("linear_probe", best["backbone"], depth, 0, cost(0.0), reasons)
-    if per_class < FINE_TUNE_MIN_PER_CLASS:
-        reasons.append(f"{per_class:.0f} labelled examples per class (< {FINE_TUNE_MIN_PER_CLASS}): a linear "
-                       "probe on the frozen features; fine-tuning every weight on so few mostly fits noise")
+    if smallest_class < FINE_TUNE_MIN_PER_CLASS:
+        reasons.append(f"the rarest class has {smallest_class} labelled examples (< {FINE_TUNE_MIN_PER_CLASS}): a "
+                       "linear probe on the frozen features; fine-tuning every weight on so few mostly fits noise")
+        return choice
+    if budget_seconds <= 0:
+        reasons.append("the ranking used up the budget: a linear probe, the cheapest run "
+                       f"(about {choice.estimated_seconds:.0f} s)")
         return choice
     # Blocks of the (cut) backbone: the embeddings or stem, then one per depth. Fewest frozen that fit first.
     blocks = best["depth"] + 1
@@ -94,7 +101,7 @@ def choose(rows: list, *, train_examples: int, num_classes: int, epochs: int, bu
         seconds = cost((blocks - frozen) / blocks)
         if seconds <= budget_seconds:
             strategy = "fine_tune" if frozen == 0 else "partial"
-            reasons.append(f"{per_class:.0f} labelled examples per class; "
+            reasons.append(f"{smallest_class} or more labelled examples per class; "
                            + (f"fine-tuning every weight fits the budget (estimate {seconds:.0f} s of "
                               f"{budget_seconds:.0f} s)" if frozen == 0 else
                               f"full fine-tuning would take about {cost(1.0):.0f} s, over the budget of "
@@ -107,14 +114,18 @@ def choose(rows: list, *, train_examples: int, num_classes: int, epochs: int, bu
 
 
 def chosen_config(config: Config, choice: Choice, model_dir: str) -> Config:
-    """The --mode=train run of ``choice``."""
-    model = dataclasses.replace(config.model, backbone=choice.backbone, backbone_depth=choice.depth, pretrained=True)
-    freeze = dataclasses.replace(config.freeze, freeze_all=choice.strategy == "linear_probe",
-                                 freeze_blocks=choice.freeze_blocks if choice.strategy == "partial" else 0)
+    """The --mode=train run of ``choice``: what the ranking scored (mean pooling, no transfer from a source
+    model) and only the freezing the choice names; the user's other freezing flags do not apply."""
+    model = dataclasses.replace(config.model, backbone=choice.backbone, backbone_depth=choice.depth, pretrained=True,
+                                pooling="mean", transfer="", source_model="", transfer_head="new")
+    freeze = dataclasses.replace(config.freeze, freeze_all=choice.strategy == "linear_probe", trainable="",
+                                 freeze_blocks=choice.freeze_blocks if choice.strategy == "partial" else 0,
+                                 lora_rank=0, unfreeze_every_epochs=0)
     train = config.train
     if choice.strategy == "linear_probe":  # a head alone needs a larger step (as --mode=compare's probe)
         train = dataclasses.replace(train, learning_rate=config.compare.probe_learning_rate)
-    return dataclasses.replace(config, mode="train", model=model, freeze=freeze, train=train, model_dir=model_dir)
+    return dataclasses.replace(config, mode="train", model=model, freeze=freeze, train=train,
+                               model_dir=model_dir).validate()
 
 
 def run_auto(config: Config, verbose: int = 1) -> dict:
@@ -128,13 +139,14 @@ def run_auto(config: Config, verbose: int = 1) -> dict:
                    "unlabelled training texts"]
         return _finish(config, {"strategy": "self_training", "backbone": config.model.backbone, "reasons": reasons},
                        None, metrics, started)
+    ranked = ranking.rank(config)  # checks --backbones first; writes rank.md / rank.json beside the report
     splits = runner.load_data_for(config)
-    ranked = ranking.rank(config)  # writes rank.md / rank.json beside the report
     budget = config.auto.budget_minutes * 60.0 - (time.time() - started)
-    sizes = splits.sizes
-    choice = choose(ranked["rows"], train_examples=sizes["train"], num_classes=len(splits.label_names),
-                    epochs=config.train.epochs, budget_seconds=budget, ranked_examples=ranked["examples"],
-                    eval_examples=sizes["validation"] + sizes["test"], can_cut=splits.modality == TEXT)
+    sizes, epochs = splits.sizes, config.train.epochs
+    counts = splits.label_counts.get("train") or {"all": sizes["train"]}  # regression: no classes
+    choice = choose(ranked["rows"], train_examples=sizes["train"], smallest_class=min(counts.values()), epochs=epochs,
+                    budget_seconds=budget, ranked_examples=ranked["examples"], can_cut=splits.modality == TEXT,
+                    eval_examples=sizes["validation"] * epochs + sizes["test"])
     print(f"tfl: auto chose {choice.strategy} of {choice.backbone}"
           + (f" cut after block {choice.depth}" if choice.depth else "") + ": " + "; ".join(choice.reasons))
     metrics = runner.train_and_evaluate(chosen_config(config, choice, sub_dir("chosen")), verbose)

@@ -245,6 +245,8 @@ class Config:
         if not self.data.labels and self.mode not in ("auto", "zero_shot", "self_train"):
             raise ConfigError(f"--nolabels needs --mode=auto (zero-shot, then self-training), zero_shot or "
                               f"self_train; --mode={self.mode} learns from labels")
+        if self.mode == "tune" and not self.model_dir:
+            raise ConfigError("--mode=tune needs --model_dir (each trial is a run under <model_dir>/trials/)")
         if not self.auto.budget_minutes > 0:
             raise ConfigError(f"--budget_minutes must be > 0; got {self.auto.budget_minutes}")
         unknown = [s for s in self.compare.strategies if s not in COMPARE_STRATEGIES]

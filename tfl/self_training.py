@@ -117,8 +117,8 @@ def run_self_training(config: Config, verbose: int = 1) -> dict:
     backbone = backbones_lib.build_backbone(config.model.backbone, sequence_length=config.model.sequence_length,
                                             pooling="mean", dtype=devices.resolve_precision(config.train.precision))
     if backbone.modality != data_lib.TEXT or splits.modality != data_lib.TEXT:
-        raise backbones_lib.BackboneError("--mode=self_train works on text data with a text encoder (asset:minilm "
-                                          "or a keras-hub text preset)")
+        raise backbones_lib.BackboneError("--mode=self_train (and --mode=auto --nolabels) works on text data with a "
+                                          "text encoder: --backbone=asset:minilm or a keras-hub text preset")
     descriptions = transfer_lib.parse_label_descriptions(config.model.label_descriptions, splits.label_names)
     label_vectors = transfer_lib.label_embeddings(backbone, descriptions)
     embedded = {}

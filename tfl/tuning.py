@@ -21,6 +21,8 @@ import time
 from tfl import devices as devices_lib
 from tfl import runner, storage
 from tfl.config import Config
+from tfl.data import TEXT
+from tfl.train import NonFiniteLossError
 
 # The validation metric a trial is judged by, per task: (name in metrics["validation"], direction).
 OBJECTIVES = {"classification": ("accuracy", "max"), "multilabel": ("macro_f1", "max"), "regression": ("mae", "min")}
@@ -45,12 +47,14 @@ def search_space(learning_rate: float, blocks: int, lora: bool):
 
 
 def trial_config(config: Config, values: dict, model_dir: str) -> Config:
-    """The --mode=train run of one trial's values."""
-    freeze = dataclasses.replace(config.freeze, freeze_blocks=int(values.get("freeze_blocks", 0)),
-                                 lora_rank=int(values.get("lora_rank", 0)), freeze_all=False)
+    """The --mode=train run of one trial's values (the search owns freezing: the user's freezing flags do not
+    apply)."""
+    freeze = dataclasses.replace(config.freeze, freeze_blocks=int(values.get("freeze_blocks", 0)), trainable="",
+                                 lora_rank=int(values.get("lora_rank", 0)), freeze_all=False, unfreeze_every_epochs=0)
     train = dataclasses.replace(config.train, learning_rate=float(values["learning_rate"]),
                                 epochs=int(values.get("tuner/epochs", config.train.epochs)))
-    return dataclasses.replace(config, mode="train", freeze=freeze, train=train, model_dir=model_dir, export=False)
+    return dataclasses.replace(config, mode="train", freeze=freeze, train=train, model_dir=model_dir,
+                               export=False).validate()
 
 
 def _tuner_classes():
@@ -75,16 +79,27 @@ def _tuner_classes():
     class RunTuner(keras_tuner.Tuner):
         """Each trial is a tfl run; its validation metric is the objective."""
 
+        failure = None  # the error that stopped the search, raised again after it
+
         def run_trial(self, trial, config: Config, rows: list, **unused):
             values = dict(trial.hyperparameters.values)
+            name, direction = OBJECTIVES[config.model.task]
             started = time.time()
-            metrics = runner.train_and_evaluate(trial_config(config, values, os.path.join(
-                config.model_dir or self.project_dir, "trials", trial.trial_id)), verbose=0)
+            try:
+                metrics = runner.train_and_evaluate(trial_config(config, values, os.path.join(
+                    config.model_dir, "trials", trial.trial_id)), verbose=0)
+            except NonFiniteLossError as e:  # a learning rate too high for this model: the worst score, reported
+                rows.append({"trial": trial.trial_id, "values": values, "diverged": str(e).splitlines()[0],
+                             "seconds": round(time.time() - started, 1)})
+                print(f"tfl: tune trial {trial.trial_id}: {_describe(values)}: diverged")
+                return {f"val_{name}": float("-inf") if direction == "max" else float("inf")}
+            except Exception as e:  # a user mistake or a bug: stop the search and raise it as it is
+                self.failure = e
+                raise keras_tuner.errors.FatalError(str(e)) from e
             seconds = time.time() - started
             epochs = max(int(values.get("tuner/epochs", 1)), 1)
             measured = self.oracle.seconds_per_epoch or 0.0
             self.oracle.seconds_per_epoch = max(measured, seconds / epochs)  # the slowest so far, per epoch
-            name, _ = OBJECTIVES[config.model.task]
             rows.append({"trial": trial.trial_id, "values": values, "validation": metrics["validation"],
                          "test": metrics["test"], "seconds": round(seconds, 1)})
             print(f"tfl: tune trial {trial.trial_id}: {_describe(values)}: validation {name} "
@@ -102,13 +117,15 @@ def _describe(values: dict) -> str:
 
 
 def tune(config: Config, verbose: int = 1) -> dict:
-    """--mode=tune: the search, then report.md / report.json under model_dir."""
+    """--mode=tune: the search, then report.md / report.json under model_dir (trials print one line each
+    whatever ``verbose``)."""
     import keras_tuner
 
     started = time.time()
     splits = runner.load_data_for(config)
     backbone = runner.backbone_for(config, splits, devices_lib.resolve_precision(config.train.precision))
-    lora = backbone.keras_hub_backbone is not None and hasattr(backbone.keras_hub_backbone, "enable_lora")
+    # LoRA adapts attention's query/value projections: text encoders (a convolutional backbone has none).
+    lora = backbone.modality == TEXT and hasattr(backbone.keras_hub_backbone, "enable_lora")
     name, direction = OBJECTIVES[config.model.task]
     oracle_class, tuner_class = _tuner_classes()
     oracle = oracle_class(started + config.auto.budget_minutes * 60.0,
@@ -116,21 +133,27 @@ def tune(config: Config, verbose: int = 1) -> dict:
                           max_epochs=config.train.epochs, factor=3, hyperband_iterations=1, seed=config.seed,
                           hyperparameters=search_space(config.train.learning_rate, len(backbone.blocks), lora),
                           tune_new_entries=False)
-    work_dir = os.path.join(config.model_dir, "tuner") if config.model_dir else None
-    tuner = tuner_class(oracle=oracle, directory=work_dir, project_name="hyperband", overwrite=True)
+    tuner = tuner_class(oracle=oracle, directory=os.path.join(config.model_dir, "tuner"), project_name="hyperband",
+                        overwrite=True)
     rows: list = []
-    tuner.search(config, rows, verbose=0)  # tfl prints one line per trial
-    if not rows:
-        raise RuntimeError("--mode=tune ran no trial")
-    best = max(rows, key=lambda r: r["validation"][name] * (1 if direction == "max" else -1))
+    try:
+        tuner.search(config, rows, verbose=0)  # tfl prints one line per trial
+    except keras_tuner.errors.FatalError:
+        if tuner.failure is not None:
+            raise tuner.failure from None
+        raise
+    finished = [r for r in rows if "validation" in r]
+    if not finished:
+        raise NonFiniteLossError(f"--mode=tune: every trial diverged ({rows[0]['diverged'] if rows else 'none ran'}); "
+                                 "lower --learning_rate (the search spans it / 10 to x 10)")
+    best = max(finished, key=lambda r: r["validation"][name] * (1 if direction == "max" else -1))
     result = {"mode": "tune", "objective": f"validation {name} ({direction})", "trials": rows, "best": best,
               "test": best["test"], "budget_minutes": config.auto.budget_minutes,
               "wall_seconds": round(time.time() - started, 2)}
     print(f"tfl: tune: best trial {best['trial']} ({_describe(best['values'])}): validation {name} "
           f"{best['validation'][name]:.4f}; {len(rows)} trial(s) in {result['wall_seconds']:.0f} s")
-    if config.model_dir:
-        storage.write_json_atomically(os.path.join(config.model_dir, "report.json"), result)
-        storage.write_text_atomically(os.path.join(config.model_dir, "report.md"), format_report(config, result))
+    storage.write_json_atomically(os.path.join(config.model_dir, "report.json"), result)
+    storage.write_text_atomically(os.path.join(config.model_dir, "report.md"), format_report(config, result))
     return result
 
 
@@ -146,8 +169,9 @@ def format_report(config: Config, result: dict) -> str:
         values = row["values"]
         adaptation = (f"LoRA rank {values['lora_rank']}" if values.get("lora_rank")
                       else f"{values.get('freeze_blocks', 0)} frozen")
+        score = f"{row['validation'][name]:.4f}" if "validation" in row else "diverged"
         lines.append(f"| {row['trial']} | {values['learning_rate']:.2e} | {values.get('tuner/epochs', '-')} | "
-                     f"{adaptation} | {row['validation'][name]:.4f} | {row['seconds']:.0f} |")
+                     f"{adaptation} | {score} | {row['seconds']:.0f} |")
     best = result["best"]
     test = ", ".join(f"{k} {v:.4f}" for k, v in best["test"].items())
     lines += ["", f"Best: trial {best['trial']} ({_describe(best['values'])}); its run is `trials/{best['trial']}/`. "
