@@ -137,19 +137,24 @@ def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
             "optimizer_steps": metrics["optimizer_steps"], "precision": metrics["precision"]}
         print(f"proof: {task} seed {seed} {row['candidate']}: test accuracy {runs[row['candidate']]['test_accuracy']:.4f}"
               f" in {metrics['wall_seconds']:.0f} s", flush=True)
-    sizes = splits.sizes
     values, counts = np.unique(labels, return_counts=True)
-    pick = auto.choose(rows, train_examples=sizes["train"], smallest_class=int(counts.min()), epochs=base.train.epochs,
-                       budget_seconds=math.inf, ranked_examples=len(labels))
-    return {"seed": seed, "rows": rows, "runs": runs, "rank_seconds": rank_seconds, "sizes": sizes,
-            "auto": {"candidate": f"{pick.backbone}@{pick.depth}", "strategy": pick.strategy},
-            "label_counts": {splits.label_names[v]: int(n) for v, n in zip(values, counts)},
+    result = {"seed": seed, "rows": rows, "runs": runs, "rank_seconds": rank_seconds, "sizes": splits.sizes,
+              "label_counts": {splits.label_names[v]: int(n) for v, n in zip(values, counts)}}
+    return {**result, "auto": auto_pick(result, base.train.epochs),
             "recipe": {"flagfile": args.recipe, "epochs": base.train.epochs, "learning_rate": base.train.learning_rate,
                        "batch_size": base.data.batch_size, "sequence_length": base.model.sequence_length,
                        "warmup_fraction": base.train.warmup_fraction, "lr_schedule": base.train.lr_schedule,
                        "bucket_shapes": base.data.bucket_shapes,
                        "precision": next(iter(runs.values()))["precision"] if runs else "-",
                        "max_steps_per_epoch": base.train.max_steps_per_epoch}}
+
+
+def auto_pick(seed: dict, epochs: int) -> dict:
+    """The candidate ``tfl.auto.choose`` makes of one seed's ranking with no budget limit (the recipe's epochs)."""
+    counts = seed["label_counts"]
+    pick = auto.choose(seed["rows"], train_examples=seed["sizes"]["train"], smallest_class=min(counts.values()),
+                       epochs=epochs, budget_seconds=math.inf, ranked_examples=sum(counts.values()))
+    return {"candidate": f"{pick.backbone}@{pick.depth}", "strategy": pick.strategy}
 
 
 # ---- judging the ranking --------------------------------------------------------------------
@@ -331,11 +336,12 @@ def summary_markdown(results: list) -> list:
     return lines + [""]
 
 
-def document(results: list, host: dict, command: str, seconds: float) -> str:
+def document(results: list, host: dict, command: str, seconds: float, note: str = "") -> str:
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     flags = ", ".join(host["flags"]) or "none of avx512f/avx512_bf16/amx_bf16"
     lines = ["# Transferability ranking vs. fine-tuned accuracy", "",
-             f"Written by `{command}` on {date}, in {seconds / 60:.1f} min. Do not edit: rerun the command.", "",
+             f"Written by `{command}` on {date}, in {seconds / 60:.1f} min. Do not edit: rerun the command."
+             + (f" {note}" if note else ""), "",
              f"Host: {host['node']}, {host['cpus']} CPUs ({host['model'] or 'model unknown'}; {flags}); 2048² matmul "
              f"peak measured at the start of this run: float32 {host['gflops_float32']:.0f} GFLOP/s, bfloat16 "
              f"{host['gflops_bfloat16']:.0f} GFLOP/s; load average (1, 5, 15 min) {host['load_average']} at the start, "
@@ -368,7 +374,12 @@ def main() -> int:
     parser.add_argument("--out", default="docs/transferability.md")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "rank_proof"))
     parser.add_argument("--quick", action="store_true", help="tiny caps: a smoke test in a few minutes")
+    parser.add_argument("--render_only", action="store_true",
+                        help="no training: rewrite --out from <work_dir>/results.json, auto's picks made again by "
+                             "the current tfl.auto.choose")
     args = parser.parse_args()
+    if args.render_only:
+        return render_only(args)
     if args.quick:
         args.tasks, args.backbones = args.tasks.split(",")[0], "asset:minilm_l3"
         args.examples, args.validation_examples, args.test_examples, args.seeds = 96, 32, 64, 1
@@ -391,6 +402,22 @@ def main() -> int:
         if len(results) < len(tasks):
             text += f"\n(unfinished: {len(tasks) - len(results)} more task(s) to go)\n"
         write(args, text, {"host": host, "command": command, "seconds": time.time() - started, "results": results})
+    print(text)
+    return 0
+
+
+def render_only(args) -> int:
+    """--render_only: the document from the stored measurements; the rows, runs and timings are as measured."""
+    with open(os.path.join(args.work_dir, "results.json")) as f:
+        stored = json.load(f)
+    results = []
+    for result in stored["results"]:
+        seeds = [{**seed, "auto": auto_pick(seed, seed["recipe"]["epochs"])} for seed in result["seeds"]]
+        results.append(judge_task(result["task"], seeds))
+    note = ("Rendered again from its results.json by the same command with `--render_only`: the measurements are "
+            "that run's; `--mode=auto`'s picks are made again by the current `tfl.auto.choose`.")
+    text = document(results, stored["host"], stored["command"], stored["seconds"], note)
+    write(args, text, {**stored, "results": results})
     print(text)
     return 0
 

@@ -33,20 +33,22 @@ def test_few_labels_per_class_get_a_linear_probe_on_the_best_depth():
 
 
 def test_the_budget_decides_between_fine_tune_partial_and_probe():
-    full = auto.training_seconds(0.04, train_examples=1000, eval_examples=0, epochs=2, trained_share=1.0)
-    assert full == pytest.approx(0.04 * 2 * 1000 * 3)
-    assert auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=full * 1.01,
-                       **ARGS).strategy == "fine_tune"
+    # Fine-tuning keeps the whole backbone (depth 6: 0.06 s a forward pass per example), 2 epochs of 1,000.
+    full = auto.training_seconds(0.06, train_examples=1000, eval_examples=0, epochs=2, trained_share=1.0)
+    assert full == pytest.approx(0.06 * 2 * 1000 * 3)
+    whole = auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=full * 1.01, **ARGS)
+    assert (whole.strategy, whole.depth, whole.cut) == ("fine_tune", 6, False)
     partial = auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=full * 0.8, **ARGS)
-    assert partial.strategy == "partial" and partial.freeze_blocks >= 1
+    assert partial.strategy == "partial" and partial.freeze_blocks >= 1 and not partial.cut
     assert partial.estimated_seconds <= full * 0.8 and "over the budget" in partial.reasons[-1]
-    # One block fewer frozen would not have fitted: the fewest frozen blocks that fit.
-    one_less = auto.training_seconds(0.04, train_examples=1000, eval_examples=0, epochs=2,
-                                     trained_share=(5 - partial.freeze_blocks + 1) / 5)
+    # One block fewer frozen would not have fitted (7 blocks: the embeddings and 6 transformer blocks).
+    one_less = auto.training_seconds(0.06, train_examples=1000, eval_examples=0, epochs=2,
+                                     trained_share=(7 - partial.freeze_blocks + 1) / 7)
     assert one_less > full * 0.8
     tighter = auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=full * 0.5, **ARGS)
     assert tighter.freeze_blocks > partial.freeze_blocks
-    assert auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=1.0, **ARGS).strategy == "linear_probe"
+    probe = auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=1.0, **ARGS)
+    assert (probe.strategy, probe.depth, probe.cut) == ("linear_probe", 4, True)  # the best-scored frozen features
     spent = auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=-35.0, **ARGS)
     assert spent.strategy == "linear_probe" and "ranking used up the budget" in spent.reasons[-1]
 
@@ -54,12 +56,14 @@ def test_the_budget_decides_between_fine_tune_partial_and_probe():
 def test_controls_are_never_chosen_and_a_best_that_does_not_beat_its_control_is_flagged():
     rows = [_row("enc@6 (random init)", 0.0, 6, pretrained=False)] + ROWS[:2]
     choice = auto.choose(rows, train_examples=1000, smallest_class=500, budget_seconds=1e9, **ARGS)
-    assert choice.backbone == "enc" and choice.depth == 4
+    assert choice.backbone == "enc" and "enc@4" in choice.reasons[0]
     assert any("does not beat its own random-init control" in r for r in choice.reasons)
     with pytest.raises(ConfigError, match="no pretrained candidate"):
         auto.choose(rows[:1], train_examples=1000, smallest_class=500, budget_seconds=1e9, **ARGS)
-    # Images are not cut: only each backbone's full depth is a choice.
-    assert auto.choose(ROWS, train_examples=1000, smallest_class=500, budget_seconds=1e9, can_cut=False, **ARGS).depth == 0
+    # Images are not cut: only each backbone's full depth is a candidate, and a probe reads it whole.
+    image = auto.choose(ROWS, train_examples=40, smallest_class=20, budget_seconds=1e9, can_cut=False, **ARGS)
+    assert (image.strategy, image.depth, image.cut) == ("linear_probe", 6, False)
+    assert "full depth" in image.reasons[0]
 
 
 def test_backbone_depth_is_the_rankings_depth_k_and_leaves_later_blocks_out(tiny_bert_preset):
@@ -107,7 +111,8 @@ def test_auto_mode_ranks_chooses_runs_and_reports(tmp_path, tiny_bert_preset):
     # 38 training examples, 19 per class: under 32 per class, so a probe on the top-ranked pretrained depth.
     top = next(r for r in rank["rows"] if r["pretrained"] and r["depth"] >= 1)
     assert (choice["strategy"], choice["depth"]) == ("linear_probe", top["depth"])
-    assert chosen["config"]["model"]["backbone_depth"] == top["depth"] and chosen["config"]["freeze"]["freeze_all"]
+    cut = top["depth"] if top["depth"] < 2 else 0  # the tiny BERT has 2 blocks: depth 2 is the whole of it
+    assert chosen["config"]["model"]["backbone_depth"] == cut and chosen["config"]["freeze"]["freeze_all"]
     assert result["test"] == chosen["test"]
     for text in ("## Choice", "**linear_probe**", "## Result", "## Ranking", top["candidate"],
                  f"accuracy {chosen['test']['accuracy']:.4f}"):

@@ -10,14 +10,15 @@ The rule (``choose``; the README repeats it):
 1. No labels (``--nolabels``): nothing can be ranked, so zero-shot by label descriptions, then self-training
    on the unlabelled training texts (``tfl.self_training``), with the text encoder of ``--backbone``.
 2. Otherwise rank every candidate of the zoo by LogME on at most ``--rank_examples`` training examples and
-   take the best pretrained (backbone, depth) with at least one transformer block. The depth is kept: the
-   backbone is cut after that block (``--backbone_depth``), which also makes every step cheaper.
-3. Strategy, from the labels per class and the budget left after ranking (costs estimated from the
-   ranking's own forward pass: a training step costs about three forward passes, frozen blocks one):
-   * fewer than ``FINE_TUNE_MIN_PER_CLASS`` labelled examples per class: a linear probe on the frozen
-     features (fine-tuning every weight on so few examples mostly fits noise);
-   * else full fine-tuning when its estimate fits the budget; else partial fine-tuning with the fewest
-     frozen blocks that fit; else a linear probe.
+   take the best pretrained (backbone, depth) with at least one transformer block.
+3. Strategy, from the rarest class's labelled examples and the budget left after ranking (costs estimated
+   from the ranking's own forward pass: a trained block costs about three forward passes, a frozen one one):
+   * fewer than ``FINE_TUNE_MIN_PER_CLASS``: a linear probe on the frozen features LogME scored best, the
+     backbone cut after that block (``--backbone_depth``; fine-tuning every weight on so few examples
+     mostly fits noise);
+   * else the whole backbone is fine-tuned when its estimate fits the budget (LogME scores frozen features,
+     and fine-tuning changes them: on the first task of docs/transferability.md the deepest fine-tune beat
+     the best-scored cut); else partial fine-tuning with the fewest frozen blocks that fit; else the probe.
    LoRA is not chosen: on a CPU its backward pass still runs through every block, so it saves memory,
    not time, and this rule budgets time.
 The report shows the ranking, the choice with these reasons and the estimate, and the run's result.
@@ -48,6 +49,7 @@ class Choice:
     freeze_blocks: int = 0
     estimated_seconds: float = 0.0
     reasons: list = dataclasses.field(default_factory=list)
+    cut: bool = True  # False: depth is the backbone's full depth (nothing cut, --backbone_depth=0)
 
 
 def training_seconds(forward_seconds: float, *, train_examples: int, eval_examples: int, epochs: int,
@@ -64,8 +66,8 @@ def choose(rows: list, *, train_examples: int, smallest_class: int, epochs: int,
            ranked_examples: int, eval_examples: int = 0, can_cut: bool = True) -> Choice:
     """The rule of this module's docstring, applied to ``ranking.ranking_rows`` output (best first).
     ``smallest_class``: labelled training examples of the rarest class; ``eval_examples``: examples evaluated
-    over the whole run (validation after every epoch, then test); ``can_cut=False`` (image backbones): only
-    each backbone's full depth is a choice."""
+    over the whole run (validation after every epoch, then test); ``can_cut=False`` (image backbones): a
+    probe reads each backbone's full depth."""
     deepest = {}
     for r in rows:
         deepest[r["backbone"]] = max(deepest.get(r["backbone"], 0), r["depth"] or 0)
@@ -75,48 +77,56 @@ def choose(rows: list, *, train_examples: int, smallest_class: int, epochs: int,
         raise ConfigError("--mode=auto found no pretrained candidate it can run in the ranking (a backbone after at "
                           "least one block); add a pretrained backbone to --backbones, or a depth >= 1 to --depths")
     best = pretrained[0]
-    # The ranking's shared pass ran every depth of the backbone: the cut model costs depth / deepest of it.
-    forward = best["feature_seconds"] / max(ranked_examples, 1) * best["depth"] / deepest[best["backbone"]]
+    full = deepest[best["backbone"]]
+    # The ranking's shared pass ran every depth of the backbone: a model cut at depth k costs k / full of it.
+    forward = best["feature_seconds"] / max(ranked_examples, 1)
     reasons = [f"`{best['candidate']}` has the highest LogME of the pretrained candidates "
                + ("" if can_cut else "at each backbone's full depth ") + f"({best['logme']:.4f})"]
     control = [r for r in rows if not r["pretrained"] and r["backbone"] == best["backbone"]]
     if control and not best["logme"] > control[0]["logme"]:
         reasons.append(f"warning: it does not beat its own random-init control ({control[0]['logme']:.4f}): "
                        "its pretrained weights carry nothing LogME can see for this task")
-    cost = lambda share: training_seconds(forward, train_examples=train_examples,  # noqa: E731
-                                          eval_examples=eval_examples, epochs=epochs, trained_share=share)
-    depth = best["depth"] if can_cut else 0  # 0: the whole backbone
-    choice = Choice("linear_probe", best["backbone"], depth, 0, cost(0.0), reasons)
+
+    def cost(share: float, depth: int) -> float:
+        return training_seconds(forward * depth / full, train_examples=train_examples, eval_examples=eval_examples,
+                                epochs=epochs, trained_share=share)
+
+    # A probe reads the frozen features LogME scored best: the backbone cut after that block.
+    probe = Choice("linear_probe", best["backbone"], best["depth"], 0, cost(0.0, best["depth"]), reasons,
+                   cut=best["depth"] < full)
     if smallest_class < FINE_TUNE_MIN_PER_CLASS:
         reasons.append(f"the rarest class has {smallest_class} labelled examples (< {FINE_TUNE_MIN_PER_CLASS}): a "
                        "linear probe on the frozen features; fine-tuning every weight on so few mostly fits noise")
-        return choice
+        return probe
     if budget_seconds <= 0:
-        reasons.append("the ranking used up the budget: a linear probe, the cheapest run "
-                       f"(about {choice.estimated_seconds:.0f} s)")
-        return choice
-    # Blocks of the (cut) backbone: the embeddings or stem, then one per depth. Fewest frozen that fit first.
-    blocks = best["depth"] + 1
+        reasons.append(f"the ranking used up the budget: a linear probe, the cheapest run (about "
+                       f"{probe.estimated_seconds:.0f} s)")
+        return probe
+    # Fine-tuning keeps the whole backbone: LogME scores frozen features, and fine-tuning changes them (on
+    # docs/transferability.md's first task the deepest fine-tune beat the best-scored cut by several points).
+    blocks = full + 1  # the embeddings, then one per transformer block
     for frozen in range(blocks):
-        seconds = cost((blocks - frozen) / blocks)
+        seconds = cost((blocks - frozen) / blocks, full)
         if seconds <= budget_seconds:
-            strategy = "fine_tune" if frozen == 0 else "partial"
-            reasons.append(f"{smallest_class} or more labelled examples per class; "
+            reasons.append(f"{smallest_class} or more labelled examples per class; the whole backbone is fine-tuned "
+                           "(LogME scores frozen features; fine-tuning changes them) and "
                            + (f"fine-tuning every weight fits the budget (estimate {seconds:.0f} s of "
                               f"{budget_seconds:.0f} s)" if frozen == 0 else
-                              f"full fine-tuning would take about {cost(1.0):.0f} s, over the budget of "
+                              f"full fine-tuning would take about {cost(1.0, full):.0f} s, over the budget of "
                               f"{budget_seconds:.0f} s; the first {frozen} of {blocks} blocks frozen fits "
                               f"({seconds:.0f} s)"))
-            return Choice(strategy, best["backbone"], depth, frozen, seconds, reasons)
-    reasons.append(f"even the top block alone would take about {cost(1.0 / blocks):.0f} s, over the budget of "
-                   f"{budget_seconds:.0f} s: a linear probe ({choice.estimated_seconds:.0f} s)")
-    return choice
+            return Choice("fine_tune" if frozen == 0 else "partial", best["backbone"], full, frozen, seconds, reasons,
+                          cut=False)
+    reasons.append(f"even the top block alone would take about {cost(1.0 / blocks, full):.0f} s, over the budget "
+                   f"of {budget_seconds:.0f} s: a linear probe ({probe.estimated_seconds:.0f} s)")
+    return probe
 
 
 def chosen_config(config: Config, choice: Choice, model_dir: str) -> Config:
     """The --mode=train run of ``choice``: what the ranking scored (mean pooling, no transfer from a source
     model) and only the freezing the choice names; the user's other freezing flags do not apply."""
-    model = dataclasses.replace(config.model, backbone=choice.backbone, backbone_depth=choice.depth, pretrained=True,
+    model = dataclasses.replace(config.model, backbone=choice.backbone, backbone_depth=choice.depth if choice.cut else 0,
+                                pretrained=True,
                                 pooling="mean", transfer="", source_model="", transfer_head="new")
     freeze = dataclasses.replace(config.freeze, freeze_all=choice.strategy == "linear_probe", trainable="",
                                  freeze_blocks=choice.freeze_blocks if choice.strategy == "partial" else 0,
