@@ -75,7 +75,13 @@ leave the random controls out, since telling those apart from pretrained encoder
 `--mode=auto`'s pick is what `tfl.auto.choose` makes of the same ranking; its compute is the ranking plus
 that one fine-tune, against fine-tuning every candidate. Held-out accuracies carry sampling noise (one
 standard error is given) and come from a short schedule: read small differences between neighbouring
-depths as ties."""
+depths as ties.
+
+`tfl.auto.choose` was changed once during this proof. It used to fine-tune the backbone cut at the
+best-scored depth; on the first task that landed several points below the best candidate, so it now
+fine-tunes the whole backbone that LogME names (and cuts only for a linear probe). When it was changed, only
+the first task's results and two fine-tunes of the second (neither at full depth) had been seen; the picks
+below are the changed rule's, made from the stored rankings (`--render_only`)."""
 
 
 # ---- candidates as training runs ------------------------------------------------------------
