@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -48,6 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -137,6 +139,8 @@ def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
             continue
         config = dataclasses.replace(base, model=training_model(base, row, deepest[row["backbone"]]))
         metrics = train_and_evaluate(config, verbose=0)
+        keras.backend.clear_session()  # each run's models and traced functions would otherwise pile up (OOM)
+        gc.collect()
         runs[row["candidate"]] = {
             "test_accuracy": metrics["test"]["accuracy"], "validation_accuracy": metrics["validation"]["accuracy"],
             "train_seconds": metrics["train_seconds"], "wall_seconds": metrics["wall_seconds"],
@@ -380,6 +384,7 @@ def main() -> int:
     parser.add_argument("--out", default="docs/transferability.md")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "rank_proof"))
     parser.add_argument("--quick", action="store_true", help="tiny caps: a smoke test in a few minutes")
+    parser.add_argument("--merge", default="", help="--render_only: more work_dirs whose tasks join the document")
     parser.add_argument("--render_only", action="store_true",
                         help="no training: rewrite --out from <work_dir>/results.json, auto's picks made again by "
                              "the current tfl.auto.choose")
@@ -413,16 +418,30 @@ def main() -> int:
 
 
 def render_only(args) -> int:
-    """--render_only: the document from the stored measurements; the rows, runs and timings are as measured."""
-    with open(os.path.join(args.work_dir, "results.json")) as f:
-        stored = json.load(f)
-    results = []
-    for result in stored["results"]:
+    """--render_only: the document from the stored measurements (<work_dir>/results.json, then each --merge
+    folder's tasks); the rows, runs and timings are as measured."""
+    runs = []
+    for folder in [args.work_dir] + [m for m in args.merge.split(",") if m]:
+        with open(os.path.join(folder, "results.json")) as f:
+            runs.append(json.load(f))
+    stored, results = runs[0], []
+    for result in [r for run in runs for r in run["results"]]:
         seeds = [{**seed, "auto": auto_pick(seed, seed["recipe"]["epochs"])} for seed in result["seeds"]]
         results.append(judge_task(result["task"], seeds))
     note = ("Rendered again from its results.json by the same command with `--render_only`: the measurements are "
             "that run's; `--mode=auto`'s picks are made again by the current `tfl.auto.choose`.")
-    text = document(results, stored["host"], stored["command"], stored["seconds"], note)
+    for run in runs:
+        named = next((a.split("=", 1)[1].split(",") for a in shlex.split(run["command"]) if a.startswith("--tasks=")),
+                     [])
+        missing = [t for t in named if t not in {r["task"] for r in run["results"]}]
+        if missing:
+            note += (f" `{run['command']}` ended before {', '.join(missing)} (the kernel's out-of-memory killer: "
+                     "that run kept every fine-tune's models in memory; the script now clears them after each).")
+    for other in runs[1:]:
+        note += (f" The tasks {', '.join(r['task'] for r in other['results'])} come from a second run on the same "
+                 f"host, `{other['command']}` ({other['seconds'] / 60:.1f} min; matmul peak then float32 "
+                 f"{other['host']['gflops_float32']:.0f} GFLOP/s), merged with `--merge`.")
+    text = document(results, stored["host"], stored["command"], sum(r["seconds"] for r in runs), note)
     write(args, text, {**stored, "results": results})
     print(text)
     return 0
