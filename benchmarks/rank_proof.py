@@ -424,8 +424,11 @@ def render_only(args) -> int:
     for folder in [args.work_dir] + [m for m in args.merge.split(",") if m]:
         with open(os.path.join(folder, "results.json")) as f:
             runs.append(json.load(f))
-    stored, results = runs[0], []
+    stored, results, seen = runs[0], [], set()
     for result in [r for run in runs for r in run["results"]]:
+        if result["task"] in seen:  # a task in two runs: the first one's
+            continue
+        seen.add(result["task"])
         seeds = [{**seed, "auto": auto_pick(seed, seed["recipe"]["epochs"])} for seed in result["seeds"]]
         results.append(judge_task(result["task"], seeds))
     note = ("Rendered again from its results.json by the same command with `--render_only`: the measurements are "
@@ -442,15 +445,16 @@ def render_only(args) -> int:
                  f"host, `{other['command']}` ({other['seconds'] / 60:.1f} min; matmul peak then float32 "
                  f"{other['host']['gflops_float32']:.0f} GFLOP/s), merged with `--merge`.")
     text = document(results, stored["host"], stored["command"], sum(r["seconds"] for r in runs), note)
-    write(args, text, {**stored, "results": results})
+    write(args, text, None)  # the document only: each run's results.json stays as that run wrote it
     print(text)
     return 0
 
 
-def write(args, text: str, results: dict) -> None:
+def write(args, text: str, results) -> None:
     os.makedirs(args.work_dir, exist_ok=True)
-    with open(os.path.join(args.work_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    if results is not None:
+        with open(os.path.join(args.work_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=float)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
