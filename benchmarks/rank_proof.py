@@ -88,14 +88,6 @@ below are the changed rule's, made from the stored rankings (`--render_only`).""
 
 # ---- candidates as training runs ------------------------------------------------------------
 
-def full_depths(rows: list) -> dict:
-    """backbone -> its deepest ranked depth."""
-    depths = {}
-    for row in rows:
-        depths[row["backbone"]] = max(depths.get(row["backbone"], 0), row["depth"])
-    return depths
-
-
 def training_model(base, row: dict, full_depth: int):
     """The ModelConfig that fine-tunes the ranking's candidate ``row``: the backbone cut after its block
     (``--backbone_depth``, as ``--mode=auto`` runs it; 0 = whole), or a random-init control."""
@@ -132,7 +124,7 @@ def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
                                    depths=args.depths)
     rank_seconds = time.perf_counter() - started
     print(ranking.format_table(rows), flush=True)
-    deepest = full_depths(rows)  # the controls sit at each backbone's full depth, whatever --depths keeps
+    deepest = ranking.deepest_depths(rows)  # the controls sit at each backbone's full depth, whatever --depths keeps
     runs = {}
     for row in rows:
         if row["depth"] < 1:  # the embeddings alone: ranked, not a model one fine-tunes

@@ -68,9 +68,7 @@ def choose(rows: list, *, train_examples: int, smallest_class: int, epochs: int,
     ``smallest_class``: labelled training examples of the rarest class; ``eval_examples``: examples evaluated
     over the whole run (validation after every epoch, then test); ``can_cut=False`` (image backbones): a
     probe reads each backbone's full depth."""
-    deepest = {}
-    for r in rows:
-        deepest[r["backbone"]] = max(deepest.get(r["backbone"], 0), r["depth"] or 0)
+    deepest = ranking.deepest_depths(rows)
     pretrained = [r for r in rows if r["pretrained"] and (r["depth"] or 0) >= 1 and not is_source_model_folder(
         r["backbone"]) and (can_cut or r["depth"] == deepest[r["backbone"]])]
     if not pretrained:
@@ -149,8 +147,9 @@ def run_auto(config: Config, verbose: int = 1) -> dict:
                    "unlabelled training texts"]
         return _finish(config, {"strategy": "self_training", "backbone": config.model.backbone, "reasons": reasons},
                        None, metrics, started)
-    ranked = ranking.rank(config)  # checks --backbones first; writes rank.md / rank.json beside the report
+    ranking.check_backbones(config.rank.backbones, None)  # unknown names fail before the data loads
     splits = runner.load_data_for(config)
+    ranked = ranking.rank(config, splits)  # writes rank.md / rank.json beside the report
     budget = config.auto.budget_minutes * 60.0 - (time.time() - started)
     sizes, epochs = splits.sizes, config.train.epochs
     counts = splits.label_counts.get("train") or {"all": sizes["train"]}  # regression: no classes
@@ -158,7 +157,7 @@ def run_auto(config: Config, verbose: int = 1) -> dict:
                     budget_seconds=budget, ranked_examples=ranked["examples"], can_cut=splits.modality == TEXT,
                     eval_examples=sizes["validation"] * epochs + sizes["test"])
     print(f"tfl: auto chose {choice.strategy} of {choice.backbone}"
-          + (f" cut after block {choice.depth}" if choice.depth else "") + ": " + "; ".join(choice.reasons))
+          + (f" cut after block {choice.depth}" if choice.cut else "") + ": " + "; ".join(choice.reasons))
     metrics = runner.train_and_evaluate(chosen_config(config, choice, sub_dir("chosen")), verbose)
     return _finish(config, dataclasses.asdict(choice), ranked, metrics, started)
 
@@ -179,7 +178,7 @@ def format_report(config: Config, choice: dict, ranked, metrics: dict, wall_seco
     lines = [f"# Auto: {config.data.source}", "",
              f"Budget {config.auto.budget_minutes:g} min; the whole run took {wall_seconds / 60:.1f} min.", "",
              "## Choice", "", f"**{choice['strategy']}** of `{choice['backbone']}`"
-             + (f" cut after block {choice['depth']}" if choice.get("depth") else "")
+             + (f" cut after block {choice['depth']}" if choice.get("cut") else "")
              + (f", first {choice['freeze_blocks']} blocks frozen" if choice.get("freeze_blocks") else "")
              + (f" (estimated {choice['estimated_seconds']:.0f} s)" if choice.get("estimated_seconds") else "") + ".",
              ""] + [f"- {reason}" for reason in choice["reasons"]]

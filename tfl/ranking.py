@@ -125,14 +125,21 @@ def rank_candidates(inputs, labels, *, modality: str, task: str = "classificatio
     return ranking_rows(features, score_candidates(features, labels, task))
 
 
+def deepest_depths(entries) -> dict:
+    """backbone -> its deepest depth among ``entries`` (ranking rows or extract_features entries: dicts with
+    "backbone" and "depth"; a depth of None counts as 0)."""
+    deepest = {}
+    for entry in entries:
+        deepest[entry["backbone"]] = max(deepest.get(entry["backbone"], 0), entry["depth"] or 0)
+    return deepest
+
+
 def select_depths(features_by_candidate: dict, depths: str = "all") -> dict:
     """Keeps the candidates at ``depths``: "all", "last" (each backbone's deepest) or a comma list such as "1,3".
     Random-init controls are kept whatever the choice (they exist at one depth only)."""
     if depths == "all":
         return features_by_candidate
-    deepest = {}
-    for entry in features_by_candidate.values():
-        deepest[entry["backbone"]] = max(deepest.get(entry["backbone"], entry["depth"]), entry["depth"])
+    deepest = deepest_depths(features_by_candidate.values())
     wanted = None if depths == "last" else {int(d) for d in depths.split(",")}
     return {name: entry for name, entry in features_by_candidate.items()
             if not entry["pretrained"] or (entry["depth"] == deepest[entry["backbone"]] if wanted is None
@@ -219,18 +226,19 @@ def write_report(model_dir: str, rows: list, info: dict) -> dict:
     return report
 
 
-def rank(config) -> dict:
+def rank(config, splits=None) -> dict:
     """--mode=rank: ranks the zoo on the training split of ``config.data`` and writes the report.
 
     ``config.rank.backbones`` (empty: the offline zoo for the data's modality), ``config.model.source_model``
-    (an lstm/small_cnn run, added to the zoo), ``config.rank.rank_examples`` training examples at most.
+    (an lstm/small_cnn run, added to the zoo), ``config.rank.rank_examples`` training examples at most;
+    ``splits``: the data of ``config`` when the caller has loaded it already.
     """
     from tfl.runner import load_data_for  # the runner dispatches here: import it late
 
     started = time.time()
     sources = [config.model.source_model] if config.model.source_model else []
     check_backbones(config.rank.backbones, None, sources)  # unknown names fail before the data loads
-    splits = load_data_for(config)
+    splits = load_data_for(config) if splits is None else splits
     check_backbones(config.rank.backbones, splits.modality, sources)
     inputs, labels = training_examples(splits, config.rank.rank_examples, config.seed)
     print(f"tfl: rank {config.data.source}: {len(labels)} training examples, labels={splits.label_names}")
