@@ -163,9 +163,10 @@ def build_backbone(name: str, *, sequence_length: int = 128, image_size: int = 0
     """
     options = BackboneOptions(sequence_length, image_size, weights, pooling, dtype, num_words, maxlen,
                               embedding_dim, lstm_units, tuple(input_shape), train_texts, seed, pretrained, depth)
-    if depth and backbone_family(name) not in (BACKBONES["asset"], BACKBONES["keras_hub"]):
+    family = backbone_family(name)
+    if depth and family not in (BACKBONES["asset"], BACKBONES["keras_hub"]):
         raise BackboneError(f"--backbone_depth={depth} cuts a keras-hub text encoder; {name} is not one (use 0)")
-    return backbone_family(name).build(name, options)
+    return family.build(name, options)
 
 
 # ---- keras-hub ------------------------------------------------------------------------------

@@ -109,11 +109,13 @@ def _tuner_classes():
     return BudgetedHyperband, RunTuner
 
 
+def _adaptation(values: dict) -> str:
+    return (f"LoRA rank {values['lora_rank']}" if values.get("lora_rank")
+            else f"{values.get('freeze_blocks', 0)} block(s) frozen")
+
+
 def _describe(values: dict) -> str:
-    parts = [f"lr {values['learning_rate']:.2e}", f"{values.get('tuner/epochs', '-')} epoch(s)"]
-    parts.append(f"LoRA rank {values['lora_rank']}" if values.get("lora_rank") else
-                 f"{values.get('freeze_blocks', 0)} block(s) frozen")
-    return ", ".join(parts)
+    return f"lr {values['learning_rate']:.2e}, {values.get('tuner/epochs', '-')} epoch(s), {_adaptation(values)}"
 
 
 def tune(config: Config, verbose: int = 1) -> dict:
@@ -167,11 +169,9 @@ def format_report(config: Config, result: dict) -> str:
              "|---|---|---|---|---|---|"]
     for row in sorted(result["trials"], key=lambda r: r["trial"]):
         values = row["values"]
-        adaptation = (f"LoRA rank {values['lora_rank']}" if values.get("lora_rank")
-                      else f"{values.get('freeze_blocks', 0)} frozen")
         score = f"{row['validation'][name]:.4f}" if "validation" in row else "diverged"
         lines.append(f"| {row['trial']} | {values['learning_rate']:.2e} | {values.get('tuner/epochs', '-')} | "
-                     f"{adaptation} | {score} | {row['seconds']:.0f} |")
+                     f"{_adaptation(values)} | {score} | {row['seconds']:.0f} |")
     best = result["best"]
     test = ", ".join(f"{k} {v:.4f}" for k, v in best["test"].items())
     lines += ["", f"Best: trial {best['trial']} ({_describe(best['values'])}); its run is `trials/{best['trial']}/`. "
