@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install assets test test-tf220 demo docs-demo clean
+.PHONY: install assets test test-tf220 demo docs-demo bench-peer clean
 
 # PYTHONWARNINGS=ignore: setuptools warns on every editable install of a flat layout (a tfl/ folder next to the
 # project); that layout is on purpose, and the warning would be the only line a quiet install prints.
@@ -43,5 +43,15 @@ demo: assets
 docs-demo: assets
 	$(PY) -m tfl.demo --refresh-docs
 
+# The torch peer's own environment for benchmarks/run.py (pinned torch CPU + transformers; never a tfl dependency).
+VENV_PEER := .venv-peer
+$(VENV_PEER)/.installed: benchmarks/peer_requirements.txt
+	python3 -m venv $(VENV_PEER)
+	$(VENV_PEER)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_PEER)/bin/python -m pip install --quiet -r benchmarks/peer_requirements.txt
+	touch $@
+
+bench-peer: $(VENV_PEER)/.installed
+
 clean:
-	rm -rf $(VENV) $(VENV_TF220) runs
+	rm -rf $(VENV) $(VENV_TF220) $(VENV_PEER) runs

@@ -13,17 +13,24 @@ Needs the offline assets (make assets). Sections:
      bucket shapes) are timed, and the mean time per batch is scaled to the epoch's batch count;
   4. a linear-probe epoch after the first: head on cached features vs. recomputing the backbone;
   5. input pipeline overhead: the real tf.data pipeline vs. the same batches as tensors already in memory;
-  6. where the default step's time goes: the step's matmul shapes alone (benchmarks/matmul_shapes.py)
-     and forward / backward / whole-step times (benchmarks/step_breakdown.py), with what follows from them.
+  6. where the default step's time goes: the step's matmul shapes alone (benchmarks/matmul_shapes.py),
+     forward / backward / whole-step times (benchmarks/step_breakdown.py) and an op-by-op profile
+     (benchmarks/profile_step.py), with what follows from them;
+  7. the torch peer (benchmarks/peer_torch.py, in .venv-peer: make bench-peer) on the same weights, batches
+     and training sentences, run as a subprocess before TensorFlow starts its work; tfl / torch ratios for the
+     fixed-shape step and the Rotten Tomatoes epoch. Without .venv-peer the rows say so.
 Throughputs exclude the first steps (tracing). The machine is noisy: compare within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,9 +47,43 @@ from tfl.runner import build_model, cache_features  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matmul_shapes  # noqa: E402
+import profile_step  # noqa: E402
 import step_breakdown  # noqa: E402
 
 BATCH, SEQ = 32, 128
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_PYTHON = os.path.join(ROOT, ".venv-peer", "bin", "python")
+
+
+def run_peer(model_dir: str, texts, labels, precision: str, steps: int) -> dict:
+    """The torch peer's measurements (benchmarks/peer_torch.py) on the same training sentences, or
+    {"missing": why} when its environment is not built."""
+    if not os.path.exists(PEER_PYTHON):
+        return {"missing": "not run: `make bench-peer` builds its environment"}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as data:
+        json.dump({"texts": [str(t) for t in texts], "labels": [int(y) for y in labels]}, data)
+        data.flush()
+        done = subprocess.run([PEER_PYTHON, os.path.join(ROOT, "benchmarks", "peer_torch.py"), f"--model={model_dir}",
+                               f"--data={data.name}", f"--precision={precision}", f"--batch={BATCH}", f"--seq={SEQ}",
+                               f"--steps={steps}"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError("benchmarks/peer_torch.py failed:\n" + done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _ratio_vs_peer(ratio_of, peer: dict, goal: float) -> tuple:
+    """(measured text, met) for ``ratio_of(peer)`` against ``goal``; not met when the peer did not run."""
+    if "missing" in peer:
+        return "not measured: the torch peer did not run (make bench-peer)", False
+    ratio = ratio_of(peer)
+    return f"{ratio:.2f}x", ratio >= goal
+
+
+def target_rows(targets: list) -> str:
+    """The issue's targets against this run: [(target, measured, met)] as a table."""
+    lines = ["| target | measured in this run | met |", "|---|---|---|"]
+    lines += [f"| {target} | {measured} | {'yes' if met else '**no**'} |" for target, measured, met in targets]
+    return "\n".join(lines) + "\n"
 
 
 def matmul_gflops(dtype, n=2048, repeats=20) -> float:
@@ -138,6 +179,9 @@ def main() -> int:
     texts = np.array([x.decode() for x, _ in splits.train.as_numpy_iterator()], dtype=object)
     labels = np.array([y for _, y in splits.train.as_numpy_iterator()])
 
+    precision = devices.resolve_precision("auto")
+    peer_precision = "bfloat16" if "bfloat16" in precision else "float32"  # the peer computes in tfl's precision
+    peer = run_peer(preset, texts, labels, peer_precision, args.steps)
     peaks = {"float32": matmul_gflops(tf.float32), "bfloat16": matmul_gflops(tf.bfloat16)}
     rows.append(("matmul 2048² peak", f"float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} "
                  "GFLOP/s", ""))
@@ -147,14 +191,16 @@ def main() -> int:
     inputs = tokenizer_backbone.preprocess(tf.constant(texts[: BATCH * 8].astype(str)))
     fixed = tf.data.Dataset.from_tensor_slices((inputs, labels[: BATCH * 8])).batch(BATCH, drop_remainder=True).cache()
     throughput, computes_in = {}, {}
-    for name, dtype, jit in [("plain Keras float32", "float32", False), ("plain Keras float32 + XLA", "float32", True),
-                             ("plain Keras mixed_bfloat16", "mixed_bfloat16", False)]:
+    plain = [("plain Keras float32", "float32", False), ("plain Keras float32 + XLA", "float32", True)]
+    if devices.cpu_has_native_bf16() or tf.config.list_physical_devices("GPU"):  # emulated bf16 is not a contender
+        plain.append(("plain Keras mixed_bfloat16", "mixed_bfloat16", False))
+    for name, dtype, jit in plain:
         throughput[name] = timed_fit(plain_keras_classifier(preset, dtype, jit), fixed, args.steps)
         computes_in[name] = "bfloat16" if "bfloat16" in dtype else "float32"
     # Record what XLA buys on this CPU, so --jit_compile=auto can decide from a measurement.
     speedup = throughput["plain Keras float32 + XLA"] / throughput["plain Keras float32"]
     devices.record_xla_speedup(speedup, "plain Keras MiniLM fine-tune step, batch 32, seq 128, float32")
-    precision, jit = devices.resolve_precision("auto"), devices.resolve_jit_compile("auto")
+    jit = devices.resolve_jit_compile("auto")  # after the XLA measurement above
     backbone = build_backbone("asset:minilm", sequence_length=SEQ, dtype=precision)
     model = build_model(backbone, ["rotten", "fresh"])
     train.compile_model(model, train.make_optimizer(5e-5, 1000), task="classification", num_labels=2, jit_compile=jit)
@@ -167,6 +213,12 @@ def main() -> int:
         peak = computes_in[name]
         rows.append((f"MiniLM fine-tune, {name}", f"{value:.1f} ex/s", f"{value / best_plain:.2f}x best plain; "
                      f"{value * flops / 1e9 / peaks[peak]:.0%} of the {peak} peak"))
+    peer_name = f"torch {peer.get('torch', '')} + transformers {peer.get('transformers', '')}, {peer_precision}"
+    if "missing" in peer:
+        rows.append(("MiniLM fine-tune, torch peer", peer["missing"], ""))
+    else:
+        rows.append((f"MiniLM fine-tune, {peer_name}", f"{peer['fixed_step_ex_s']:.1f} ex/s",
+                     f"tfl default / torch: {throughput[default] / peer['fixed_step_ex_s']:.2f}x"))
 
     # 3. bucketing vs. padding to 128, on the tfl default model, over batches drawn in the epoch's proportions.
     lengths = data_lib.token_lengths(splits.train.batch(256).map(lambda x, y: backbone.preprocess(x)))
@@ -180,6 +232,11 @@ def main() -> int:
         rows.append((f"RT fine-tune epoch, {name}", f"{timings[name]:.0f} s/epoch ({epoch_batches} batches)",
                      f"padding {data_lib.padding_fraction(lengths, boundaries or [SEQ]):.1%}"))
     rows.append(("bucketing speed-up per epoch", f"{timings['pad to 128'] / timings['8 length buckets']:.2f}x", ""))
+    if "missing" not in peer:
+        rows.append((f"RT fine-tune epoch, {peer_name}, per-batch dynamic padding",
+                     f"{peer['epoch_seconds']:.0f} s/epoch ({peer['epoch_batches']} batches)",
+                     f"padding {peer['padding']:.1%}; tfl buckets {peer['epoch_seconds'] / timings['8 length buckets']:.2f}x "
+                     "faster"))
     # 4. linear probe, an epoch after the first: cached features vs. recomputing the frozen backbone.
     probe_backbone = build_backbone("asset:minilm", sequence_length=64, dtype=precision)
     probe = build_model(probe_backbone, ["rotten", "fresh"], frozen_backbone=True)
@@ -214,11 +271,22 @@ def main() -> int:
     compute_dtype = tf.bfloat16 if "bfloat16" in precision else tf.float32
     shapes = matmul_shapes.shape_speeds(BATCH, SEQ, compute_dtype)
     parts = step_breakdown.breakdown(list(texts[:BATCH].astype(str)), precision)
+    fixed_batch = next(iter(fixed))
+    ops = profile_step.profile_ops(lambda: model.train_on_batch(*fixed_batch), steps=3)
     analysis = (f"\n## Where the default step's time goes\n\nBatch {BATCH}, sequence {SEQ}, {precision}, measured "
                 "in this run: the step's matmul shapes alone (`benchmarks/matmul_shapes.py`), then forward, "
                 "forward + backward and the whole Keras step on one batch (`benchmarks/step_breakdown.py`).\n\n"
                 + matmul_shapes.markdown(shapes) + "\n" + step_breakdown.markdown(parts) + "\n"
-                + step_analysis(shapes, parts, flops))
+                + step_analysis(shapes, parts, flops)
+                + "\nOp by op (`benchmarks/profile_step.py`: the TensorFlow profiler over 3 steps of the tfl default "
+                "model on the fixed batch, each op's self time summed by op type over both executor threads):\n\n"
+                + profile_step.markdown(ops) + "\n" + profile_step.findings(ops))
+    tfl_epoch = timings["8 length buckets"]
+    targets = [("fixed-shape step ≥ 1.0x the torch peer",
+                *_ratio_vs_peer(lambda p: throughput[default] / p["fixed_step_ex_s"], peer, 1.0)),
+               ("real RT epoch ≥ 1.5x faster than the torch peer",
+                *_ratio_vs_peer(lambda p: p["epoch_seconds"] / tfl_epoch, peer, 1.5))]
+    analysis += "\n## Targets (issue #17) against this run\n\n" + target_rows(targets)
     cpu = platform.processor() or platform.machine()
     table = ["| measurement | result | ratio |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     text = (f"# tfl benchmarks\n\nMachine: {os.cpu_count()} cores ({cpu}), bf16-native CPU: "

@@ -57,3 +57,47 @@ def test_step_analysis_computes_its_numbers_from_the_measurements(bench):
     assert "about 50 GFLOP of matmuls per batch in 1000 ms, 50 GFLOP/s" in text
     assert "about 50% of the forward time" in text and "2.5x the forward pass" in text
     assert "500 ms of 3000 ms (17%" in text
+
+
+@pytest.fixture(scope="module")
+def profiler():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_step
+
+    return profile_step
+
+
+def test_self_time_is_an_ops_duration_less_the_ops_nested_in_it_on_its_thread(profiler):
+    events = [("outer", "While", 0, 100, 1), ("inner", "MatMul", 10, 40, 1), ("inner2", "Mul", 50, 60, 1),
+              ("other", "MatMul", 20, 90, 2)]  # thread 2 overlaps in time but is not nested
+    got = profiler.self_times(events)
+    assert got[("While", "outer")] == pytest.approx(60e-12)
+    assert got[("MatMul", "inner")] == pytest.approx(30e-12)
+    assert got[("MatMul", "other")] == pytest.approx(70e-12)
+    types = {t: seconds for t, seconds, _ in profiler.by_type(got)}
+    assert types["MatMul"] == pytest.approx(100e-12)
+
+
+def test_a_real_trace_names_the_op_that_does_the_work(profiler):
+    a = tf.random.normal((256, 256))
+    step = tf.function(lambda: tf.nn.relu(tf.matmul(a, a)))
+    ops = profiler.profile_ops(step, steps=2)
+    types = [t for t, _, _ in profiler.by_type(ops)]
+    assert "MatMul" in types and "Relu" in types
+    assert all(seconds > 0 for seconds in ops.values())
+
+
+def test_ops_are_put_in_the_part_of_the_model_their_name_says(profiler):
+    assert profiler.part_of("BatchMatMulV2", "x/self_attention_layer/MatMul") == "matmuls"
+    assert profiler.part_of("StatelessRandomUniformV2", "x/self_attention_dropout/stateless") .startswith("dropout")
+    assert profiler.part_of("Pow", "x/feedforward_intermediate_dense/Gelu/Pow") == "GELU"
+    assert profiler.part_of("Mul", "adam_w/mul_3") == "optimizer update"
+    assert profiler.part_of("Transpose", "x/self_attention_layer/transpose") == "transposes"
+    ops = {("MatMul", "a"): 3.0, ("Pow", "ffn/Gelu/Pow"): 1.0}
+    assert "largest named non-matmul cost is GELU: 25.0%" in profiler.findings(ops)
+
+
+def test_targets_against_the_peer_are_unmet_when_the_peer_did_not_run(bench):
+    assert bench._ratio_vs_peer(lambda p: 2.0, {"missing": "why"}, 1.0)[1] is False
+    assert bench._ratio_vs_peer(lambda p: p["x"] / 2, {"x": 3.0}, 1.5) == ("1.50x", True)
+    assert "| a | 0.90x | **no** |" in bench.target_rows([("a", "0.90x", False)])
