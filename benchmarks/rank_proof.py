@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import gc
 import json
 import math
 import os
@@ -49,12 +48,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks.run import matmul_gflops  # noqa: E402
 from tfl import auto, ranking, transferability  # noqa: E402
+from tfl.costs import release_memory  # noqa: E402
 from tfl.demo import config_from_flagfile  # noqa: E402
 from tfl.runner import load_data_for, train_and_evaluate  # noqa: E402
 
@@ -131,8 +130,7 @@ def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
             continue
         config = dataclasses.replace(base, model=training_model(base, row, deepest[row["backbone"]]))
         metrics = train_and_evaluate(config, verbose=0)
-        keras.backend.clear_session()  # each run's models and traced functions would otherwise pile up (OOM)
-        gc.collect()
+        release_memory()  # each run's models and traced functions would otherwise pile up (OOM)
         runs[row["candidate"]] = {
             "test_accuracy": metrics["test"]["accuracy"], "validation_accuracy": metrics["validation"]["accuracy"],
             "train_seconds": metrics["train_seconds"], "wall_seconds": metrics["wall_seconds"],

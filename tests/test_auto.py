@@ -202,3 +202,31 @@ def test_the_budgeted_oracle_starts_a_trial_only_if_it_ends_in_time():
     assert oracle.populate_space("1")["status"] == "STOPPED"
     oracle.seconds_per_epoch = 1.0
     assert oracle.populate_space("2")["status"] == "RUNNING"
+
+
+def test_a_learning_rate_search_runs_only_when_the_budget_holds_more_runs_of_the_choice(tmp_path):
+    config = Config(mode="auto", model_dir=str(tmp_path))
+    choice = auto.Choice("fine_tune", "asset:minilm", 6, estimated_seconds=100.0, cut=False)
+    chosen = auto.chosen_config(config, choice, str(tmp_path / "chosen"))
+    kept = auto.tuned_learning_rate(chosen, choice, 150.0, str(tmp_path / "learning_rate"), verbose=0)
+    assert kept is chosen and "do not hold 2 more runs" in choice.reasons[-1]
+    assert not (tmp_path / "learning_rate").exists()
+
+
+def test_autos_learning_rate_search_keeps_the_chosen_freezing_and_uses_the_best_trial(tmp_path, tiny_bert_preset):
+    config = Config(mode="auto", data=DataConfig(source=_sentences(tmp_path), batch_size=8),
+                    model=ModelConfig(sequence_length=8), train=TrainConfig(precision="float32", epochs=1,
+                                                                            learning_rate=1e-3),
+                    model_dir=str(tmp_path / "auto"), export=False)
+    choice = auto.Choice("partial", tiny_bert_preset, 2, freeze_blocks=1, estimated_seconds=1.0, cut=False)
+    chosen = auto.chosen_config(config, choice, str(tmp_path / "auto" / "chosen"))
+    tuned = auto.tuned_learning_rate(chosen, choice, 3.0, str(tmp_path / "auto" / "learning_rate"), verbose=0)
+    report = json.loads((tmp_path / "auto" / "learning_rate" / "report.json").read_text())
+    assert report["searched"] == "learning rate and epochs"
+    assert tuned.train.learning_rate == report["best"]["values"]["learning_rate"] != 1e-3
+    assert tuned.freeze == chosen.freeze and tuned.model_dir == chosen.model_dir
+    for trial in report["trials"]:
+        run = json.loads((tmp_path / "auto" / "learning_rate" / "trials" / trial["trial"] / "metrics.json").read_text())
+        assert run["config"]["freeze"]["freeze_blocks"] == 1 and set(trial["values"]) <= {
+            "learning_rate", "tuner/epochs", "tuner/initial_epoch", "tuner/bracket", "tuner/round", "tuner/trial_id"}
+    assert "learning rate" in choice.reasons[-1] and "Hyperband" in choice.reasons[-1]

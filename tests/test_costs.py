@@ -46,3 +46,19 @@ def test_peak_rss_is_in_mib_and_covers_what_the_process_holds():
     # The peak is at least the memory held now, and (in MiB, not KiB or bytes) below the machine's.
     assert rss_kib / 1024 - 1 <= peak_rss_mb() <= total_kib / 1024
     assert held.sum() == held.size
+
+
+def test_release_memory_drops_keras_state_of_finished_runs_and_keeps_the_dtype_policy():
+    import keras
+
+    from tfl.costs import release_memory
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        keras.layers.Dense(2)
+        assert keras.layers.Dense(2).name != "dense"  # the name counter counts the layers before
+        release_memory()
+        assert keras.layers.Dense(2).name == "dense"  # Keras's global state is fresh
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+    finally:
+        keras.config.set_dtype_policy("float32")

@@ -21,6 +21,10 @@ The rule (``choose``; the README repeats it):
      the best-scored cut); else partial fine-tuning with the fewest frozen blocks that fit; else the probe.
    LoRA is not chosen: on a CPU its backward pass still runs through every block, so it saves memory,
    not time, and this rule budgets time.
+4. Learning rate: when the budget left after ranking holds the chosen run and ``LR_SEARCH_RUNS`` more of
+   it, a KerasTuner Hyperband search over the learning rate alone (``tfl.tuning``, the choice's freezing
+   fixed, trials judged on the validation split) spends the budget but the final run; that run then uses the
+   best trial's learning rate. Otherwise it keeps --learning_rate (or --probe_learning_rate for a probe).
 The report shows the ranking, the choice with these reasons and the estimate, and the run's result.
 """
 
@@ -30,13 +34,14 @@ import dataclasses
 import os
 import time
 
-from tfl import ranking, runner, self_training, storage
+from tfl import ranking, runner, self_training, storage, tuning
 from tfl.config import Config, ConfigError
 from tfl.data import TEXT
 from tfl.zoo import is_source_model_folder
 
 FINE_TUNE_MIN_PER_CLASS = 32  # below this many labelled examples per class: a linear probe
 FORWARD_PASSES_PER_STEP = 3.0  # forward + backward through a trained block, in forward passes
+LR_SEARCH_RUNS = 2  # a learning-rate search needs the budget of this many runs of the choice, beside the final one
 
 
 @dataclasses.dataclass
@@ -158,8 +163,33 @@ def run_auto(config: Config, verbose: int = 1) -> dict:
                     eval_examples=sizes["validation"] * epochs + sizes["test"])
     print(f"tfl: auto chose {choice.strategy} of {choice.backbone}"
           + (f" cut after block {choice.depth}" if choice.cut else "") + ": " + "; ".join(choice.reasons))
-    metrics = runner.train_and_evaluate(chosen_config(config, choice, sub_dir("chosen")), verbose)
+    chosen = chosen_config(config, choice, sub_dir("chosen"))
+    left = config.auto.budget_minutes * 60.0 - (time.time() - started) - choice.estimated_seconds
+    chosen = tuned_learning_rate(chosen, choice, left, sub_dir("learning_rate"), verbose)
+    metrics = runner.train_and_evaluate(chosen, verbose)
     return _finish(config, dataclasses.asdict(choice), ranked, metrics, started)
+
+
+def tuned_learning_rate(chosen: Config, choice: Choice, seconds_left: float, search_dir: str,
+                        verbose: int) -> Config:
+    """``chosen`` with the learning rate a Hyperband search finds in ``seconds_left`` (rule 4 of the module
+    docstring), or unchanged when that budget is short of LR_SEARCH_RUNS runs of the choice; adds the reason to
+    ``choice.reasons``."""
+    rate = chosen.train.learning_rate
+    if not search_dir or seconds_left < LR_SEARCH_RUNS * max(choice.estimated_seconds, 1.0):
+        choice.reasons.append(f"learning rate {rate:g} as given: " + (
+            "a learning-rate search needs --model_dir" if not search_dir else
+            f"the {max(seconds_left, 0):.0f} s left beside the final run do not hold {LR_SEARCH_RUNS} more runs of "
+            f"about {choice.estimated_seconds:.0f} s for a search"))
+        return chosen
+    search = dataclasses.replace(chosen, mode="tune", model_dir=search_dir,
+                                 auto=dataclasses.replace(chosen.auto, budget_minutes=seconds_left / 60.0)).validate()
+    best = tuning.tune(search, verbose, learning_rate_only=True)["best"]
+    rate = float(best["values"]["learning_rate"])
+    choice.reasons.append(f"learning rate {rate:.2e}: the best on the validation split of a Hyperband search around "
+                          f"{chosen.train.learning_rate:g} in the {seconds_left:.0f} s left beside the final run "
+                          "(`learning_rate/report.md`)")
+    return dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, learning_rate=rate)).validate()
 
 
 def _finish(config: Config, choice: dict, ranked, metrics: dict, started: float) -> dict:

@@ -54,3 +54,12 @@ def peak_rss_mb() -> Optional[float]:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def release_memory() -> None:
+    """Frees what a finished run leaves behind in this process (Keras's global state, traced functions, kernel
+    caches), for loops of runs: compare, tune, the demo. Without it the process grows with every run (a script
+    of 17 fine-tunes in one process reached 16.8 GB and was killed). The global dtype policy is kept."""
+    policy = keras.config.dtype_policy()
+    keras.backend.clear_session(free_memory=True)
+    keras.config.set_dtype_policy(policy)

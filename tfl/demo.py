@@ -154,6 +154,7 @@ def main(argv: list) -> int:
             return 2
     started = time.time()
     with quiet.tensorflow_start(quiet="--verbose" not in argv):
+        from tfl.costs import release_memory
         from tfl.job import run
     summarise_data()
 
@@ -163,6 +164,7 @@ def main(argv: list) -> int:
         config = job_config(name, flagfile, source_job, out, quick, refresh_docs)
         shutil.rmtree(config.model_dir, ignore_errors=True)
         run(config, verbose=quiet.keras_verbose())
+        release_memory()  # every job builds its own models; nothing of this one is needed by the next
         if (name, flagfile, source_job) == DEMO_JOBS[-1]:
             demo_seconds = time.time() - started
         if config.mode == "compare" and refresh_docs:

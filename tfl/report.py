@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from tfl import storage
+from tfl.costs import release_memory
 from tfl.config import Config
 from tfl.devices import is_chief
 from tfl.strategies import STRATEGIES
@@ -65,6 +66,7 @@ def compare(config: Config, run: Callable[[Config, int], dict], verbose: int = 0
                 print(f"tfl: compare run {started_runs} of {total}: {strategy} fraction={fraction:g} seed={seed}")
                 started = time.time()
                 metrics = run(child, verbose)
+                release_memory()  # the next run builds its own model
                 runs.append({"strategy": strategy, "fraction": fraction, "seed": seed, "test": metrics["test"],
                              "train_seconds": metrics.get("train_seconds", 0.0),
                              "wall_seconds": round(time.time() - started, 2),

@@ -21,6 +21,7 @@ import time
 from tfl import devices as devices_lib
 from tfl import runner, storage
 from tfl.config import Config
+from tfl.costs import release_memory
 from tfl.data import TEXT
 from tfl.train import NonFiniteLossError
 
@@ -29,12 +30,15 @@ OBJECTIVES = {"classification": ("accuracy", "max"), "multilabel": ("macro_f1", 
 LORA_RANKS = (4, 8)
 
 
-def search_space(learning_rate: float, blocks: int, lora: bool):
-    """The KerasTuner HyperParameters of the module docstring, for a backbone of ``blocks`` blocks."""
+def search_space(learning_rate: float, blocks: int, lora: bool, learning_rate_only: bool = False):
+    """The KerasTuner HyperParameters of the module docstring, for a backbone of ``blocks`` blocks;
+    ``learning_rate_only``: the learning rate alone (--mode=auto's search, its freezing already chosen)."""
     import keras_tuner
 
     hp = keras_tuner.HyperParameters()
     hp.Float("learning_rate", learning_rate / 10, learning_rate * 10, sampling="log")
+    if learning_rate_only:
+        return hp
     if not lora:
         hp.Int("freeze_blocks", 0, max(blocks - 1, 0))
         return hp
@@ -46,11 +50,12 @@ def search_space(learning_rate: float, blocks: int, lora: bool):
     return hp
 
 
-def trial_config(config: Config, values: dict, model_dir: str) -> Config:
+def trial_config(config: Config, values: dict, model_dir: str, learning_rate_only: bool = False) -> Config:
     """The --mode=train run of one trial's values (the search owns freezing: the user's freezing flags do not
-    apply)."""
-    freeze = dataclasses.replace(config.freeze, freeze_blocks=int(values.get("freeze_blocks", 0)), trainable="",
-                                 lora_rank=int(values.get("lora_rank", 0)), freeze_all=False, unfreeze_every_epochs=0)
+    apply, unless ``learning_rate_only``, where the config's freezing is the one to keep)."""
+    freeze = config.freeze if learning_rate_only else dataclasses.replace(
+        config.freeze, freeze_blocks=int(values.get("freeze_blocks", 0)), trainable="",
+        lora_rank=int(values.get("lora_rank", 0)), freeze_all=False, unfreeze_every_epochs=0)
     train = dataclasses.replace(config.train, learning_rate=float(values["learning_rate"]),
                                 epochs=int(values.get("tuner/epochs", config.train.epochs)))
     return dataclasses.replace(config, mode="train", freeze=freeze, train=train, model_dir=model_dir,
@@ -81,13 +86,13 @@ def _tuner_classes():
 
         failure = None  # the error that stopped the search, raised again after it
 
-        def run_trial(self, trial, config: Config, rows: list, **unused):
+        def run_trial(self, trial, config: Config, rows: list, learning_rate_only: bool = False, **unused):
             values = dict(trial.hyperparameters.values)
             name, direction = OBJECTIVES[config.model.task]
             started = time.time()
             try:
                 metrics = runner.train_and_evaluate(trial_config(config, values, os.path.join(
-                    config.model_dir, "trials", trial.trial_id)), verbose=0)
+                    config.model_dir, "trials", trial.trial_id), learning_rate_only), verbose=0)
             except NonFiniteLossError as e:  # a learning rate too high for this model: the worst score, reported
                 rows.append({"trial": trial.trial_id, "values": values, "diverged": str(e).splitlines()[0],
                              "seconds": round(time.time() - started, 1)})
@@ -96,6 +101,8 @@ def _tuner_classes():
             except Exception as e:  # a user mistake or a bug: stop the search and raise it as it is
                 self.failure = e
                 raise keras_tuner.errors.FatalError(str(e)) from e
+            finally:
+                release_memory()  # the next trial rebuilds its model from the preset
             seconds = time.time() - started
             epochs = max(int(values.get("tuner/epochs", 1)), 1)
             measured = self.oracle.seconds_per_epoch or 0.0
@@ -118,28 +125,33 @@ def _describe(values: dict) -> str:
     return f"lr {values['learning_rate']:.2e}, {values.get('tuner/epochs', '-')} epoch(s), {_adaptation(values)}"
 
 
-def tune(config: Config, verbose: int = 1) -> dict:
+def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False) -> dict:
     """--mode=tune: the search, then report.md / report.json under model_dir (trials print one line each
-    whatever ``verbose``)."""
+    whatever ``verbose``). ``learning_rate_only``: search the learning rate (and Hyperband's epochs) with the
+    config's own freezing (--mode=auto's final learning rate)."""
     import keras_tuner
 
     started = time.time()
-    splits = runner.load_data_for(config)
-    backbone = runner.backbone_for(config, splits, devices_lib.resolve_precision(config.train.precision))
-    # LoRA adapts attention's query/value projections: text encoders (a convolutional backbone has none).
-    lora = backbone.modality == TEXT and hasattr(backbone.keras_hub_backbone, "enable_lora")
+    blocks, lora = 0, False
+    if not learning_rate_only:  # the space needs the backbone's block count
+        splits = runner.load_data_for(config)
+        backbone = runner.backbone_for(config, splits, devices_lib.resolve_precision(config.train.precision))
+        # LoRA adapts attention's query/value projections: text encoders (a convolutional backbone has none).
+        lora = backbone.modality == TEXT and hasattr(backbone.keras_hub_backbone, "enable_lora")
+        blocks = len(backbone.blocks)
+        del splits, backbone
     name, direction = OBJECTIVES[config.model.task]
     oracle_class, tuner_class = _tuner_classes()
     oracle = oracle_class(started + config.auto.budget_minutes * 60.0,
                           objective=keras_tuner.Objective(f"val_{name}", direction),
                           max_epochs=config.train.epochs, factor=3, hyperband_iterations=1, seed=config.seed,
-                          hyperparameters=search_space(config.train.learning_rate, len(backbone.blocks), lora),
+                          hyperparameters=search_space(config.train.learning_rate, blocks, lora, learning_rate_only),
                           tune_new_entries=False)
     tuner = tuner_class(oracle=oracle, directory=os.path.join(config.model_dir, "tuner"), project_name="hyperband",
                         overwrite=True)
     rows: list = []
     try:
-        tuner.search(config, rows, verbose=0)  # tfl prints one line per trial
+        tuner.search(config, rows, learning_rate_only, verbose=0)  # tfl prints one line per trial
     except keras_tuner.errors.FatalError:
         if tuner.failure is not None:
             raise tuner.failure from None
@@ -149,7 +161,10 @@ def tune(config: Config, verbose: int = 1) -> dict:
         raise NonFiniteLossError(f"--mode=tune: every trial diverged ({rows[0]['diverged'] if rows else 'none ran'}); "
                                  "lower --learning_rate (the search spans it / 10 to x 10)")
     best = max(finished, key=lambda r: r["validation"][name] * (1 if direction == "max" else -1))
+    searched = "learning rate and epochs" if learning_rate_only else (
+        "learning rate, epochs, frozen blocks" + (" and LoRA rank" if lora else ""))
     result = {"mode": "tune", "objective": f"validation {name} ({direction})", "trials": rows, "best": best,
+              "searched": searched,
               "test": best["test"], "budget_minutes": config.auto.budget_minutes,
               "wall_seconds": round(time.time() - started, 2)}
     print(f"tfl: tune: best trial {best['trial']} ({_describe(best['values'])}): validation {name} "
@@ -162,8 +177,8 @@ def tune(config: Config, verbose: int = 1) -> dict:
 def format_report(config: Config, result: dict) -> str:
     name = result["objective"].split()[1]
     lines = [f"# Tune: {config.model.backbone} on {config.data.source}", "",
-             f"Hyperband (KerasTuner) over learning rate, epochs (up to {config.train.epochs}), frozen blocks and "
-             f"LoRA rank; judged by {result['objective']}. {len(result['trials'])} trial(s) in "
+             f"Hyperband (KerasTuner) over {result['searched']} (epochs up to {config.train.epochs}); judged by "
+             f"{result['objective']}. {len(result['trials'])} trial(s) in "
              f"{result['wall_seconds'] / 60:.1f} min of a {result['budget_minutes']:g} min budget.", "",
              "| trial | learning rate | epochs | adaptation | validation " + name + " | seconds |",
              "|---|---|---|---|---|---|"]
