@@ -122,9 +122,11 @@ def findings(ops: dict) -> str:
     rows = by_part(ops)
     lines = ["| part of the step | self time per step | share of all op time |", "|---|---|---|"]
     lines += [f"| {part} | {seconds * 1000:.1f} ms | {share:.1%} |" for part, seconds, share in rows]
-    largest = next(row for row in rows if row[0] not in ("matmuls", "everything else"))
-    return ("\n".join(lines) + f"\n\nThe largest named non-matmul cost is {largest[0]}: {largest[2]:.1%} of all op "
-            "time in this profile.\n")
+    named = [row for row in rows if row[0] not in ("matmuls", "everything else")]
+    if not named:
+        return "\n".join(lines) + "\n\nNo op outside the matmuls carries a name this table knows.\n"
+    return ("\n".join(lines) + f"\n\nThe largest named non-matmul cost is {named[0][0]}: {named[0][2]:.1%} of all "
+            "op time in this profile.\n")
 
 
 def markdown(ops: dict, top: int = 15) -> str:

@@ -237,6 +237,7 @@ def main() -> int:
                      f"{peer['epoch_seconds']:.0f} s/epoch ({peer['epoch_batches']} batches)",
                      f"padding {peer['padding']:.1%}; tfl buckets {peer['epoch_seconds'] / timings['8 length buckets']:.2f}x "
                      "faster"))
+    print("\n".join(f"{a}: {b} ({c})" for a, b, c in rows), flush=True)  # in the log even if a later part fails
     # 4. linear probe, an epoch after the first: cached features vs. recomputing the frozen backbone.
     probe_backbone = build_backbone("asset:minilm", sequence_length=64, dtype=precision)
     probe = build_model(probe_backbone, ["rotten", "fresh"], frozen_backbone=True)
@@ -272,6 +273,9 @@ def main() -> int:
     shapes = matmul_shapes.shape_speeds(BATCH, SEQ, compute_dtype)
     parts = step_breakdown.breakdown(list(texts[:BATCH].astype(str)), precision)
     fixed_batch = next(iter(fixed))
+    if jit:  # an XLA step is one compiled cluster: the profiler sees its ops only when each runs on its own
+        train.compile_model(model, train.make_optimizer(5e-5, 1000), task="classification", num_labels=2,
+                            jit_compile=False)
     ops = profile_step.profile_ops(lambda: model.train_on_batch(*fixed_batch), steps=3)
     analysis = (f"\n## Where the default step's time goes\n\nBatch {BATCH}, sequence {SEQ}, {precision}, measured "
                 "in this run: the step's matmul shapes alone (`benchmarks/matmul_shapes.py`), then forward, "
@@ -279,7 +283,9 @@ def main() -> int:
                 + matmul_shapes.markdown(shapes) + "\n" + step_breakdown.markdown(parts) + "\n"
                 + step_analysis(shapes, parts, flops)
                 + "\nOp by op (`benchmarks/profile_step.py`: the TensorFlow profiler over 3 steps of the tfl default "
-                "model on the fixed batch, each op's self time summed by op type over both executor threads):\n\n"
+                "model on the fixed batch, each op's self time summed by op type over both executor threads"
+                + ("; the default step runs under XLA on this machine, which compiles it into one cluster, so this "
+                   "profile is of the same step without XLA: it shows the work XLA fuses" if jit else "") + "):\n\n"
                 + profile_step.markdown(ops) + "\n" + profile_step.findings(ops))
     tfl_epoch = timings["8 length buckets"]
     targets = [("fixed-shape step ≥ 1.0x the torch peer",

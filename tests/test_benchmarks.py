@@ -101,3 +101,7 @@ def test_targets_against_the_peer_are_unmet_when_the_peer_did_not_run(bench):
     assert bench._ratio_vs_peer(lambda p: 2.0, {"missing": "why"}, 1.0)[1] is False
     assert bench._ratio_vs_peer(lambda p: p["x"] / 2, {"x": 3.0}, 1.5) == ("1.50x", True)
     assert "| a | 0.90x | **no** |" in bench.target_rows([("a", "0.90x", False)])
+
+
+def test_findings_say_so_when_no_op_outside_the_matmuls_is_named(profiler):
+    assert "No op outside the matmuls" in profiler.findings({("MatMul", "a"): 1.0, ("_XlaRun", "cluster"): 1.0})
