@@ -105,3 +105,13 @@ def test_targets_against_the_peer_are_unmet_when_the_peer_did_not_run(bench):
 
 def test_findings_say_so_when_no_op_outside_the_matmuls_is_named(profiler):
     assert "No op outside the matmuls" in profiler.findings({("MatMul", "a"): 1.0, ("_XlaRun", "cluster"): 1.0})
+
+
+def test_a_batch_is_cut_or_padded_to_a_buckets_length_whatever_its_dtypes(bench):
+    x = {"token_ids": tf.ones((2, 5), tf.int32), "padding_mask": tf.ones((2, 5), tf.bool)}
+    y = tf.constant([0, 1])
+    for length in (3, 8):
+        got, labels = bench.bucket_shaped((x, y), length)
+        assert got["token_ids"].shape == (2, length) and got["padding_mask"].dtype == tf.bool
+        assert int(tf.reduce_sum(tf.cast(got["padding_mask"], tf.int32))) == 2 * min(length, 5)
+        assert labels is y
