@@ -168,11 +168,13 @@ def test_a_user_mistake_inside_a_trial_stops_the_search_as_itself(tmp_path, tiny
 
     config = Config(mode="tune", data=DataConfig(source=_sentences(tmp_path), batch_size=8),
                     model=ModelConfig(backbone=tiny_bert_preset, sequence_length=64),  # longer than its 16 positions
-                    train=TrainConfig(precision="float32", epochs=1), model_dir=str(tmp_path / "tune"), export=False)
+                    train=TrainConfig(precision="float32", epochs=3), model_dir=str(tmp_path / "tune"), export=False)
     with pytest.raises(BackboneError, match="--sequence_length=64 is longer"):
         job.run_checked(config, verbose=0)
     with pytest.raises(ConfigError, match="--mode=tune needs --model_dir"):
         Config(mode="tune").validate()
+    with pytest.raises(ConfigError, match="needs --epochs >= 3"):  # Hyperband would run a single trial
+        job.run_checked(Config(mode="tune", train=TrainConfig(epochs=2), model_dir=str(tmp_path / "t2")), verbose=0)
 
 
 def test_auto_runs_what_was_chosen_not_the_users_other_freezing_flags():
@@ -205,17 +207,21 @@ def test_the_budgeted_oracle_starts_a_trial_only_if_it_ends_in_time():
 
 
 def test_a_learning_rate_search_runs_only_when_the_budget_holds_more_runs_of_the_choice(tmp_path):
-    config = Config(mode="auto", model_dir=str(tmp_path))
+    config = Config(mode="auto", train=TrainConfig(epochs=3), model_dir=str(tmp_path))
     choice = auto.Choice("fine_tune", "asset:minilm", 6, estimated_seconds=100.0, cut=False)
     chosen = auto.chosen_config(config, choice, str(tmp_path / "chosen"))
     kept = auto.tuned_learning_rate(chosen, choice, 150.0, str(tmp_path / "learning_rate"), verbose=0)
     assert kept is chosen and "do not hold 2 more runs" in choice.reasons[-1]
+    one_epoch = auto.chosen_config(Config(mode="auto", train=TrainConfig(epochs=1), model_dir=str(tmp_path)), choice,
+                                   str(tmp_path / "chosen"))
+    assert auto.tuned_learning_rate(one_epoch, choice, 1e6, str(tmp_path / "learning_rate"), 0) is one_epoch
+    assert "needs --epochs >= 3" in choice.reasons[-1]
     assert not (tmp_path / "learning_rate").exists()
 
 
 def test_autos_learning_rate_search_keeps_the_chosen_freezing_and_uses_the_best_trial(tmp_path, tiny_bert_preset):
     config = Config(mode="auto", data=DataConfig(source=_sentences(tmp_path), batch_size=8),
-                    model=ModelConfig(sequence_length=8), train=TrainConfig(precision="float32", epochs=1,
+                    model=ModelConfig(sequence_length=8), train=TrainConfig(precision="float32", epochs=3,
                                                                             learning_rate=1e-3),
                     model_dir=str(tmp_path / "auto"), export=False)
     choice = auto.Choice("partial", tiny_bert_preset, 2, freeze_blocks=1, estimated_seconds=1.0, cut=False)

@@ -22,7 +22,7 @@ The rule (``choose``; the README repeats it):
    LoRA is not chosen: on a CPU its backward pass still runs through every block, so it saves memory,
    not time, and this rule budgets time.
 4. Learning rate: when the budget left after ranking holds the chosen run and ``LR_SEARCH_RUNS`` more of
-   it, a KerasTuner Hyperband search over the learning rate alone (``tfl.tuning``, the choice's freezing
+   it, and --epochs is at least ``tuning.MIN_EPOCHS`` (Hyperband's brackets need it), a KerasTuner Hyperband search over the learning rate alone (``tfl.tuning``, the choice's freezing
    fixed, trials judged on the validation split) spends the budget but the final run; that run then uses the
    best trial's learning rate. Otherwise it keeps --learning_rate (or --probe_learning_rate for a probe).
 The report shows the ranking, the choice with these reasons and the estimate, and the run's result.
@@ -176,11 +176,13 @@ def tuned_learning_rate(chosen: Config, choice: Choice, seconds_left: float, sea
     docstring), or unchanged when that budget is short of LR_SEARCH_RUNS runs of the choice; adds the reason to
     ``choice.reasons``."""
     rate = chosen.train.learning_rate
-    if not search_dir or seconds_left < LR_SEARCH_RUNS * max(choice.estimated_seconds, 1.0):
-        choice.reasons.append(f"learning rate {rate:g} as given: " + (
-            "a learning-rate search needs --model_dir" if not search_dir else
-            f"the {max(seconds_left, 0):.0f} s left beside the final run do not hold {LR_SEARCH_RUNS} more runs of "
-            f"about {choice.estimated_seconds:.0f} s for a search"))
+    short = (not search_dir and "a learning-rate search needs --model_dir"
+             or chosen.train.epochs < tuning.MIN_EPOCHS and f"a Hyperband search needs --epochs >= {tuning.MIN_EPOCHS}"
+             or seconds_left < LR_SEARCH_RUNS * max(choice.estimated_seconds, 1.0) and (
+                 f"the {max(seconds_left, 0):.0f} s left beside the final run do not hold {LR_SEARCH_RUNS} more runs "
+                 f"of about {choice.estimated_seconds:.0f} s for a search"))
+    if short:
+        choice.reasons.append(f"learning rate {rate:g} as given: {short}")
         return chosen
     search = dataclasses.replace(chosen, mode="tune", model_dir=search_dir,
                                  auto=dataclasses.replace(chosen.auto, budget_minutes=seconds_left / 60.0)).validate()

@@ -20,7 +20,7 @@ import time
 
 from tfl import devices as devices_lib
 from tfl import runner, storage
-from tfl.config import Config
+from tfl.config import Config, ConfigError
 from tfl.costs import release_memory
 from tfl.data import TEXT
 from tfl.train import NonFiniteLossError
@@ -28,6 +28,7 @@ from tfl.train import NonFiniteLossError
 # The validation metric a trial is judged by, per task: (name in metrics["validation"], direction).
 OBJECTIVES = {"classification": ("accuracy", "max"), "multilabel": ("macro_f1", "max"), "regression": ("mae", "min")}
 LORA_RANKS = (4, 8)
+MIN_EPOCHS = 3  # Hyperband (factor 3) with fewer epochs has one bracket of one trial: a single random draw
 
 
 def search_space(learning_rate: float, blocks: int, lora: bool, learning_rate_only: bool = False):
@@ -131,6 +132,9 @@ def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False) 
     config's own freezing (--mode=auto's final learning rate)."""
     import keras_tuner
 
+    if config.train.epochs < MIN_EPOCHS:
+        raise ConfigError(f"--mode=tune needs --epochs >= {MIN_EPOCHS} (got {config.train.epochs}): Hyperband hands "
+                          f"trials 1 epoch, then {MIN_EPOCHS}; with fewer it runs a single trial")
     started = time.time()
     blocks, lora = 0, False
     if not learning_rate_only:  # the space needs the backbone's block count
