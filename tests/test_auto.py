@@ -135,7 +135,7 @@ def test_nolabels_runs_zero_shot_then_self_training(tmp_path, tiny_bert_preset):
 
 
 def test_tune_searches_within_its_budget_and_reports_every_trial(tmp_path, tiny_bert_preset):
-    from tfl import job, tuning
+    from tfl import job
 
     config = Config(mode="tune", data=DataConfig(source=_sentences(tmp_path), batch_size=8),
                     model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8),
@@ -174,7 +174,7 @@ def test_a_user_mistake_inside_a_trial_stops_the_search_as_itself(tmp_path, tiny
     with pytest.raises(ConfigError, match="--mode=tune needs --model_dir"):
         Config(mode="tune").validate()
     with pytest.raises(ConfigError, match="needs --epochs >= 3"):  # Hyperband would run a single trial
-        job.run_checked(Config(mode="tune", train=TrainConfig(epochs=2), model_dir=str(tmp_path / "t2")), verbose=0)
+        Config(mode="tune", train=TrainConfig(epochs=2), model_dir=str(tmp_path / "t2")).validate()
 
 
 def test_auto_runs_what_was_chosen_not_the_users_other_freezing_flags():
@@ -204,6 +204,12 @@ def test_the_budgeted_oracle_starts_a_trial_only_if_it_ends_in_time():
     assert oracle.populate_space("1")["status"] == "STOPPED"
     oracle.seconds_per_epoch = 1.0
     assert oracle.populate_space("2")["status"] == "RUNNING"
+    # A run kept for after the search (auto's final run) counts too: 1 s per epoch, but 100 epochs reserved.
+    reserving = oracle_class(time.time() + 60, 100, objective=keras_tuner.Objective("val_accuracy", "max"),
+                             max_epochs=3, hyperparameters=tuning.search_space(1e-3, 3, lora=False),
+                             tune_new_entries=False, seed=0)
+    reserving.seconds_per_epoch = 1.0
+    assert reserving.populate_space("0")["status"] == "STOPPED"
 
 
 def test_a_learning_rate_search_runs_only_when_the_budget_holds_more_runs_of_the_choice(tmp_path):
@@ -211,7 +217,7 @@ def test_a_learning_rate_search_runs_only_when_the_budget_holds_more_runs_of_the
     choice = auto.Choice("fine_tune", "asset:minilm", 6, estimated_seconds=100.0, cut=False)
     chosen = auto.chosen_config(config, choice, str(tmp_path / "chosen"))
     kept = auto.tuned_learning_rate(chosen, choice, 150.0, str(tmp_path / "learning_rate"), verbose=0)
-    assert kept is chosen and "do not hold 2 more runs" in choice.reasons[-1]
+    assert kept is chosen and "do not hold the final run and 2 more" in choice.reasons[-1]
     one_epoch = auto.chosen_config(Config(mode="auto", train=TrainConfig(epochs=1), model_dir=str(tmp_path)), choice,
                                    str(tmp_path / "chosen"))
     assert auto.tuned_learning_rate(one_epoch, choice, 1e6, str(tmp_path / "learning_rate"), 0) is one_epoch
@@ -229,10 +235,27 @@ def test_autos_learning_rate_search_keeps_the_chosen_freezing_and_uses_the_best_
     tuned = auto.tuned_learning_rate(chosen, choice, 3.0, str(tmp_path / "auto" / "learning_rate"), verbose=0)
     report = json.loads((tmp_path / "auto" / "learning_rate" / "report.json").read_text())
     assert report["searched"] == "learning rate and epochs"
-    assert tuned.train.learning_rate == report["best"]["values"]["learning_rate"] != 1e-3
+    assert tuned.train.learning_rate == report["best"]["values"]["learning_rate"]
     assert tuned.freeze == chosen.freeze and tuned.model_dir == chosen.model_dir
     for trial in report["trials"]:
         run = json.loads((tmp_path / "auto" / "learning_rate" / "trials" / trial["trial"] / "metrics.json").read_text())
         assert run["config"]["freeze"]["freeze_blocks"] == 1 and set(trial["values"]) <= {
-            "learning_rate", "tuner/epochs", "tuner/initial_epoch", "tuner/bracket", "tuner/round", "tuner/trial_id"}
+            "learning_rate", "tuner/epochs", "tuner/initial_epoch", "tuner/bracket", "tuner/round", "tuner/trial_id",
+            "freeze_blocks", "freeze_all"}  # the last two: the choice's own, recorded for the table
+    assert "| 1 block(s) frozen |" in (tmp_path / "auto" / "learning_rate" / "report.md").read_text()
     assert "learning rate" in choice.reasons[-1] and "Hyperband" in choice.reasons[-1]
+
+
+def test_a_search_whose_trials_all_diverge_keeps_the_given_learning_rate(tmp_path, monkeypatch):
+    from tfl import tuning
+    from tfl.train import NonFiniteLossError
+
+    def diverging(*args, **kwargs):
+        raise NonFiniteLossError("loss is nan")
+
+    monkeypatch.setattr(tuning, "tune", diverging)
+    config = Config(mode="auto", train=TrainConfig(epochs=3), model_dir=str(tmp_path))
+    choice = auto.Choice("fine_tune", "asset:minilm", 6, estimated_seconds=10.0, cut=False)
+    chosen = auto.chosen_config(config, choice, str(tmp_path / "chosen"))
+    assert auto.tuned_learning_rate(chosen, choice, 1000.0, str(tmp_path / "lr"), verbose=0) is chosen
+    assert "every trial of the search diverged" in choice.reasons[-1]

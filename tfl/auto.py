@@ -22,9 +22,11 @@ The rule (``choose``; the README repeats it):
    LoRA is not chosen: on a CPU its backward pass still runs through every block, so it saves memory,
    not time, and this rule budgets time.
 4. Learning rate: when the budget left after ranking holds the chosen run and ``LR_SEARCH_RUNS`` more of
-   it, and --epochs is at least ``tuning.MIN_EPOCHS`` (Hyperband's brackets need it), a KerasTuner Hyperband search over the learning rate alone (``tfl.tuning``, the choice's freezing
-   fixed, trials judged on the validation split) spends the budget but the final run; that run then uses the
-   best trial's learning rate. Otherwise it keeps --learning_rate (or --probe_learning_rate for a probe).
+   it, and --epochs is at least ``tuning.MIN_EPOCHS`` (Hyperband's brackets need it), a KerasTuner
+   Hyperband search over the learning rate alone (``tfl.tuning``, the choice's freezing fixed, trials judged
+   on the validation split) spends the budget but the final run's epochs, at the seconds per epoch it
+   measures; the final run then uses the best trial's learning rate. Otherwise it keeps --learning_rate (or
+   --probe_learning_rate for a probe).
 The report shows the ranking, the choice with these reasons and the estimate, and the run's result.
 """
 
@@ -37,6 +39,7 @@ import time
 from tfl import ranking, runner, self_training, storage, tuning
 from tfl.config import Config, ConfigError
 from tfl.data import TEXT
+from tfl.train import NonFiniteLossError
 from tfl.zoo import is_source_model_folder
 
 FINE_TUNE_MIN_PER_CLASS = 32  # below this many labelled examples per class: a linear probe
@@ -164,8 +167,9 @@ def run_auto(config: Config, verbose: int = 1) -> dict:
     print(f"tfl: auto chose {choice.strategy} of {choice.backbone}"
           + (f" cut after block {choice.depth}" if choice.cut else "") + ": " + "; ".join(choice.reasons))
     chosen = chosen_config(config, choice, sub_dir("chosen"))
-    left = config.auto.budget_minutes * 60.0 - (time.time() - started) - choice.estimated_seconds
+    left = config.auto.budget_minutes * 60.0 - (time.time() - started)
     chosen = tuned_learning_rate(chosen, choice, left, sub_dir("learning_rate"), verbose)
+    print(f"tfl: auto: {choice.reasons[-1]}")
     metrics = runner.train_and_evaluate(chosen, verbose)
     return _finish(config, dataclasses.asdict(choice), ranked, metrics, started)
 
@@ -173,24 +177,34 @@ def run_auto(config: Config, verbose: int = 1) -> dict:
 def tuned_learning_rate(chosen: Config, choice: Choice, seconds_left: float, search_dir: str,
                         verbose: int) -> Config:
     """``chosen`` with the learning rate a Hyperband search finds in ``seconds_left`` (rule 4 of the module
-    docstring), or unchanged when that budget is short of LR_SEARCH_RUNS runs of the choice; adds the reason to
+    docstring; the search keeps the final run's epochs of it, at the seconds per epoch it measures), or
+    unchanged when the budget is short of the final run and LR_SEARCH_RUNS more; adds the reason to
     ``choice.reasons``."""
-    rate = chosen.train.learning_rate
-    short = (not search_dir and "a learning-rate search needs --model_dir"
-             or chosen.train.epochs < tuning.MIN_EPOCHS and f"a Hyperband search needs --epochs >= {tuning.MIN_EPOCHS}"
-             or seconds_left < LR_SEARCH_RUNS * max(choice.estimated_seconds, 1.0) and (
-                 f"the {max(seconds_left, 0):.0f} s left beside the final run do not hold {LR_SEARCH_RUNS} more runs "
-                 f"of about {choice.estimated_seconds:.0f} s for a search"))
+    rate, runs = chosen.train.learning_rate, LR_SEARCH_RUNS + 1
+    if not search_dir:
+        short = "a learning-rate search needs --model_dir"
+    elif chosen.train.epochs < tuning.MIN_EPOCHS:
+        short = f"a Hyperband search needs --epochs >= {tuning.MIN_EPOCHS}"
+    elif seconds_left < runs * max(choice.estimated_seconds, 1.0):
+        short = (f"the {max(seconds_left, 0):.0f} s left do not hold the final run and {LR_SEARCH_RUNS} more of "
+                 f"about {choice.estimated_seconds:.0f} s each for a search")
+    else:
+        short = ""
     if short:
         choice.reasons.append(f"learning rate {rate:g} as given: {short}")
         return chosen
     search = dataclasses.replace(chosen, mode="tune", model_dir=search_dir,
                                  auto=dataclasses.replace(chosen.auto, budget_minutes=seconds_left / 60.0)).validate()
-    best = tuning.tune(search, verbose, learning_rate_only=True)["best"]
+    try:
+        best = tuning.tune(search, verbose, learning_rate_only=True, reserve_epochs=chosen.train.epochs)["best"]
+    except NonFiniteLossError:  # every trial diverged: the given rate is still a fair choice
+        choice.reasons.append(f"learning rate {rate:g} as given: every trial of the search diverged "
+                              "(`learning_rate/`)")
+        return chosen
     rate = float(best["values"]["learning_rate"])
     choice.reasons.append(f"learning rate {rate:.2e}: the best on the validation split of a Hyperband search around "
-                          f"{chosen.train.learning_rate:g} in the {seconds_left:.0f} s left beside the final run "
-                          "(`learning_rate/report.md`)")
+                          f"{chosen.train.learning_rate:g} within the {seconds_left:.0f} s left, keeping the final "
+                          "run's share (`learning_rate/report.md`)")
     return dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, learning_rate=rate)).validate()
 
 

@@ -22,6 +22,7 @@ JIT_CHOICES = ("auto", "true", "false")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
+TUNE_MIN_EPOCHS = 3  # Hyperband (factor 3) with fewer epochs has one bracket of one trial: a single random draw
 MODES = ("train", "zero_shot", "self_train", "compare", "predict", "rank", "auto", "tune")
 TRANSFERS = ("", "structure", "parameter")
 
@@ -247,6 +248,9 @@ class Config:
                               f"self_train; --mode={self.mode} learns from labels")
         if self.mode == "tune" and not self.model_dir:
             raise ConfigError("--mode=tune needs --model_dir (each trial is a run under <model_dir>/trials/)")
+        if self.mode == "tune" and self.train.epochs < TUNE_MIN_EPOCHS:
+            raise ConfigError(f"--mode=tune needs --epochs >= {TUNE_MIN_EPOCHS} (got {self.train.epochs}): Hyperband "
+                              f"hands trials 1 epoch, then {TUNE_MIN_EPOCHS}; with fewer it runs a single trial")
         if not self.auto.budget_minutes > 0:
             raise ConfigError(f"--budget_minutes must be > 0; got {self.auto.budget_minutes}")
         unknown = [s for s in self.compare.strategies if s not in COMPARE_STRATEGIES]

@@ -20,7 +20,7 @@ import time
 
 from tfl import devices as devices_lib
 from tfl import runner, storage
-from tfl.config import Config, ConfigError
+from tfl.config import TUNE_MIN_EPOCHS, Config
 from tfl.costs import release_memory
 from tfl.data import TEXT
 from tfl.train import NonFiniteLossError
@@ -28,7 +28,7 @@ from tfl.train import NonFiniteLossError
 # The validation metric a trial is judged by, per task: (name in metrics["validation"], direction).
 OBJECTIVES = {"classification": ("accuracy", "max"), "multilabel": ("macro_f1", "max"), "regression": ("mae", "min")}
 LORA_RANKS = (4, 8)
-MIN_EPOCHS = 3  # Hyperband (factor 3) with fewer epochs has one bracket of one trial: a single random draw
+MIN_EPOCHS = TUNE_MIN_EPOCHS
 
 
 def search_space(learning_rate: float, blocks: int, lora: bool, learning_rate_only: bool = False):
@@ -68,17 +68,18 @@ def _tuner_classes():
     import keras_tuner
 
     class BudgetedHyperband(keras_tuner.oracles.HyperbandOracle):
-        """Hyperband that stops when the next trial would not end before ``deadline``."""
+        """Hyperband that stops when the next trial, and ``reserve_epochs`` more epochs after it (a final run
+        the caller makes), would not end before ``deadline``."""
 
-        def __init__(self, deadline: float, **kwargs):
+        def __init__(self, deadline: float, reserve_epochs: int = 0, **kwargs):
             super().__init__(**kwargs)
-            self.deadline, self.seconds_per_epoch = deadline, None
+            self.deadline, self.reserve_epochs, self.seconds_per_epoch = deadline, reserve_epochs, None
 
         def populate_space(self, trial_id):
             response = super().populate_space(trial_id)
             if response.get("status") == "RUNNING" and self.seconds_per_epoch is not None:
                 epochs = response["values"].get("tuner/epochs", 1)
-                if time.time() + self.seconds_per_epoch * epochs > self.deadline:
+                if time.time() + self.seconds_per_epoch * (epochs + self.reserve_epochs) > self.deadline:
                     return {"status": "STOPPED"}
             return response
 
@@ -89,6 +90,8 @@ def _tuner_classes():
 
         def run_trial(self, trial, config: Config, rows: list, learning_rate_only: bool = False, **unused):
             values = dict(trial.hyperparameters.values)
+            if learning_rate_only:  # the freezing is the config's: the trial table says which
+                values.update(freeze_blocks=config.freeze.freeze_blocks, freeze_all=config.freeze.freeze_all)
             name, direction = OBJECTIVES[config.model.task]
             started = time.time()
             try:
@@ -118,6 +121,8 @@ def _tuner_classes():
 
 
 def _adaptation(values: dict) -> str:
+    if values.get("freeze_all"):
+        return "linear probe (backbone frozen)"
     return (f"LoRA rank {values['lora_rank']}" if values.get("lora_rank")
             else f"{values.get('freeze_blocks', 0)} block(s) frozen")
 
@@ -126,15 +131,13 @@ def _describe(values: dict) -> str:
     return f"lr {values['learning_rate']:.2e}, {values.get('tuner/epochs', '-')} epoch(s), {_adaptation(values)}"
 
 
-def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False) -> dict:
+def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False, reserve_epochs: int = 0) -> dict:
     """--mode=tune: the search, then report.md / report.json under model_dir (trials print one line each
     whatever ``verbose``). ``learning_rate_only``: search the learning rate (and Hyperband's epochs) with the
-    config's own freezing (--mode=auto's final learning rate)."""
+    config's own freezing (--mode=auto's final learning rate); ``reserve_epochs``: keep that many epochs, at
+    the measured seconds per epoch, of the budget for a run after the search."""
     import keras_tuner
 
-    if config.train.epochs < MIN_EPOCHS:
-        raise ConfigError(f"--mode=tune needs --epochs >= {MIN_EPOCHS} (got {config.train.epochs}): Hyperband hands "
-                          f"trials 1 epoch, then {MIN_EPOCHS}; with fewer it runs a single trial")
     started = time.time()
     blocks, lora = 0, False
     if not learning_rate_only:  # the space needs the backbone's block count
@@ -146,7 +149,7 @@ def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False) 
         del splits, backbone
     name, direction = OBJECTIVES[config.model.task]
     oracle_class, tuner_class = _tuner_classes()
-    oracle = oracle_class(started + config.auto.budget_minutes * 60.0,
+    oracle = oracle_class(started + config.auto.budget_minutes * 60.0, reserve_epochs,
                           objective=keras_tuner.Objective(f"val_{name}", direction),
                           max_epochs=config.train.epochs, factor=3, hyperband_iterations=1, seed=config.seed,
                           hyperparameters=search_space(config.train.learning_rate, blocks, lora, learning_rate_only),
