@@ -66,8 +66,9 @@ def run_peer(model_dir: str, texts, labels, precision: str, steps: int) -> dict:
         done = subprocess.run([PEER_PYTHON, os.path.join(ROOT, "benchmarks", "peer_torch.py"), f"--model={model_dir}",
                                f"--data={data.name}", f"--precision={precision}", f"--batch={BATCH}", f"--seq={SEQ}",
                                f"--steps={steps}"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError("benchmarks/peer_torch.py failed:\n" + done.stderr[-2000:])
+    if done.returncode != 0:  # the rows say so; tfl's own measurements still count
+        print(done.stderr[-2000:], file=sys.stderr)
+        return {"missing": "not run: benchmarks/peer_torch.py failed (its error is in the benchmark's stderr)"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -115,3 +115,13 @@ def test_a_batch_is_cut_or_padded_to_a_buckets_length_whatever_its_dtypes(bench)
         assert got["token_ids"].shape == (2, length) and got["padding_mask"].dtype == tf.bool
         assert int(tf.reduce_sum(tf.cast(got["padding_mask"], tf.int32))) == 2 * min(length, 5)
         assert labels is y
+
+
+def test_the_peer_rows_say_why_when_its_environment_is_missing(bench, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "PEER_PYTHON", str(tmp_path / "no-venv" / "python"))
+    assert "make bench-peer" in bench.run_peer("model", ["a"], [0], "float32", 1)["missing"]
+    fails = tmp_path / "python"
+    fails.write_text("#!/bin/sh\necho boom >&2\nexit 3\n")
+    fails.chmod(0o755)
+    monkeypatch.setattr(bench, "PEER_PYTHON", str(fails))
+    assert "failed" in bench.run_peer("model", ["a"], [0], "float32", 1)["missing"]
