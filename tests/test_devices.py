@@ -22,6 +22,9 @@ def test_a_measurement_round_trips_and_decides_auto(tfl_home, capsys):
         path = devices.record_xla_speedup(speedup, "a test step", kind="cpu")
         assert devices.measured_cpu_xla_speedup() == speedup
         assert devices.resolve_jit_compile("auto", "cpu") is expected
+    # however fast, never across CPU replicas: XLA cannot reach a mirrored variable on another logical device
+    assert devices.resolve_jit_compile("auto", "cpu", replicas=2) is False
+    assert devices.resolve_jit_compile("true", "cpu", replicas=2) is True  # asked for explicitly: the user's call
     assert path == str(tfl_home / devices.JIT_MEASUREMENT)
     key = json.loads((tfl_home / devices.JIT_MEASUREMENT).read_text())["key"]
     assert key == {"device": "cpu", "cpu": devices.processor_model(), "tensorflow": tf.__version__}

@@ -118,13 +118,16 @@ def _ignore_measurement(path: str, why: str) -> None:
           "measures here", file=sys.stderr)
 
 
-def resolve_jit_compile(jit_compile: str, kind: Optional[str] = None) -> bool:
+def resolve_jit_compile(jit_compile: str, kind: Optional[str] = None, replicas: int = 1) -> bool:
     """auto: XLA on GPU/TPU; on CPU only where benchmarks/run.py measured it at least 5% faster here (the
-    same CPU model and TensorFlow version; on this 2-core machine it measured 0.89x, so it stays off)."""
+    same CPU model and TensorFlow version; measured 0.89x to 1.35x on 2-core hosts), and never across several
+    CPU replicas (XLA cannot reach a mirrored variable on another logical CPU device: the step fails)."""
     if jit_compile != "auto":
         return jit_compile == "true"
     if (kind or device_kind()) in ("gpu", "tpu"):
         return True
+    if replicas > 1:
+        return False
     speedup = measured_cpu_xla_speedup()
     return speedup is not None and speedup >= 1.05
 

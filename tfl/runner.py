@@ -225,7 +225,8 @@ def set_up_devices(config: Config) -> Devices:
     strategy = devices_lib.make_strategy(config.train.strategy, config.train.tpu)
     kind = devices_lib.device_kind(strategy)
     devices = Devices(strategy=strategy, kind=kind, precision=devices_lib.resolve_precision(config.train.precision, kind),
-                      jit_compile=devices_lib.resolve_jit_compile(config.train.jit_compile, kind),
+                      jit_compile=devices_lib.resolve_jit_compile(config.train.jit_compile, kind,
+                                                                  strategy.num_replicas_in_sync),
                       chief=devices_lib.is_chief())
     print(f"tfl: device={kind} replicas={strategy.num_replicas_in_sync} precision={devices.precision} "
           f"jit_compile={devices.jit_compile}" + ("" if devices.chief else " (not the chief: the chief writes the run)"))
