@@ -156,11 +156,11 @@ def rehearse(name: str, tmp_root, monkeypatch, presets: dict, done: dict) -> dic
             for a in documented_command(name)]
     config = parse(args)
     epochs = 2 if config.freeze.unfreeze_every_epochs else 1  # a second epoch only where a schedule needs it
-    if config.mode == "tune":  # Hyperband needs its first bracket's epochs (tfl.tuning.MIN_EPOCHS); a budget of
+    if config.mode == "tune":  # Hyperband needs its first bracket's epochs (TUNE_MIN_EPOCHS); a budget of
         # seconds stops the search after its first trial (the search itself is tested in tests/test_auto.py)
-        from tfl.tuning import MIN_EPOCHS
+        from tfl.config import TUNE_MIN_EPOCHS
 
-        epochs = MIN_EPOCHS
+        epochs = TUNE_MIN_EPOCHS
         args.append("--budget_minutes=0.05")
     args += QUICK + [f"--epochs={epochs}"] + stand_in_args(config, presets)
     if len(config.compare.label_fractions) > 1:  # the smallest (the riskiest: a handful of labels) stands for all;

@@ -22,7 +22,7 @@ The rule (``choose``; the README repeats it):
    LoRA is not chosen: on a CPU its backward pass still runs through every block, so it saves memory,
    not time, and this rule budgets time.
 4. Learning rate: when the budget left after ranking holds the chosen run and ``LR_SEARCH_RUNS`` more of
-   it, and --epochs is at least ``tuning.MIN_EPOCHS`` (Hyperband's brackets need it), a KerasTuner
+   it, and --epochs is at least ``TUNE_MIN_EPOCHS`` (Hyperband's brackets need it), a KerasTuner
    Hyperband search over the learning rate alone (``tfl.tuning``, the choice's freezing fixed, trials judged
    on the validation split) spends the budget but the final run's epochs, at the seconds per epoch it
    measures; the final run then uses the best trial's learning rate. Otherwise it keeps --learning_rate (or
@@ -37,7 +37,7 @@ import os
 import time
 
 from tfl import ranking, runner, self_training, storage, tuning
-from tfl.config import Config, ConfigError
+from tfl.config import TUNE_MIN_EPOCHS, Config, ConfigError
 from tfl.data import TEXT
 from tfl.train import NonFiniteLossError
 from tfl.zoo import is_source_model_folder
@@ -183,8 +183,8 @@ def tuned_learning_rate(chosen: Config, choice: Choice, seconds_left: float, sea
     rate, runs = chosen.train.learning_rate, LR_SEARCH_RUNS + 1
     if not search_dir:
         short = "a learning-rate search needs --model_dir"
-    elif chosen.train.epochs < tuning.MIN_EPOCHS:
-        short = f"a Hyperband search needs --epochs >= {tuning.MIN_EPOCHS}"
+    elif chosen.train.epochs < TUNE_MIN_EPOCHS:
+        short = f"a Hyperband search needs --epochs >= {TUNE_MIN_EPOCHS}"
     elif seconds_left < runs * max(choice.estimated_seconds, 1.0):
         short = (f"the {max(seconds_left, 0):.0f} s left do not hold the final run and {LR_SEARCH_RUNS} more of "
                  f"about {choice.estimated_seconds:.0f} s each for a search")

@@ -20,7 +20,7 @@ import time
 
 from tfl import devices as devices_lib
 from tfl import runner, storage
-from tfl.config import TUNE_MIN_EPOCHS, Config
+from tfl.config import Config
 from tfl.costs import release_memory
 from tfl.data import TEXT
 from tfl.train import NonFiniteLossError
@@ -28,7 +28,6 @@ from tfl.train import NonFiniteLossError
 # The validation metric a trial is judged by, per task: (name in metrics["validation"], direction).
 OBJECTIVES = {"classification": ("accuracy", "max"), "multilabel": ("macro_f1", "max"), "regression": ("mae", "min")}
 LORA_RANKS = (4, 8)
-MIN_EPOCHS = TUNE_MIN_EPOCHS
 
 
 def search_space(learning_rate: float, blocks: int, lora: bool, learning_rate_only: bool = False):
@@ -131,6 +130,15 @@ def _describe(values: dict) -> str:
     return f"lr {values['learning_rate']:.2e}, {values.get('tuner/epochs', '-')} epoch(s), {_adaptation(values)}"
 
 
+def _blocks_and_lora(config: Config) -> tuple:
+    """(block count, whether LoRA applies) of --backbone: what the full search space needs. In a function of
+    its own so the backbone built to count them is not kept alive through the search."""
+    splits = runner.load_data_for(config)
+    backbone = runner.backbone_for(config, splits, devices_lib.resolve_precision(config.train.precision))
+    # LoRA adapts attention's query/value projections: text encoders (a convolutional backbone has none).
+    return len(backbone.blocks), backbone.modality == TEXT and hasattr(backbone.keras_hub_backbone, "enable_lora")
+
+
 def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False, reserve_epochs: int = 0) -> dict:
     """--mode=tune: the search, then report.md / report.json under model_dir (trials print one line each
     whatever ``verbose``). ``learning_rate_only``: search the learning rate (and Hyperband's epochs) with the
@@ -139,14 +147,7 @@ def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False, 
     import keras_tuner
 
     started = time.time()
-    blocks, lora = 0, False
-    if not learning_rate_only:  # the space needs the backbone's block count
-        splits = runner.load_data_for(config)
-        backbone = runner.backbone_for(config, splits, devices_lib.resolve_precision(config.train.precision))
-        # LoRA adapts attention's query/value projections: text encoders (a convolutional backbone has none).
-        lora = backbone.modality == TEXT and hasattr(backbone.keras_hub_backbone, "enable_lora")
-        blocks = len(backbone.blocks)
-        del splits, backbone
+    blocks, lora = (0, False) if learning_rate_only else _blocks_and_lora(config)
     name, direction = OBJECTIVES[config.model.task]
     oracle_class, tuner_class = _tuner_classes()
     oracle = oracle_class(started + config.auto.budget_minutes * 60.0, reserve_epochs,
