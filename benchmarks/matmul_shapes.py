@@ -25,7 +25,7 @@ def gflops(a_shape, b_shape, dtype=tf.bfloat16, repeats=10, rounds=3):
     b = tf.cast(tf.random.normal(b_shape), dtype)
     step = tf.function(lambda x, y: tf.matmul(x, y))
     step(a, b).numpy()
-    flops = 2 * a_shape[-2] * a_shape[-1] * b_shape[-1] * (a_shape[0] if len(a_shape) == 3 else 1)
+    flops = flops_of(a_shape, b_shape)
     best = 0.0
     for _ in range(rounds):
         started = time.perf_counter()
@@ -36,34 +36,50 @@ def gflops(a_shape, b_shape, dtype=tf.bfloat16, repeats=10, rounds=3):
     return best, flops
 
 
-def shape_speeds(batch: int = 32, seq: int = 128, dtype=tf.bfloat16) -> dict:
-    """{"peak": GFLOP/s of 2048², "rows": [(name, a, b, GFLOP/s)], "mix": the FLOP-weighted speed of one
-    MiniLM step's matmuls}."""
+def step_shapes(batch: int = 32, seq: int = 128) -> dict:
+    """{name: (a shape, b shape, products per encoder layer)} of one MiniLM forward pass; plain data, so the
+    torch peer (benchmarks/peer_torch.py, which has no TensorFlow) times the very same shapes."""
     tokens, hidden, inner, heads = batch * seq, 384, 1536, 12
     head_dim = hidden // heads
-    shapes = {  # name: (a, b, how many per layer)
+    return {
         "QKV and output projections": ((tokens, hidden), (hidden, hidden), 4),
         "feed-forward up": ((tokens, hidden), (hidden, inner), 1),
         "feed-forward down": ((tokens, inner), (inner, hidden), 1),
         "attention scores": ((batch * heads, seq, head_dim), (batch * heads, head_dim, seq), 1),
         "attention x values": ((batch * heads, seq, seq), (batch * heads, seq, head_dim), 1),
     }
-    peak, _ = gflops((2048, 2048), (2048, 2048), dtype)
-    total_flops, total_seconds, rows = 0.0, 0.0, []
-    for name, (a, b, count) in shapes.items():
-        rate, flops = gflops(a, b, dtype)
-        total_flops += flops * count
-        total_seconds += flops * count / (rate * 1e9)
-        rows.append((name, a, b, rate))
-    return {"peak": peak, "rows": rows, "mix": total_flops / total_seconds / 1e9, "dtype": dtype.name}
 
 
-def markdown(result: dict) -> str:
+def flops_of(a_shape, b_shape) -> int:
+    return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1] * (a_shape[0] if len(a_shape) == 3 else 1)
+
+
+def shape_speeds(batch: int = 32, seq: int = 128, dtype=tf.bfloat16, peak: float = 0.0) -> dict:
+    """{"peak": GFLOP/s of 2048² (``peak`` when the caller measured it already, so one run states one peak),
+    "rows": [(name, a, b, GFLOP/s)], "mix": the FLOP-weighted speed of one MiniLM step's matmuls}."""
+    peak = peak or gflops((2048, 2048), (2048, 2048), dtype)[0]
+    rows = [(name, a, b, gflops(a, b, dtype)[0]) for name, (a, b, _) in step_shapes(batch, seq).items()]
+    return {"peak": peak, "rows": rows, "mix": mix_speed(rows, step_shapes(batch, seq)), "dtype": dtype.name}
+
+
+def mix_speed(rows: list, shapes: dict) -> float:
+    """The FLOP-weighted speed of the step's matmuls from per-shape speeds [(name, a, b, GFLOP/s)]."""
+    total_flops = sum(flops_of(a, b) * shapes[name][2] for name, a, b, _ in rows)
+    total_seconds = sum(flops_of(a, b) * shapes[name][2] / (rate * 1e9) for name, a, b, rate in rows)
+    return total_flops / total_seconds / 1e9
+
+
+def markdown(result: dict, peer: dict = None) -> str:
+    """The speeds as a table; ``peer`` ({"peak": .., "rows": {name: GFLOP/s}, "name": ..}) adds its column."""
     peak = result["peak"]
-    rows = [f"| 2048 x 2048 (peak) | {peak:.0f} GFLOP/s | 100% |"]
-    rows += [f"| {name}: {a} x {b} | {rate:.0f} GFLOP/s | {rate / peak:.0%} |" for name, a, b, rate in result["rows"]]
-    rows.append(f"| the step's matmul mix, FLOP-weighted | {result['mix']:.0f} GFLOP/s | {result['mix'] / peak:.0%} |")
-    return (f"| matmul ({result['dtype']}) | speed | of the 2048² peak |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+    other = (lambda name: f" {peer['rows'][name]:.0f} GFLOP/s |") if peer else (lambda name: "")
+    rows = [f"| 2048 x 2048 (peak) | {peak:.0f} GFLOP/s | 100% |" + (f" {peer['peak']:.0f} GFLOP/s |" if peer else "")]
+    rows += [f"| {name}: {a} x {b} | {rate:.0f} GFLOP/s | {rate / peak:.0%} |" + other(name)
+             for name, a, b, rate in result["rows"]]
+    mix = f"| the step's matmul mix, FLOP-weighted | {result['mix']:.0f} GFLOP/s | {result['mix'] / peak:.0%} |"
+    rows.append(mix + (f" {peer['mix']:.0f} GFLOP/s |" if peer else ""))
+    header = f"| matmul ({result['dtype']}) | speed | of the 2048² peak |" + (f" {peer['name']} |" if peer else "")
+    return header + "\n|---|---|---|" + ("---|" if peer else "") + "\n" + "\n".join(rows) + "\n"
 
 
 def main():

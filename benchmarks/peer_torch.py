@@ -3,13 +3,16 @@ Hugging Face folder), AdamW, batch 32. Runs in its own environment, never tfl's 
 
     .venv-peer/bin/python benchmarks/peer_torch.py --model=DIR --data=FILE.json [--precision=float32]
 
-FILE.json: {"texts": [...], "labels": [...]}, the training sentences benchmarks/run.py uses, so both sides see
-the same data. Prints one JSON object:
+FILE.json: {"texts": [...], "labels": [...], "matmul_shapes": {name: [a shape, b shape]}}, the training
+sentences and matmul shapes benchmarks/run.py uses, so both sides see the same data. Prints one JSON object:
   fixed_step_ex_s   examples/s of a training step at batch x --seq (every sentence padded to --seq);
   epoch_seconds     one epoch of the texts with per-batch dynamic padding (the usual practice: pad to the
                     longest sentence of each shuffled batch): --steps batches drawn at random from the epoch
                     are timed and the mean time per batch is scaled to the epoch's batch count, exactly as
                     benchmarks/run.py times tfl's epoch;
+  first_epoch_extra_seconds  what the first step of each of the epoch's epoch_shapes distinct shapes costs
+                    beyond a second step of it, summed: the first epoch's extra time;
+  matmul_gflops     torch.matmul's speed on each of the given shapes;
   epoch_batches, padding (share of pad tokens over the epoch), torch, transformers (versions).
 benchmarks/run.py runs this script and prints tfl / torch ratios beside its own numbers.
 """
@@ -35,6 +38,40 @@ def train_step(model, optimizer, batch: dict, labels, precision: str) -> None:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def first_call_extra(model, optimizer, batches: list, precision: str) -> float:
+    """Seconds the first step of each distinct shape in ``batches`` costs beyond a second step of the same
+    batch (what a first epoch pays once: allocations, kernel choices), summed over the shapes."""
+    extra = 0.0
+    for shape in {tuple(b[0]["input_ids"].shape) for b in batches}:
+        batch, labels = next(b for b in batches if tuple(b[0]["input_ids"].shape) == shape)
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            train_step(model, optimizer, batch, labels, precision)
+            times.append(time.perf_counter() - started)
+        extra += times[0] - times[1]
+    return extra
+
+
+def matmul_speeds(shapes: dict, precision: str, repeats: int = 10, rounds: int = 3) -> dict:
+    """{name: GFLOP/s} of torch.matmul on each [a shape, b shape], the best of ``rounds`` timings, as
+    benchmarks/matmul_shapes.py times TensorFlow's on the same shapes."""
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    speeds = {}
+    for name, (a_shape, b_shape) in shapes.items():
+        a, b = torch.randn(a_shape, dtype=dtype), torch.randn(b_shape, dtype=dtype)
+        flops = 2 * a_shape[-2] * a_shape[-1] * b_shape[-1] * (a_shape[0] if len(a_shape) == 3 else 1)
+        torch.matmul(a, b)
+        best = 0.0
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                torch.matmul(a, b)
+            best = max(best, flops * repeats / (time.perf_counter() - started) / 1e9)
+        speeds[name] = best
+    return speeds
 
 
 def timed_steps(model, optimizer, batches: list, precision: str) -> float:
@@ -86,9 +123,13 @@ def main() -> int:
         real_tokens += int(encoded["attention_mask"].sum())
         padded_tokens += int(encoded["attention_mask"].numel())
         epoch.append((dict(encoded), labels[rows]))
+    first_extra = first_call_extra(model, optimizer, epoch, args.precision)
     drawn = np.random.RandomState(args.seed).choice(len(epoch), min(args.steps, len(epoch)), replace=False)
     seconds = timed_steps(model, optimizer, [epoch[i] for i in drawn], args.precision)
     print(json.dumps({"fixed_step_ex_s": fixed_rate, "epoch_seconds": seconds / len(drawn) * len(epoch),
+                      "first_epoch_extra_seconds": first_extra,
+                      "epoch_shapes": len({tuple(b[0]["input_ids"].shape) for b in epoch}),
+                      "matmul_gflops": matmul_speeds(data.get("matmul_shapes", {}), args.precision),
                       "epoch_batches": len(epoch), "padding": 1 - real_tokens / padded_tokens,
                       "torch": torch.__version__, "transformers": transformers.__version__,
                       "threads": torch.get_num_threads()}))

@@ -42,10 +42,11 @@ def test_an_epoch_is_timed_on_batches_drawn_from_all_of_it(bench):
     # group_by_window emits the common shape first: the first batches alone would all be length 3.
     epoch = [_batch(3, 0)] * 8 + [_batch(9, 0)] * 2
     model = _Recorder()
-    seconds, count = bench.epoch_seconds(model, epoch, steps=10)
-    assert count == 10 and seconds >= 0
-    traced, timed = model.shapes[:2], model.shapes[2:]
-    assert sorted(traced) == [3, 9]  # each shape traced once before the clock starts
+    seconds, count, first_extra, shapes = bench.epoch_seconds(model, epoch, steps=10)
+    assert count == 10 and seconds >= 0 and shapes == 2
+    traced, timed = model.shapes[:4], model.shapes[4:]
+    assert sorted(traced) == [3, 3, 9, 9]  # each shape run twice (first call against second) before the clock
+    assert isinstance(first_extra, float)
     assert sorted(timed) == [3] * 8 + [9] * 2  # every batch of the epoch, in its proportions
 
 
@@ -125,3 +126,48 @@ def test_the_peer_rows_say_why_when_its_environment_is_missing(bench, monkeypatc
     fails.chmod(0o755)
     monkeypatch.setattr(bench, "PEER_PYTHON", str(fails))
     assert "failed" in bench.run_peer("model", ["a"], [0], "float32", 1)["missing"]
+
+
+def test_the_matmul_gap_is_each_sides_step_matmuls_at_its_own_measured_speeds(bench):
+    import matmul_shapes
+
+    shapes = matmul_shapes.step_shapes(bench.BATCH, bench.SEQ)
+    rows = [(name, a, b, 100.0) for name, (a, b, _) in shapes.items()]
+    flops = sum(3 * 2 * count * matmul_shapes.flops_of(a, b) for a, b, count in shapes.values())  # 2 layers
+    torch_rates = {name: 200.0 for name in shapes}
+    torch_rates["attention scores"] = 400.0
+    # TensorFlow: flops at 100 GFLOP/s; tfl's step is slower than torch's by exactly that time difference.
+    ours = flops / 100e9
+    theirs = sum(3 * 2 * count * matmul_shapes.flops_of(a, b) / (torch_rates[name] * 1e9)
+                 for name, (a, b, count) in shapes.items())
+    text = bench.matmul_gap({"rows": rows}, torch_rates, 2, tfl_step=ours + 1.0, torch_step=theirs + 1.0)
+    assert f"take {ours * 1000:.0f} ms in TensorFlow and {theirs * 1000:.0f} ms in torch" in text
+    assert "slowest shape against torch is attention scores: 0.25x" in text
+    assert "account for 100% of that" in text
+    assert "not slower" in bench.matmul_gap({"rows": rows}, torch_rates, 2, tfl_step=1.0, torch_step=2.0)
+
+
+def test_the_step_matmul_mix_weighs_each_shapes_speed_by_its_flops():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import matmul_shapes
+
+    shapes = {"big": ((4, 4), (4, 4), 3), "small": ((2, 2), (2, 2), 1)}  # 3 x 128 FLOPs and 16 FLOPs
+    rows = [("big", (4, 4), (4, 4), 100.0), ("small", (2, 2), (2, 2), 10.0)]
+    seconds = 384 / 100e9 + 16 / 10e9
+    assert matmul_shapes.mix_speed(rows, shapes) == pytest.approx(400 / seconds / 1e9)
+    table = matmul_shapes.markdown({"peak": 200.0, "rows": rows, "mix": 50.0, "dtype": "float32"},
+                                   {"peak": 300.0, "rows": {"big": 150.0, "small": 20.0}, "mix": 60.0, "name": "torch"})
+    assert "| big: (4, 4) x (4, 4) | 100 GFLOP/s | 50% | 150 GFLOP/s |" in table and "| torch |" in table
+
+
+def test_the_peer_counts_with_its_best_run_so_drift_never_flatters_tfl(bench):
+    slow = {"fixed_step_ex_s": 8.0, "epoch_seconds": 400.0, "first_epoch_extra_seconds": 2.0,
+            "matmul_gflops": {"peak": 100.0, "a": 50.0}, "torch": "x"}
+    fast = {"fixed_step_ex_s": 9.0, "epoch_seconds": 350.0, "first_epoch_extra_seconds": 3.0,
+            "matmul_gflops": {"peak": 90.0, "a": 60.0}, "torch": "x"}
+    best = bench.best_of_peer_runs([slow, fast])
+    assert (best["fixed_step_ex_s"], best["epoch_seconds"], best["first_epoch_extra_seconds"]) == (9.0, 350.0, 2.0)
+    assert best["matmul_gflops"] == {"peak": 100.0, "a": 60.0}
+    assert best["fixed_step_runs"] == [8.0, 9.0] and best["runs"] == 2
+    assert "missing" in bench.best_of_peer_runs([{"missing": "why"}])
+    assert "9.0 ex/s (the best of its runs: 8.0, 9.0)" in bench.peer_rows(best, "torch", 9.0)[0][1]

@@ -90,3 +90,33 @@ def test_a_failed_write_leaves_the_previous_measurement_whole(tfl_home, monkeypa
         devices.record_xla_speedup(0.5, "second", kind="cpu")
     assert os.listdir(tfl_home) == [devices.JIT_MEASUREMENT]
     assert devices.measured_cpu_xla_speedup() == 1.2
+
+
+def test_xla_pays_off_only_when_the_steps_it_speeds_outweigh_its_compiles(tfl_home):
+    assert devices.xla_pays_off(shapes=1, steps=100, tokens_per_step=100)[0] is False  # nothing measured
+    devices.record_xla_speedup(1.25, "old file", kind="cpu")  # no compile time: only a single shape pays
+    assert devices.xla_pays_off(shapes=1, steps=10, tokens_per_step=100)[0] is True
+    assert devices.xla_pays_off(shapes=2, steps=10**6, tokens_per_step=100)[0] is False
+    # 1.25x saves a fifth of each step; a step of 1,000 tokens takes 2 s at the measured 4 s per 2,000 tokens.
+    devices.record_xla_speedup(1.25, "a step", kind="cpu", compile_seconds=20.0, step_seconds=4.0, step_tokens=2000)
+    pays, why = devices.xla_pays_off(shapes=24, steps=1300, tokens_per_step=1000)  # saves 520 s, costs 480 s
+    assert pays is True and "save about 520 s over 1300 steps" in why and "cost about 480 s" in why
+    pays, why = devices.xla_pays_off(shapes=24, steps=325, tokens_per_step=1000)  # one epoch: saves 130 s
+    assert pays is False and "compile 24 batch shapes (20 s each)" in why
+
+
+def test_a_bucketed_run_keeps_xla_off_when_its_compiles_cost_more_than_it_saves(tfl_home, tmp_path, capsys,
+                                                                                tiny_bert_preset):
+    import tfl
+    from tfl.config import Config, DataConfig, ModelConfig, TrainConfig
+
+    devices.record_xla_speedup(1.5, "a step", kind="cpu", compile_seconds=30.0, step_seconds=1.0, step_tokens=4096)
+    assert devices.resolve_jit_compile("auto", "cpu") is True  # one fixed shape: XLA would pay
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\n" + "".join(f"{'word ' * (1 + i % 7)}{i},{'ab'[i % 2]}\n" for i in range(40)))
+    config = Config(data=DataConfig(source=f"csv:{path}", batch_size=4, bucket_shapes=3),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=12),
+                    train=TrainConfig(epochs=1, precision="float32", jit_compile="auto"), export=False)
+    metrics = tfl.run(config, verbose=0)
+    assert metrics["jit_compile"] is False
+    assert "tfl: jit_compile=False: XLA would save about" in capsys.readouterr().out

@@ -76,21 +76,28 @@ def measurement_key(kind: str) -> dict:
     return key
 
 
-def record_xla_speedup(speedup: float, measured: str, kind: Optional[str] = None) -> str:
+def record_xla_speedup(speedup: float, measured: str, kind: Optional[str] = None, *,
+                       compile_seconds: Optional[float] = None, step_seconds: Optional[float] = None,
+                       step_tokens: Optional[int] = None) -> str:
     """Writes XLA's measured speed-up of a training step into the tfl cache (atomically), keyed by
-    measurement_key; ``measured`` says what was timed. Returns the file's path."""
+    measurement_key; ``measured`` says what was timed; ``compile_seconds`` (what a new batch shape's first
+    XLA step costs beyond a steady one), ``step_seconds`` (the steady XLA step) and ``step_tokens`` (its
+    batch x sequence) let a run weigh compiles against what XLA saves (``xla_pays_off``). Returns the path."""
     from tfl.assets import cache_dir
 
     path = os.path.join(cache_dir(), JIT_MEASUREMENT)
-    storage.write_json_atomically(path, {"speedup": round(speedup, 3), "measured": measured,
-                                         "key": measurement_key(kind or device_kind())})
+    record = {"speedup": round(speedup, 3), "measured": measured, "key": measurement_key(kind or device_kind())}
+    if compile_seconds is not None:
+        record.update(compile_seconds=round(compile_seconds, 3), step_seconds=round(step_seconds, 4),
+                      step_tokens=int(step_tokens))
+    storage.write_json_atomically(path, record)
     return path
 
 
-def measured_cpu_xla_speedup() -> Optional[float]:
-    """XLA's measured speed-up of a fine-tune step on this machine's CPU, if the benchmark has run here with
-    this TensorFlow. A file that cannot be read, or that holds another machine's or version's measurement,
-    counts as none, with one line on stderr saying why."""
+def measured_cpu_xla() -> Optional[dict]:
+    """The XLA measurement benchmarks/run.py made on this machine's CPU with this TensorFlow ({"speedup", and
+    where measured "compile_seconds", "step_seconds", "step_tokens"}), if any. A file that cannot be read, or
+    that holds another machine's or version's measurement, counts as none, with one line on stderr saying why."""
     from tfl.assets import cache_dir
 
     path = os.path.join(cache_dir(), JIT_MEASUREMENT)
@@ -98,7 +105,7 @@ def measured_cpu_xla_speedup() -> Optional[float]:
         return None
     try:
         record = json.loads(storage.read_bytes(path))
-        speedup, key = float(record["speedup"]), record.get("key")
+        record["speedup"], key = float(record["speedup"]), record.get("key")
     except (ValueError, TypeError, KeyError, OSError, tf.errors.OpError) as e:  # unreadable, or not a measurement
         return _ignore_measurement(path, f"unreadable ({type(e).__name__}: {e})")
     here = measurement_key("cpu")
@@ -108,7 +115,32 @@ def measured_cpu_xla_speedup() -> Optional[float]:
         differs = sorted(k for k in set(here) | set(key) if key.get(k) != here.get(k))
         return _ignore_measurement(path, "measured with another " + ", ".join(
             f"{k} ({key.get(k, 'none')}; here {here.get(k, 'none')})" for k in differs))
-    return speedup
+    return record
+
+
+def measured_cpu_xla_speedup() -> Optional[float]:
+    """XLA's measured speed-up of a fine-tune step on this machine's CPU (``measured_cpu_xla``), if any."""
+    record = measured_cpu_xla()
+    return None if record is None else record["speedup"]
+
+
+def xla_pays_off(*, shapes: int, steps: int, tokens_per_step: float) -> tuple:
+    """(whether, why): on this CPU, whether XLA's measured speed-up over ``steps`` training steps of about
+    ``tokens_per_step`` tokens saves more time than compiling ``shapes`` batch shapes costs (each new shape
+    is a compile: 20-33 s each for MiniLM on a 2-core host, against 0.5-2 s steps at bucket lengths, so a
+    one-epoch bucketed run loses several minutes to XLA). The step's time scales with its tokens from the
+    measured step. Without a compile measurement (an older benchmark's file), only a single shape pays."""
+    record = measured_cpu_xla()
+    if record is None:
+        return False, "no XLA measurement on this CPU"
+    if "compile_seconds" not in record:
+        return shapes <= 1, f"{shapes} batch shapes and no measured compile time on this CPU (rerun benchmarks/run.py)"
+    step = record["step_seconds"] * tokens_per_step / record["step_tokens"]
+    saved = steps * step * (1.0 - 1.0 / record["speedup"])
+    cost = shapes * record["compile_seconds"]
+    return saved > cost, (f"XLA would save about {saved:.0f} s over {steps} steps ({record['speedup']:.2f}x, measured "
+                          f"here) and cost about {cost:.0f} s to compile {shapes} batch shapes "
+                          f"({record['compile_seconds']:.0f} s each)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,7 +161,7 @@ def resolve_jit_compile(jit_compile: str, kind: Optional[str] = None, replicas: 
     if replicas > 1:
         return False
     speedup = measured_cpu_xla_speedup()
-    return speedup is not None and speedup >= 1.05
+    return speedup is not None and speedup >= 1.05  # a run with many batch shapes asks xla_pays_off too
 
 
 _multi_worker_strategy: Optional[tf.distribute.Strategy] = None

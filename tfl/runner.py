@@ -148,7 +148,7 @@ def choose_buckets(config: Config, splits: data_lib.DataSplits, backbone: backbo
     boundaries = data_lib.choose_boundaries(lengths, d.bucket_shapes)
     if boundaries and boundaries[-1] < config.model.sequence_length:
         boundaries[-1] = config.model.sequence_length  # longer validation/test texts still fit
-    bucketing = {"boundaries": boundaries, "shapes": len(boundaries),
+    bucketing = {"boundaries": boundaries, "shapes": len(boundaries), "mean_length": round(float(np.mean(lengths)), 2),
                  "padding_fraction": round(data_lib.padding_fraction(lengths, boundaries), 4),
                  "padding_fraction_without": round(data_lib.padding_fraction(
                      lengths, [config.model.sequence_length]), 4)}
@@ -286,6 +286,13 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
         k = config.freeze.unfreeze_every_epochs
         stages = [(epoch, lambda n=stage: freeze_lib.set_trainable_top_blocks(backbone, n))
                   for stage, epoch in enumerate(range(0, t.epochs, k))]
+    jit = devices.jit_compile
+    if jit and bucketing and devices.kind == "cpu" and t.jit_compile == "auto":
+        # Under XLA each batch shape is a compile: every bucket's full and partial training batch and its evaluation.
+        jit, why = devices_lib.xla_pays_off(shapes=3 * bucketing["shapes"], steps=t.epochs * steps_per_epoch,
+                                            tokens_per_step=config.data.batch_size * bucketing["mean_length"]
+                                            / (1.0 - bucketing["padding_fraction"]))
+        print(f"tfl: jit_compile={jit}: {why}")
     multipliers = (freeze_lib.layer_lr_multipliers(backbone, config.freeze.layer_lr_decay)
                    if config.freeze.layer_lr_decay < 1.0 else None)
     fit_started = time.perf_counter()
@@ -304,7 +311,7 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
                 trained, fit_train, fit_val, task=config.model.task, num_labels=len(splits.label_names),
                 epochs=t.epochs, learning_rate=t.learning_rate, steps_per_epoch=steps_per_epoch, model_dir=work_dir,
                 warmup_fraction=t.warmup_fraction, schedule=t.lr_schedule, weight_decay=t.weight_decay,
-                jit_compile=devices.jit_compile, steps_per_execution=t.steps_per_execution,
+                jit_compile=jit, steps_per_execution=t.steps_per_execution,
                 early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
                 unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch),
                 save_every_steps=t.save_every_steps, extra_callbacks=(epoch_times,))
@@ -318,7 +325,7 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
     examples_seen = examples_trained(splits.sizes["train"], epochs_run, steps_per_epoch, config.data.batch_size,
                                      capped=bool(t.max_steps_per_epoch), drop_remainder=devices.kind == "tpu")
     return {"history": history, "feature_cache": feature_cache, "train_seconds": round(fit_seconds, 2),
-            "steps_per_epoch": steps_per_epoch, "epochs_run": epochs_run,
+            "steps_per_epoch": steps_per_epoch, "epochs_run": epochs_run, "jit_compile": jit,
             "optimizer_steps": int(trained.optimizer.iterations.numpy()), "train_examples_seen": examples_seen,
             "train_examples_per_second": round(examples_seen / fit_seconds, 2) if fit_seconds > 0 else 0.0}
 
@@ -372,9 +379,9 @@ def evaluate_model(config: Config, splits: data_lib.DataSplits, backbone: backbo
         "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names,
                  "label_counts": splits.label_counts, "skipped": splits.skipped, "modality": splits.modality},
         "transfer_mapping": mapping, "feature_cache": training["feature_cache"], "bucketing": bucketing,
-        "precision": devices.precision, "jit_compile": devices.jit_compile, "device": devices.kind,
+        "precision": devices.precision, "device": devices.kind,
         "steps_per_execution": config.train.steps_per_execution, "replicas": devices.strategy.num_replicas_in_sync,
-        **{k: training[k] for k in ("train_seconds", "steps_per_epoch", "epochs_run", "optimizer_steps",
+        **{k: training[k] for k in ("train_seconds", "steps_per_epoch", "epochs_run", "optimizer_steps", "jit_compile",
                                     "train_examples_seen", "train_examples_per_second")},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
                      "keras_hub": _version("keras_hub")},
