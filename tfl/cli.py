@@ -76,7 +76,9 @@ HELP = {
     "lr_schedule": "linear, cosine or constant after warm-up.",
     "precision": "auto, float32, mixed_bfloat16 or mixed_float16 (auto: bf16 on TPU and bf16-native CPUs, "
                  "by compute capability on GPUs).",
-    "jit_compile": "auto, true or false (XLA; auto: on for GPU/TPU).",
+    "jit_compile": "auto, true or false (XLA; auto: on for GPU/TPU; on a CPU only where benchmarks/run.py measured "
+                   "it faster here and, for length-bucketed text, where the steps it speeds outweigh compiling each "
+                   "batch shape).",
     "strategy": "auto, default, mirrored (local GPUs), multi_worker (processes or machines named by TF_CONFIG; "
                 "the chief writes the run) or tpu. auto: tpu with --tpu, multi_worker with TF_CONFIG, mirrored "
                 "with several GPUs.",
