@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import sys
+import time
 
 import pytest
 import tensorflow as tf
@@ -24,11 +25,16 @@ def _batch(length, label):
 
 
 class _Recorder:
-    def __init__(self):
-        self.shapes = []
+    """A model whose first step of each shape takes ``first`` seconds longer (as a trace would)."""
+
+    def __init__(self, first=0.0):
+        self.shapes, self.first = [], first
 
     def train_on_batch(self, x, y):
-        self.shapes.append(int(x["token_ids"].shape[1]))
+        shape = int(x["token_ids"].shape[1])
+        if shape not in self.shapes:
+            time.sleep(self.first)
+        self.shapes.append(shape)
 
 
 def test_in_memory_holds_the_same_batches_whatever_their_shapes(bench):
@@ -41,12 +47,13 @@ def test_in_memory_holds_the_same_batches_whatever_their_shapes(bench):
 def test_an_epoch_is_timed_on_batches_drawn_from_all_of_it(bench):
     # group_by_window emits the common shape first: the first batches alone would all be length 3.
     epoch = [_batch(3, 0)] * 8 + [_batch(9, 0)] * 2
-    model = _Recorder()
+    model = _Recorder(first=0.2)
     seconds, count, first_extra, shapes = bench.epoch_seconds(model, epoch, steps=10)
     assert count == 10 and seconds >= 0 and shapes == 2
     traced, timed = model.shapes[:4], model.shapes[4:]
     assert sorted(traced) == [3, 3, 9, 9]  # each shape run twice (first call against second) before the clock
-    assert isinstance(first_extra, float)
+    assert 0.35 < first_extra < 1.0  # two shapes' first steps, 0.2 s each
+    assert seconds < 0.2  # the timed batches were all second calls
     assert sorted(timed) == [3] * 8 + [9] * 2  # every batch of the epoch, in its proportions
 
 
@@ -144,6 +151,8 @@ def test_the_matmul_gap_is_each_sides_step_matmuls_at_its_own_measured_speeds(be
     assert f"take {ours * 1000:.0f} ms in TensorFlow and {theirs * 1000:.0f} ms in torch" in text
     assert "slowest shape against torch is attention scores: 0.25x" in text
     assert "account for 100% of that" in text
+    odd = bench.matmul_gap({"rows": rows}, torch_rates, 2, tfl_step=ours + 1.0, torch_step=ours + 0.9)
+    assert "outside 0-100%" in odd
     assert "not slower" in bench.matmul_gap({"rows": rows}, torch_rates, 2, tfl_step=1.0, torch_step=2.0)
 
 

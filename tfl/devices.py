@@ -81,12 +81,15 @@ def record_xla_speedup(speedup: float, measured: str, kind: Optional[str] = None
                        step_tokens: Optional[int] = None) -> str:
     """Writes XLA's measured speed-up of a training step into the tfl cache (atomically), keyed by
     measurement_key; ``measured`` says what was timed; ``compile_seconds`` (what a new batch shape's first
-    XLA step costs beyond a steady one), ``step_seconds`` (the steady XLA step) and ``step_tokens`` (its
+    XLA step costs beyond a steady one, once the step's trace no longer changes), ``step_seconds`` (the steady XLA step) and ``step_tokens`` (its
     batch x sequence) let a run weigh compiles against what XLA saves (``xla_pays_off``). Returns the path."""
     from tfl.assets import cache_dir
 
     path = os.path.join(cache_dir(), JIT_MEASUREMENT)
     record = {"speedup": round(speedup, 3), "measured": measured, "key": measurement_key(kind or device_kind())}
+    timed = [compile_seconds, step_seconds, step_tokens]
+    if any(value is not None for value in timed) and not all(value is not None for value in timed):
+        raise ValueError("compile_seconds, step_seconds and step_tokens are recorded together")
     if compile_seconds is not None:
         record.update(compile_seconds=round(compile_seconds, 3), step_seconds=round(step_seconds, 4),
                       step_tokens=int(step_tokens))
@@ -106,7 +109,12 @@ def measured_cpu_xla() -> Optional[dict]:
     try:
         record = json.loads(storage.read_bytes(path))
         record["speedup"], key = float(record["speedup"]), record.get("key")
-    except (ValueError, TypeError, KeyError, OSError, tf.errors.OpError) as e:  # unreadable, or not a measurement
+        if "compile_seconds" in record:
+            record.update(compile_seconds=float(record["compile_seconds"]), step_seconds=float(record["step_seconds"]),
+                          step_tokens=int(record["step_tokens"]))
+            if record["step_tokens"] <= 0 or record["step_seconds"] <= 0:
+                raise ValueError(f"a step of {record['step_tokens']} tokens in {record['step_seconds']} s")
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, tf.errors.OpError) as e:  # unreadable, or not a measurement
         return _ignore_measurement(path, f"unreadable ({type(e).__name__}: {e})")
     here = measurement_key("cpu")
     if not isinstance(key, dict):
@@ -126,17 +134,18 @@ def measured_cpu_xla_speedup() -> Optional[float]:
 
 def xla_pays_off(*, shapes: int, steps: int, tokens_per_step: float) -> tuple:
     """(whether, why): on this CPU, whether XLA's measured speed-up over ``steps`` training steps of about
-    ``tokens_per_step`` tokens saves more time than compiling ``shapes`` batch shapes costs (each new shape
-    is a compile: 20-33 s each for MiniLM on a 2-core host, against 0.5-2 s steps at bucket lengths, so a
-    one-epoch bucketed run loses several minutes to XLA). The step's time scales with its tokens from the
-    measured step. Without a compile measurement (an older benchmark's file), only a single shape pays."""
+    ``tokens_per_step`` tokens saves more time than compiling ``shapes`` batch shapes costs: each new shape
+    is a compile of its own (docs/benchmarks.md gives this host's), and a bucketed run has many, so a short
+    run can lose more to compiling than XLA saves. The XLA step's time scales with its tokens from the
+    measured step; without XLA a step takes ``speedup`` times as long. Without a compile measurement (an
+    older benchmark's file), only a single shape pays."""
     record = measured_cpu_xla()
     if record is None:
         return False, "no XLA measurement on this CPU"
     if "compile_seconds" not in record:
         return shapes <= 1, f"{shapes} batch shapes and no measured compile time on this CPU (rerun benchmarks/run.py)"
-    step = record["step_seconds"] * tokens_per_step / record["step_tokens"]
-    saved = steps * step * (1.0 - 1.0 / record["speedup"])
+    xla_step = record["step_seconds"] * tokens_per_step / record["step_tokens"]
+    saved = steps * xla_step * (record["speedup"] - 1.0)
     cost = shapes * record["compile_seconds"]
     return saved > cost, (f"XLA would save about {saved:.0f} s over {steps} steps ({record['speedup']:.2f}x, measured "
                           f"here) and cost about {cost:.0f} s to compile {shapes} batch shapes "

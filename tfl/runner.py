@@ -288,8 +288,10 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
                   for stage, epoch in enumerate(range(0, t.epochs, k))]
     jit = devices.jit_compile
     if jit and bucketing and devices.kind == "cpu" and t.jit_compile == "auto":
-        # Under XLA each batch shape is a compile: every bucket's full and partial training batch and its evaluation.
-        jit, why = devices_lib.xla_pays_off(shapes=3 * bucketing["shapes"], steps=t.epochs * steps_per_epoch,
+        # Under XLA each batch shape is a compile: every bucket's full and partial batch, in training and in
+        # evaluation, again at each unfreezing stage (a recompile).
+        jit, why = devices_lib.xla_pays_off(shapes=4 * bucketing["shapes"] * len(stages or [0]),
+                                            steps=t.epochs * steps_per_epoch,
                                             tokens_per_step=config.data.batch_size * bucketing["mean_length"]
                                             / (1.0 - bucketing["padding_fraction"]))
         print(f"tfl: jit_compile={jit}: {why}")
