@@ -134,14 +134,15 @@ def new_shape_extra(model, batch: tuple) -> float:
     return first_step_extra(model, bucket_shaped(batch, SEQ * 3 // 4))
 
 
-def first_step_extra(model, batch: tuple) -> float:
-    """Seconds a model's first step on ``batch`` costs beyond its third (tracing, and under XLA compiling)."""
+def first_step_extra(model, batch: tuple, calls: int = 3) -> float:
+    """Seconds a model's first step on ``batch`` costs beyond its last of ``calls`` (tracing, and under XLA
+    compiling)."""
     times = []
-    for _ in range(3):
+    for _ in range(calls):
         started = time.perf_counter()
         model.train_on_batch(*batch)
         times.append(time.perf_counter() - started)
-    return times[0] - times[2]
+    return times[0] - times[-1]
 
 
 def minilm_flops_per_example(backbone, seq: int) -> float:
@@ -173,12 +174,7 @@ def epoch_seconds(model, batches, steps: int, seed: int = 0) -> tuple:
     first_extra = 0.0
     for shape in {tuple(b[0]["token_ids"].shape) for b in epoch}:
         batch = next(b for b in epoch if tuple(b[0]["token_ids"].shape) == shape)
-        times = []
-        for _ in range(2):
-            started = time.perf_counter()
-            model.train_on_batch(*batch)
-            times.append(time.perf_counter() - started)
-        first_extra += times[0] - times[1]
+        first_extra += first_step_extra(model, batch, calls=2)
     picks = np.random.RandomState(seed).choice(len(epoch), min(steps, len(epoch)), replace=False)
     started = time.perf_counter()
     for i in picks:

@@ -81,8 +81,9 @@ def record_xla_speedup(speedup: float, measured: str, kind: Optional[str] = None
                        step_tokens: Optional[int] = None) -> str:
     """Writes XLA's measured speed-up of a training step into the tfl cache (atomically), keyed by
     measurement_key; ``measured`` says what was timed; ``compile_seconds`` (what a new batch shape's first
-    XLA step costs beyond a steady one, once the step's trace no longer changes), ``step_seconds`` (the steady XLA step) and ``step_tokens`` (its
-    batch x sequence) let a run weigh compiles against what XLA saves (``xla_pays_off``). Returns the path."""
+    XLA step costs beyond a steady one, once the step's trace no longer changes), ``step_seconds`` (the steady
+    XLA step) and ``step_tokens`` (its batch x sequence) let a run weigh compiles against what XLA saves
+    (``xla_pays_off``). Returns the path."""
     from tfl.assets import cache_dir
 
     path = os.path.join(cache_dir(), JIT_MEASUREMENT)
@@ -114,7 +115,8 @@ def measured_cpu_xla() -> Optional[dict]:
                           step_tokens=int(record["step_tokens"]))
             if record["step_tokens"] <= 0 or record["step_seconds"] <= 0:
                 raise ValueError(f"a step of {record['step_tokens']} tokens in {record['step_seconds']} s")
-    except (ValueError, TypeError, KeyError, AttributeError, OSError, tf.errors.OpError) as e:  # unreadable, or not a measurement
+    # unreadable, or not a measurement
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, tf.errors.OpError) as e:
         return _ignore_measurement(path, f"unreadable ({type(e).__name__}: {e})")
     here = measurement_key("cpu")
     if not isinstance(key, dict):
