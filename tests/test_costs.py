@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfl.costs import EpochTimes, peak_rss_mb, timed
+from tfl.costs import EpochTimes, peak_rss_mb, reset_peak_rss, timed
 
 
 def test_timed_adds_up_each_stage_also_when_it_raises():
@@ -46,6 +46,19 @@ def test_peak_rss_is_in_mib_and_covers_what_the_process_holds():
     # The peak is at least the memory held now, and (in MiB, not KiB or bytes) below the machine's.
     assert rss_kib / 1024 - 1 <= peak_rss_mb() <= total_kib / 1024
     assert held.sum() == held.size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets through /proc/self/clear_refs")
+def test_reset_peak_rss_forgets_memory_freed_before_it():
+    spike = np.ones(256 * 1024 * 1024 // 8)  # 256 MiB, touched, then freed
+    assert spike.sum() == spike.size
+    before = peak_rss_mb()
+    del spike
+    assert reset_peak_rss()
+    after = peak_rss_mb()
+    assert after <= before - 200  # the freed 256 MiB no longer counts
+    held = np.ones(64 * 1024 * 1024 // 8)  # a new peak after the reset is seen
+    assert peak_rss_mb() >= after + 60 and held.sum() == held.size
 
 
 def test_release_memory_drops_keras_state_of_finished_runs_and_keeps_the_dtype_policy():

@@ -67,6 +67,25 @@ def test_csv_splits_are_disjoint(tmp_path):
     assert train | validation | test == {f"review {i}" for i in range(60)}
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures peak memory through /proc")
+def test_one_long_text_does_not_pad_every_other_in_memory(tmp_path):
+    """Texts stay Python strings on their way into tf.data: numpy's fixed-width unicode would hold each of the
+    2,000 rows at the longest one's 200,000 characters, 1.6 GB here (the SpamAssassin e-mails took 5.6 GB)."""
+    from tfl.costs import peak_rss_mb, reset_peak_rss
+    from tfl.data.examples import string_array
+
+    path = tmp_path / "one_long.csv"
+    rows = [f"short text {i},{'pos' if i % 2 else 'neg'}" for i in range(1999)] + ["x" * 200_000 + ",pos"]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    reset_peak_rss()
+    before = peak_rss_mb()
+    splits = load_data(f"csv:{path}", seed=0)
+    assert peak_rss_mb() - before < 300
+    assert max(len(t) for t in _texts(splits.train) + _texts(splits.validation) + _texts(splits.test)) == 200_000
+    converted = string_array([3, "two", b"one"])
+    assert converted.dtype == object and list(converted) == ["3", "two", "b'one'"]
+
+
 def test_max_examples_caps_the_pool(text_csv):
     splits = load_data(f"csv:{text_csv}", seed=0, max_examples=20)
     assert sum(splits.sizes.values()) == 20

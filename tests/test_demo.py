@@ -69,6 +69,19 @@ def test_quick_and_refresh_docs_together_are_refused(capsys, monkeypatch):
     assert "drop one of --quick, --refresh-docs" in capsys.readouterr().err
 
 
+def test_a_quick_demo_job_runs_and_reports_its_seconds_and_peak_memory(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(os.getcwd())
+    assert demo.main(["--quick", "--only=imdb_quick"], out=str(tmp_path)) == 0
+    printed = capsys.readouterr().out
+    assert "demo: asset:spam_assassin" in printed and "demo: data summary peak resident memory" in printed
+    took = [line for line in printed.splitlines() if line.startswith("demo: imdb_quick took ")]
+    assert len(took) == 1 and took[0].endswith(" MiB"), printed[-2000:]
+    peak_mib = float(took[0].split("peak resident memory ")[1].split()[0])
+    assert 100 < peak_mib < 24 * 1024  # TensorFlow alone holds more than 100 MiB
+    metrics = json.load(open(tmp_path / "imdb_quick" / "metrics.json", encoding="utf-8"))
+    assert metrics["data"]["sizes"]["train"] <= 400
+
+
 def test_copy_report_takes_the_report_not_the_run_folders_markers(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

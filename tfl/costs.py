@@ -46,14 +46,33 @@ class EpochTimes(keras.callbacks.Callback):
 
 
 def peak_rss_mb() -> Optional[float]:
-    """The process's peak resident memory so far, in MiB (every run before it in this process counts too);
+    """The process's peak resident memory in MiB since it started or since the last ``reset_peak_rss()``
+    (Linux's VmHWM); elsewhere the peak since the start (every run before it in this process counts too);
     None where the platform does not report it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:  # not Linux
+        pass
     try:
         import resource
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def reset_peak_rss() -> bool:
+    """Starts ``peak_rss_mb()`` again from the memory resident now, so that each of several runs in one process
+    (compare, the demo) reports its own peak; False where the platform cannot (not Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")  # 5: reset the peak resident set size (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
 
 
 def release_memory() -> None:

@@ -128,7 +128,8 @@ def copy_report(model_dir: str, docs: str) -> None:
             shutil.copy(os.path.join(model_dir, file), docs)
 
 
-def main(argv: list) -> int:
+def main(argv: list, out: str = "") -> int:
+    """``out``: where the runs go (runs/demo/ by default)."""
     os.chdir(ROOT)
     quick = "--quick" in argv
     refresh_docs = "--refresh-docs" in argv and not quick
@@ -143,7 +144,7 @@ def main(argv: list) -> int:
         print(f"error: unknown argument {(unknown or only)[0]}; expected --quick, --refresh-docs, --verbose and/or "
               f"--only=<jobs from {known}>", file=sys.stderr)
         return 2
-    out = os.path.join(ROOT, "runs", "demo")
+    out = out or os.path.join(ROOT, "runs", "demo")
     jobs = DEMO_JOBS + (DOCS_JOBS if refresh_docs else [])
     if only:  # rerun some jobs; the runs they transfer from must be in runs/demo already
         jobs = [job for job in DEMO_JOBS + DOCS_JOBS if job[0] in only]
@@ -154,16 +155,20 @@ def main(argv: list) -> int:
             return 2
     started = time.time()
     with quiet.tensorflow_start(quiet="--verbose" not in argv):
-        from tfl.costs import release_memory
+        from tfl.costs import peak_rss_mb, release_memory, reset_peak_rss
         from tfl.job import run
     summarise_data()
+    print(f"demo: data summary peak resident memory {peak_rss_mb():.0f} MiB")
 
     demo_seconds = 0.0
     for name, flagfile, source_job in jobs:
         print(f"demo: === {name} ({time.time() - started:.0f} s so far) ===")
         config = job_config(name, flagfile, source_job, out, quick, refresh_docs)
         shutil.rmtree(config.model_dir, ignore_errors=True)
+        reset_peak_rss()
+        job_started = time.time()
         run(config, verbose=quiet.keras_verbose())
+        print(f"demo: {name} took {time.time() - job_started:.0f} s, peak resident memory {peak_rss_mb():.0f} MiB")
         release_memory()  # every job builds its own models; nothing of this one is needed by the next
         if (name, flagfile, source_job) == DEMO_JOBS[-1]:
             demo_seconds = time.time() - started

@@ -28,6 +28,7 @@ from tfl import backbones as backbones_lib
 from tfl import heads, small_models
 from tfl import storage
 from tfl import train as train_lib
+from tfl.data.examples import string_array
 from tfl.imdb_vocabulary import IMDB_SPECIAL_TOKENS, ImdbVectorizer
 
 SOURCE_KIND = "tfl-source-model"
@@ -257,7 +258,7 @@ def parse_label_descriptions(value: str, label_names: list) -> dict:
 
 def normalised_embeddings(backbone: backbones_lib.Backbone, texts, batch_size: int = 64) -> np.ndarray:
     """Mean-pooled encoder outputs, L2-normalised: the sentence embeddings of a sentence encoder."""
-    dataset = tf.data.Dataset.from_tensor_slices(np.asarray(texts, dtype=object).astype(str)).batch(batch_size)
+    dataset = tf.data.Dataset.from_tensor_slices(string_array(texts)).batch(batch_size)
     encode = train_lib.inference_function(backbone.model, backbone.preprocess)
     progress = keras.utils.Progbar(int(dataset.cardinality()), verbose=int(sys.stdout.isatty()), unit_name="batch")
     vectors = []

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tfl.data.bucketing import (bucket_batch_count, bucket_batches, choose_boundaries, group_by_length,
                                 padding_fraction, token_lengths)
+from tfl.data.examples import string_array
 from tfl.data.sources import (IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS, DataError, Examples, SourceData,
                               load_source)
 
@@ -104,7 +105,7 @@ def _keep_classes(data: SourceData, classes: tuple) -> SourceData:
 def _to_dataset(examples: Examples, modality: str) -> tf.data.Dataset:
     features = examples.features
     if modality in (TEXT, IMAGE_FILE):
-        features = features.astype(str).astype(object)
+        features = string_array(features)
     return tf.data.Dataset.from_tensor_slices((features, examples.labels))
 
 

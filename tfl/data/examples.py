@@ -17,6 +17,12 @@ class DataError(ValueError):
 TEXT, IMAGE, IMAGE_FILE, TOKEN_IDS = "text", "image", "image_file", "token_ids"
 
 
+def string_array(values) -> np.ndarray:
+    """``values`` as an object array of Python str. Never numpy's ``astype(str)``: its fixed-width unicode pads
+    every text to the longest one, 4 bytes a character (6,046 SpamAssassin e-mails, 88 MB on disk, took 5.6 GB)."""
+    return np.array([str(v) for v in np.asarray(values, dtype=object).ravel()], dtype=object)
+
+
 @dataclasses.dataclass
 class Examples:
     """Labelled examples in memory. ``features``: str array (text or image paths), uint8 images or ids."""
