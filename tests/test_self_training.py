@@ -71,3 +71,22 @@ def test_self_train_mode_and_compare_strategy_on_a_tiny_encoder(tiny_bert_preset
     assert metrics["mode"] == "self_train" and [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert 0 <= metrics["test"]["accuracy"] <= 1 and "accuracy" in metrics["zero_shot"]["test"]
     assert metrics["trainable_params"] == 8 * 2 + 2  # a softmax probe on the 8-wide embeddings
+
+
+def test_pseudo_label_share_fine_tunes_the_encoder_on_the_surest_pseudo_labels(tiny_bert_preset, tmp_path):
+    rows = [("the great film", 1), ("an awful plot", 0), ("great movie", 1), ("awful film", 0)] * 10
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\n" + "".join(f"\"{t}\",{y}\n" for t, y in rows))
+    config = Config(mode="self_train", data=DataConfig(source=f"csv:{csv}", batch_size=4, labels=False),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8,
+                                      label_descriptions="0=awful|bad;1=great|good"),
+                    train=TrainConfig(precision="float32", epochs=1, pseudo_label_share=0.5),
+                    model_dir=str(tmp_path / "st"))
+    metrics = run(config, verbose=0)
+    tuned = json.loads((tmp_path / "st" / "fine_tune" / "metrics.json").read_text())
+    # 50% of the 32 training texts, 8 per class (balanced), labelled by zero-shot, not by the file.
+    assert metrics["fine_tune"]["examples"] == tuned["data"]["sizes"]["train"] == 16
+    assert sum(tuned["data"]["label_counts"]["train"].values()) == 16
+    assert tuned["data"]["sizes"]["test"] == metrics["data"]["sizes"]["test"]  # scored on the same test split
+    assert metrics["test"] == tuned["test"] and "accuracy" in metrics["probe_test"]
+    assert metrics["trainable_params"] == tuned["trainable_params"] > 8 * 2 + 2  # the encoder trained

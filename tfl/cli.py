@@ -106,6 +106,9 @@ HELP = {
     "source_model": "--model_dir of a finished lstm or small_cnn run (its source_model/ folder).",
     "label_descriptions": "Zero-shot and self_train: a JSON file {label: [descriptions]} or 'label=desc|desc;label=desc'; "
                           "default: templates of the label names.",
+    "pseudo_label_share": "--mode=self_train (and auto --nolabels): after the probe rounds, fine-tune the encoder "
+                          "(--epochs, --learning_rate) on this share of the training texts that zero-shot is surest "
+                          "of, balanced per class, with its labels; 0 = the probe only.",
     "probe_learning_rate": "--mode=compare: learning rate of the linear_probe strategy (head only).",
     "seeds": "--mode=compare: runs per strategy (seeds --seed, --seed+1, ...).",
     "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",

@@ -111,6 +111,7 @@ class TrainConfig:
     save_every_steps: int = 0  # resume state saved every N steps (and at epoch ends); 0 = epoch ends only
     deterministic: bool = False  # TF op determinism: identical metrics for identical runs (CPU)
     cache_frozen_features: bool = True  # linear probe: compute backbone features once, train the head on them
+    pseudo_label_share: float = 0.0  # self_train: fine-tune the encoder on this surest share of pseudo-labels; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +202,8 @@ class Config:
             raise ConfigError(f"--layer_lr_decay must be in (0, 1]; got {f.layer_lr_decay}")
         if not 0.0 <= t.warmup_fraction < 1.0:
             raise ConfigError(f"--warmup_fraction must be in [0, 1); got {t.warmup_fraction}")
+        if not 0.0 <= t.pseudo_label_share <= 1.0:
+            raise ConfigError(f"--pseudo_label_share must be in [0, 1] (0 = no fine-tune); got {t.pseudo_label_share}")
         for name, value, choices in [("task", m.task, TASKS), ("precision", t.precision, PRECISIONS),
                                      ("jit_compile", t.jit_compile, JIT_CHOICES),
                                      ("strategy", t.strategy, STRATEGIES),

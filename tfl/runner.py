@@ -187,8 +187,10 @@ class Devices:
     chief: bool  # this process writes the run
 
 
-def train_and_evaluate(config: Config, verbose: int = 1, *, process_started: Optional[float] = None) -> dict:
-    """One training run, stage by stage; writes it under ``config.model_dir`` (on the chief).
+def train_and_evaluate(config: Config, verbose: int = 1, *, process_started: Optional[float] = None,
+                       splits: Optional[data_lib.DataSplits] = None) -> dict:
+    """One training run, stage by stage; writes it under ``config.model_dir`` (on the chief). ``splits``: the
+    data to use instead of loading ``config.data.source`` (self-training's pseudo-labelled training split).
 
     metrics["timings"] holds each stage's wall seconds; ``process_started`` (time.time() when the process
     started, as main.py records it) adds the seconds before the run as "imports" and counts "total" from there.
@@ -198,7 +200,7 @@ def train_and_evaluate(config: Config, verbose: int = 1, *, process_started: Opt
     with timed(timings, "devices"):
         devices = set_up_devices(config)
     with timed(timings, "data_load"):
-        splits = load_data_for(config)
+        splits = splits or load_data_for(config)
     print(f"tfl: data {config.data.source}: {splits.sizes} labels={splits.label_names}")
     backbone, model, mapping = build(config, splits, devices, timings)
     with timed(timings, "batches"):

@@ -20,12 +20,14 @@ import sys
 import time
 
 import numpy as np
+import tensorflow as tf
 
 from tfl import backbones as backbones_lib
 from tfl import data as data_lib
-from tfl import devices, heads
+from tfl import devices, heads, runner
 from tfl import transfer as transfer_lib
 from tfl.config import Config
+from tfl.data.examples import string_array
 from tfl.runner import load_data_for
 from tfl.storage import write_json_atomically
 
@@ -110,6 +112,25 @@ def _texts_and_labels(dataset) -> tuple:
     return [p[0] for p in pairs], np.array([p[1] for p in pairs])
 
 
+def fine_tune_on_pseudo_labels(config: Config, splits: data_lib.DataSplits, texts: list, probabilities: np.ndarray,
+                               verbose: int = 1) -> dict:
+    """The encoder itself fine-tuned, a whole tfl training run (``<model_dir>/fine_tune``, exportable), on the
+    surest ``--pseudo_label_share`` of the training texts (balanced per class) with the labels zero-shot gave
+    them. Validation and test stay the labelled splits: they only score."""
+    indices, pseudo = confident_subset(probabilities, config.train.pseudo_label_share)
+    train = tf.data.Dataset.from_tensor_slices((string_array(np.asarray(texts, dtype=object)[indices]),
+                                                pseudo.astype(np.int64)))
+    names = splits.label_names
+    pseudo_splits = dataclasses.replace(
+        splits, train=train, sizes={**splits.sizes, "train": len(indices)},
+        label_counts={**splits.label_counts, "train": {names[k]: int(np.sum(pseudo == k)) for k in range(len(names))}})
+    print(f"tfl: self-training: fine-tuning {config.model.backbone} on the surest {len(indices):,d} training texts "
+          f"and their zero-shot labels {pseudo_splits.label_counts['train']}")
+    model_dir = os.path.join(config.model_dir, "fine_tune") if config.model_dir else ""
+    return runner.train_and_evaluate(dataclasses.replace(config, mode="train", model_dir=model_dir), verbose,
+                                     splits=pseudo_splits)
+
+
 def run_self_training(config: Config, verbose: int = 1) -> dict:
     """Zero-shot, then self-training on the unlabelled training texts; test metrics of both."""
     started = time.time()
@@ -121,9 +142,10 @@ def run_self_training(config: Config, verbose: int = 1) -> dict:
                                           "text encoder: --backbone=asset:minilm or a keras-hub text preset")
     descriptions = transfer_lib.parse_label_descriptions(config.model.label_descriptions, splits.label_names)
     label_vectors = transfer_lib.label_embeddings(backbone, descriptions)
-    embedded = {}
+    embedded, train_texts = {}, []
     for name in ("train", "validation", "test"):
         texts, labels = _texts_and_labels(getattr(splits, name))
+        train_texts = texts if name == "train" else train_texts
         print(f"tfl: self-training: encoding {len(texts):,d} {name} texts with {config.model.backbone}"
               + (" (their labels are not used)" if name == "train" else ""))
         embedded[name] = (transfer_lib.normalised_embeddings(backbone, texts), labels)
@@ -142,15 +164,23 @@ def run_self_training(config: Config, verbose: int = 1) -> dict:
                        "validation": evaluate(probe.probabilities(embedded["validation"][0]), "validation")})
         print(f"tfl: self-training round {k}: validation accuracy {rounds[-1]['validation']['accuracy']:.4f}")
 
-    probe = self_train(embedded["train"][0], transfer_lib.zero_shot_scores(embedded["train"][0], label_vectors),
-                       on_round=report_round)
-    test = evaluate(probe.probabilities(embedded["test"][0]), "test")
-    metrics = {"test": test, "mode": "self_train", "zero_shot": zero_shot, "rounds": rounds,
-               "label_descriptions": descriptions, "trainable_params": int(probe.weights.size + probe.bias.size),
-               "train_seconds": 0.0, "wall_seconds": round(time.time() - started, 2), "config": config.to_dict(),
+    train_scores = transfer_lib.zero_shot_scores(embedded["train"][0], label_vectors)
+    probe = self_train(embedded["train"][0], train_scores, on_round=report_round)
+    test = probe_test = evaluate(probe.probabilities(embedded["test"][0]), "test")
+    fine_tuned, trainable, train_seconds = {}, int(probe.weights.size + probe.bias.size), 0.0
+    if config.train.pseudo_label_share > 0:
+        del backbone  # the fine-tune builds its own
+        run = fine_tune_on_pseudo_labels(config, splits, train_texts,
+                                         transfer_lib.zero_shot_probabilities(train_scores), verbose)
+        test, trainable, train_seconds = run["test"], run["trainable_params"], run["train_seconds"]
+        fine_tuned = {"validation": run["validation"], "test": run["test"], "examples": run["data"]["sizes"]["train"]}
+    metrics = {"test": test, "mode": "self_train", "zero_shot": zero_shot, "rounds": rounds, "probe_test": probe_test,
+               "fine_tune": fine_tuned,
+               "label_descriptions": descriptions, "trainable_params": trainable, "train_seconds": train_seconds, "wall_seconds": round(time.time() - started, 2), "config": config.to_dict(),
                "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names}}
     if config.model_dir and devices.is_chief():
         write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
     print(f"tfl: zero-shot test accuracy {zero_shot['test']['accuracy']:.4f}; self-trained (no labels) "
+          + ("probe {:.4f}, fine-tuned ".format(probe_test["accuracy"]) if fine_tuned else "")
           + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
     return metrics
