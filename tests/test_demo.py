@@ -78,6 +78,8 @@ def test_a_quick_demo_job_runs_and_reports_its_seconds_and_peak_memory(capsys, m
     assert len(took) == 1 and took[0].endswith(" MiB"), printed[-2000:]
     peak_mib = float(took[0].split("peak resident memory ")[1].split()[0])
     assert 100 < peak_mib < 24 * 1024  # TensorFlow alone holds more than 100 MiB
+    done = [line for line in printed.splitlines() if line.startswith("demo: done in ")]
+    assert len(done) == 1 and float(done[0].split("peak resident memory ")[1].split()[0]) >= peak_mib
     metrics = json.load(open(tmp_path / "imdb_quick" / "metrics.json", encoding="utf-8"))
     assert metrics["data"]["sizes"]["train"] <= 400
 

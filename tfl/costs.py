@@ -66,7 +66,9 @@ def peak_rss_mb() -> Optional[float]:
 
 def reset_peak_rss() -> bool:
     """Starts ``peak_rss_mb()`` again from the memory resident now, so that each of several runs in one process
-    (compare, the demo) reports its own peak; False where the platform cannot (not Linux)."""
+    (compare, the demo) reports its own peak; False where the platform cannot (not Linux). The kernel forgets the
+    earlier peak for everyone: ``/usr/bin/time`` and getrusage then report the peak since the last reset, so a
+    caller that resets keeps the largest of its peaks itself (as the demo does)."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
             refs.write("5")  # 5: reset the peak resident set size (Linux >= 4.0)
