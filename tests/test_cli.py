@@ -132,6 +132,8 @@ MISTAKES = [
     (["--source=csv:{good}", "--freeze_blocks=5"], "has 2 blocks"),
     (["--source=csv:{good}", "--lora_rank=2"], "needs a keras-hub backbone"),
     (["--source=csv:{good}", "--label_fraction=0"], "--label_fraction must be in (0, 1]"),
+    (["--source=csv:{good}", "--pseudo_label_share=0.4"], "--pseudo_label_share is for --mode=self_train"),
+    (["--source=csv:{good}", "--mode=self_train", "--pseudo_label_share=2"], "--pseudo_label_share must be in [0, 1]"),
     (["--strategy=tpu"], "needs --tpu"),
     (["--source=csv:{good}", "--strategy=multi_worker"], "needs the TF_CONFIG environment variable"),
     (["--source=csv:{words}", "--task=regression"], "needs numeric labels"),

@@ -230,11 +230,17 @@ def test_config_runs_end_to_end_offline(name, rehearsals, monkeypatch, hub_stand
         assert all(name in markdown for name in names)
         assert [r["logme"] for r in ranking["rows"]] == sorted((r["logme"] for r in ranking["rows"]), reverse=True)
         return
-    if config.mode == "self_train":  # no labels, no training step: zero-shot, then the probe rounds
+    if config.mode == "self_train":  # no labels: zero-shot, the probe rounds, then (a share) the encoder fine-tuned
         assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
         assert all(0 <= r["validation"]["accuracy"] <= 1 for r in metrics["rounds"])
-        assert metrics["data"]["sizes"]["train"] > 0 and metrics["trainable_params"] == 384 * 2 + 2  # MiniLM, 2 classes
+        assert metrics["data"]["sizes"]["train"] > 0 and "accuracy" in metrics["probe_test"]
         assert json.loads(open(os.path.join(model_dir, "metrics.json")).read())["test"] == metrics["test"]
+        if config.train.pseudo_label_share > 0:
+            tuned = json.loads(open(os.path.join(model_dir, "fine_tune", "metrics.json")).read())
+            assert metrics["fine_tune"]["examples"] == tuned["data"]["sizes"]["train"] > 0
+            assert metrics["trainable_params"] == tuned["trainable_params"] > 384 * 2 + 2 == 770  # the encoder trained
+        else:
+            assert metrics["trainable_params"] == 384 * 2 + 2  # a probe on MiniLM's embeddings, 2 classes
         return
     if config.mode == "auto":  # the ranking, the choice with its reasons, and the chosen run, exported
         report = open(os.path.join(model_dir, "report.md")).read()

@@ -77,13 +77,14 @@ def test_one_long_text_does_not_pad_every_other_in_memory(tmp_path):
     path = tmp_path / "one_long.csv"
     rows = [f"short text {i},{'pos' if i % 2 else 'neg'}" for i in range(1999)] + ["x" * 200_000 + ",pos"]
     path.write_text("text,label\n" + "\n".join(rows) + "\n")
-    reset_peak_rss()
+    assert reset_peak_rss()  # else an earlier peak in this process could hide this one
     before = peak_rss_mb()
     splits = load_data(f"csv:{path}", seed=0)
     assert peak_rss_mb() - before < 300
     assert max(len(t) for t in _texts(splits.train) + _texts(splits.validation) + _texts(splits.test)) == 200_000
-    converted = string_array([3, "two", b"one"])
-    assert converted.dtype == object and list(converted) == ["3", "two", "b'one'"]
+    converted = string_array([3, "two", b"one", "caf\u00e9".encode()])
+    assert converted.dtype == object and list(converted) == ["3", "two", "one", "caf\u00e9"]
+    assert string_array([["a", "b"], ["c", "d"]]).shape == (2, 2)
 
 
 def test_max_examples_caps_the_pool(text_csv):

@@ -90,3 +90,33 @@ def test_pseudo_label_share_fine_tunes_the_encoder_on_the_surest_pseudo_labels(t
     assert tuned["data"]["sizes"]["test"] == metrics["data"]["sizes"]["test"]  # scored on the same test split
     assert metrics["test"] == tuned["test"] and "accuracy" in metrics["probe_test"]
     assert metrics["trainable_params"] == tuned["trainable_params"] > 8 * 2 + 2  # the encoder trained
+
+
+def test_the_fine_tune_learns_zero_shot_labels_never_the_files(monkeypatch):
+    """The texts and labels handed to the fine-tune are zero-shot's surest, here the opposite of the file's."""
+    import tensorflow as tf
+
+    from tfl import data as data_lib
+
+    texts = [f"text {i}" for i in range(8)]
+    file_labels = np.array([0, 1] * 4)
+    splits = data_lib.DataSplits(
+        train=tf.data.Dataset.from_tensor_slices((texts, file_labels)), validation=None, test=None,
+        label_names=["neg", "pos"], modality=data_lib.TEXT, sizes={"train": 8, "validation": 2, "test": 2},
+        label_counts={"train": {"neg": 4, "pos": 4}})
+    # Zero-shot says the opposite of the file for every text, surest on texts 0-3.
+    surest = np.array([0.9, 0.9, 0.8, 0.8, 0.6, 0.6, 0.55, 0.55])
+    probabilities = np.stack([np.where(file_labels == 1, surest, 1 - surest),
+                              np.where(file_labels == 1, 1 - surest, surest)], axis=1)
+    captured = {}
+
+    def fake_run(config, verbose, splits):
+        captured["pairs"] = [(x.decode(), int(y)) for x, y in splits.train.as_numpy_iterator()]
+        captured["splits"] = splits
+        return {}
+
+    monkeypatch.setattr(self_training.runner, "train_and_evaluate", fake_run)
+    self_training.fine_tune_on_pseudo_labels(Config(mode="self_train", model_dir=""), splits, texts, probabilities,
+                                             share=0.5, verbose=0)
+    assert sorted(captured["pairs"]) == [("text 0", 1), ("text 1", 0), ("text 2", 1), ("text 3", 0)]
+    assert captured["splits"].sizes["train"] == 4 and captured["splits"].label_counts["train"] == {"neg": 2, "pos": 2}

@@ -108,7 +108,8 @@ HELP = {
                           "default: templates of the label names.",
     "pseudo_label_share": "--mode=self_train (and auto --nolabels): after the probe rounds, fine-tune the encoder "
                           "(--epochs, --learning_rate) on this share of the training texts that zero-shot is surest "
-                          "of, balanced per class, with its labels; 0 = the probe only.",
+                          "of, balanced per class, with their zero-shot labels (validation only scores, and with "
+                          "--early_stopping_patience picks the epoch); 0 = the probe only.",
     "probe_learning_rate": "--mode=compare: learning rate of the linear_probe strategy (head only).",
     "seeds": "--mode=compare: runs per strategy (seeds --seed, --seed+1, ...).",
     "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",

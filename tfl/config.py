@@ -204,6 +204,9 @@ class Config:
             raise ConfigError(f"--warmup_fraction must be in [0, 1); got {t.warmup_fraction}")
         if not 0.0 <= t.pseudo_label_share <= 1.0:
             raise ConfigError(f"--pseudo_label_share must be in [0, 1] (0 = no fine-tune); got {t.pseudo_label_share}")
+        if t.pseudo_label_share and self.mode not in ("self_train", "auto", "compare"):
+            raise ConfigError(f"--pseudo_label_share is for --mode=self_train, auto --nolabels or the compare strategy "
+                              f"self_training; --mode={self.mode} does not use it: drop it")
         for name, value, choices in [("task", m.task, TASKS), ("precision", t.precision, PRECISIONS),
                                      ("jit_compile", t.jit_compile, JIT_CHOICES),
                                      ("strategy", t.strategy, STRATEGIES),

@@ -65,8 +65,9 @@ def peak_rss_mb() -> Optional[float]:
 
 
 def reset_peak_rss() -> bool:
-    """Starts ``peak_rss_mb()`` again from the memory resident now, so that each of several runs in one process
-    (compare, the demo) reports its own peak; False where the platform cannot (not Linux). The kernel forgets the
+    """Starts ``peak_rss_mb()`` again from the memory resident now, so that each of several jobs in one process
+    (the demo calls it before each) reports its own peak, counted from what earlier jobs still hold; False where
+    the platform cannot (not Linux). The kernel forgets the
     earlier peak for everyone: ``/usr/bin/time`` and getrusage then report the peak since the last reset, so a
     caller that resets keeps the largest of its peaks itself (as the demo does)."""
     try:

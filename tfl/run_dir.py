@@ -68,7 +68,8 @@ def is_tfl_run(model_dir: str) -> bool:
 # What tfl writes into a run folder; --overwrite removes these and nothing else.
 RUN_ENTRIES = {"config.json", "metrics.json", "model.keras", "best.weights.h5", "training_log.csv", "logs", "backup",
                "source_model", "export", "runs", "report.md", "report.json", "learning_curves.png",
-               "label_fractions.png", "rank.md", "rank.json", "chosen", "trials", "tuner", "learning_rate", MARKER}
+               "label_fractions.png", "rank.md", "rank.json", "chosen", "trials", "tuner", "learning_rate",
+               "fine_tune", MARKER}
 
 
 def _is_tfl_entry(name: str) -> bool:

@@ -44,9 +44,9 @@ STRATEGIES = {
                           needs="--source_model"),
     "zero_shot": Strategy("no training: similarity to label descriptions", lambda base: {"mode": "zero_shot"},
                           needs="a text encoder backbone", uses_labels=False),
-    "self_training": Strategy("no labels: zero-shot pseudo-labels on the training texts, then a linear probe "
-                              "in rounds", lambda base: {"mode": "self_train"}, needs="a text encoder backbone",
-                              uses_labels=False),
+    "self_training": Strategy("no labels: zero-shot pseudo-labels on the training texts, then a linear probe in "
+                              "rounds (and a fine-tune with --pseudo_label_share)",
+                              lambda base: {"mode": "self_train"}, needs="a text encoder backbone", uses_labels=False),
 }
 
 
