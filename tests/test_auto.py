@@ -119,17 +119,21 @@ def test_auto_mode_ranks_chooses_runs_and_reports(tmp_path, tiny_bert_preset):
         assert text in report, text
 
 
-def test_nolabels_runs_zero_shot_then_self_training(tmp_path, tiny_bert_preset):
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_nolabels_runs_zero_shot_then_self_training(tmp_path, tiny_bert_preset, share):
     from tfl import job
 
     config = Config(mode="auto", data=DataConfig(source=_sentences(tmp_path), batch_size=8, labels=False),
                     model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8,
                                       label_descriptions="0=awful|bad;1=great|good"),
-                    train=TrainConfig(precision="float32"), model_dir=str(tmp_path / "auto"), export=False)
+                    train=TrainConfig(precision="float32", epochs=1, pseudo_label_share=share),
+                    model_dir=str(tmp_path / "auto"), export=False)
     result = job.run_checked(config, verbose=0)
     assert result["choice"]["strategy"] == "self_training"
     report = (tmp_path / "auto" / "report.md").read_text()
     assert "Plain zero-shot on the same test split" in report and "**self_training**" in report
+    # With a share, the result is the fine-tuned encoder's, and the report says where that run is.
+    assert ("`chosen/fine_tune/`" in report) == bool(share) == (tmp_path / "auto" / "chosen" / "fine_tune").is_dir()
     with pytest.raises(ConfigError, match="--nolabels needs --mode=auto"):
         Config(data=DataConfig(labels=False)).validate()
 

@@ -231,6 +231,10 @@ def format_report(config: Config, choice: dict, ranked, metrics: dict, wall_seco
     lines += ["", "## Result", "", f"Test split: {test}."]
     if "zero_shot" in metrics:
         lines.append(f"Plain zero-shot on the same test split: accuracy {metrics['zero_shot']['test']['accuracy']:.4f}.")
+        if metrics.get("fine_tune"):  # --pseudo_label_share: the result above is the fine-tuned encoder's
+            lines.append(f"The result is the encoder fine-tuned on {metrics['fine_tune']['examples']:,d} zero-shot "
+                         f"pseudo-labels (the probe alone: accuracy {metrics['probe_test']['accuracy']:.4f}); "
+                         "the run, with its export, is in `chosen/fine_tune/`.")
     else:
         lines.append(f"Training took {metrics['train_seconds']:.0f} s of {metrics['wall_seconds']:.0f} s; the "
                      "run, with its export, is in `chosen/`.")
