@@ -148,7 +148,8 @@ def run_self_training(config: Config, verbose: int = 1) -> dict:
     embedded, train_texts = {}, []
     for name in ("train", "validation", "test"):
         texts, labels = _texts_and_labels(getattr(splits, name))
-        train_texts = texts if name == "train" else train_texts
+        if name == "train":  # kept for the fine-tune on pseudo-labels
+            train_texts = texts
         print(f"tfl: self-training: encoding {len(texts):,d} {name} texts with {config.model.backbone}"
               + (" (their labels are not used)" if name == "train" else ""))
         embedded[name] = (transfer_lib.normalised_embeddings(backbone, texts), labels)
