@@ -84,9 +84,11 @@ def test_pseudo_label_share_fine_tunes_the_encoder_on_the_surest_pseudo_labels(t
                     model_dir=str(tmp_path / "st"))
     metrics = run(config, verbose=0)
     tuned = json.loads((tmp_path / "st" / "fine_tune" / "metrics.json").read_text())
-    # 50% of the 32 training texts, 8 per class (balanced), labelled by zero-shot, not by the file.
-    assert metrics["fine_tune"]["examples"] == tuned["data"]["sizes"]["train"] == 16
-    assert sum(tuned["data"]["label_counts"]["train"].values()) == 16
+    # 50% of the 32 training texts: up to 8 per class (balanced), as many as zero-shot gave that class. The tiny
+    # encoder's weights are random, so zero-shot may give one class fewer than 8; the other then has 16 or more.
+    counts = tuned["data"]["label_counts"]["train"]
+    assert max(counts.values()) == 8 and metrics["fine_tune"]["examples"] == tuned["data"]["sizes"]["train"]
+    assert sum(counts.values()) == tuned["data"]["sizes"]["train"] >= 8
     assert tuned["data"]["sizes"]["test"] == metrics["data"]["sizes"]["test"]  # scored on the same test split
     assert metrics["test"] == tuned["test"] and "accuracy" in metrics["probe_test"]
     assert metrics["trainable_params"] == tuned["trainable_params"] > 8 * 2 + 2  # the encoder trained
