@@ -180,3 +180,36 @@ def test_the_peer_counts_with_its_best_run_so_drift_never_flatters_tfl(bench):
     assert best["fixed_step_runs"] == [8.0, 9.0] and best["runs"] == 2
     assert "missing" in bench.best_of_peer_runs([{"missing": "why"}])
     assert "9.0 ex/s (the best of its runs: 8.0, 9.0)" in bench.peer_rows(best, "torch", 9.0)[0][1]
+
+
+@pytest.fixture(scope="module")
+def memory_bench():
+    spec = importlib.util.spec_from_file_location("bench_memory", os.path.join(ROOT, "benchmarks", "memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_memory_benchmark_measures_every_stage_and_writes_its_tables(memory_bench, tiny_bert_preset,
+                                                                         monkeypatch):
+    monkeypatch.setattr(memory_bench, "LENGTHS", (8, 16))  # the tiny BERT has 16 positions
+    stages = memory_bench.Stages()
+    texts = ["the great film the awful plot a movie the film a plot the great movie"] * 40
+    rows, transient, step_seconds = memory_bench.measure(stages, texts, tiny_bert_preset, "float32")
+    shown = [r for r in rows if not r[0].startswith("(")]
+    assert [r[0].split(" ")[0] for r in shown] == ["classifier", "compiled;", "first"] + ["train"] * 4
+    assert set(transient) == {(b, n) for b in memory_bench.BATCHES for n in memory_bench.LENGTHS}
+    assert step_seconds > 0 and all(r[2] >= r[1] - 1 for r in shown)  # a stage's peak is at least what stays
+    run = {"rows": shown, "per_sentence": {str(n): memory_bench.per_example(transient, n)
+                                           for n in memory_bench.LENGTHS},
+           "step_seconds": step_seconds, "precision": "float32"}
+    slower = dict(run, step_seconds=2 * step_seconds)
+    text = memory_bench.report(run, slower, 1.0)
+    assert "(2.00x)" in text and f"| {shown[0][0]} |" in text
+
+
+def test_memory_per_sentence_is_the_slope_between_the_two_batch_sizes(memory_bench):
+    small, large = memory_bench.BATCHES
+    transient = {(small, 64): 100.0, (large, 64): 100.0 + 3.0 * (large - small)}
+    assert memory_bench.per_example(transient, 64) == pytest.approx(3.0)

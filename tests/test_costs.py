@@ -75,3 +75,35 @@ def test_release_memory_drops_keras_state_of_finished_runs_and_keeps_the_dtype_p
         assert keras.config.dtype_policy().name == "mixed_bfloat16"
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+TRIM_CHILD = """
+import platform
+from tfl.costs import trim_heap
+
+def resident_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+del_me = b"x" * (16 << 20)  # freeing a 16 MiB block raises glibc's mmap threshold: 1 MiB blocks go on the heap
+del del_me
+blocks = [b"x" * (1 << 20) for _ in range(400)]  # 400 MiB, touched
+kept = blocks[::20]  # one in 20 stays alive, so the free space between them cannot shrink from the heap's top
+del blocks
+before = resident_mib()
+assert trim_heap() == (platform.libc_ver()[0] == "glibc")
+print(before, resident_mib(), len(kept))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_trim_heap_gives_freed_memory_inside_the_heap_back():
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    # A fresh process: glibc's thresholds depend on what the process freed before.
+    done = subprocess.run([sys.executable, "-c", TRIM_CHILD], capture_output=True, text=True, check=True)
+    before, after, kept = done.stdout.split()
+    assert float(before) - float(after) > 250  # of the 380 MiB freed between the kept blocks

@@ -10,6 +10,8 @@ metrics.json's ``timings`` and ``peak_rss_mb``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
 import sys
 import time
 from typing import Optional
@@ -81,7 +83,24 @@ def reset_peak_rss() -> bool:
 def release_memory() -> None:
     """Frees what a finished run leaves behind in this process (Keras's global state, traced functions, kernel
     caches), for loops of runs: compare, tune, the demo. Without it the process grows with every run (a script
-    of 17 fine-tunes in one process reached 16.8 GB and was killed). The global dtype policy is kept."""
+    of 17 fine-tunes in one process reached 16.8 GB and was killed). The global dtype policy is kept. Then
+    gives the C library's free memory back to the system (``trim_heap``)."""
     policy = keras.config.dtype_policy()
     keras.backend.clear_session(free_memory=True)
     keras.config.set_dtype_policy(policy)
+    trim_heap()
+
+
+def trim_heap() -> bool:
+    """Gives the free memory inside glibc's heap back to the system (malloc_trim): after a run, glibc keeps
+    what the run's tensors freed, for reuse, and the next run's peak would count it. Once per run, not per step:
+    giving a step's activations back at once makes every step slower (benchmarks/memory.py measures both in
+    docs/memory.md). False where the C library is not glibc (nothing done)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+

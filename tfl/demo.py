@@ -155,9 +155,10 @@ def main(argv: list, out: str = "") -> int:
             return 2
     started = time.time()
     with quiet.tensorflow_start(quiet="--verbose" not in argv):
-        from tfl.costs import peak_rss_mb, release_memory, reset_peak_rss
+        from tfl.costs import peak_rss_mb, release_memory, reset_peak_rss, trim_heap
         from tfl.job import run
     summarise_data()
+    trim_heap()  # what loading every data set freed: the first job's peak would count it
     peaks = {"data summary": peak_rss_mb() or 0.0}  # reset before each job: the demo's peak is the largest of these
     print(f"demo: data summary peak resident memory {peaks['data summary']:.0f} MiB")
 

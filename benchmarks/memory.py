@@ -1,0 +1,223 @@
+"""Where one MiniLM fine-tune's resident memory goes, stage by stage: writes docs/memory.md.
+
+    .venv/bin/python benchmarks/memory.py [--out=docs/memory.md]
+
+Measures twice, each in a fresh process (as tfl runs, with glibc's default allocator; then with freed memory
+returned to the system at once, a measurement setting that shows the activations' true size and what it costs
+in step time), with Linux's VmRSS and VmHWM (the peak reset before each stage): the TensorFlow runtime after import, the
+packaged all-MiniLM-L6-v2 classifier built from its preset, AdamW's slots, the first train step (tracing) on a
+one-sentence batch, then train steps on batches of 8 and 32 real Rotten Tomatoes sentences at each length
+bucket's width (each shape run once untimed first, so that its trace is not counted as activations). The
+transient above the resident memory before a step is what that step holds while it runs (activations kept for
+the backward pass, gradients); its growth with the batch is the memory per example. Compare with the run's own
+figure, ``peak_rss_mb`` in a run's metrics.json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def resident_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+
+STARTED_MB = resident_mb()
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+import keras_hub  # noqa: E402  (its import is part of the runtime every text run pays)
+
+from tfl import assets, costs, devices, storage, train  # noqa: E402
+from tfl import data as data_lib  # noqa: E402
+from tfl.backbones import build_backbone  # noqa: E402
+from tfl.runner import build_model  # noqa: E402
+
+BATCHES = (8, 32)
+LENGTHS = (24, 64)
+TIMED_ROUNDS = 3  # after the stages: each of the 4 batches again, timed  # a middle bucket of the minilm_rotten_tomatoes config and its widest (its sequence_length)
+
+
+class Stages:
+    """Rows of (stage, resident after, peak during, held while it ran) in MiB."""
+
+    def __init__(self):
+        self.rows = []
+        self.before = resident_mb()
+        costs.reset_peak_rss()
+
+    def mark(self, stage: str) -> None:
+        after, peak = resident_mb(), costs.peak_rss_mb()
+        self.rows.append((stage, after, peak, after - self.before, peak - self.before))
+        self.before = resident_mb()
+        costs.reset_peak_rss()
+
+
+def batch_of(backbone, texts, size: int, length: int) -> tuple:
+    """``size`` sentences tokenized and padded (or cut) to exactly ``length`` tokens, as one bucket's batch."""
+    features = backbone.preprocess(tf.constant(list(texts[:size])))
+    features = {k: v[:, :length] for k, v in features.items()}
+    return features, tf.constant(np.arange(size) % 2)
+
+
+def measure(stages: Stages, texts, preset: str, precision: str) -> tuple:
+    """Stage rows, the transient of each train step by (batch size, length), and the mean seconds per step."""
+    backbone = build_backbone(preset, sequence_length=max(LENGTHS), dtype=precision)
+    model = build_model(backbone, ["rotten", "fresh"])
+    stages.mark(f"classifier built from the MiniLM preset ({model.count_params() / 1e6:.1f}M parameters)")
+    train.compile_model(model, train.make_optimizer(5e-5, 1000), task="classification", num_labels=2,
+                        jit_compile=False)
+    model.optimizer.build(model.trainable_variables)
+    stages.mark("compiled; AdamW's two slots per trainable weight built")
+    model.train_on_batch(*batch_of(backbone, texts, 1, max(LENGTHS)))
+    stages.mark(f"first train step: tracing, on 1 sentence x {max(LENGTHS)} tokens")
+    transient, batches = {}, []
+    for length in LENGTHS:
+        for size in BATCHES:
+            batches.append(batch_of(backbone, texts, size, length))
+            model.train_on_batch(*batches[-1])  # any new trace for this shape happens here, outside the measurement
+            stages.mark(f"(shape {size} x {length}, first call)")
+            model.train_on_batch(*batches[-1])
+            stages.mark(f"train step, {size} sentences x {length} tokens")
+            transient[(size, length)] = stages.rows[-1][4]
+    started = time.perf_counter()
+    for _ in range(TIMED_ROUNDS):
+        for batch in batches:
+            model.train_on_batch(*batch)
+    step_seconds = (time.perf_counter() - started) / (TIMED_ROUNDS * len(batches))
+    return stages.rows, transient, step_seconds
+
+
+def return_freed_memory_at_once() -> None:
+    """glibc's mmap threshold fixed at its starting 128 KiB (mallopt M_MMAP_THRESHOLD): a measurement setting,
+    not tfl's (it slows steps), under which a step's activations are given back when the step frees them."""
+    import ctypes
+
+    if ctypes.CDLL(None).mallopt(-3, 128 * 1024) != 1:  # -3: M_MMAP_THRESHOLD in glibc's malloc.h
+        raise SystemExit("benchmarks/memory.py: mallopt failed (glibc only)")
+
+
+def per_example(transient: dict, length: int) -> float:
+    small, large = BATCHES
+    return (transient[(large, length)] - transient[(small, length)]) / (large - small)
+
+
+def measure_in_this_process(returned: bool) -> dict:
+    """The stage rows and per-sentence memory, in a fresh process (this one): JSON for the parent."""
+    if returned:
+        return_freed_memory_at_once()
+    assets.asset_path("minilm")  # the packaged encoder; a clear error if it is not fetched
+    stages = Stages()
+    stages.rows.append(("Python + TensorFlow, Keras, keras-hub imported", resident_mb(), costs.peak_rss_mb(),
+                        resident_mb() - STARTED_MB, None))
+    splits = data_lib.load_data("asset:rotten_tomatoes", seed=0)
+    # The longest sentences first, so that every batch below is real tokens at its full width.
+    texts = sorted((x.decode() for x, _ in splits.train.as_numpy_iterator()), key=len, reverse=True)
+    total = sum(splits.sizes.values())
+    del splits
+    stages.mark(f"Rotten Tomatoes loaded ({total:,d} sentences)")
+    precision = devices.resolve_precision("auto")
+    rows, transient, step_seconds = measure(stages, texts, "asset:minilm", precision)
+    return {"rows": [r for r in rows if not r[0].startswith("(")],  # the untimed first calls only keep traces out
+            "per_sentence": {str(length): per_example(transient, length) for length in LENGTHS},
+            "step_seconds": step_seconds, "precision": precision}
+
+
+def in_subprocess(returned: bool) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--measure=" + ("returned" if returned else "default")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmarks/memory.py: the measuring process failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cell(value) -> str:
+    return "" if value is None else f"{value:,.0f}"
+
+
+def report(default: dict, returned: dict, seconds: float) -> str:
+    table = ["| stage | resident after | resident after, freed memory returned | held while running "
+             "| held while running, freed memory returned |", "|---|---|---|---|---|"]
+    for a, b in zip(default["rows"], returned["rows"]):
+        table.append(f"| {a[0]} | {cell(a[1])} | {cell(b[1])} | {cell(a[4])} | {cell(b[4])} |")
+    top = str(max(LENGTHS))
+    peaks = [max(r[2] for r in run["rows"]) for run in (default, returned)]
+    steps = [run["step_seconds"] for run in (default, returned)]
+    floor = returned["rows"][-1][1] + 32 * returned["per_sentence"][top]
+
+    def slopes(run):
+        return ", ".join(f"{run['per_sentence'][str(n)]:.1f} MiB at {n} tokens" for n in LENGTHS)
+
+    lines = [
+        "# Memory of one fine-tune",
+        "",
+        f"Machine: {os.cpu_count()} cores, TF {tf.__version__}, Keras {keras.__version__}, keras-hub {keras_hub.__version__}, precision "
+        f"{default['precision']}. Command: `.venv/bin/python benchmarks/memory.py` ({time.strftime('%Y-%m-%d')}, "
+        f"{seconds:.0f} s). Every number below comes from this run; rerun the command to refresh it.",
+        "",
+        "The packaged all-MiniLM-L6-v2 classifier (the model of `configs/minilm_rotten_tomatoes.flags`), built "
+        "and trained stage by stage, twice, each in a fresh process: as tfl runs (glibc's default allocator), "
+        "and with freed memory returned at once (glibc's mmap threshold fixed at its starting 128 KiB; by "
+        "default glibc raises it to the size of each large block freed, so a step's activations move onto the "
+        "heap and stay resident after the step, for reuse). In MiB. *Held while running* is the stage's peak "
+        "above the resident memory before it: for a train step, the activations kept for the backward pass and "
+        "the gradients, which the step frees when it ends; with freed memory returned, that is their true size.",
+        "",
+        *table,
+        "",
+        "| | as tfl runs | freed memory returned |",
+        "|---|---|---|",
+        f"| peak over all stages (MiB) | {peaks[0]:,.0f} | {peaks[1]:,.0f} |",
+        f"| train step, mean over the {len(BATCHES) * len(LENGTHS)} shapes above, {TIMED_ROUNDS} rounds (s) "
+        f"| {steps[0]:.2f} | {steps[1]:.2f} ({steps[1] / steps[0]:.2f}x) |",
+        "",
+        f"Per sentence in a batch, from the difference between batches of {BATCHES[0]} and {BATCHES[1]}: "
+        f"{slopes(returned)} with freed memory returned ({slopes(default)} as tfl runs, where a step partly "
+        f"reuses what earlier steps freed). A batch of 32 at the widest bucket ({top} tokens) holds about "
+        f"{32 * returned['per_sentence'][top]:,.0f} MiB of activations while its step runs.",
+        "",
+        "What sets a run's peak, read from these tables: the TensorFlow runtime, the weights with AdamW's slots "
+        "and the traced step stay resident for the whole run; the widest bucket's batch adds its activations "
+        "for the length of one step; glibc keeps what steps of other shapes freed. Returning freed memory at "
+        "once removes the last part but makes every step pay page faults for its activations again, so tfl "
+        "keeps glibc's default and only gives the heap's free memory back between runs "
+        "(`tfl.costs.release_memory`, which the demo, compare and tune call).",
+        "",
+        f"So one fine-tune at batch 32 and {top} tokens needs at least {floor:,.0f} MiB here (what stays "
+        f"resident after the steps with freed memory returned, {returned['rows'][-1][1]:,.0f} MiB, plus that "
+        "batch's activations), whatever the allocator does. Going lower needs fewer activations per step: a "
+        "smaller batch or `--sequence_length`, or recomputing activations in the backward pass, which tfl does "
+        "not do.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="docs/memory.md")
+    parser.add_argument("--measure", choices=("default", "returned"), help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if not sys.platform.startswith("linux"):
+        print("benchmarks/memory.py reads /proc/self/status: run it on Linux", file=sys.stderr)
+        return 1
+    if args.measure:
+        print(json.dumps(measure_in_this_process(args.measure == "returned")))
+        return 0
+    started = time.perf_counter()
+    default, returned = in_subprocess(False), in_subprocess(True)
+    text = report(default, returned, time.perf_counter() - started)
+    print(text)
+    storage.write_text_atomically(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
