@@ -138,6 +138,32 @@ def test_nolabels_runs_zero_shot_then_self_training(tmp_path, tiny_bert_preset, 
         Config(data=DataConfig(labels=False)).validate()
 
 
+def test_nolabels_skips_the_fine_tune_that_does_not_fit_the_budget(tmp_path, tiny_bert_preset):
+    from tfl import job
+
+    config = Config(mode="auto", data=DataConfig(source=_sentences(tmp_path), batch_size=8, labels=False),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8,
+                                      label_descriptions="0=awful|bad;1=great|good"),
+                    train=TrainConfig(precision="float32", epochs=1, pseudo_label_share=0.5),
+                    auto=AutoConfig(budget_minutes=1e-4), model_dir=str(tmp_path / "auto"), export=False)
+    result = job.run_checked(config, verbose=0)
+    assert result["chosen_run"]["fine_tune"] == {} and not (tmp_path / "auto" / "chosen" / "fine_tune").exists()
+    assert result["test"] == result["chosen_run"]["probe_test"]
+    report = (tmp_path / "auto" / "report.md").read_text()
+    assert "would take about" in report and "over the 0 s left of --budget_minutes" in report
+
+
+def test_the_label_free_fine_tune_estimate_counts_its_share_epochs_and_evaluation():
+    from tfl.self_training import fine_tune_over_budget
+
+    config = Config(train=TrainConfig(pseudo_label_share=0.5, epochs=2))
+    sizes = {"train": 1000, "validation": 100, "test": 100}
+    # 2 epochs x 500 texts x 3 passes + 2 x 100 validation + 100 test = 3,300 passes at 0.01 s.
+    assert fine_tune_over_budget(config, sizes, 0.01, 33.5) == ""
+    assert "about 33 s, over the 32 s left" in fine_tune_over_budget(config, sizes, 0.01, 32.0)
+    assert fine_tune_over_budget(config, sizes, 0.01, None) == ""  # no budget: --mode=self_train
+
+
 def test_tune_searches_within_its_budget_and_reports_every_trial(tmp_path, tiny_bert_preset):
     from tfl import job
 

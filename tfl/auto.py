@@ -8,7 +8,8 @@ write why in report.md.
 The rule (``choose``; the README repeats it):
 
 1. No labels (``--nolabels``): nothing can be ranked, so zero-shot by label descriptions, then self-training
-   on the unlabelled training texts (``tfl.self_training``), with the text encoder of ``--backbone``.
+   on the unlabelled training texts (``tfl.self_training``), with the text encoder of ``--backbone``; its
+   fine-tune on pseudo-labels (``--pseudo_label_share``) only when the estimate fits the budget.
 2. Otherwise rank every candidate of the zoo by LogME on at most ``--rank_examples`` training examples and
    take the best pretrained (backbone, depth) with at least one transformer block.
 3. Strategy, from the rarest class's labelled examples and the budget left after ranking (costs estimated
@@ -38,12 +39,12 @@ import time
 
 from tfl import ranking, runner, self_training, storage, tuning
 from tfl.config import TUNE_MIN_EPOCHS, Config, ConfigError
+from tfl.costs import training_seconds
 from tfl.data import TEXT
 from tfl.train import NonFiniteLossError
 from tfl.zoo import is_source_model_folder
 
 FINE_TUNE_MIN_PER_CLASS = 32  # below this many labelled examples per class: a linear probe
-FORWARD_PASSES_PER_STEP = 3.0  # forward + backward through a trained block, in forward passes
 LR_SEARCH_RUNS = 2  # a learning-rate search needs the budget of this many runs of the choice, beside the final one
 
 
@@ -58,16 +59,6 @@ class Choice:
     estimated_seconds: float = 0.0
     reasons: list = dataclasses.field(default_factory=list)
     cut: bool = True  # False: depth is the backbone's full depth (nothing cut, --backbone_depth=0)
-
-
-def training_seconds(forward_seconds: float, *, train_examples: int, eval_examples: int, epochs: int,
-                     trained_share: float) -> float:
-    """Estimated seconds of one run: ``forward_seconds`` per example through the whole (cut) backbone;
-    ``trained_share`` of it trains (0 = a linear probe: one pass over every example, features cached)."""
-    if trained_share == 0:
-        return forward_seconds * (train_examples + eval_examples)
-    step = 1.0 + (FORWARD_PASSES_PER_STEP - 1.0) * trained_share
-    return forward_seconds * (epochs * train_examples * step + eval_examples)
 
 
 def choose(rows: list, *, train_examples: int, smallest_class: int, epochs: int, budget_seconds: float,
@@ -150,9 +141,11 @@ def run_auto(config: Config, verbose: int = 1) -> dict:
     sub_dir = lambda name: os.path.join(config.model_dir, name) if config.model_dir else ""  # noqa: E731
     if not config.data.labels:
         metrics = self_training.run_self_training(dataclasses.replace(config, mode="self_train",
-                                                                      model_dir=sub_dir("chosen")), verbose)
+                                                                      model_dir=sub_dir("chosen")), verbose,
+                                                  budget_seconds=config.auto.budget_minutes * 60.0, started=started)
         reasons = ["--nolabels: nothing to rank; zero-shot by label descriptions, then self-training on the "
-                   "unlabelled training texts"]
+                   "unlabelled training texts"] + ([metrics["fine_tune_skipped"]] if metrics["fine_tune_skipped"]
+                                                   else [])
         return _finish(config, {"strategy": "self_training", "backbone": config.model.backbone, "reasons": reasons},
                        None, metrics, started)
     ranking.check_backbones(config.rank.backbones, None)  # unknown names fail before the data loads

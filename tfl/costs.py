@@ -19,6 +19,9 @@ from typing import Optional
 import keras
 
 
+FORWARD_PASSES_PER_STEP = 3.0  # forward + backward through a trained block, in forward passes
+
+
 @contextlib.contextmanager
 def timed(timings: Optional[dict], name: str):
     """Adds the body's wall seconds to ``timings[name]`` (also when it raises); ``timings=None`` records nothing."""
@@ -104,3 +107,12 @@ def trim_heap() -> bool:
         return False
     return True
 
+
+def training_seconds(forward_seconds: float, *, train_examples: int, eval_examples: int, epochs: int,
+                     trained_share: float) -> float:
+    """Estimated seconds of one run: ``forward_seconds`` per example through the whole (cut) backbone;
+    ``trained_share`` of it trains (0 = a linear probe: one pass over every example, features cached)."""
+    if trained_share == 0:
+        return forward_seconds * (train_examples + eval_examples)
+    step = 1.0 + (FORWARD_PASSES_PER_STEP - 1.0) * trained_share
+    return forward_seconds * (epochs * train_examples * step + eval_examples)

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -30,6 +31,7 @@ from tfl import data as data_lib
 from tfl import devices, heads, runner
 from tfl import transfer as transfer_lib
 from tfl.config import Config
+from tfl.costs import training_seconds
 from tfl.data.examples import string_array
 from tfl.runner import load_data_for
 from tfl.storage import write_json_atomically
@@ -134,9 +136,26 @@ def fine_tune_on_pseudo_labels(config: Config, splits: data_lib.DataSplits, text
                                      splits=pseudo_splits)
 
 
-def run_self_training(config: Config, verbose: int = 1) -> dict:
-    """Zero-shot, then self-training on the unlabelled training texts; test metrics of both."""
-    started = time.time()
+def fine_tune_over_budget(config: Config, sizes: dict, forward_seconds: float, seconds_left: Optional[float]) -> str:
+    """Why the fine-tune on pseudo-labels does not run within ``seconds_left`` (None: no budget), or ""."""
+    share = config.train.pseudo_label_share
+    if share <= 0 or seconds_left is None:
+        return ""
+    epochs = config.train.epochs
+    estimate = training_seconds(forward_seconds, train_examples=int(share * sizes["train"]), epochs=epochs,
+                                eval_examples=sizes["validation"] * epochs + sizes["test"], trained_share=1.0)
+    if estimate <= seconds_left:
+        return ""
+    return (f"the fine-tune on pseudo-labels (--pseudo_label_share={share:g}) would take about {estimate:.0f} s, "
+            f"over the {max(seconds_left, 0):.0f} s left of --budget_minutes: the self-trained probe's result stands")
+
+
+def run_self_training(config: Config, verbose: int = 1, *, budget_seconds: Optional[float] = None,
+                      started: Optional[float] = None) -> dict:
+    """Zero-shot, then self-training on the unlabelled training texts; test metrics of both. With
+    ``budget_seconds`` (``--mode=auto``'s, counted from ``started``), the fine-tune on pseudo-labels runs only
+    when its estimate (from the seconds the encoder took per text here) fits what is left of it."""
+    started = time.time() if started is None else started
     splits = load_data_for(config)
     backbone = backbones_lib.build_backbone(config.model.backbone, sequence_length=config.model.sequence_length,
                                             pooling="mean", dtype=devices.resolve_precision(config.train.precision))
@@ -152,7 +171,10 @@ def run_self_training(config: Config, verbose: int = 1) -> dict:
             train_texts = texts
         print(f"tfl: self-training: encoding {len(texts):,d} {name} texts with {config.model.backbone}"
               + (" (their labels are not used)" if name == "train" else ""))
+        encoding_started = time.time()
         embedded[name] = (transfer_lib.normalised_embeddings(backbone, texts), labels)
+        if name == "train":
+            forward_seconds = (time.time() - encoding_started) / max(len(texts), 1)
     num_labels = len(splits.label_names)
 
     def evaluate(probabilities, split):
@@ -172,7 +194,11 @@ def run_self_training(config: Config, verbose: int = 1) -> dict:
     probe = self_train(embedded["train"][0], train_scores, on_round=report_round)
     test = probe_test = evaluate(probe.probabilities(embedded["test"][0]), "test")
     fine_tuned, trainable, train_seconds = {}, int(probe.weights.size + probe.bias.size), 0.0
-    if config.train.pseudo_label_share > 0:
+    skipped = fine_tune_over_budget(config, splits.sizes, forward_seconds,
+                                    None if budget_seconds is None else budget_seconds - (time.time() - started))
+    if skipped:
+        print(f"tfl: self-training: {skipped}")
+    if config.train.pseudo_label_share > 0 and not skipped:
         del backbone  # the fine-tune builds its own
         zero_shot_train = transfer_lib.zero_shot_probabilities(train_scores)
         run = fine_tune_on_pseudo_labels(config, splits, train_texts, zero_shot_train, config.train.pseudo_label_share,
@@ -181,7 +207,7 @@ def run_self_training(config: Config, verbose: int = 1) -> dict:
         fine_tuned = {"validation": run["validation"], "test": run["test"],
                       "examples": run["data"]["sizes"]["train"]}
     metrics = {"test": test, "mode": "self_train", "zero_shot": zero_shot, "rounds": rounds, "probe_test": probe_test,
-               "fine_tune": fine_tuned, "label_descriptions": descriptions, "trainable_params": trainable,
+               "fine_tune": fine_tuned, "fine_tune_skipped": skipped, "label_descriptions": descriptions, "trainable_params": trainable,
                "train_seconds": train_seconds, "wall_seconds": round(time.time() - started, 2),
                "config": config.to_dict(),
                "data": {"source": config.data.source, "sizes": splits.sizes, "label_names": splits.label_names}}
