@@ -7,7 +7,7 @@ returned to the system at once, a measurement setting that shows the activations
 in step time), with Linux's VmRSS and VmHWM (the peak reset before each stage): the TensorFlow runtime after import, the
 packaged all-MiniLM-L6-v2 classifier built from its preset, AdamW's slots, the first train step (tracing) on a
 one-sentence batch, then train steps on batches of 8 and 32 real Rotten Tomatoes sentences at each length
-bucket's width (each shape run once untimed first, so that its trace is not counted as activations). The
+of two of its length buckets' widths, LENGTHS (each shape run once untimed first, so that its trace is not counted as activations). The
 transient above the resident memory before a step is what that step holds while it runs (activations kept for
 the backward pass, gradients); its growth with the batch is the memory per example. Compare with the run's own
 figure, ``peak_rss_mb`` in a run's metrics.json.
@@ -42,12 +42,12 @@ from tfl.backbones import build_backbone  # noqa: E402
 from tfl.runner import build_model  # noqa: E402
 
 BATCHES = (8, 32)
-LENGTHS = (24, 64)
-TIMED_ROUNDS = 3  # after the stages: each of the 4 batches again, timed  # a middle bucket of the minilm_rotten_tomatoes config and its widest (its sequence_length)
+LENGTHS = (24, 64)  # a middle bucket of the minilm_rotten_tomatoes config and its widest (its sequence_length)
+TIMED_ROUNDS = 3  # after the stages: each of the 4 batches again, timed
 
 
 class Stages:
-    """Rows of (stage, resident after, peak during, held while it ran) in MiB."""
+    """Rows of (stage, resident after, peak during, added, held while it ran above the start) in MiB."""
 
     def __init__(self):
         self.rows = []
@@ -88,11 +88,13 @@ def measure(stages: Stages, texts, preset: str, precision: str) -> tuple:
             model.train_on_batch(*batches[-1])
             stages.mark(f"train step, {size} sentences x {length} tokens")
             transient[(size, length)] = stages.rows[-1][4]
+    costs.reset_peak_rss()
     started = time.perf_counter()
     for _ in range(TIMED_ROUNDS):
         for batch in batches:
             model.train_on_batch(*batch)
     step_seconds = (time.perf_counter() - started) / (TIMED_ROUNDS * len(batches))
+    stages.mark("(timed rounds)")
     return stages.rows, transient, step_seconds
 
 
@@ -127,6 +129,7 @@ def measure_in_this_process(returned: bool) -> dict:
     precision = devices.resolve_precision("auto")
     rows, transient, step_seconds = measure(stages, texts, "asset:minilm", precision)
     return {"rows": [r for r in rows if not r[0].startswith("(")],  # the untimed first calls only keep traces out
+            "peak": max(r[2] for r in rows),  # over every stage, those rows too
             "per_sentence": {str(length): per_example(transient, length) for length in LENGTHS},
             "step_seconds": step_seconds, "precision": precision}
 
@@ -149,9 +152,10 @@ def report(default: dict, returned: dict, seconds: float) -> str:
     for a, b in zip(default["rows"], returned["rows"]):
         table.append(f"| {a[0]} | {cell(a[1])} | {cell(b[1])} | {cell(a[4])} | {cell(b[4])} |")
     top = str(max(LENGTHS))
-    peaks = [max(r[2] for r in run["rows"]) for run in (default, returned)]
+    peaks = [run["peak"] for run in (default, returned)]
     steps = [run["step_seconds"] for run in (default, returned)]
-    floor = returned["rows"][-1][1] + 32 * returned["per_sentence"][top]
+    batch = BATCHES[-1]
+    floor = returned["rows"][-1][1] + batch * returned["per_sentence"][top]
 
     def slopes(run):
         return ", ".join(f"{run['per_sentence'][str(n)]:.1f} MiB at {n} tokens" for n in LENGTHS)
@@ -175,14 +179,14 @@ def report(default: dict, returned: dict, seconds: float) -> str:
         "",
         "| | as tfl runs | freed memory returned |",
         "|---|---|---|",
-        f"| peak over all stages (MiB) | {peaks[0]:,.0f} | {peaks[1]:,.0f} |",
+        f"| peak over all stages, the untimed first calls and timed rounds too (MiB) | {peaks[0]:,.0f} | {peaks[1]:,.0f} |",
         f"| train step, mean over the {len(BATCHES) * len(LENGTHS)} shapes above, {TIMED_ROUNDS} rounds (s) "
         f"| {steps[0]:.2f} | {steps[1]:.2f} ({steps[1] / steps[0]:.2f}x) |",
         "",
         f"Per sentence in a batch, from the difference between batches of {BATCHES[0]} and {BATCHES[1]}: "
         f"{slopes(returned)} with freed memory returned ({slopes(default)} as tfl runs, where a step partly "
-        f"reuses what earlier steps freed). A batch of 32 at the widest bucket ({top} tokens) holds about "
-        f"{32 * returned['per_sentence'][top]:,.0f} MiB of activations while its step runs.",
+        f"reuses what earlier steps freed). A batch of {batch} at the widest bucket ({top} tokens) holds about "
+        f"{batch * returned['per_sentence'][top]:,.0f} MiB of activations while its step runs.",
         "",
         "What sets a run's peak, read from these tables: the TensorFlow runtime, the weights with AdamW's slots "
         "and the traced step stay resident for the whole run; the widest bucket's batch adds its activations "
@@ -191,7 +195,7 @@ def report(default: dict, returned: dict, seconds: float) -> str:
         "keeps glibc's default and only gives the heap's free memory back between runs "
         "(`tfl.costs.release_memory`, which the demo, compare and tune call).",
         "",
-        f"So one fine-tune at batch 32 and {top} tokens needs at least {floor:,.0f} MiB here (what stays "
+        f"So one fine-tune at batch {batch} and {top} tokens needs at least {floor:,.0f} MiB here (what stays "
         f"resident after the steps with freed memory returned, {returned['rows'][-1][1]:,.0f} MiB, plus that "
         "batch's activations), whatever the allocator does. Going lower needs fewer activations per step: a "
         "smaller batch or `--sequence_length`, or recomputing activations in the backward pass, which tfl does "

@@ -151,17 +151,31 @@ def test_nolabels_skips_the_fine_tune_that_does_not_fit_the_budget(tmp_path, tin
     assert result["test"] == result["chosen_run"]["probe_test"]
     report = (tmp_path / "auto" / "report.md").read_text()
     assert "would take about" in report and "over the 0 s left of --budget_minutes" in report
+    assert result["chosen_run"]["fine_tune_budget"] in report
 
 
 def test_the_label_free_fine_tune_estimate_counts_its_share_epochs_and_evaluation():
-    from tfl.self_training import fine_tune_over_budget
+    from tfl.self_training import fine_tune_budget
 
     config = Config(train=TrainConfig(pseudo_label_share=0.5, epochs=2))
     sizes = {"train": 1000, "validation": 100, "test": 100}
     # 2 epochs x 500 texts x 3 passes + 2 x 100 validation + 100 test = 3,300 passes at 0.01 s.
-    assert fine_tune_over_budget(config, sizes, 0.01, 33.5) == ""
-    assert "about 33 s, over the 32 s left" in fine_tune_over_budget(config, sizes, 0.01, 32.0)
-    assert fine_tune_over_budget(config, sizes, 0.01, None) == ""  # no budget: --mode=self_train
+    runs, reason = fine_tune_budget(config, sizes, 0.01, 33.5)
+    assert runs and "its estimate, 33 s with every weight trained, fits the 34 s left" in reason
+    runs, reason = fine_tune_budget(config, sizes, 0.01, 32.0)
+    assert not runs and "about 33 s with every weight trained, over the 32 s left" in reason
+    assert fine_tune_budget(config, sizes, 0.01, None) == (True, "")  # no budget: --mode=self_train
+    assert fine_tune_budget(Config(), sizes, 0.01, 5.0) == (False, "")  # no share: no fine-tune
+
+
+def test_the_encoders_seconds_per_text_leave_out_each_passs_fixed_cost():
+    from tfl.self_training import encoding_seconds_per_text
+
+    # 2 s of tracing per pass, then 0.01 s a text.
+    assert encoding_seconds_per_text({"train": 12.0, "validation": 3.0}, {"train": 1000, "validation": 100}) == \
+        pytest.approx(0.01)
+    # Splits of one size: the plain average.
+    assert encoding_seconds_per_text({"train": 3.0, "validation": 3.0}, {"train": 100, "validation": 100}) == 0.03
 
 
 def test_tune_searches_within_its_budget_and_reports_every_trial(tmp_path, tiny_bert_preset):

@@ -144,7 +144,7 @@ def run_auto(config: Config, verbose: int = 1) -> dict:
                                                                       model_dir=sub_dir("chosen")), verbose,
                                                   budget_seconds=config.auto.budget_minutes * 60.0, started=started)
         reasons = ["--nolabels: nothing to rank; zero-shot by label descriptions, then self-training on the "
-                   "unlabelled training texts"] + ([metrics["fine_tune_skipped"]] if metrics["fine_tune_skipped"]
+                   "unlabelled training texts"] + ([metrics["fine_tune_budget"]] if metrics["fine_tune_budget"]
                                                    else [])
         return _finish(config, {"strategy": "self_training", "backbone": config.model.backbone, "reasons": reasons},
                        None, metrics, started)

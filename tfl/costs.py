@@ -1,5 +1,6 @@
 """What a run costs: wall seconds per stage and per epoch, and the process's peak resident memory, for
-metrics.json's ``timings`` and ``peak_rss_mb``.
+metrics.json's ``timings`` and ``peak_rss_mb``; giving memory back between runs (``release_memory``,
+``trim_heap``); and the estimate of a run's seconds that auto's budget uses (``training_seconds``).
 
     timings = {}
     with timed(timings, "data_load"):
@@ -96,9 +97,10 @@ def release_memory() -> None:
 
 def trim_heap() -> bool:
     """Gives the free memory inside glibc's heap back to the system (malloc_trim): after a run, glibc keeps
-    what the run's tensors freed, for reuse, and the next run's peak would count it. Once per run, not per step:
-    giving a step's activations back at once makes every step slower (benchmarks/memory.py measures both in
-    docs/memory.md). False where the C library is not glibc (nothing done)."""
+    what the run's tensors freed, for reuse, and the next run's peak would count it. Between runs only: having
+    glibc give each step's activations back as the step frees them (its mmap threshold fixed) makes every step
+    slower, which benchmarks/memory.py measures in docs/memory.md. False where the C library is not glibc
+    (nothing done)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:
