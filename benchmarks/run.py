@@ -325,7 +325,7 @@ def probe_row(splits, precision: str) -> tuple:
     started = time.perf_counter()
     probe.fit(batches, epochs=1, verbose=0)
     recompute = time.perf_counter() - started
-    features, feature_labels, _ = cache_features(probe_backbone, batches)
+    features, feature_labels, _ = cache_features(probe_backbone.model, batches)
     head = heads.head_only_model(probe, features.shape[1])
     train.compile_model(head, train.make_optimizer(1e-3, 1000), task="classification", num_labels=2, jit_compile=False)
     cached = tf.data.Dataset.from_tensor_slices((features, feature_labels)).shuffle(4096).batch(BATCH)

@@ -328,3 +328,34 @@ def test_imdb_source_model_saves_the_word_index_with_its_offset(tmp_path, monkey
     rebuilt = transfer_lib.backbone_from_source(source, reuse_vocabulary=True, train_texts=["x"])
     ids = rebuilt.preprocess(tf.constant(["the great movie"])).numpy()[0]
     assert ids.tolist() == [0, 1, 1 + 3, 3 + 3, 2 + 3]  # pre-padded, start id, then rank + 3
+
+
+TEXTS_OF_MANY_LENGTHS = ["great", "the plot", "a great film the plot", "awful", "the movie a film the awful great plot",
+                         "film", "a movie the plot is great and the film is awful", "the great the great the great"]
+
+
+def _padded_pass(backbone, texts):
+    """The backbone on every text padded to the full sequence length, in one batch: what a by-length pass must match."""
+    return np.array(backbone.model(backbone.preprocess(tf.constant(texts)), training=False), np.float32)
+
+
+def test_sentence_embeddings_run_by_length_equal_the_padded_pass_in_the_texts_order(tiny_bert_preset):
+    backbone = backbones_lib.build_backbone(tiny_bert_preset, sequence_length=16, pooling="mean")
+    expected = _padded_pass(backbone, TEXTS_OF_MANY_LENGTHS)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    got = transfer_lib.normalised_embeddings(backbone, TEXTS_OF_MANY_LENGTHS, batch_size=3)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_cached_features_run_by_length_equal_the_padded_pass(tiny_bert_preset, pooling):
+    from tfl.train import cache_features
+
+    backbone = backbones_lib.build_backbone(tiny_bert_preset, sequence_length=16, pooling=pooling)
+    labels = np.arange(len(TEXTS_OF_MANY_LENGTHS)) % 2
+    dataset = tf.data.Dataset.from_tensor_slices((tf.constant(TEXTS_OF_MANY_LENGTHS), labels)).batch(3).map(
+        lambda x, y: (backbone.preprocess(x), y))
+    features, got_labels, lengths = cache_features(backbone.model, dataset)
+    np.testing.assert_allclose(features, _padded_pass(backbone, TEXTS_OF_MANY_LENGTHS), atol=1e-5)
+    np.testing.assert_array_equal(got_labels, labels)
+    assert list(lengths) == [len(t.split()) + 2 for t in TEXTS_OF_MANY_LENGTHS]  # [CLS] text [SEP]

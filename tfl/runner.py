@@ -13,7 +13,6 @@ import dataclasses
 import os
 import platform
 import shutil
-import sys
 import time
 from typing import Optional
 
@@ -29,6 +28,7 @@ from tfl import heads, train
 from tfl import transfer as transfer_lib
 from tfl.config import Config, ConfigError
 from tfl.costs import EpochTimes, peak_rss_mb, timed
+from tfl.train import cache_features
 from tfl.outputs import write_outputs
 from tfl.storage import write_json_atomically
 
@@ -43,22 +43,6 @@ def build_model(backbone: backbones_lib.Backbone, label_names: list, *, task: st
     return heads.attach_head(backbone.model, task=task, label_names=label_names, dropout=head_dropout,
                              hidden_units=head_hidden_units, seed=seed,
                              backbone_training=False if frozen_backbone else None)
-
-
-def cache_features(backbone: backbones_lib.Backbone, dataset: tf.data.Dataset) -> tuple:
-    """(features, labels, token lengths or None) of a batched dataset through the frozen backbone, computed once."""
-    extract = train.inference_function(backbone.model)
-    features, labels, lengths = [], [], []
-    batches = int(dataset.cardinality())  # a progress bar on a terminal only: a log gets the lines around it
-    progress = keras.utils.Progbar(batches if batches > 0 else None, verbose=int(sys.stdout.isatty()),
-                                   unit_name="batch")
-    for x, y in dataset:
-        features.append(np.asarray(tf.cast(extract(x), tf.float32)))
-        labels.append(y.numpy())
-        progress.add(1)
-        if isinstance(x, dict) and "padding_mask" in x:
-            lengths.append(tf.reduce_sum(tf.cast(x["padding_mask"], tf.int32), axis=1).numpy())
-    return np.concatenate(features), np.concatenate(labels), (np.concatenate(lengths) if lengths else None)
 
 
 def load_data_for(config: Config) -> data_lib.DataSplits:
@@ -350,8 +334,8 @@ def cached_feature_batches(config: Config, splits: data_lib.DataSplits, backbone
                                      decode_image=image_file_decoder(splits, backbone))
     print(f"tfl: computing frozen backbone features of {splits.sizes['train']:,d} training and "
           f"{splits.sizes['validation']:,d} validation examples (once)")
-    train_x, train_y, train_lengths = cache_features(backbone, in_order)
-    val_x, val_y, _ = cache_features(backbone, val_ds)
+    train_x, train_y, train_lengths = cache_features(backbone.model, in_order)
+    val_x, val_y, _ = cache_features(backbone.model, val_ds)
     head = heads.head_only_model(model, train_x.shape[1])
     train_batches = data_lib.make_feature_batches(
         train_x, train_y, batch_size=config.data.batch_size, seed=config.seed,

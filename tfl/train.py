@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import keras
 import numpy as np
@@ -281,3 +281,84 @@ def predict_with_labels(model: keras.Model, dataset: tf.data.Dataset) -> tuple:
 def evaluate(model: keras.Model, dataset: tf.data.Dataset, *, task: str, num_labels: int) -> dict:
     outputs, labels = predict_with_labels(model, dataset)
     return heads.evaluation_metrics(task, num_labels, outputs, labels)
+
+
+def traced_for_any_shape(model: keras.Model) -> Callable:
+    """model(x, training=False) as one tf.function for batches of any size and length (text batches are cut
+    to their own length), traced on the first batch with every dimension but the last relaxed."""
+    traced = {}
+
+    def run(x):
+        if "function" not in traced:
+            signature = tf.nest.map_structure(
+                lambda t: tf.TensorSpec([None] * (len(t.shape) - 1) + list(t.shape[-1:]) if len(t.shape) > 2
+                                        else [None] * len(t.shape), t.dtype), x)
+            traced["function"] = tf.function(lambda batch: model(batch, training=False), input_signature=[signature],
+                                             autograph=False)
+        return traced["function"](x)
+
+    return run
+
+
+def tokenize_all(preprocess: Callable, texts) -> object:
+    """All texts through the preprocessor, in batches: a dict of [N, L] arrays, or one [N, L] array."""
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), tf.string)).batch(256)  # str or bytes
+    parts = [preprocess(batch) for batch in dataset]
+    if isinstance(parts[0], dict):
+        return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+def float32_outputs(outputs) -> list:
+    return [np.asarray(tf.cast(o, tf.float32)) for o in tf.nest.flatten(outputs)]
+
+
+def run_by_length(run: Callable, tokens: dict, batch_size: int) -> list:
+    """[array per output of ``run``] over token arrays with a padding mask, rows in the tokens' order: run in
+    batches of similar length, each cut to its longest text. Pooling over the padding mask makes the result
+    independent of the padding, and short sentences skip most of it (a forward pass of Rotten Tomatoes
+    padded to 64 tokens costs about 2.5x its real tokens)."""
+    lengths = tokens["padding_mask"].astype(bool).sum(axis=1)
+    order = np.argsort(lengths, kind="stable")
+    parts = []
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        width = max(int(lengths[index].max()), 1)
+        parts.append(float32_outputs(run({k: tf.constant(v[index, :width]) for k, v in tokens.items()})))
+    outputs = concatenate_outputs(parts)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return [o[inverse] for o in outputs]
+
+
+def run_on_tokens(run: Callable, tokens, batch_size: int) -> list:
+    """[array per output of ``run``] over ``tokenize_all``'s output: by length where there is a padding mask."""
+    if isinstance(tokens, dict) and "padding_mask" in tokens:
+        return run_by_length(run, tokens, batch_size)
+    batches = (tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size))
+    return concatenate_outputs(float32_outputs(run(tf.constant(b))) for b in batches)
+
+
+def concatenate_outputs(parts) -> list:
+    parts = list(parts)
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def cache_features(model: keras.Model, dataset: tf.data.Dataset) -> tuple:
+    """(features, labels, token lengths or None) of a batched (inputs, labels) dataset through the frozen
+    ``model``, computed once, in the dataset's order. Text (inputs with a padding mask) is tokenised already and
+    small: it is gathered and run by length (``run_by_length``); anything else runs batch by batch as it comes."""
+    run = traced_for_any_shape(model)
+    features, tokens, labels = [], [], []
+    for x, y in dataset:
+        labels.append(y.numpy())
+        if isinstance(x, dict) and "padding_mask" in x:
+            tokens.append({k: np.asarray(v) for k, v in x.items()})
+        else:
+            features.append(float32_outputs(run(x))[0])
+    labels = np.concatenate(labels)
+    if not tokens:
+        return np.concatenate(features), labels, None
+    tokens = {k: np.concatenate([t[k] for t in tokens]) for k in tokens[0]}
+    features = run_by_length(run, tokens, 256)[0]
+    return features, labels, tokens["padding_mask"].astype(bool).sum(axis=1).astype(np.int32)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Optional
 
 import keras
@@ -257,15 +256,10 @@ def parse_label_descriptions(value: str, label_names: list) -> dict:
 
 
 def normalised_embeddings(backbone: backbones_lib.Backbone, texts, batch_size: int = 64) -> np.ndarray:
-    """Mean-pooled encoder outputs, L2-normalised: the sentence embeddings of a sentence encoder."""
-    dataset = tf.data.Dataset.from_tensor_slices(string_array(texts)).batch(batch_size)
-    encode = train_lib.inference_function(backbone.model, backbone.preprocess)
-    progress = keras.utils.Progbar(int(dataset.cardinality()), verbose=int(sys.stdout.isatty()), unit_name="batch")
-    vectors = []
-    for batch in dataset:
-        vectors.append(np.asarray(encode(batch), np.float32))
-        progress.add(1)
-    vectors = np.concatenate(vectors)
+    """Mean-pooled encoder outputs, L2-normalised: the sentence embeddings of a sentence encoder. Run by length
+    (``train.run_by_length``): the texts are tokenised first, then encoded in batches of similar length."""
+    tokens = train_lib.tokenize_all(backbone.preprocess, string_array(texts))
+    vectors = train_lib.run_on_tokens(train_lib.traced_for_any_shape(backbone.model), tokens, batch_size)[0]
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 

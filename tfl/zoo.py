@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tfl import backbones as backbones_lib
 from tfl import heads
+from tfl import train as train_lib
 from tfl import transfer as transfer_lib
 from tfl.assets import AssetError
 from tfl.backbones import BackboneError
@@ -257,14 +258,10 @@ def extract_features(zoo: list, inputs, *, modality: str, batch_size: int = 64) 
 
 def _forward(source: FeatureSource, inputs, modality: str, batch_size: int) -> list:
     """[array per model output], rows in the order of ``inputs``."""
-    run = _traced_once(source.model)
-    as_list = lambda out: [np.asarray(tf.cast(o, tf.float32)) for o in tf.nest.flatten(out)]  # noqa: E731
+    run = train_lib.traced_for_any_shape(source.model)
+    as_list = train_lib.float32_outputs
     if modality == TEXT and source.modality == TEXT:
-        tokens = _tokenize(source.preprocess, inputs)
-        if isinstance(tokens, dict) and "padding_mask" in tokens:
-            return _forward_by_length(run, as_list, tokens, batch_size)
-        batches = (tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size))
-        return _concatenate(as_list(run(tf.constant(b))) for b in batches)
+        return train_lib.run_on_tokens(run, train_lib.tokenize_all(source.preprocess, inputs), batch_size)
     dataset = tf.data.Dataset.from_tensor_slices(np.asarray(inputs))
     if modality == IMAGE_FILE:
         dataset = dataset.map(lambda path: backbones_lib.decode_image_file(path, source.image_shape),
@@ -272,51 +269,4 @@ def _forward(source: FeatureSource, inputs, modality: str, batch_size: int) -> l
     dataset = dataset.batch(batch_size)
     if source.preprocess is not None:
         dataset = dataset.map(source.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    return _concatenate(as_list(run(batch)) for batch in dataset.prefetch(tf.data.AUTOTUNE))
-
-
-def _traced_once(model: keras.Model) -> Callable:
-    """model(x, training=False) as one tf.function for batches of any size and length (text batches are cut
-    to their own length), traced on the first batch with every dimension but the last relaxed."""
-    traced = {}
-
-    def run(x):
-        if "function" not in traced:
-            signature = tf.nest.map_structure(
-                lambda t: tf.TensorSpec([None] * (len(t.shape) - 1) + list(t.shape[-1:]) if len(t.shape) > 2
-                                        else [None] * len(t.shape), t.dtype), x)
-            traced["function"] = tf.function(lambda batch: model(batch, training=False), input_signature=[signature],
-                                             autograph=False)
-        return traced["function"](x)
-
-    return run
-
-
-def _tokenize(preprocess: Callable, texts) -> object:
-    """All texts through the preprocessor, in batches: a dict of [N, L] arrays, or one [N, L] array."""
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), tf.string)).batch(256)  # str or bytes
-    parts = [preprocess(batch) for batch in dataset]
-    if isinstance(parts[0], dict):
-        return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
-    return np.concatenate([np.asarray(p) for p in parts])
-
-
-def _forward_by_length(run, as_list, tokens: dict, batch_size: int) -> list:
-    """Batches of similar length, each cut to its longest text: mean pooling over the padding mask makes
-    the result independent of the padding, and short sentences skip most of it."""
-    lengths = tokens["padding_mask"].astype(bool).sum(axis=1)
-    order = np.argsort(lengths, kind="stable")
-    parts = []
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        width = max(int(lengths[index].max()), 1)
-        parts.append(as_list(run({k: tf.constant(v[index, :width]) for k, v in tokens.items()})))
-    outputs = _concatenate(parts)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return [o[inverse] for o in outputs]
-
-
-def _concatenate(parts) -> list:
-    parts = list(parts)
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    return train_lib.concatenate_outputs(as_list(run(batch)) for batch in dataset.prefetch(tf.data.AUTOTUNE))
