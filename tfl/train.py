@@ -359,6 +359,8 @@ def cache_features(model: keras.Model, dataset: tf.data.Dataset) -> tuple:
     labels = np.concatenate(labels)
     if not tokens:
         return np.concatenate(features), labels, None
-    tokens = {k: np.concatenate([t[k] for t in tokens]) for k in tokens[0]}
+    width = max(t["padding_mask"].shape[1] for t in tokens)  # bucketed batches differ in width: pad (masked) to one
+    tokens = {k: np.concatenate([np.pad(t[k], [(0, 0), (0, width - t[k].shape[1])]) for t in tokens])
+              for k in tokens[0]}
     features = run_by_length(run, tokens, 256)[0]
     return features, labels, tokens["padding_mask"].astype(bool).sum(axis=1).astype(np.int32)
