@@ -46,7 +46,8 @@ import tensorflow as tf  # noqa: E402
 from tfl import assets, devices, heads, storage, train  # noqa: E402
 from tfl import data as data_lib  # noqa: E402
 from tfl.backbones import build_backbone  # noqa: E402
-from tfl.runner import build_model, cache_features  # noqa: E402
+from tfl.runner import build_model  # noqa: E402
+from tfl.train import cache_features  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matmul_shapes  # noqa: E402

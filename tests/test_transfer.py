@@ -364,3 +364,23 @@ def test_cached_features_run_by_length_equal_the_padded_pass(tiny_bert_preset, p
     np.testing.assert_allclose(features, _padded_pass(backbone, TEXTS_OF_MANY_LENGTHS), atol=1e-5)
     np.testing.assert_array_equal(got_labels, labels)
     assert list(lengths) == [len(t.split()) + 2 for t in TEXTS_OF_MANY_LENGTHS]  # [CLS] text [SEP]
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_a_by_length_pass_cuts_right_padding_only_and_keeps_the_order(left):
+    from tfl.train import run_by_length
+
+    lengths = np.array([3, 1, 4, 2])
+    mask = np.arange(5) < lengths[:, None]
+    if left:
+        mask = mask[:, ::-1]
+    tokens = {"token_ids": np.where(mask, np.arange(1, 5)[:, None] * 10, 0), "padding_mask": mask}
+    widths = []
+
+    def run(x):
+        widths.append(int(x["token_ids"].shape[1]))
+        return tf.reduce_sum(x["token_ids"], axis=1, keepdims=True)  # each text's sum: row i is (i+1)*10*length
+
+    got = run_by_length(run, tokens, batch_size=2)[0][:, 0]
+    np.testing.assert_array_equal(got, np.arange(1, 5) * 10 * lengths)
+    assert widths == ([5, 5] if left else [2, 4])  # sorted by length: (1, 2) then (3, 4)
