@@ -11,13 +11,17 @@ import tensorflow as tf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "benchmarks", "run.py"))
+def _load_benchmark(name: str, script: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", script))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    return _load_benchmark("bench_run", "run.py")
 
 
 def _batch(length, label):
@@ -184,10 +188,7 @@ def test_the_peer_counts_with_its_best_run_so_drift_never_flatters_tfl(bench):
 
 @pytest.fixture(scope="module")
 def memory_bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", os.path.join(ROOT, "benchmarks", "memory.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_benchmark("bench_memory", "memory.py")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
