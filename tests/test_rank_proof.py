@@ -1,7 +1,6 @@
 """The pure helpers of benchmarks/rank_proof.py (the script itself is a benchmark, run by hand)."""
 
 import importlib.util
-import json
 import os
 
 import pytest

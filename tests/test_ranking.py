@@ -1,7 +1,6 @@
 """tfl.ranking: the candidate zoo, features at every depth from one pass, scores, --mode=rank and its report."""
 
 import json
-import os
 
 import numpy as np
 import pytest

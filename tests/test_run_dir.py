@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import tensorflow as tf
 
 from conftest import write_sentiment_csv
 from test_cli import ROOT, run_main
@@ -162,3 +163,47 @@ def test_unwritable_model_dir_is_one_line_before_any_work(text_csv, tmp_path):
         locked.mkdir(mode=0o500)
         result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={locked}/run")
         assert result.returncode == 2 and "cannot be created or written" in the_error(result)
+
+
+H5PY_DISK_FULL = ("Unable to synchronously create file (file write failed: time = Fri Nov 27 08:10:02 2026, "
+                  "filename = 'run/checkpoint.weights.h5', file descriptor = 5, errno = 28, error message = 'No space "
+                  "left on device', buf = 0x5, total write size = 96, bytes this sub-write = 96, offset = 0)")
+
+
+@pytest.mark.parametrize("error", [OSError(H5PY_DISK_FULL), OSError(28, "No space left on device"),
+                                   tf.errors.ResourceExhaustedError(None, None, "write: No space left on device")])
+def test_a_full_disk_is_one_line_and_a_new_run_folder_is_given_back(tmp_path, monkeypatch, error):
+    from tfl import job
+    from tfl.config import Config, ModelConfig
+
+    def fills_the_disk(config, verbose, **_):
+        (tmp_path / "run" / "half-written.weights.h5").write_bytes(b"\0" * 64)
+        raise error
+
+    monkeypatch.setitem(job.MODE_FUNCTIONS, "train", fills_the_disk)
+    config = Config(model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run"))
+    with pytest.raises(job.USER_ERRORS) as caught:  # main.py prints these as one error: line, exit 2
+        job.run_checked(config, verbose=0)
+    message = str(caught.value)
+    assert isinstance(caught.value, job.DiskFullError) and "\n" not in message
+    assert message.startswith(f"no space left on the disk while writing {tmp_path / 'run'}")
+    assert "--model_dir" in message
+    assert not (tmp_path / "run").exists()  # the run folder it created, and what it wrote, are gone
+
+
+def test_other_os_errors_pass_through_and_an_existing_run_folder_is_kept(tmp_path, monkeypatch):
+    from tfl import job
+    from tfl.config import Config, ModelConfig
+
+    (tmp_path / "run").mkdir()
+    for error, expected in ((PermissionError(13, "Permission denied"), PermissionError),
+                            (OSError(28, "No space left on device"), job.DiskFullError)):
+        def fails(config, verbose, error=error, **_):
+            raise error
+
+        monkeypatch.setitem(job.MODE_FUNCTIONS, "train", fails)
+        with pytest.raises(expected):
+            job.run_checked(Config(model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run")), verbose=0)
+        assert (tmp_path / "run").is_dir()  # it was there before the run: a resume may need it
+    with pytest.raises(job.DiskFullError):  # a library run says so too
+        job.run(Config(model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run")), verbose=0)

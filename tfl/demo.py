@@ -156,7 +156,7 @@ def main(argv: list, out: str = "") -> int:
     started = time.time()
     with quiet.tensorflow_start(quiet="--verbose" not in argv):
         from tfl.costs import peak_rss_mb, release_memory, reset_peak_rss, trim_heap
-        from tfl.job import run
+        from tfl.job import DiskFullError, run
     summarise_data()
     trim_heap()  # what loading every data set freed: the first job's peak would count it
     peaks = {"data summary": peak_rss_mb() or 0.0}  # reset before each job: the demo's peak is the largest of these
@@ -169,7 +169,11 @@ def main(argv: list, out: str = "") -> int:
         shutil.rmtree(config.model_dir, ignore_errors=True)
         reset_peak_rss()
         job_started = time.time()
-        run(config, verbose=quiet.keras_verbose())
+        try:
+            run(config, verbose=quiet.keras_verbose())
+        except DiskFullError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         peaks[name] = peak_rss_mb() or 0.0  # None: a platform that does not report it
         print(f"demo: {name} took {time.time() - job_started:.0f} s, peak resident memory {peaks[name]:.0f} MiB")
         release_memory()  # every job builds its own models; nothing of this one is needed by the next

@@ -7,6 +7,7 @@ main.py reports as one line.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Optional
@@ -23,8 +24,14 @@ from tfl.export import ExportError
 from tfl.train import NonFiniteLossError
 from tfl.transfer import TransferError
 
+
+
+class DiskFullError(OSError):
+    """The disk filled up while the run wrote its files (checkpoints, features, exports)."""
+
+
 # Raised for a user mistake; main.py prints the message on one line and exits 2.
-USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError, TransferError)
+USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError, TransferError, DiskFullError)
 # Raised when training fails numerically: also one line, exit 2, but the run folder is kept.
 TRAINING_ERRORS = (NonFiniteLossError, ExportError)
 
@@ -97,12 +104,27 @@ def run_checked(config: Config, verbose: int = 1, process_started: Optional[floa
         return _run_in_folder(config, verbose, command_line=True, process_started=process_started)
     except USER_ERRORS:
         if created and tf.io.gfile.exists(config.model_dir):
-            tf.io.gfile.rmtree(config.model_dir)
+            tf.io.gfile.rmtree(config.model_dir)  # also gives back what the failed run wrote
         raise
+
+
+def is_disk_full(error: Exception) -> bool:
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
 def _run_in_folder(config: Config, verbose: int, *, command_line: bool,
                    process_started: Optional[float] = None) -> dict:
+    try:
+        return _run_in_folder_unchecked(config, verbose, command_line=command_line, process_started=process_started)
+    except (OSError, tf.errors.OpError) as e:  # h5py, numpy and TensorFlow each report a full disk their way
+        if isinstance(e, DiskFullError) or not is_disk_full(e):
+            raise
+        raise DiskFullError(f"no space left on the disk while writing {config.model_dir or 'the run'}: free "
+                            "space there or give a --model_dir on a disk with room") from e
+
+
+def _run_in_folder_unchecked(config: Config, verbose: int, *, command_line: bool,
+                             process_started: Optional[float] = None) -> dict:
     # In a multi-worker job only the chief writes the run; predict only reads it.
     if not config.model_dir or not is_chief() or config.mode == "predict":
         return run_mode(config, verbose, process_started)
