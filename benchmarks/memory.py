@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,6 +45,7 @@ from tfl.runner import build_model  # noqa: E402
 BATCHES = (8, 32)
 LENGTHS = (24, 64)  # a middle bucket of the minilm_rotten_tomatoes config and its widest (its sequence_length)
 TIMED_ROUNDS = 3  # after the stages: each of the 4 batches again, timed
+ACCUMULATION = (1, 2, 4)  # --gradient_accumulation_steps: the widest bucket's batch of 32, whole or in N parts
 
 
 class Stages:
@@ -120,11 +122,7 @@ def measure_in_this_process(returned: bool) -> dict:
     stages = Stages()
     stages.rows.append(("Python + TensorFlow, Keras, keras-hub imported", resident_mb(), costs.peak_rss_mb(),
                         resident_mb() - STARTED_MB, None))
-    splits = data_lib.load_data("asset:rotten_tomatoes", seed=0)
-    # The longest sentences first, so that every batch below is real tokens at its full width.
-    texts = sorted((x.decode() for x, _ in splits.train.as_numpy_iterator()), key=len, reverse=True)
-    total = sum(splits.sizes.values())
-    del splits
+    texts, total = longest_texts_first()
     stages.mark(f"Rotten Tomatoes loaded ({total:,d} sentences)")
     precision = devices.resolve_precision("auto")
     rows, transient, step_seconds = measure(stages, texts, "asset:minilm", precision)
@@ -134,8 +132,37 @@ def measure_in_this_process(returned: bool) -> dict:
             "step_seconds": step_seconds, "precision": precision}
 
 
-def in_subprocess(returned: bool) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--measure=" + ("returned" if returned else "default")]
+def longest_texts_first() -> tuple:
+    """(training sentences, longest first, so that every batch is real tokens at its full width; total count)."""
+    splits = data_lib.load_data("asset:rotten_tomatoes", seed=0)
+    texts = sorted((x.decode() for x, _ in splits.train.as_numpy_iterator()), key=len, reverse=True)
+    return texts, sum(splits.sizes.values())
+
+
+def measure_accumulation(steps: int, preset: str = "asset:minilm", texts: Optional[list] = None) -> dict:
+    """In a fresh process (this one), as tfl runs: the peak resident memory of building the classifier and
+    training it on the widest bucket's batch of 32 sentences, whole or accumulated from ``steps`` batches of
+    32 / steps (``--gradient_accumulation_steps``), and the seconds per 32 sentences."""
+    texts = texts or longest_texts_first()[0]
+    precision = devices.resolve_precision("auto")
+    backbone = build_backbone(preset, sequence_length=max(LENGTHS), dtype=precision)
+    model = build_model(backbone, ["rotten", "fresh"])
+    train.compile_model(model, train.make_optimizer(5e-5, 1000, gradient_accumulation_steps=steps),
+                        task="classification", num_labels=2, jit_compile=False)
+    batch = batch_of(backbone, texts, BATCHES[-1] // steps, max(LENGTHS))
+    for _ in range(steps):  # tracing and the first update, untimed
+        model.train_on_batch(*batch)
+    started = time.perf_counter()
+    for _ in range(TIMED_ROUNDS * steps):
+        model.train_on_batch(*batch)
+    return {"peak": costs.peak_rss_mb(), "seconds": (time.perf_counter() - started) / TIMED_ROUNDS,
+            "updates": int(model.optimizer.iterations.numpy()), "micro_batch": BATCHES[-1] // steps,
+            "weights_mb": sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+                              for v in model.trainable_variables) / 2**20}
+
+
+def in_subprocess(measure: str) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--measure=" + measure]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"benchmarks/memory.py: the measuring process failed:\n{done.stderr[-2000:]}")
@@ -146,7 +173,18 @@ def cell(value) -> str:
     return "" if value is None else f"{value:,.0f}"
 
 
-def report(default: dict, returned: dict, seconds: float) -> str:
+def accumulation_table(accumulated: dict) -> list:
+    whole = accumulated[1]
+    rows = ["| batch of 32 x 64 tokens | peak resident (MiB) | vs whole | seconds per 32 sentences | vs whole |",
+            "|---|---|---|---|---|"]
+    for steps, run in accumulated.items():
+        how = "whole" if steps == 1 else f"{steps} x {run['micro_batch']}, `--gradient_accumulation_steps={steps}`"
+        rows.append(f"| {how} | {run['peak']:,.0f} | {run['peak'] - whole['peak']:+,.0f} | {run['seconds']:.2f} "
+                    f"| {run['seconds'] / whole['seconds']:.2f}x |")
+    return rows
+
+
+def report(default: dict, returned: dict, accumulated: dict, seconds: float) -> str:
     table = ["| stage | resident after | resident after, freed memory returned | held while running "
              "| held while running, freed memory returned |", "|---|---|---|---|---|"]
     for a, b in zip(default["rows"], returned["rows"]):
@@ -200,6 +238,19 @@ def report(default: dict, returned: dict, seconds: float) -> str:
         "batch's activations), whatever the allocator does. Going lower needs fewer activations per step: a "
         "smaller batch or `--sequence_length`, or recomputing activations in the backward pass, which tfl does "
         "not do.",
+        "",
+        "## A smaller batch, the same update: gradient accumulation",
+        "",
+        "`--gradient_accumulation_steps=N` with `--batch_size` cut N-fold (Keras's own accumulation: one update "
+        "every N batches, from their mean gradient) keeps the update of the whole batch and holds 1/N of its "
+        "activations. Each row is its own fresh process, as tfl runs: the classifier built and trained on the "
+        f"widest bucket's batch, whole or in N parts; peak over the whole process (the preset's load included), "
+        f"seconds over {TIMED_ROUNDS} updates after an untimed first one.",
+        "",
+        *accumulation_table(accumulated),
+        "",
+        "The accumulated gradients are one more copy of the trainable weights "
+        f"({accumulated[1]['weights_mb']:,.0f} MiB for this model), which the smaller activations must outweigh.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -207,17 +258,20 @@ def report(default: dict, returned: dict, seconds: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="docs/memory.md")
-    parser.add_argument("--measure", choices=("default", "returned"), help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child process: default, returned or accumulate:N
     args = parser.parse_args()
     if not sys.platform.startswith("linux"):
         print("benchmarks/memory.py reads /proc/self/status: run it on Linux", file=sys.stderr)
         return 1
     if args.measure:
-        print(json.dumps(measure_in_this_process(args.measure == "returned")))
+        kind, _, steps = args.measure.partition(":")
+        print(json.dumps(measure_accumulation(int(steps)) if kind == "accumulate"
+                         else measure_in_this_process(kind == "returned")))
         return 0
     started = time.perf_counter()
-    default, returned = in_subprocess(False), in_subprocess(True)
-    text = report(default, returned, time.perf_counter() - started)
+    default, returned = in_subprocess("default"), in_subprocess("returned")
+    accumulated = {steps: in_subprocess(f"accumulate:{steps}") for steps in ACCUMULATION}
+    text = report(default, returned, accumulated, time.perf_counter() - started)
     print(text)
     storage.write_text_atomically(args.out, text)
     return 0

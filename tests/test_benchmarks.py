@@ -206,8 +206,12 @@ def test_the_memory_benchmark_measures_every_stage_and_writes_its_tables(memory_
                                            for n in memory_bench.LENGTHS},
            "step_seconds": step_seconds, "precision": "float32"}
     slower = dict(run, step_seconds=2 * step_seconds)
-    text = memory_bench.report(run, slower, 1.0)
+    accumulated = {steps: memory_bench.measure_accumulation(steps, tiny_bert_preset, texts) for steps in (1, 2)}
+    assert [(run["micro_batch"], run["updates"]) for run in accumulated.values()] == [(32, 4), (16, 4)]
+    assert all(run["peak"] > 100 and run["seconds"] > 0 for run in accumulated.values())
+    text = memory_bench.report(run, slower, accumulated, 1.0)
     assert "(2.00x)" in text and f"| {shown[0][0]} |" in text
+    assert "| 2 x 16, `--gradient_accumulation_steps=2` |" in text and "| whole |" in text
 
 
 def test_memory_per_sentence_is_the_slope_between_the_two_batch_sizes(memory_bench):

@@ -369,3 +369,31 @@ def test_public_names_are_the_functions_not_modules():
     for name in tfl.__all__:
         value = getattr(tfl, name)
         assert callable(value) and not isinstance(value, type(tfl)), name
+
+
+def test_gradient_accumulation_equals_the_larger_batch_and_survives_unfreezing_stages(tmp_path):
+    """Two batches of 4 accumulated make the update one batch of 8 makes (constant learning rate, no dropout),
+    epoch after epoch; the update count is the batches over 2; a later unfreezing stage restarts from the
+    right batch count."""
+    from tfl import train
+
+    accumulated, data = tiny_regression()
+    reference, _ = tiny_regression()
+    reference.set_weights(accumulated.get_weights())
+    x, y = (np.concatenate(part) for part in zip(*data.as_numpy_iterator()))
+    common = dict(task="regression", num_labels=1, epochs=3, learning_rate=0.02, warmup_fraction=0.0,
+                  schedule="constant", verbose=0)
+    small = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    train.fit(accumulated, small, small, steps_per_epoch=16, gradient_accumulation_steps=2, **common)
+    train.fit(reference, data, data, steps_per_epoch=8, **common)
+    assert int(accumulated.optimizer.iterations.numpy()) == 24 == int(reference.optimizer.iterations.numpy())
+    for a, b in zip(accumulated.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(accumulated.get_weights()[0], tiny_regression()[0].get_weights()[0])  # it trained
+
+    staged, _ = tiny_regression()
+    stages = [(0, None), (2, lambda: None)]  # a second stage compiles a fresh optimizer at epoch 2
+    train.fit(staged, small, small, steps_per_epoch=16, gradient_accumulation_steps=2, unfreeze_stages=stages,
+              model_dir=str(tmp_path / "staged"), **common)
+    assert int(train.batch_counter(staged.optimizer).numpy()) == 48
+    assert int(staged.optimizer.iterations.numpy()) == 24

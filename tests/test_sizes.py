@@ -131,6 +131,23 @@ def test_every_source_trains_exactly_the_batches_it_yields(kind, tmp_path, monke
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps_per_epoch"] == metrics["steps_per_epoch"]
 
 
+def test_gradient_accumulation_updates_once_per_n_batches_and_the_schedule_still_ends_at_the_last(tmp_path,
+                                                                                                  monkeypatch):
+    source, backbone, total = sources(tmp_path, monkeypatch, "csv")
+    seen = counting_callbacks(monkeypatch)
+    config = Config(data=DataConfig(source=source, batch_size=4, maxlen=12, num_words=100),
+                    model=ModelConfig(backbone=backbone, lstm_units=8, embedding_dim=8),
+                    train=TrainConfig(epochs=EPOCHS, precision="float32", gradient_accumulation_steps=2),
+                    export=False)
+    metrics = tfl.run(config, verbose=0)
+    steps = metrics["steps_per_epoch"]
+    assert seen["batches"] == EPOCHS * steps == seen["total_steps"]
+    assert steps >= -(-metrics["data"]["sizes"]["train"] // 4)
+    assert metrics["optimizer_steps"] == EPOCHS * steps // 2  # weight updates
+    assert seen["lr_after_training"] == 0.0 < seen["lr_at_last_step"]
+    assert metrics["config"]["train"]["gradient_accumulation_steps"] == 2
+
+
 def test_tfds_text_source_trains_whole_epochs_and_honours_label_fraction(tmp_path, monkeypatch):
     """The bug this guards: tfds text trained 1 step an epoch, the rest at learning rate 0."""
     import tensorflow_datasets as tfds

@@ -85,6 +85,9 @@ HELP = {
     "tpu": "TPU address for --strategy=tpu: local, a grpc:// address or a TPU name.",
     "early_stopping_patience": "Stop after this many epochs without a better validation loss; 0 = off.",
     "steps_per_execution": "Training steps run per tf.function call.",
+    "gradient_accumulation_steps": "Update the weights once every N batches, from their mean gradient: with "
+                                   "--batch_size cut N-fold, the same effective batch in less activation memory "
+                                   "(docs/memory.md); 1 = every batch.",
     "max_steps_per_epoch": "Cap on steps per epoch (quick runs); 0 = a full pass.",
     "label_fraction": "Keep this share of the training split (1 = all), stratified by class and drawn from --seed; "
                       "multilabel and regression labels are drawn without stratification.",

@@ -107,6 +107,7 @@ class TrainConfig:
     tpu: str = ""
     early_stopping_patience: int = 0  # 0 = off
     steps_per_execution: int = 1
+    gradient_accumulation_steps: int = 1  # one update per N batches (their mean gradient); 1 = every batch
     max_steps_per_epoch: int = 0  # 0 = a full pass
     save_every_steps: int = 0  # resume state saved every N steps (and at epoch ends); 0 = epoch ends only
     deterministic: bool = False  # TF op determinism: identical metrics for identical runs (CPU)
@@ -184,6 +185,7 @@ class Config:
         _check_positive("batch_size", d.batch_size)
         _check_non_negative("eval_batch_size", d.eval_batch_size)
         _check_positive("epochs", t.epochs)
+        _check_positive("gradient_accumulation_steps", t.gradient_accumulation_steps)
         _check_positive("sequence_length", m.sequence_length)
         _check_non_negative("max_examples", d.max_examples)
         _check_non_negative("freeze_blocks", f.freeze_blocks)

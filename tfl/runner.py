@@ -302,7 +302,8 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
                 jit_compile=jit, steps_per_execution=t.steps_per_execution,
                 early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
                 unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch),
-                save_every_steps=t.save_every_steps, extra_callbacks=(epoch_times,))
+                save_every_steps=t.save_every_steps, extra_callbacks=(epoch_times,),
+                gradient_accumulation_steps=t.gradient_accumulation_steps)
     finally:
         if work_dir != config.model_dir:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -50,13 +50,24 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: float = 0.1,
                    schedule: str = "linear", weight_decay: float = 0.01,
-                   lr_multipliers: Optional[dict] = None) -> keras.optimizers.Optimizer:
-    """AdamW with warm-up and decay; per-variable learning-rate factors for layer-wise decay."""
+                   lr_multipliers: Optional[dict] = None,
+                   gradient_accumulation_steps: int = 1) -> keras.optimizers.Optimizer:
+    """AdamW with warm-up and decay; per-variable learning-rate factors for layer-wise decay.
+
+    ``gradient_accumulation_steps`` > 1: Keras's own accumulation, one update every N batches from their mean
+    gradient. ``total_steps`` counts batches either way: Keras's schedules read the batch counter."""
     lr = WarmupDecay(learning_rate, total_steps, int(warmup_fraction * total_steps), schedule)
-    kwargs = dict(learning_rate=lr, weight_decay=weight_decay, global_clipnorm=1.0)
+    kwargs = dict(learning_rate=lr, weight_decay=weight_decay, global_clipnorm=1.0,
+                  gradient_accumulation_steps=gradient_accumulation_steps if gradient_accumulation_steps > 1 else None)
     if lr_multipliers:
         return LayerwiseAdamW(lr_multipliers=lr_multipliers, **kwargs)
     return keras.optimizers.AdamW(**kwargs)
+
+
+def batch_counter(optimizer: keras.optimizers.Optimizer):
+    """The optimizer's count of batches: its ``iterations``, except under gradient accumulation, where
+    ``iterations`` counts updates (a tensor computed from the batch counter, which has no public name)."""
+    return optimizer._iterations if optimizer.gradient_accumulation_steps else optimizer.iterations
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -180,7 +191,8 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         warmup_fraction: float = 0.1, schedule: str = "linear", weight_decay: float = 0.01,
         jit_compile: bool = False, steps_per_execution: int = 1, early_stopping_patience: int = 0,
         lr_multipliers: Optional[dict] = None, unfreeze_stages: Optional[list] = None, verbose: int = 1,
-        train_repeats: bool = False, save_every_steps: int = 0, extra_callbacks: tuple = ()) -> dict:
+        train_repeats: bool = False, save_every_steps: int = 0, extra_callbacks: tuple = (),
+        gradient_accumulation_steps: int = 1) -> dict:
     """Compiles and trains; returns the merged Keras history. ``extra_callbacks`` run after tfl's own
     (e.g. tfl.costs.EpochTimes).
 
@@ -215,8 +227,9 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         if index < resume_stage:
             continue  # trained before the backup was saved
         optimizer = make_optimizer(learning_rate, total_steps, warmup_fraction=warmup_fraction, schedule=schedule,
-                                   weight_decay=weight_decay, lr_multipliers=lr_multipliers)
-        optimizer.iterations.assign(first_epoch * steps_per_epoch)
+                                   weight_decay=weight_decay, lr_multipliers=lr_multipliers,
+                                   gradient_accumulation_steps=gradient_accumulation_steps)
+        batch_counter(optimizer).assign(first_epoch * steps_per_epoch)
         compile_model(model, optimizer, task=task, num_labels=num_labels, jit_compile=jit_compile,
                       steps_per_execution=steps_per_execution)
         if model.distribute_strategy.num_replicas_in_sync > 1:
