@@ -114,7 +114,7 @@ def per_example(transient: dict, length: int) -> float:
     return (transient[(large, length)] - transient[(small, length)]) / (large - small)
 
 
-def measure_in_this_process(returned: bool) -> dict:
+def measure_in_this_process(returned: bool, precision: str = "auto") -> dict:
     """The stage rows and per-sentence memory, in a fresh process (this one): JSON for the parent."""
     if returned:
         return_freed_memory_at_once()
@@ -124,7 +124,7 @@ def measure_in_this_process(returned: bool) -> dict:
                         resident_mb() - STARTED_MB, None))
     texts, total = longest_texts_first()
     stages.mark(f"Rotten Tomatoes loaded ({total:,d} sentences)")
-    precision = devices.resolve_precision("auto")
+    precision = devices.resolve_precision(precision)
     rows, transient, step_seconds = measure(stages, texts, "asset:minilm", precision)
     return {"rows": [r for r in rows if not r[0].startswith("(")],  # the untimed first calls only keep traces out
             "peak": max(r[2] for r in rows),  # over every stage, those rows too
@@ -139,12 +139,13 @@ def longest_texts_first() -> tuple:
     return texts, sum(splits.sizes.values())
 
 
-def measure_accumulation(steps: int, preset: str = "asset:minilm", texts: Optional[list] = None) -> dict:
+def measure_accumulation(steps: int, preset: str = "asset:minilm", texts: Optional[list] = None,
+                         precision: str = "auto") -> dict:
     """In a fresh process (this one), as tfl runs: the peak resident memory of building the classifier and
     training it on the widest bucket's batch of 32 sentences, whole or accumulated from ``steps`` batches of
     32 / steps (``--gradient_accumulation_steps``), and the seconds per 32 sentences."""
     texts = texts or longest_texts_first()[0]
-    precision = devices.resolve_precision("auto")
+    precision = devices.resolve_precision(precision)
     backbone = build_backbone(preset, sequence_length=max(LENGTHS), dtype=precision)
     model = build_model(backbone, ["rotten", "fresh"])
     train.compile_model(model, train.make_optimizer(5e-5, 1000, gradient_accumulation_steps=steps),
@@ -161,8 +162,8 @@ def measure_accumulation(steps: int, preset: str = "asset:minilm", texts: Option
                               for v in model.trainable_variables) / 2**20}
 
 
-def in_subprocess(measure: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--measure=" + measure]
+def in_subprocess(measure: str, precision: str) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--measure=" + measure, "--precision=" + precision]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"benchmarks/memory.py: the measuring process failed:\n{done.stderr[-2000:]}")
@@ -174,35 +175,67 @@ def cell(value) -> str:
 
 
 def accumulation_table(accumulated: dict) -> list:
-    whole = accumulated[1]
-    rows = ["| batch of 32 x 64 tokens | peak resident (MiB) | vs whole | seconds per 32 sentences | vs whole |",
-            "|---|---|---|---|---|"]
-    for steps, run in accumulated.items():
-        how = "whole" if steps == 1 else f"{steps} x {run['micro_batch']}, `--gradient_accumulation_steps={steps}`"
-        rows.append(f"| {how} | {run['peak']:,.0f} | {run['peak'] - whole['peak']:+,.0f} | {run['seconds']:.2f} "
-                    f"| {run['seconds'] / whole['seconds']:.2f}x |")
+    """``accumulated``: {precision: {N: run}}, N = 1 the whole batch."""
+    rows = ["| precision | batch of 32 x 64 tokens | peak resident (MiB) | vs whole | seconds per 32 sentences "
+            "| vs whole |", "|---|---|---|---|---|---|"]
+    for precision, runs in accumulated.items():
+        whole = runs[1]
+        for steps, run in runs.items():
+            how = "whole" if steps == 1 else f"{steps} x {run['micro_batch']}, `--gradient_accumulation_steps={steps}`"
+            rows.append(f"| {precision} | {how} | {run['peak']:,.0f} | {run['peak'] - whole['peak']:+,.0f} "
+                        f"| {run['seconds']:.2f} | {run['seconds'] / whole['seconds']:.2f}x |")
     return rows
 
 
-def report(default: dict, returned: dict, accumulated: dict, seconds: float) -> str:
+def activations_text(default: dict, returned: dict) -> list:
+    """What the step rows say about activations, when they show as a transient (they do not on every host)."""
+    top, batch = str(max(LENGTHS)), BATCHES[-1]
+
+    def slopes(run):
+        return ", ".join(f"{run['per_sentence'][str(n)]:.1f} MiB at {n} tokens" for n in LENGTHS)
+
+    measured = (f"Per sentence in a batch, from the difference between batches of {BATCHES[0]} and {BATCHES[1]}: "
+                f"{slopes(returned)} with freed memory returned ({slopes(default)} as tfl runs).")
+    if returned["per_sentence"][top] < 1.0:
+        return [f"{measured} That is no measurable transient: on this host a step's activations do not show "
+                "above the resident memory before it, even with freed memory returned; the resident memory grows "
+                "over the first call of each new batch shape instead and stays (the memory TensorFlow's CPU "
+                "runtime keeps for the next step of that shape), so neither the activations per sentence nor a "
+                "floor can be read from these stages here. The gradient-accumulation table below measures each "
+                "setting's peak directly."]
+    floor = returned["rows"][-1][1] + batch * returned["per_sentence"][top]
+    return [
+        f"{measured[:-2]}, where a step partly reuses what earlier steps freed). A batch of {batch} at the widest "
+        f"bucket ({top} tokens) holds about {batch * returned['per_sentence'][top]:,.0f} MiB of activations "
+        "while its step runs.",
+        "",
+        "What sets a run's peak, read from these tables: the TensorFlow runtime, the weights with AdamW's slots "
+        "and the traced step stay resident for the whole run; the widest bucket's batch adds its activations "
+        "for the length of one step; glibc keeps what steps of other shapes freed. Returning freed memory at "
+        "once removes the last part but makes every step pay page faults for its activations again, so tfl "
+        "keeps glibc's default and only gives the heap's free memory back between runs "
+        "(`tfl.costs.release_memory`, which the demo, compare and tune call).",
+        "",
+        f"So one fine-tune at batch {batch} and {top} tokens needs at least {floor:,.0f} MiB here (what stays "
+        f"resident after the steps with freed memory returned, {returned['rows'][-1][1]:,.0f} MiB, plus that "
+        "batch's activations), whatever the allocator does. Going lower needs fewer activations per step: a "
+        "smaller batch or `--sequence_length`, gradient accumulation (below), or recomputing activations in the "
+        "backward pass, which tfl does not do."]
+
+
+def report(default: dict, returned: dict, accumulated: dict, seconds: float, command: str) -> str:
     table = ["| stage | resident after | resident after, freed memory returned | held while running "
              "| held while running, freed memory returned |", "|---|---|---|---|---|"]
     for a, b in zip(default["rows"], returned["rows"]):
         table.append(f"| {a[0]} | {cell(a[1])} | {cell(b[1])} | {cell(a[4])} | {cell(b[4])} |")
-    top = str(max(LENGTHS))
     peaks = [run["peak"] for run in (default, returned)]
     steps = [run["step_seconds"] for run in (default, returned)]
-    batch = BATCHES[-1]
-    floor = returned["rows"][-1][1] + batch * returned["per_sentence"][top]
-
-    def slopes(run):
-        return ", ".join(f"{run['per_sentence'][str(n)]:.1f} MiB at {n} tokens" for n in LENGTHS)
 
     lines = [
         "# Memory of one fine-tune",
         "",
         f"Machine: {os.cpu_count()} cores, TF {tf.__version__}, Keras {keras.__version__}, keras-hub {keras_hub.__version__}, precision "
-        f"{default['precision']}. Command: `.venv/bin/python benchmarks/memory.py` ({time.strftime('%Y-%m-%d')}, "
+        f"{default['precision']}. Command: `{command}` ({time.strftime('%Y-%m-%d')}, "
         f"{seconds:.0f} s). Every number below comes from this run; rerun the command to refresh it.",
         "",
         "The packaged all-MiniLM-L6-v2 classifier (the model of `configs/minilm_rotten_tomatoes.flags`), built "
@@ -221,23 +254,7 @@ def report(default: dict, returned: dict, accumulated: dict, seconds: float) -> 
         f"| train step, mean over the {len(BATCHES) * len(LENGTHS)} shapes above, {TIMED_ROUNDS} rounds (s) "
         f"| {steps[0]:.2f} | {steps[1]:.2f} ({steps[1] / steps[0]:.2f}x) |",
         "",
-        f"Per sentence in a batch, from the difference between batches of {BATCHES[0]} and {BATCHES[1]}: "
-        f"{slopes(returned)} with freed memory returned ({slopes(default)} as tfl runs, where a step partly "
-        f"reuses what earlier steps freed). A batch of {batch} at the widest bucket ({top} tokens) holds about "
-        f"{batch * returned['per_sentence'][top]:,.0f} MiB of activations while its step runs.",
-        "",
-        "What sets a run's peak, read from these tables: the TensorFlow runtime, the weights with AdamW's slots "
-        "and the traced step stay resident for the whole run; the widest bucket's batch adds its activations "
-        "for the length of one step; glibc keeps what steps of other shapes freed. Returning freed memory at "
-        "once removes the last part but makes every step pay page faults for its activations again, so tfl "
-        "keeps glibc's default and only gives the heap's free memory back between runs "
-        "(`tfl.costs.release_memory`, which the demo, compare and tune call).",
-        "",
-        f"So one fine-tune at batch {batch} and {top} tokens needs at least {floor:,.0f} MiB here (what stays "
-        f"resident after the steps with freed memory returned, {returned['rows'][-1][1]:,.0f} MiB, plus that "
-        "batch's activations), whatever the allocator does. Going lower needs fewer activations per step: a "
-        "smaller batch or `--sequence_length`, or recomputing activations in the backward pass, which tfl does "
-        "not do.",
+        *activations_text(default, returned),
         "",
         "## A smaller batch, the same update: gradient accumulation",
         "",
@@ -250,7 +267,8 @@ def report(default: dict, returned: dict, accumulated: dict, seconds: float) -> 
         *accumulation_table(accumulated),
         "",
         "The accumulated gradients are one more copy of the trainable weights "
-        f"({accumulated[1]['weights_mb']:,.0f} MiB for this model), which the smaller activations must outweigh.",
+        f"({next(iter(accumulated.values()))[1]['weights_mb']:,.0f} MiB for this model), which the smaller "
+        "activations must outweigh.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -258,6 +276,7 @@ def report(default: dict, returned: dict, accumulated: dict, seconds: float) -> 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="docs/memory.md")
+    parser.add_argument("--precision", default="auto", help="as --precision: auto (tfl's choice here), float32, ...")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child process: default, returned or accumulate:N
     args = parser.parse_args()
     if not sys.platform.startswith("linux"):
@@ -265,13 +284,17 @@ def main() -> int:
         return 1
     if args.measure:
         kind, _, steps = args.measure.partition(":")
-        print(json.dumps(measure_accumulation(int(steps)) if kind == "accumulate"
-                         else measure_in_this_process(kind == "returned")))
+        print(json.dumps(measure_accumulation(int(steps), precision=args.precision) if kind == "accumulate"
+                         else measure_in_this_process(kind == "returned", args.precision)))
         return 0
     started = time.perf_counter()
-    default, returned = in_subprocess("default"), in_subprocess("returned")
-    accumulated = {steps: in_subprocess(f"accumulate:{steps}") for steps in ACCUMULATION}
-    text = report(default, returned, accumulated, time.perf_counter() - started)
+    default, returned = (in_subprocess(kind, args.precision) for kind in ("default", "returned"))
+    # tfl's precision here, and float32 too where that differs (the activations' size differs)
+    precisions = dict.fromkeys([default["precision"], "float32"])
+    accumulated = {precision: {steps: in_subprocess(f"accumulate:{steps}", precision) for steps in ACCUMULATION}
+                   for precision in precisions}
+    command = " ".join([".venv/bin/python benchmarks/memory.py"] + sys.argv[1:])
+    text = report(default, returned, accumulated, time.perf_counter() - started, command)
     print(text)
     storage.write_text_atomically(args.out, text)
     return 0

@@ -209,9 +209,21 @@ def test_the_memory_benchmark_measures_every_stage_and_writes_its_tables(memory_
     accumulated = {steps: memory_bench.measure_accumulation(steps, tiny_bert_preset, texts) for steps in (1, 2)}
     assert [(run["micro_batch"], run["updates"]) for run in accumulated.values()] == [(32, 4), (16, 4)]
     assert all(run["peak"] > 100 and run["seconds"] > 0 for run in accumulated.values())
-    text = memory_bench.report(run, slower, accumulated, 1.0)
+    text = memory_bench.report(run, slower, {"float32": accumulated}, 1.0, "memory.py")
     assert "(2.00x)" in text and f"| {shown[0][0]} |" in text
-    assert "| 2 x 16, `--gradient_accumulation_steps=2` |" in text and "| whole |" in text
+    assert "| float32 | 2 x 16, `--gradient_accumulation_steps=2` |" in text and "| float32 | whole |" in text
+
+
+def test_the_memory_report_says_when_activations_show_no_transient(memory_bench):
+    top = str(max(memory_bench.LENGTHS))
+    rows = [("train step", 1500.0, 1510.0, 5.0, 5.0)]
+    run = {"rows": rows, "peak": 1900.0, "per_sentence": {str(n): 0.1 for n in memory_bench.LENGTHS},
+           "step_seconds": 0.5, "precision": "float32"}
+    assert "no measurable transient" in memory_bench.activations_text(run, run)[0]
+    grows = dict(run, per_sentence={str(n): 20.0 for n in memory_bench.LENGTHS})
+    text = "\n".join(memory_bench.activations_text(grows, grows))
+    assert "no measurable transient" not in text
+    assert f"needs at least {1500 + memory_bench.BATCHES[-1] * 20:,.0f} MiB" in text and f"({top} tokens)" in text
 
 
 def test_memory_per_sentence_is_the_slope_between_the_two_batch_sizes(memory_bench):

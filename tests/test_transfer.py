@@ -347,7 +347,7 @@ def test_sentence_embeddings_run_by_length_equal_the_padded_pass_in_the_texts_or
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "pooled"])
 def test_cached_features_run_by_length_equal_the_padded_pass(tiny_bert_preset, pooling):
     from tfl.train import cache_features
 
@@ -384,3 +384,24 @@ def test_a_by_length_pass_cuts_right_padding_only_and_keeps_the_order(left):
     got = run_by_length(run, tokens, batch_size=2)[0][:, 0]
     np.testing.assert_array_equal(got, np.arange(1, 5) * 10 * lengths)
     assert widths == ([5, 5] if left else [2, 4])  # sorted by length: (1, 2) then (3, 4)
+
+
+def test_token_arrays_without_a_padding_mask_run_in_order_in_fixed_batches():
+    """The LSTM's token ids (one [N, L] array, padded by TextVectorization, no mask): batch by batch as they come,
+    the last one partial, every output in the texts' order."""
+    from tfl.train import run_on_tokens, tokenize_all
+
+    vectorize = tf.keras.layers.TextVectorization(output_sequence_length=6)
+    vectorize.adapt(tf.constant(TEXTS_OF_MANY_LENGTHS))
+    tokens = tokenize_all(vectorize, TEXTS_OF_MANY_LENGTHS)
+    assert isinstance(tokens, np.ndarray) and tokens.shape == (len(TEXTS_OF_MANY_LENGTHS), 6)
+    sizes = []
+
+    def run(x):
+        sizes.append(int(x.shape[0]))
+        return {"count": tf.reduce_sum(tf.cast(x > 0, tf.int32), axis=1), "first": x[:, 0]}
+
+    count, first = run_on_tokens(run, tokens, batch_size=3)  # outputs flattened as tf.nest does: keys sorted
+    np.testing.assert_array_equal(count, [min(len(t.split()), 6) for t in TEXTS_OF_MANY_LENGTHS])
+    np.testing.assert_array_equal(first, tokens[:, 0])
+    assert sizes == [3, 3, 2]
