@@ -187,6 +187,20 @@ def accumulation_table(accumulated: dict) -> list:
     return rows
 
 
+def accumulation_summary(accumulated: dict) -> str:
+    """The table's verdict per precision: the largest cut of the peak, or none."""
+    parts = []
+    for precision, runs in accumulated.items():
+        steps = min(runs, key=lambda n: runs[n]["peak"])
+        cut = runs[1]["peak"] - runs[steps]["peak"]
+        parts.append(f"{precision}: the peak falls by {cut:,.0f} MiB at N={steps}, at "
+                     f"{runs[steps]['seconds'] / runs[1]['seconds']:.2f}x the time" if steps != 1 and cut > 0
+                     else f"{precision}: no cut of the peak (accumulation does not pay here)")
+    weights = next(iter(accumulated.values()))[1]["weights_mb"]
+    return (f"Here, {'; '.join(parts)}. The accumulated gradients are one more copy of the trainable weights "
+            f"({weights:,.0f} MiB for this model), which the smaller activations must outweigh.")
+
+
 def activations_text(default: dict, returned: dict) -> list:
     """What the step rows say about activations, when they show as a transient (they do not on every host)."""
     top, batch = str(max(LENGTHS)), BATCHES[-1]
@@ -198,14 +212,14 @@ def activations_text(default: dict, returned: dict) -> list:
                 f"{slopes(returned)} with freed memory returned ({slopes(default)} as tfl runs).")
     if returned["per_sentence"][top] < 1.0:
         return [f"{measured} That is no measurable transient: on this host a step's activations do not show "
-                "above the resident memory before it, even with freed memory returned; the resident memory grows "
-                "over the first call of each new batch shape instead and stays (the memory TensorFlow's CPU "
-                "runtime keeps for the next step of that shape), so neither the activations per sentence nor a "
+                "above the resident memory before it, even with freed memory returned, while *resident after* "
+                "grows from one batch shape to the next and stays; so neither the activations per sentence nor a "
                 "floor can be read from these stages here. The gradient-accumulation table below measures each "
                 "setting's peak directly."]
     floor = returned["rows"][-1][1] + batch * returned["per_sentence"][top]
     return [
-        f"{measured[:-2]}, where a step partly reuses what earlier steps freed). A batch of {batch} at the widest "
+        f"{measured[:-2]}, where a step partly reuses what earlier steps freed): with freed memory returned, "
+        f"the activations' true size. A batch of {batch} at the widest "
         f"bucket ({top} tokens) holds about {batch * returned['per_sentence'][top]:,.0f} MiB of activations "
         "while its step runs.",
         "",
@@ -244,7 +258,7 @@ def report(default: dict, returned: dict, accumulated: dict, seconds: float, com
         "default glibc raises it to the size of each large block freed, so a step's activations move onto the "
         "heap and stay resident after the step, for reuse). In MiB. *Held while running* is the stage's peak "
         "above the resident memory before it: for a train step, the activations kept for the backward pass and "
-        "the gradients, which the step frees when it ends; with freed memory returned, that is their true size.",
+        "the gradients, which the step frees when it ends.",
         "",
         *table,
         "",
@@ -259,16 +273,15 @@ def report(default: dict, returned: dict, accumulated: dict, seconds: float, com
         "## A smaller batch, the same update: gradient accumulation",
         "",
         "`--gradient_accumulation_steps=N` with `--batch_size` cut N-fold (Keras's own accumulation: one update "
-        "every N batches, from their mean gradient) keeps the update of the whole batch and holds 1/N of its "
-        "activations. Each row is its own fresh process, as tfl runs: the classifier built and trained on the "
+        "every N batches, from their mean gradient) keeps the update of the whole batch and computes 1/N of it "
+        "per step, so a step's activations are 1/N as large; whether the peak falls with them depends on what "
+        "sets it. Each row is its own fresh process, as tfl runs: the classifier built and trained on the "
         f"widest bucket's batch, whole or in N parts; peak over the whole process (the preset's load included), "
         f"seconds over {TIMED_ROUNDS} updates after an untimed first one.",
         "",
         *accumulation_table(accumulated),
         "",
-        "The accumulated gradients are one more copy of the trainable weights "
-        f"({next(iter(accumulated.values()))[1]['weights_mb']:,.0f} MiB for this model), which the smaller "
-        "activations must outweigh.",
+        accumulation_summary(accumulated),
     ]
     return "\n".join(lines) + "\n"
 

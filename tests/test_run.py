@@ -379,7 +379,8 @@ def test_gradient_accumulation_equals_the_larger_batch_and_survives_unfreezing_s
 
     accumulated, data = tiny_regression()
     reference, _ = tiny_regression()
-    reference.set_weights(accumulated.get_weights())
+    start = accumulated.get_weights()
+    reference.set_weights(start)
     x, y = (np.concatenate(part) for part in zip(*data.as_numpy_iterator()))
     common = dict(task="regression", num_labels=1, epochs=3, learning_rate=0.02, warmup_fraction=0.0,
                   schedule="constant", verbose=0)
@@ -389,7 +390,7 @@ def test_gradient_accumulation_equals_the_larger_batch_and_survives_unfreezing_s
     assert int(accumulated.optimizer.iterations.numpy()) == 24 == int(reference.optimizer.iterations.numpy())
     for a, b in zip(accumulated.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    assert not np.allclose(accumulated.get_weights()[0], tiny_regression()[0].get_weights()[0])  # it trained
+    assert not np.allclose(accumulated.get_weights()[0], start[0])  # it trained
 
     staged, _ = tiny_regression()
     stages = [(0, None), (2, lambda: None)]  # a second stage compiles a fresh optimizer at epoch 2
@@ -397,3 +398,16 @@ def test_gradient_accumulation_equals_the_larger_batch_and_survives_unfreezing_s
               model_dir=str(tmp_path / "staged"), **common)
     assert int(train.batch_counter(staged.optimizer).numpy()) == 48
     assert int(staged.optimizer.iterations.numpy()) == 24
+
+
+def test_gradient_accumulation_is_refused_with_several_replicas_and_counts_batches_under_loss_scaling():
+    from tfl import train
+    from tfl.config import Config, ConfigError, TrainConfig
+
+    for strategy in ("mirrored", "multi_worker"):
+        with pytest.raises(ConfigError, match="one device only"):
+            Config(train=TrainConfig(gradient_accumulation_steps=2, strategy=strategy)).validate()
+    Config(train=TrainConfig(gradient_accumulation_steps=2)).validate()
+    inner = train.make_optimizer(1e-3, 10, gradient_accumulation_steps=2)
+    wrapped = keras.optimizers.LossScaleOptimizer(inner)  # what mixed_float16 compiles
+    assert train.batch_counter(wrapped) is inner._iterations  # a variable to assign, not the update count

@@ -170,32 +170,36 @@ H5PY_DISK_FULL = ("Unable to synchronously create file (file write failed: time 
                   "left on device', buf = 0x5, total write size = 96, bytes this sub-write = 96, offset = 0)")
 
 
-@pytest.mark.parametrize("error", [OSError(H5PY_DISK_FULL), OSError(28, "No space left on device"),
-                                   tf.errors.ResourceExhaustedError(None, None, "write: No space left on device")])
-def test_a_full_disk_is_one_line_and_a_new_run_folder_is_given_back(tmp_path, monkeypatch, error):
+@pytest.mark.parametrize("error,where", [
+    (OSError(H5PY_DISK_FULL), "while writing run/checkpoint.weights.h5"),
+    (OSError(28, "No space left on device", "/data/features.npy"), "while writing /data/features.npy"),
+    (OSError(122, "Disk quota exceeded"), "while the run in {run} wrote its files"),
+    (tf.errors.ResourceExhaustedError(None, None, "write: No space left on device"), "while the run in {run} wrote"),
+])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_folder_is_kept_for_resuming(tmp_path, monkeypatch,
+                                                                                           error, where):
     from tfl import job
     from tfl.config import Config, ModelConfig
 
     def fills_the_disk(config, verbose, **_):
-        (tmp_path / "run" / "half-written.weights.h5").write_bytes(b"\0" * 64)
+        (tmp_path / "run" / "backup").mkdir()
         raise error
 
     monkeypatch.setitem(job.MODE_FUNCTIONS, "train", fills_the_disk)
     config = Config(model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run"))
-    with pytest.raises(job.USER_ERRORS) as caught:  # main.py prints these as one error: line, exit 2
+    with pytest.raises(job.USER_ERRORS + job.TRAINING_ERRORS) as caught:  # main.py: one error: line, exit 2
         job.run_checked(config, verbose=0)
     message = str(caught.value)
     assert isinstance(caught.value, job.DiskFullError) and "\n" not in message
-    assert message.startswith(f"no space left on the disk while writing {tmp_path / 'run'}")
-    assert "--model_dir" in message
-    assert not (tmp_path / "run").exists()  # the run folder it created, and what it wrote, are gone
+    assert message.startswith("no space left on the disk " + where.format(run=tmp_path / "run")), message
+    assert f"the run folder {tmp_path / 'run'} is kept" in message
+    assert (tmp_path / "run" / "backup").is_dir()  # a run that filled the disk hours in can resume
 
 
-def test_other_os_errors_pass_through_and_an_existing_run_folder_is_kept(tmp_path, monkeypatch):
+def test_other_os_errors_pass_through(tmp_path, monkeypatch):
     from tfl import job
     from tfl.config import Config, ModelConfig
 
-    (tmp_path / "run").mkdir()
     for error, expected in ((PermissionError(13, "Permission denied"), PermissionError),
                             (OSError(28, "No space left on device"), job.DiskFullError)):
         def fails(config, verbose, error=error, **_):
@@ -204,6 +208,5 @@ def test_other_os_errors_pass_through_and_an_existing_run_folder_is_kept(tmp_pat
         monkeypatch.setitem(job.MODE_FUNCTIONS, "train", fails)
         with pytest.raises(expected):
             job.run_checked(Config(model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run")), verbose=0)
-        assert (tmp_path / "run").is_dir()  # it was there before the run: a resume may need it
     with pytest.raises(job.DiskFullError):  # a library run says so too
         job.run(Config(model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run")), verbose=0)

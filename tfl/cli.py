@@ -86,8 +86,10 @@ HELP = {
     "early_stopping_patience": "Stop after this many epochs without a better validation loss; 0 = off.",
     "steps_per_execution": "Training steps run per tf.function call.",
     "gradient_accumulation_steps": "Update the weights once every N batches, from their mean gradient: with "
-                                   "--batch_size cut N-fold, the same effective batch in less activation memory "
-                                   "(docs/memory.md); 1 = every batch.",
+                                   "--batch_size cut N-fold, the same effective batch in less memory "
+                                   "where the activations are what fills memory (docs/memory.md measures it per "
+                                   "precision); 1 = every batch. One device only. With --unfreeze_every_epochs, "
+                                   "keep steps per epoch a multiple of N: a new stage drops a part-filled sum.",
     "max_steps_per_epoch": "Cap on steps per epoch (quick runs); 0 = a full pass.",
     "label_fraction": "Keep this share of the training split (1 = all), stratified by class and drawn from --seed; "
                       "multilabel and regression labels are drawn without stratification.",

@@ -245,6 +245,8 @@ class Config:
                 re.compile(f.trainable)
             except re.error as e:
                 raise ConfigError(f"--trainable='{f.trainable}' is not a valid regular expression ({e})")
+        if t.gradient_accumulation_steps > 1 and t.strategy in ("mirrored", "multi_worker", "tpu"):
+            raise ConfigError(ACCUMULATION_ON_ONE_DEVICE)
         if t.strategy == "tpu" and not t.tpu:
             raise ConfigError("--strategy=tpu needs --tpu=local|<grpc address>|<TPU name>")
         return self
@@ -274,6 +276,12 @@ class Config:
         if self.mode == "predict" and not (self.model_dir and self.predict.input):
             raise ConfigError("--mode=predict needs --model_dir=<a finished run> and --input=<text|csv:path|"
                               "jsonl:path|images:folder>")
+
+
+# Keras's accumulation runs an ops.cond that calls merge_call inside the train step's tf.function: fails with
+# several replicas ("merge_call called while defining a new graph"), checked with 2 logical CPUs.
+ACCUMULATION_ON_ONE_DEVICE = ("--gradient_accumulation_steps works on one device only (Keras's accumulation fails "
+                              "under tf.distribute with several replicas): drop it, or use --strategy=default")
 
 
 def _check_positive(name: str, value: int) -> None:

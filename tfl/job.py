@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from typing import Optional
 
 import tensorflow as tf
@@ -25,15 +26,15 @@ from tfl.train import NonFiniteLossError
 from tfl.transfer import TransferError
 
 
-
 class DiskFullError(OSError):
-    """The disk filled up while the run wrote its files (checkpoints, features, exports)."""
+    """The disk filled up while the run wrote its files (checkpoints, features, exports, caches)."""
 
 
 # Raised for a user mistake; main.py prints the message on one line and exits 2.
-USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError, TransferError, DiskFullError)
-# Raised when training fails numerically: also one line, exit 2, but the run folder is kept.
-TRAINING_ERRORS = (NonFiniteLossError, ExportError)
+USER_ERRORS = (ConfigError, DataError, BackboneError, AssetError, TransferError)
+# Raised when training fails (numerically, or a full disk): also one line, exit 2, but the run folder is kept:
+# its backup resumes the run.
+TRAINING_ERRORS = (NonFiniteLossError, ExportError, DiskFullError)
 
 
 def run_mode(config: Config, verbose: int = 1, process_started: Optional[float] = None) -> dict:
@@ -109,7 +110,17 @@ def run_checked(config: Config, verbose: int = 1, process_started: Optional[floa
 
 
 def is_disk_full(error: Exception) -> bool:
-    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+    """A full disk (or quota) as h5py, numpy or TensorFlow report it: an errno, or only the C library's message."""
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        text in str(error) for text in ("No space left on device", "Disk quota exceeded"))
+
+
+def disk_full_message(error: Exception, model_dir: str) -> str:
+    """Names the file the error names (h5py puts it in its message), else the run folder."""
+    path = getattr(error, "filename", None) or next(iter(re.findall(r"filename = '([^']+)'", str(error))), None)
+    where = f"while writing {path}" if path else f"while the run in {model_dir or 'this process'} wrote its files"
+    kept = f"; the run folder {model_dir} is kept: the same command resumes from its backup" if model_dir else ""
+    return f"no space left on the disk {where}: free space on that disk{kept}"
 
 
 def _run_in_folder(config: Config, verbose: int, *, command_line: bool,
@@ -119,8 +130,7 @@ def _run_in_folder(config: Config, verbose: int, *, command_line: bool,
     except (OSError, tf.errors.OpError) as e:  # h5py, numpy and TensorFlow each report a full disk their way
         if isinstance(e, DiskFullError) or not is_disk_full(e):
             raise
-        raise DiskFullError(f"no space left on the disk while writing {config.model_dir or 'the run'}: free "
-                            "space there or give a --model_dir on a disk with room") from e
+        raise DiskFullError(disk_full_message(e, config.model_dir)) from e
 
 
 def _run_in_folder_unchecked(config: Config, verbose: int, *, command_line: bool,

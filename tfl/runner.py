@@ -26,7 +26,7 @@ from tfl import devices as devices_lib
 from tfl import freezing as freeze_lib
 from tfl import heads, train
 from tfl import transfer as transfer_lib
-from tfl.config import Config, ConfigError
+from tfl.config import ACCUMULATION_ON_ONE_DEVICE, Config, ConfigError
 from tfl.costs import EpochTimes, peak_rss_mb, timed
 from tfl.train import cache_features
 from tfl.outputs import write_outputs
@@ -261,6 +261,8 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
     """Trains ``model`` (a linear probe: its head, on cached features); returns the training metrics.
     ``timings``: "feature_cache" (a linear probe's backbone features), "fit" and its "epochs"."""
     t = config.train
+    if t.gradient_accumulation_steps > 1 and devices.strategy.num_replicas_in_sync > 1:
+        raise ConfigError(ACCUMULATION_ON_ONE_DEVICE)  # --strategy=auto chose several replicas
     train_ds, fit_val_ds, val_ds, _, bucketing = batches
     # The batches the training pipeline really yields (make_batches counts them exactly, buckets included).
     steps_per_epoch = batch_count(train_ds)

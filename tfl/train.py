@@ -67,6 +67,7 @@ def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: f
 def batch_counter(optimizer: keras.optimizers.Optimizer):
     """The optimizer's count of batches: its ``iterations``, except under gradient accumulation, where
     ``iterations`` counts updates (a tensor computed from the batch counter, which has no public name)."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer counts its inner one's
     return optimizer._iterations if optimizer.gradient_accumulation_steps else optimizer.iterations
 
 
