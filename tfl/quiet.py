@@ -30,7 +30,10 @@ def tensorflow_start(quiet: bool):
     if not quiet:
         yield
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ INFO and WARNING lines after the start
+    # C++ log lines after the start too, ERROR included: TF logs warnings at that level ("oneDNN supports
+    # DT_BOOL only on platforms with AVX-512. Falling back to ... Eigen", on some AVX-512 hosts at export);
+    # failures still reach the user as Python exceptions, and -v shows every line.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with _stderr_captured():
         yield
         import tensorflow as tf
