@@ -70,13 +70,22 @@ def batch_of(backbone, texts, size: int, length: int) -> tuple:
     return features, tf.constant(np.arange(size) % 2)
 
 
+def classifier(preset: str, precision: str) -> tuple:
+    """(backbone, the two-class classifier built on it)."""
+    backbone = build_backbone(preset, sequence_length=max(LENGTHS), dtype=precision)
+    return backbone, build_model(backbone, ["rotten", "fresh"])
+
+
+def compile_as_tfl_trains(model, accumulation: int = 1) -> None:
+    train.compile_model(model, train.make_optimizer(5e-5, 1000, gradient_accumulation_steps=accumulation),
+                        task="classification", num_labels=2, jit_compile=False)
+
+
 def measure(stages: Stages, texts, preset: str, precision: str) -> tuple:
     """Stage rows, the transient of each train step by (batch size, length), and the mean seconds per step."""
-    backbone = build_backbone(preset, sequence_length=max(LENGTHS), dtype=precision)
-    model = build_model(backbone, ["rotten", "fresh"])
+    backbone, model = classifier(preset, precision)
     stages.mark(f"classifier built from the MiniLM preset ({model.count_params() / 1e6:.1f}M parameters)")
-    train.compile_model(model, train.make_optimizer(5e-5, 1000), task="classification", num_labels=2,
-                        jit_compile=False)
+    compile_as_tfl_trains(model)
     model.optimizer.build(model.trainable_variables)
     stages.mark("compiled; AdamW's two slots per trainable weight built")
     model.train_on_batch(*batch_of(backbone, texts, 1, max(LENGTHS)))
@@ -145,11 +154,8 @@ def measure_accumulation(steps: int, preset: str = "asset:minilm", texts: Option
     training it on the widest bucket's batch of 32 sentences, whole or accumulated from ``steps`` batches of
     32 / steps (``--gradient_accumulation_steps``), and the seconds per 32 sentences."""
     texts = texts or longest_texts_first()[0]
-    precision = devices.resolve_precision(precision)
-    backbone = build_backbone(preset, sequence_length=max(LENGTHS), dtype=precision)
-    model = build_model(backbone, ["rotten", "fresh"])
-    train.compile_model(model, train.make_optimizer(5e-5, 1000, gradient_accumulation_steps=steps),
-                        task="classification", num_labels=2, jit_compile=False)
+    backbone, model = classifier(preset, devices.resolve_precision(precision))
+    compile_as_tfl_trains(model, accumulation=steps)
     batch = batch_of(backbone, texts, BATCHES[-1] // steps, max(LENGTHS))
     for _ in range(steps):  # tracing and the first update, untimed
         model.train_on_batch(*batch)

@@ -117,7 +117,8 @@ def is_disk_full(error: Exception) -> bool:
 
 def disk_full_message(error: Exception, model_dir: str) -> str:
     """Names the file the error names (h5py puts it in its message), else the run folder."""
-    path = getattr(error, "filename", None) or next(iter(re.findall(r"filename = '([^']+)'", str(error))), None)
+    named = re.search(r"filename = '([^']+)'", str(error))
+    path = getattr(error, "filename", None) or (named.group(1) if named else None)
     where = f"while writing {path}" if path else f"while the run in {model_dir or 'this process'} wrote its files"
     kept = f"; the run folder {model_dir} is kept: the same command resumes from its backup" if model_dir else ""
     return f"no space left on the disk {where}: free space on that disk{kept}"
