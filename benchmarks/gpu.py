@@ -1,0 +1,392 @@
+"""BERT fine-tune speed on a lent GPU: the keras-hub model tfl trains, against the torch peer, on one card.
+
+Three steps, because the GPU machine this project is lent has no TensorFlow (its image holds torch, JAX and
+CUDA 13; TensorFlow's GPU wheels and their CUDA 12 libraries are over a gigabyte, far past what a call can
+carry), so tfl itself cannot run there. What can run there is the same keras-hub model under Keras 3's JAX
+backend, compiled by XLA as `--jit_compile=auto` chooses on a GPU, in mixed_bfloat16:
+
+    .venv/bin/python benchmarks/gpu.py prepare --dir=DIR          # here: RT token ids, tfl's length buckets
+    KERAS_BACKEND=jax python3 benchmarks/gpu.py measure --dir=DIR --out=R.json   # there: no tfl, no TF
+    .venv/bin/python benchmarks/gpu.py render --results=R.json --out=docs/benchmarks-gpu.md
+
+measure times, on the same card in one process:
+  - the card's bf16 matmul peak (8192³, in JAX and in torch), the denominator of every MFU figure;
+  - a fixed-shape fine-tune step (batch x 128 tokens) of MiniLM (all-MiniLM-L6-v2's shape) and BERT-base,
+    keras-hub BertTextClassifier under Keras/JAX with XLA against Hugging Face BertForSequenceClassification
+    with bf16 autocast (the peer's usual practice, eager);
+  - one real Rotten Tomatoes training epoch (tfl's training split, tokenised here by tfl): Keras in tfl's
+    8 length buckets (each bucket's last batch padded to full size with zero sample weights, so one compile per
+    bucket), torch with per-batch dynamic padding on a shuffled order.
+Weights are random from each architecture's config: speed does not depend on their values (the asset's
+90 MB of weights is more than a call can carry). MFU = model FLOPs (6 x non-embedding params x tokens +
+attention, padded tokens counted) / time / the bf16 peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+SEQ = 128
+ARCHITECTURES = {  # Hugging Face BertConfig fields
+    "MiniLM-L6 (all-MiniLM-L6-v2's shape)": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                                 intermediate_size=1536),
+    "BERT-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+VOCAB = 30522
+# --smoke: every path on a CPU in a minute, to check the script before spending device time on it
+SMOKE = dict(architectures={"tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64)}, batches=(4, 8), sentences=200, matmul=512)
+
+
+def flops_per_sequence(arch: dict, seq: int) -> float:
+    """Forward + backward FLOPs of one sequence: 3 x (2 x dense params x tokens + attention scores and sums)."""
+    hidden, inner, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    dense = layers * (4 * hidden * hidden + 2 * hidden * inner) + hidden * hidden  # + the pooler
+    return 3 * (2 * dense * seq + 4 * layers * seq * seq * hidden)
+
+
+# --- here, with tfl: the data both sides train on -------------------------------------------------------------
+
+def prepare(directory: str) -> None:
+    """Writes DIR/rt.npz: the RT training split as token ids (MiniLM's tokenizer, 128 tokens), labels, and the
+    8 bucket boundaries tfl chooses for it."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tfl import data as data_lib
+    from tfl.backbones import build_backbone
+
+    backbone = build_backbone("asset:minilm", sequence_length=SEQ)
+    splits = data_lib.load_data("asset:rotten_tomatoes", seed=0)
+    token_ids, labels = [], []
+    for texts, y in splits.train.batch(512):
+        token_ids.append(backbone.preprocess(texts)["token_ids"].numpy())
+        labels.append(y.numpy())
+    token_ids = np.concatenate(token_ids).astype(np.int32)
+    lengths = (token_ids != 0).sum(axis=1)
+    bounds = data_lib.choose_boundaries(list(lengths), 8)
+    bounds[-1] = SEQ
+    os.makedirs(directory, exist_ok=True)
+    np.savez_compressed(os.path.join(directory, "rt.npz"), token_ids=token_ids, labels=np.concatenate(labels),
+                        boundaries=np.array(bounds))
+    print(f"{len(token_ids)} sentences, buckets {bounds}")
+
+
+# --- there: Keras (JAX backend) and torch on the card ----------------------------------------------------------
+
+def keras_classifier(arch: dict):
+    import keras
+    import keras_hub
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB, num_layers=arch["num_hidden_layers"], num_heads=arch["num_attention_heads"],
+        hidden_dim=arch["hidden_size"], intermediate_dim=arch["intermediate_size"], max_sequence_length=512)
+    classifier = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2, preprocessor=None)
+    # The same layers as a plain functional model: keras-hub's own fit would route batches through grain or
+    # tf.data, which the GPU machine lacks (tfl's TF path feeds tf.data batches to the same layers).
+    model = keras.Model(classifier.inputs, classifier.outputs)
+    model.compile(optimizer=keras.optimizers.AdamW(5e-5, global_clipnorm=1.0), jit_compile=True,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def keras_fit_seconds(model, batches: list) -> float:
+    """Seconds for one pass of ``model.fit`` over ``batches`` ((x, y, sample weight) tuples), up to the last
+    update's result on the host."""
+    def feed():
+        yield from batches
+    started = time.perf_counter()
+    model.fit(feed(), steps_per_epoch=len(batches), epochs=1, verbose=0)
+    np.asarray(model.optimizer.iterations)  # waits for the last update
+    return time.perf_counter() - started
+
+
+def keras_batch(ids: np.ndarray, labels: np.ndarray, weights=None) -> tuple:
+    x = {"token_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": ids != 0}
+    return x, labels, (np.ones(len(ids), np.float32) if weights is None else weights)
+
+
+def bucket_batches(ids, labels, boundaries, batch: int, seed: int = 0) -> list:
+    """tfl's length bucketing: each sentence goes to the first bucket it fits, each bucket is cut to its length
+    and batched; a bucket's last batch is padded to ``batch`` rows with zero sample weights (one shape per bucket,
+    so one compile each). Batches are shuffled across buckets, as tfl's pipeline interleaves them."""
+    lengths = (ids != 0).sum(axis=1)
+    rng, batches, low = np.random.RandomState(seed), [], 0
+    for bound in boundaries:
+        rows = rng.permutation(np.where((lengths > low) & (lengths <= bound))[0])
+        low = bound
+        for start in range(0, len(rows), batch):
+            part = rows[start:start + batch]
+            weights = np.zeros(batch, np.float32)
+            weights[:len(part)] = 1
+            take = np.concatenate([part, np.repeat(part[:1], batch - len(part))])
+            batches.append(keras_batch(ids[take, :bound], labels[take], weights))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def torch_parts(arch: dict):
+    import torch
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=512, num_labels=2, **arch)
+    model = transformers.BertForSequenceClassification(config).to(device()).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=5e-5)
+
+
+def torch_seconds(model, optimizer, batches: list) -> float:
+    """Seconds for ``batches`` ((ids, mask, labels) on the card), bf16 autocast, as the peer trains."""
+    import torch
+
+    synchronize()
+    started = time.perf_counter()
+    for ids, mask, labels in batches:
+        with torch.autocast(device(), dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize()
+    return time.perf_counter() - started
+
+
+def torch_batches(ids, labels, batch: int, seed: int = 0) -> list:
+    """A shuffled epoch, each batch padded to its own longest sentence (per-batch dynamic padding)."""
+    import torch
+
+    order, out = np.random.RandomState(seed).permutation(len(ids)), []
+    for start in range(0, len(order), batch):
+        rows = order[start:start + batch]
+        longest = int((ids[rows] != 0).sum(axis=1).max())
+        part = torch.from_numpy(ids[rows, :longest]).long().to(device())
+        out.append((part, (part != 0).long(), torch.from_numpy(labels[rows]).long().to(device())))
+    return out
+
+
+def matmul_peaks(n: int = 8192, repeats: int = 10) -> dict:
+    """bf16 TFLOP/s of an n³ matmul in JAX and in torch: the mean of ``repeats`` after 3 warm-ups."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+    product = jax.jit(lambda x: x @ x)
+    for _ in range(3):
+        product(a).block_until_ready()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        out = product(a)
+    out.block_until_ready()
+    jax_rate = 2 * n ** 3 * repeats / (time.perf_counter() - started) / 1e12
+    b = torch.randn(n, n, device=device(), dtype=torch.bfloat16)
+    for _ in range(3):
+        b @ b
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        b @ b
+    synchronize()
+    return {"jax": jax_rate, "torch": 2 * n ** 3 * repeats / (time.perf_counter() - started) / 1e12}
+
+
+def fixed_rows(arch_name: str, arch: dict, batch: int, steps: int, rng) -> dict:
+    """ex/s of a fixed-shape step (``batch`` x 128 random tokens) for both sides; the first steps untimed."""
+    import torch
+
+    ids = rng.randint(1000, VOCAB, size=(batch, SEQ)).astype(np.int32)
+    labels = rng.randint(0, 2, size=batch).astype(np.int32)
+    model = keras_classifier(arch)
+    keras_fit_seconds(model, [keras_batch(ids, labels)] * 3)  # compile
+    keras_rate = batch * steps / keras_fit_seconds(model, [keras_batch(ids, labels)] * steps)
+    del model
+    tmodel, optimizer = torch_parts(arch)
+    part = torch.from_numpy(ids).long().to(device())
+    tbatch = (part, torch.ones_like(part), torch.from_numpy(labels).long().to(device()))
+    torch_seconds(tmodel, optimizer, [tbatch] * 3)
+    torch_rate = batch * steps / torch_seconds(tmodel, optimizer, [tbatch] * steps)
+    del tmodel, optimizer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"architecture": arch_name, "batch": batch, "keras_ex_s": keras_rate, "torch_ex_s": torch_rate,
+            "flops_per_example": flops_per_sequence(arch, SEQ)}
+
+
+def epoch_rows(arch_name: str, arch: dict, data: dict, batch: int) -> dict:
+    """One real RT epoch on each side, twice on one fresh model: the first holds the compiles (Keras) or
+    kernel choices (torch), the second is the steady epoch."""
+    import torch
+
+    ids, labels = data["token_ids"], data["labels"].astype(np.int32)
+    kb = bucket_batches(ids, labels, [int(b) for b in data["boundaries"]], batch)
+    model = keras_classifier(arch)
+    keras_times = [keras_fit_seconds(model, kb) for _ in range(2)]
+    del model
+    tb = torch_batches(ids, labels, batch)
+    tmodel, optimizer = torch_parts(arch)
+    torch_times = [torch_seconds(tmodel, optimizer, tb) for _ in range(2)]
+    del tmodel, optimizer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    keras_flops = sum(len(x["token_ids"]) * flops_per_sequence(arch, x["token_ids"].shape[1]) for x, _, _ in kb)
+    torch_flops = sum(len(b[0]) * flops_per_sequence(arch, b[0].shape[1]) for b in tb)
+    padded = lambda shapes: 1 - int((ids != 0).sum()) / sum(rows * length for rows, length in shapes)  # noqa: E731
+    return {"architecture": arch_name, "batch": batch, "sentences": len(ids),
+            "keras_seconds": keras_times, "torch_seconds": torch_times,
+            "keras_batches": len(kb), "torch_batches": len(tb),
+            "keras_flops": keras_flops, "torch_flops": torch_flops,
+            "keras_padding": padded([x["token_ids"].shape for x, _, _ in kb]),
+            "torch_padding": padded([tuple(b[0].shape) for b in tb]),
+            "keras_shapes": len({x["token_ids"].shape for x, _, _ in kb}),
+            "torch_shapes": len({tuple(b[0].shape) for b in tb})}
+
+
+def measure(directory: str, out: str, steps: int, smoke: bool, budget_seconds: float) -> None:
+    """Every measurement, each section written to ``out`` as soon as it is done (a time limit keeps the rest)."""
+    import jax
+    import keras
+    import keras_hub
+    import torch
+    import transformers
+
+    results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke run)", "jax_devices": [str(d) for d in jax.devices()],
+               "versions": {"keras": keras.__version__, "keras_hub": keras_hub.__version__, "jax": jax.__version__,
+                            "torch": torch.__version__, "transformers": transformers.__version__},
+               "backend": keras.backend.backend(), "date": time.strftime("%Y-%m-%d"), "steps": steps,
+               "fixed": [], "epochs": []}
+
+    def save():
+        with open(out + ".tmp", "w") as handle:
+            json.dump(results, handle, indent=1)
+        os.replace(out + ".tmp", out)
+
+    matmul = SMOKE["matmul"] if smoke else 8192
+    results["peak_tflops"], results["matmul_n"] = matmul_peaks(matmul), matmul
+    save()
+    data = dict(np.load(os.path.join(directory, "rt.npz")))
+    if smoke:
+        data["token_ids"], data["labels"] = data["token_ids"][:SMOKE["sentences"]], data["labels"][:SMOKE["sentences"]]
+    architectures = SMOKE["architectures"] if smoke else ARCHITECTURES
+    small, large = SMOKE["batches"] if smoke else (32, 256)
+    rng = np.random.RandomState(0)
+    # BERT-base's fixed step first: it is the issue's target, and a time limit keeps what was done first
+    plan = [("fixed", name, batch) for name in reversed(architectures) for batch in (small, large)]
+    plan += [("epochs", name, small) for name in architectures]
+    began = time.perf_counter()
+    for section, name, batch in plan:
+        started = time.perf_counter()
+        arch = architectures[name]
+        if started - began > budget_seconds:  # the lease is short: say what was left rather than be cut off
+            results[section].append({"architecture": name, "batch": batch, "error": "skipped: --budget_seconds spent"})
+            continue
+        try:  # one failing row (a library mismatch on the lent machine) must not lose the others
+            row = (fixed_rows(name, arch, batch, steps, rng) if section == "fixed"
+                   else epoch_rows(name, arch, data, batch))
+        except Exception as error:  # noqa: BLE001 - recorded in the results and printed
+            row = {"architecture": name, "batch": batch, "error": f"{type(error).__name__}: {error}"[:2000]}
+        row["wall_seconds"] = time.perf_counter() - started
+        results[section].append(row)
+        print(section, json.dumps(row), flush=True)
+        save()
+    results["peak_tflops_after"] = matmul_peaks(matmul)
+    save()
+
+
+# --- here again: the doc, from the measurements alone ----------------------------------------------------------
+
+def render(results: dict, source: str) -> str:
+    """docs/benchmarks-gpu.md from ``results`` (what measure wrote); every number comes from it."""
+    peak = max(list(results["peak_tflops"].values()) + list(results.get("peak_tflops_after", {}).values()))
+    mfu = lambda flops, seconds: flops / seconds / 1e12 / peak  # noqa: E731
+    v = results["versions"]
+    lines = [f"# tfl benchmarks on a GPU: {results['device']}\n",
+             f"Measured on {results['date']} by `benchmarks/gpu.py measure` (results: `{source}`), rendered by "
+             "`benchmarks/gpu.py render`; nothing here is typed by hand. Rerun both on a lent GPU to refresh it.\n",
+             "**What this is.** The GPU machine has no TensorFlow, so tfl itself did not run: this is the same "
+             "keras-hub model that tfl fine-tunes (BertBackbone + BertTextClassifier, mixed_bfloat16, compiled by "
+             f"XLA as tfl's `--jit_compile=auto` does on a GPU) under Keras {v['keras']} with its JAX backend "
+             f"(JAX {v['jax']}, keras-hub {v['keras_hub']}), against the torch peer (Hugging Face "
+             f"BertForSequenceClassification, transformers {v['transformers']}, torch {v['torch']}, bf16 autocast, "
+             "eager), on the same card in one process. Weights are random from each architecture's config (speed "
+             "does not depend on them). Both sides use AdamW with global-norm clipping at 1.0, as tfl does.\n",
+             f"bf16 matmul peak measured in this run ({results['matmul_n']}³): " + ", ".join(
+                 f"{k} {v:.0f} TFLOP/s" for k, v in results["peak_tflops"].items())
+             + (" at the start; " + ", ".join(f"{k} {v:.0f}" for k, v in results["peak_tflops_after"].items())
+                + " at the end" if "peak_tflops_after" in results else "")
+             + f". MFU below is against the highest of these, {peak:.0f} TFLOP/s, and counts model FLOPs "
+             "(6 x non-embedding parameters x tokens + attention; padded tokens count as work).\n",
+             "## Fixed-shape fine-tune step (128 tokens)\n",
+             "| model | batch | Keras/JAX + XLA | MFU | torch bf16 autocast | MFU | Keras / torch |", "|---|---|---|---|---|---|---|"]
+    for row in [r for r in results["fixed"] if "error" in r] + [r for r in results["epochs"] if "error" in r]:
+        lines.insert(-2, f"Not measured: {row['architecture']} at batch {row['batch']}: {row['error'][:300]}\n")
+    for row in [r for r in results["fixed"] if "error" not in r]:
+        flops = row["flops_per_example"]
+        lines.append(f"| {row['architecture']} | {row['batch']} | {row['keras_ex_s']:,.0f} ex/s | "
+                     f"{mfu(flops * row['keras_ex_s'], 1):.0%} | {row['torch_ex_s']:,.0f} ex/s | "
+                     f"{mfu(flops * row['torch_ex_s'], 1):.0%} | {row['keras_ex_s'] / row['torch_ex_s']:.2f}x |")
+    if any("error" not in r for r in results["epochs"]):
+        lines += [f"\n## One real Rotten Tomatoes training epoch (batch {results['epochs'][0]['batch']})\n",
+                  "Keras in tfl's 8 length buckets (one shape per bucket); torch with per-batch dynamic padding. "
+                  "Each side runs two epochs on a fresh model: the first holds compiles (Keras) or kernel choices "
+                  "(torch), the second is the steady epoch.\n",
+                  "| model | sentences | Keras/JAX epoch 2 (epoch 1) | padding, shapes | MFU | torch epoch 2 (epoch 1) "
+                  "| padding, shapes | MFU | torch / Keras, epoch 2 | epoch 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in [r for r in results["epochs"] if "error" not in r]:
+        k, t = row["keras_seconds"], row["torch_seconds"]
+        lines.append(f"| {row['architecture']} | {row['sentences']:,} | {k[1]:.1f} s ({k[0]:.1f} s) | "
+                     f"{row['keras_padding']:.1%}, {row['keras_shapes']} | {mfu(row['keras_flops'], k[1]):.0%} | "
+                     f"{t[1]:.1f} s ({t[0]:.1f} s) | {row['torch_padding']:.1%}, {row['torch_shapes']} | "
+                     f"{mfu(row['torch_flops'], t[1]):.0%} | {t[1] / k[1]:.2f}x | {t[0] / k[0]:.2f}x |")
+    base = [mfu(r["flops_per_example"] * r["keras_ex_s"], 1) for r in results["fixed"]
+            if "BERT-base" in r["architecture"] and "error" not in r]
+    if base:
+        best = max(base)
+        lines += ["\n## Target (issue #17)\n", "| target | measured | met |", "|---|---|---|",
+                  f"| BERT-base fine-tune ≥ 40% of the card's bf16 peak | {best:.0%} (best fixed-shape batch; the "
+                  f"Keras/JAX stand-in for tfl) | {'yes' if best >= 0.4 else '**no**'} |"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("step", choices=["prepare", "measure", "render"])
+    parser.add_argument("--dir", default=".gpu_data")
+    parser.add_argument("--results", default=".gpu_data/results.json")
+    parser.add_argument("--out", default="docs/benchmarks-gpu.md")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--budget_seconds", type=float, default=1e9, help="start no new row after this")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few sentences, on any machine")
+    args = parser.parse_args()
+    if args.step == "prepare":
+        prepare(args.dir)
+    elif args.step == "measure":
+        measure(args.dir, args.out, args.steps, args.smoke, args.budget_seconds)
+    else:
+        with open(args.results) as handle:
+            text = render(json.load(handle), os.path.join("docs", "benchmarks-gpu.json"))
+        with open(args.out + ".tmp", "w") as handle:
+            handle.write(text)
+        os.replace(args.out + ".tmp", args.out)
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
