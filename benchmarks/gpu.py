@@ -258,7 +258,7 @@ def epoch_rows(arch_name: str, arch: dict, data: dict, batch: int) -> dict:
             "torch_shapes": len({tuple(b[0].shape) for b in tb})}
 
 
-def measure(directory: str, out: str, steps: int, smoke: bool, budget_seconds: float) -> None:
+def measure(directory: str, out: str, steps: int, smoke: bool, budget_seconds: float, only: str = "") -> None:
     """Every measurement, each section written to ``out`` as soon as it is done (a time limit keeps the rest)."""
     import jax
     import keras
@@ -289,6 +289,7 @@ def measure(directory: str, out: str, steps: int, smoke: bool, budget_seconds: f
     # BERT-base's fixed step first: it is the issue's target, and a time limit keeps what was done first
     plan = [("fixed", name, batch) for name in reversed(architectures) for batch in (small, large)]
     plan += [("epochs", name, small) for name in architectures]
+    plan = [row for row in plan if only in f"{row[0]} {row[1]}"]  # --only: rerun the rows a time limit cut off
     began = time.perf_counter()
     for section, name, batch in plan:
         started = time.perf_counter()
@@ -311,9 +312,22 @@ def measure(directory: str, out: str, steps: int, smoke: bool, budget_seconds: f
 
 # --- here again: the doc, from the measurements alone ----------------------------------------------------------
 
-def render(results: dict, source: str) -> str:
-    """docs/benchmarks-gpu.md from ``results`` (what measure wrote); every number comes from it."""
-    peak = max(list(results["peak_tflops"].values()) + list(results.get("peak_tflops_after", {}).values()))
+def merged(runs: list) -> dict:
+    """One results dict from several measure runs on one machine (a later run redoing rows that an earlier
+    one's time limit cut off): rows in order, every run's peaks kept."""
+    results = dict(runs[0], fixed=[], epochs=[], peaks=[])
+    for run in runs:
+        results["fixed"] += run["fixed"]
+        results["epochs"] += run["epochs"]
+        results["peaks"] += [run["peak_tflops"]] + ([run["peak_tflops_after"]] if "peak_tflops_after" in run else [])
+    return results
+
+
+def render(runs: list, source: str) -> str:
+    """docs/benchmarks-gpu.md from ``runs`` (what measure wrote, one or more runs on one machine); every number
+    comes from them."""
+    results = merged(runs)
+    peak = max(rate for peaks in results["peaks"] for rate in peaks.values())
     mfu = lambda flops, seconds: flops / seconds / 1e12 / peak  # noqa: E731
     v = results["versions"]
     lines = [f"# tfl benchmarks on a GPU: {results['device']}\n",
@@ -326,11 +340,12 @@ def render(results: dict, source: str) -> str:
              f"BertForSequenceClassification, transformers {v['transformers']}, torch {v['torch']}, bf16 autocast, "
              "eager), on the same card in one process. Weights are random from each architecture's config (speed "
              "does not depend on them). Both sides use AdamW with global-norm clipping at 1.0, as tfl does.\n",
-             f"bf16 matmul peak measured in this run ({results['matmul_n']}³): " + ", ".join(
-                 f"{k} {v:.0f} TFLOP/s" for k, v in results["peak_tflops"].items())
-             + (" at the start; " + ", ".join(f"{k} {v:.0f}" for k, v in results["peak_tflops_after"].items())
-                + " at the end" if "peak_tflops_after" in results else "")
-             + f". MFU below is against the highest of these, {peak:.0f} TFLOP/s, and counts model FLOPs "
+             f"{len(runs)} run(s) of `measure` on this machine" + (", the later ones redoing the rows that an "
+                                                                   "earlier one's time limit cut off"
+                                                                   if len(runs) > 1 else "")
+             + f". bf16 matmul peak ({results['matmul_n']}³), measured at the start and end of each run: "
+             + "; ".join(", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) for peaks in results["peaks"])
+             + f" TFLOP/s. MFU below is against the highest of these, {peak:.0f} TFLOP/s, and counts model FLOPs "
              "(6 x non-embedding parameters x tokens + attention; padded tokens count as work).\n",
              "## Fixed-shape fine-tune step (128 tokens)\n",
              "| model | batch | Keras/JAX + XLA | MFU | torch bf16 autocast | MFU | Keras / torch |", "|---|---|---|---|---|---|---|"]
@@ -354,6 +369,8 @@ def render(results: dict, source: str) -> str:
                      f"{row['keras_padding']:.1%}, {row['keras_shapes']} | {mfu(row['keras_flops'], k[1]):.0%} | "
                      f"{t[1]:.1f} s ({t[0]:.1f} s) | {row['torch_padding']:.1%}, {row['torch_shapes']} | "
                      f"{mfu(row['torch_flops'], t[1]):.0%} | {t[1] / k[1]:.2f}x | {t[0] / k[0]:.2f}x |")
+    paid = [break_even(row) for row in results["epochs"] if "error" not in row]
+    lines += ["\n## What the epochs say\n"] + paid if paid else []
     base = [mfu(r["flops_per_example"] * r["keras_ex_s"], 1) for r in results["fixed"]
             if "BERT-base" in r["architecture"] and "error" not in r]
     if base:
@@ -364,23 +381,40 @@ def render(results: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def break_even(row: dict) -> str:
+    """What the epoch rows mean for a whole run: after how many epochs the compiled buckets' faster steady
+    epochs have paid for their first epoch's compiles."""
+    (k1, k2), (t1, t2) = row["keras_seconds"], row["torch_seconds"]
+    name = row["architecture"]
+    if k2 >= t2:
+        return f"- {name}: Keras's steady epoch is not faster than torch's here, so its compiles never pay off."
+    if k1 <= t1:
+        return f"- {name}: Keras is ahead of torch from the first epoch."
+    epochs = 1 + (k1 - t1) / (t2 - k2)
+    return (f"- {name}: the first epoch's compiles ({row['keras_shapes']} bucket shapes, {k1 - k2:.0f} s beyond a "
+            f"steady epoch) are paid back after {epochs:.1f} epochs of this size; a shorter run is faster in torch. "
+            "Fewer buckets, or one compile per bucket shared across runs (a persistent compilation cache), would "
+            "cut that.")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("step", choices=["prepare", "measure", "render"])
     parser.add_argument("--dir", default=".gpu_data")
-    parser.add_argument("--results", default=".gpu_data/results.json")
+    parser.add_argument("--results", default="docs/benchmarks-gpu.json", help='{"runs": [what measure wrote]}')
     parser.add_argument("--out", default="docs/benchmarks-gpu.md")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--budget_seconds", type=float, default=1e9, help="start no new row after this")
+    parser.add_argument("--only", default="", help="only the rows whose 'section architecture' holds this")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few sentences, on any machine")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.dir)
     elif args.step == "measure":
-        measure(args.dir, args.out, args.steps, args.smoke, args.budget_seconds)
+        measure(args.dir, args.out, args.steps, args.smoke, args.budget_seconds, args.only)
     else:
         with open(args.results) as handle:
-            text = render(json.load(handle), os.path.join("docs", "benchmarks-gpu.json"))
+            text = render(json.load(handle)["runs"], args.results)
         with open(args.out + ".tmp", "w") as handle:
             handle.write(text)
         os.replace(args.out + ".tmp", args.out)
