@@ -244,3 +244,42 @@ def test_memory_per_sentence_is_the_slope_between_the_two_batch_sizes(memory_ben
     small, large = memory_bench.BATCHES
     transient = {(small, 64): 100.0, (large, 64): 100.0 + 3.0 * (large - small)}
     assert memory_bench.per_example(transient, 64) == pytest.approx(3.0)
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    return _load_benchmark("bench_gpu", "gpu.py")
+
+
+def test_the_gpu_doc_is_what_the_script_renders_from_the_committed_results(gpu_bench):
+    import json
+
+    with open(os.path.join(ROOT, "docs", "benchmarks-gpu.json")) as handle:
+        runs = json.load(handle)["runs"]
+    with open(os.path.join(ROOT, "docs", "benchmarks-gpu.md")) as handle:
+        assert handle.read() == gpu_bench.render(runs, "docs/benchmarks-gpu.json"), (
+            "docs/benchmarks-gpu.md differs from its results: run `python benchmarks/gpu.py render`")
+
+
+def test_gpu_buckets_hold_every_sentence_once_in_one_shape_per_bucket(gpu_bench):
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    lengths = rng.randint(1, 40, size=101)
+    ids = np.zeros((101, 40), np.int32)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = row + 1  # each sentence's ids name it
+    batches = gpu_bench.bucket_batches(ids, np.arange(101) % 2, [10, 20, 40], batch=8)
+    seen = sorted(int(x["token_ids"][i, 0]) - 1 for x, _, w in batches for i in np.flatnonzero(w))
+    assert seen == list(range(101))
+    assert {x["token_ids"].shape for x, _, _ in batches} == {(8, 10), (8, 20), (8, 40)}
+    for x, _, weights in batches:  # no sentence is cut: its bucket is at least as long as it
+        kept = (x["token_ids"] != 0).sum(axis=1)
+        assert (kept == lengths[x["token_ids"][:, 0] - 1]).all() and weights.sum() >= 1
+
+
+def test_gpu_break_even_is_where_the_compiled_epochs_catch_up(gpu_bench):
+    row = {"architecture": "m", "keras_shapes": 8, "keras_seconds": [101.0, 1.0], "torch_seconds": [21.0, 6.0]}
+    assert "after 17.0 epochs" in gpu_bench.break_even(row)  # 1 + (101 - 21) / (6 - 1)
+    assert "never pay off" in gpu_bench.break_even(dict(row, keras_seconds=[101.0, 7.0]))
+    assert "from the first epoch" in gpu_bench.break_even(dict(row, keras_seconds=[20.0, 1.0]))
