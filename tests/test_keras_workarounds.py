@@ -118,3 +118,97 @@ def test_loss_scaling_for_a_float16_body_under_a_float32_model():
                       keras.optimizers.LossScaleOptimizer)
     float32 = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     assert isinstance(keras_workarounds.with_loss_scaling(float32, keras.optimizers.SGD()), keras.optimizers.SGD)
+
+
+# Models with an embedding (its gradient is sparse, tf.IndexedSlices) trained one after another in a fresh
+# process, each freed after: the resident memory after each of them, with Keras's own global_clipnorm and with
+# tfl's.
+REPEATED_TRAINING = """
+import gc, json
+import keras
+import numpy as np
+from tfl import keras_workarounds
+
+def resident_mb():
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+x = np.random.RandomState(0).randint(1, 10000, (64, 8))
+y = (x[:, 0] > 5000).astype("float32")
+after = {}
+for patched in (False, True):
+    after[str(patched)] = []
+    for _ in range(5):
+        inputs = keras.Input((8,), dtype="int32")
+        pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(10000, 50)(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled))
+        optimizer = keras.optimizers.Adam(1e-3, global_clipnorm=1.0)
+        model.compile(keras_workarounds.clip_with_tensorflow(optimizer) if patched else optimizer,
+                      "binary_crossentropy")
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        del model, optimizer
+        keras.backend.clear_session(free_memory=True)
+        gc.collect()
+        after[str(patched)].append(resident_mb())
+print(json.dumps(after))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_keras_global_clipnorm_keeps_memory_per_trained_model_and_tensorflows_clipping_does_not():
+    result = subprocess.run([sys.executable, "-c", REPEATED_TRAINING], capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads(result.stdout.strip().splitlines()[-1])
+    # Growth over the last four models (the first one pays one-off costs), Keras's clipping against tfl's.
+    keras_growth, patched_growth = (after[k][-1] - after[k][0] for k in ("False", "True"))
+    assert keras_growth > 20.0, after  # fails the day Keras stops keeping it: drop clip_with_tensorflow then
+    assert patched_growth < 8.0, after
+
+
+def test_tensorflows_global_norm_clipping_equals_keras_and_keeps_the_gradient_sparse():
+    from keras.src.optimizers.base_optimizer import clip_by_global_norm
+
+    dense = tf.constant([[3.0, 4.0], [0.0, 12.0]])
+    # rows 1 and 2, row 1 twice: a token seen twice in a batch
+    sparse = tf.IndexedSlices(tf.constant([[1.0, 2.0], [5.0, 1.0], [3.0, 0.0]]), tf.constant([1, 2, 1]),
+                              tf.constant([3, 2]))
+    optimizer = keras_workarounds.clip_with_tensorflow(keras.optimizers.AdamW(1e-3, global_clipnorm=1.0))
+    ours = optimizer._clip_gradients([dense, sparse, None])
+    theirs = clip_by_global_norm([dense, tf.convert_to_tensor(sparse), None], 1.0)
+    assert ours[2] is None and isinstance(ours[1], tf.IndexedSlices)  # stays sparse
+    assert sorted(ours[1].indices.numpy().tolist()) == [1, 2]  # each row once, its repeats summed
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
+    np.testing.assert_allclose(tf.convert_to_tensor(ours[1]), theirs[1], rtol=1e-6)
+    flat = np.concatenate([np.ravel(ours[0]), np.ravel(tf.convert_to_tensor(ours[1]))])
+    np.testing.assert_allclose(np.linalg.norm(flat), 1.0, rtol=1e-6)
+    assert np.isnan(optimizer._clip_gradients([tf.constant([np.inf, 1.0])])[0]).all()  # as Keras: NaN, caught later
+    unclipped = keras.optimizers.AdamW(1e-3)
+    assert keras_workarounds.clip_with_tensorflow(unclipped)._clip_gradients.__func__ is type(unclipped)._clip_gradients
+    assert keras.optimizers.AdamW.from_config(optimizer.get_config()).global_clipnorm == 1.0  # config unchanged
+
+
+def test_an_embedding_trained_with_tensorflows_clipping_ends_where_keras_leaves_its_dense_gradient():
+    """Repeated tokens in a batch: the same AdamW steps as Keras's own clipping of the gradient made dense, to
+    float precision. (Keras's clipping of the sparse gradient itself squares a repeated row's parts apart, so
+    its global norm differs when a token repeats; the dense gradient's norm is the true one.)"""
+    from keras.src.optimizers.base_optimizer import clip_by_global_norm
+
+    x = np.array([[1, 1, 2, 3], [3, 3, 3, 4], [5, 1, 6, 6]])
+    y = np.array([1.0, 0.0, 1.0])
+    weights = {}
+    for patched in (False, True):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,), dtype="int32")
+        pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(8, 3)(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
+        optimizer = keras.optimizers.AdamW(0.1, global_clipnorm=0.5)
+        if patched:
+            keras_workarounds.clip_with_tensorflow(optimizer)
+        else:
+            optimizer._clip_gradients = lambda grads: clip_by_global_norm(
+                [None if g is None else tf.convert_to_tensor(g) for g in grads], 0.5)
+        model.compile(optimizer, "mse")
+        model.fit(x, y, batch_size=3, epochs=5, verbose=0)
+        weights[patched] = [w.numpy() for w in model.weights]
+    for ours, theirs in zip(weights[True], weights[False]):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)

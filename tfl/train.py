@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tfl import heads, storage
 from tfl.freezing import LayerwiseAdamW
-from tfl.keras_workarounds import CSVLogger, patch_keras_for_distribution, with_loss_scaling
+from tfl.keras_workarounds import CSVLogger, clip_with_tensorflow, patch_keras_for_distribution, with_loss_scaling
 
 
 # ---- optimizer and schedule -----------------------------------------------------------------
@@ -59,9 +59,9 @@ def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: f
     lr = WarmupDecay(learning_rate, total_steps, int(warmup_fraction * total_steps), schedule)
     kwargs = dict(learning_rate=lr, weight_decay=weight_decay, global_clipnorm=1.0,
                   gradient_accumulation_steps=gradient_accumulation_steps if gradient_accumulation_steps > 1 else None)
-    if lr_multipliers:
-        return LayerwiseAdamW(lr_multipliers=lr_multipliers, **kwargs)
-    return keras.optimizers.AdamW(**kwargs)
+    optimizer = (LayerwiseAdamW(lr_multipliers=lr_multipliers, **kwargs) if lr_multipliers
+                 else keras.optimizers.AdamW(**kwargs))
+    return clip_with_tensorflow(optimizer)
 
 
 def batch_counter(optimizer: keras.optimizers.Optimizer):
