@@ -266,7 +266,8 @@ def measure(directory: str, out: str, steps: int, smoke: bool, budget_seconds: f
     import torch
     import transformers
 
-    results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke run)", "jax_devices": [str(d) for d in jax.devices()],
+    results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke run)",
+               "jax_devices": [str(d) for d in jax.devices()],
                "versions": {"keras": keras.__version__, "keras_hub": keras_hub.__version__, "jax": jax.__version__,
                             "torch": torch.__version__, "transformers": transformers.__version__},
                "backend": keras.backend.backend(), "date": time.strftime("%Y-%m-%d"), "steps": steps,
@@ -348,7 +349,8 @@ def render(runs: list, source: str) -> str:
              + f" TFLOP/s. MFU below is against the highest of these, {peak:.0f} TFLOP/s, and counts model FLOPs "
              "(6 x non-embedding parameters x tokens + attention; padded tokens count as work).\n",
              "## Fixed-shape fine-tune step (128 tokens)\n",
-             "| model | batch | Keras/JAX + XLA | MFU | torch bf16 autocast | MFU | Keras / torch |", "|---|---|---|---|---|---|---|"]
+             "| model | batch | Keras/JAX + XLA | MFU | torch bf16 autocast | MFU | Keras / torch |",
+             "|---|---|---|---|---|---|---|"]
     for row in [r for r in results["fixed"] if "error" in r] + [r for r in results["epochs"] if "error" in r]:
         lines.insert(-2, f"Not measured: {row['architecture']} at batch {row['batch']}: {row['error'][:300]}\n")
     for row in [r for r in results["fixed"] if "error" not in r]:
@@ -362,7 +364,8 @@ def render(runs: list, source: str) -> str:
                   "Each side runs two epochs on a fresh model: the first holds compiles (Keras) or kernel choices "
                   "(torch), the second is the steady epoch.\n",
                   "| model | sentences | Keras/JAX epoch 2 (epoch 1) | padding, shapes | MFU | torch epoch 2 (epoch 1) "
-                  "| padding, shapes | MFU | torch / Keras, epoch 2 | epoch 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| padding, shapes | MFU | torch / Keras, epoch 2 | epoch 1 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
     for row in [r for r in results["epochs"] if "error" not in r]:
         k, t = row["keras_seconds"], row["torch_seconds"]
         lines.append(f"| {row['architecture']} | {row['sentences']:,} | {k[1]:.1f} s ({k[0]:.1f} s) | "

@@ -243,7 +243,18 @@ def activations_text(default: dict, returned: dict) -> list:
         "backward pass, which tfl does not do."]
 
 
-def report(default: dict, returned: dict, accumulated: dict, seconds: float, command: str) -> str:
+def matmul_peaks() -> dict:
+    """{dtype: GFLOP/s} of a 2048² matmul on this host now (hosts here differ by 2x from day to day, and the
+    accumulation table's times are only comparable on one host)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import matmul_shapes
+
+    return {dtype.name: matmul_shapes.gflops((2048, 2048), (2048, 2048), dtype)[0]
+            for dtype in (tf.float32, tf.bfloat16)}
+
+
+def report(default: dict, returned: dict, accumulated: dict, seconds: float, command: str,
+           peaks: Optional[dict] = None) -> str:
     table = ["| stage | resident after | resident after, freed memory returned | held while running "
              "| held while running, freed memory returned |", "|---|---|---|---|---|"]
     for a, b in zip(default["rows"], returned["rows"]):
@@ -256,7 +267,9 @@ def report(default: dict, returned: dict, accumulated: dict, seconds: float, com
         "",
         f"Machine: {os.cpu_count()} cores, TF {tf.__version__}, Keras {keras.__version__}, keras-hub {keras_hub.__version__}, precision "
         f"{default['precision']}. Command: `{command}` ({time.strftime('%Y-%m-%d')}, "
-        f"{seconds:.0f} s). Every number below comes from this run; rerun the command to refresh it.",
+        f"{seconds:.0f} s)" + (", matmul 2048² peak measured in the same run: " + ", ".join(
+            f"{name} {rate:.0f} GFLOP/s" for name, rate in peaks.items()) if peaks else "")
+        + ". Every number below comes from this run; rerun the command to refresh it.",
         "",
         "The packaged all-MiniLM-L6-v2 classifier (the model of `configs/minilm_rotten_tomatoes.flags`), built "
         "and trained stage by stage, twice, each in a fresh process: as tfl runs (glibc's default allocator), "
@@ -313,7 +326,7 @@ def main() -> int:
     accumulated = {precision: {steps: in_subprocess(f"accumulate:{steps}", precision) for steps in ACCUMULATION}
                    for precision in precisions}
     command = " ".join([".venv/bin/python benchmarks/memory.py"] + sys.argv[1:])
-    text = report(default, returned, accumulated, time.perf_counter() - started, command)
+    text = report(default, returned, accumulated, time.perf_counter() - started, command, matmul_peaks())
     print(text)
     storage.write_text_atomically(args.out, text)
     return 0

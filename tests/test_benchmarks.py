@@ -212,7 +212,9 @@ def test_the_memory_benchmark_measures_every_stage_and_writes_its_tables(memory_
     accumulated = {steps: memory_bench.measure_accumulation(steps, tiny_bert_preset, texts) for steps in (1, 2)}
     assert [(run["micro_batch"], run["updates"]) for run in accumulated.values()] == [(32, 4), (16, 4)]
     assert all(run["seconds"] > 0 and run["weights_mb"] > 0 for run in accumulated.values())
-    text = memory_bench.report(run, slower, {"float32": accumulated}, 1.0, "memory.py")
+    text = memory_bench.report(run, slower, {"float32": accumulated}, 1.0, "memory.py",
+                               {"float32": 300.0, "bfloat16": 900.0})
+    assert "matmul 2048² peak measured in the same run: float32 300 GFLOP/s, bfloat16 900 GFLOP/s" in text
     assert "(2.00x)" in text and f"| {shown[0][0]} |" in text
     assert "| float32 | 2 x 16, `--gradient_accumulation_steps=2` |" in text and "| float32 | whole |" in text
 
