@@ -174,25 +174,23 @@ def test_tensorflows_global_norm_clipping_equals_keras_and_keeps_the_gradient_sp
                               tf.constant([3, 2]))
     optimizer = keras_workarounds.clip_with_tensorflow(keras.optimizers.AdamW(1e-3, global_clipnorm=1.0))
     ours = optimizer._clip_gradients([dense, sparse, None])
-    theirs = clip_by_global_norm([dense, tf.convert_to_tensor(sparse), None], 1.0)
+    theirs = clip_by_global_norm([dense, sparse, None], 1.0)  # Keras's own: it makes the sparse one dense
     assert ours[2] is None and isinstance(ours[1], tf.IndexedSlices)  # stays sparse
-    assert sorted(ours[1].indices.numpy().tolist()) == [1, 2]  # each row once, its repeats summed
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
     np.testing.assert_allclose(tf.convert_to_tensor(ours[1]), theirs[1], rtol=1e-6)
-    flat = np.concatenate([np.ravel(ours[0]), np.ravel(tf.convert_to_tensor(ours[1]))])
-    np.testing.assert_allclose(np.linalg.norm(flat), 1.0, rtol=1e-6)
+    parts = np.concatenate([np.ravel(dense), np.ravel(sparse.values)])  # Keras's norm: rows as they come
+    np.testing.assert_allclose(ours[0], dense / np.linalg.norm(parts), rtol=1e-6)
     assert np.isnan(optimizer._clip_gradients([tf.constant([np.inf, 1.0])])[0]).all()  # as Keras: NaN, caught later
+    summed = keras_workarounds.summed_rows(sparse)
+    assert sorted(summed.indices.numpy().tolist()) == [1, 2]  # each row once, its repeats summed
+    np.testing.assert_allclose(tf.convert_to_tensor(summed), tf.convert_to_tensor(sparse))
     unclipped = keras.optimizers.AdamW(1e-3)
     assert keras_workarounds.clip_with_tensorflow(unclipped)._clip_gradients.__func__ is type(unclipped)._clip_gradients
     assert keras.optimizers.AdamW.from_config(optimizer.get_config()).global_clipnorm == 1.0  # config unchanged
 
 
-def test_an_embedding_trained_with_tensorflows_clipping_ends_where_keras_leaves_its_dense_gradient():
-    """Repeated tokens in a batch: the same AdamW steps as Keras's own clipping of the gradient made dense, to
-    float precision. (Keras's clipping of the sparse gradient itself squares a repeated row's parts apart, so
-    its global norm differs when a token repeats; the dense gradient's norm is the true one.)"""
-    from keras.src.optimizers.base_optimizer import clip_by_global_norm
-
+def test_an_embedding_trained_with_tensorflows_clipping_ends_where_keras_clipping_leaves_it():
+    """Repeated tokens in a batch, clipping active: the same AdamW steps as Keras's own, to float precision."""
     x = np.array([[1, 1, 2, 3], [3, 3, 3, 4], [5, 1, 6, 6]])
     y = np.array([1.0, 0.0, 1.0])
     weights = {}
@@ -201,13 +199,8 @@ def test_an_embedding_trained_with_tensorflows_clipping_ends_where_keras_leaves_
         inputs = keras.Input((4,), dtype="int32")
         pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(8, 3)(inputs))
         model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
-        optimizer = keras.optimizers.AdamW(0.1, global_clipnorm=0.5)
-        if patched:
-            keras_workarounds.clip_with_tensorflow(optimizer)
-        else:
-            optimizer._clip_gradients = lambda grads: clip_by_global_norm(
-                [None if g is None else tf.convert_to_tensor(g) for g in grads], 0.5)
-        model.compile(optimizer, "mse")
+        optimizer = keras.optimizers.AdamW(0.1, global_clipnorm=0.05)
+        model.compile(keras_workarounds.clip_with_tensorflow(optimizer) if patched else optimizer, "mse")
         model.fit(x, y, batch_size=3, epochs=5, verbose=0)
         weights[patched] = [w.numpy() for w in model.weights]
     for ours, theirs in zip(weights[True], weights[False]):

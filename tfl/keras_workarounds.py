@@ -106,21 +106,29 @@ def clip_with_tensorflow(optimizer: keras.optimizers.Optimizer) -> keras.optimiz
     per MiniLM run, 40 MiB per IMDB LSTM run (the demo's 27 IMDB -> Rotten Tomatoes runs peaked 1.5 GB above
     one run). With TensorFlow's clipping it stays flat (tests/test_keras_workarounds.py measures both).
 
-    The update is Keras's on the gradient made dense: a sparse gradient's repeated rows (a token seen twice
-    in a batch) are summed first, so the global norm and Adam's squared-gradient moment see the sum (Keras's
-    own clipping of the sparse gradient squares the parts apart, a slightly different norm when a token
-    repeats; torch's clip_grad_norm_ takes the dense one too). Each gradient is scaled by
-    clip_norm / max(global norm, clip_norm), NaN for a non-finite norm. Patched on
-    this optimizer instance only, so its config and class (what model.keras and backups store) stay Keras's.
+    The update is Keras's own: the same global norm (Keras squares a sparse gradient's rows as they come, a
+    token seen twice in a batch counted twice), each gradient scaled by clip_norm / max(norm, clip_norm) (NaN
+    for a non-finite norm), and a sparse gradient's repeated rows summed, as Keras's dense one has them, so
+    Adam's squared-gradient moment sees the square of the sum. Patched on this optimizer instance only, so
+    its config and class (what model.keras and backups store) stay Keras's.
 
     Upstream: no report of this case found; tensorflow/tensorflow#80895 tracks memory that repeated training
     in one process never gives back.
     """
     if optimizer.global_clipnorm:
         def clip(grads):
-            return tf.clip_by_global_norm([summed_rows(g) for g in grads], optimizer.global_clipnorm)[0]
+            parts = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
+            norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(part)) for part in parts]))  # as Keras's
+            return tf.clip_by_global_norm(list(grads), optimizer.global_clipnorm, use_norm=norm)[0]
 
-        optimizer._clip_gradients = clip
+        # Rows are summed at the update, after the replicas' gradients are reduced: the reduction of sparse
+        # gradients concatenates them, so a row one replica has once can come twice.
+        update_step = optimizer.update_step
+
+        def update_with_summed_rows(gradient, variable, learning_rate):
+            return update_step(summed_rows(gradient), variable, learning_rate)
+
+        optimizer._clip_gradients, optimizer.update_step = clip, update_with_summed_rows
     return optimizer
 
 
