@@ -285,3 +285,19 @@ def test_gpu_break_even_is_where_the_compiled_epochs_catch_up(gpu_bench):
     assert "after 17.0 epochs" in gpu_bench.break_even(row)  # 1 + (101 - 21) / (6 - 1)
     assert "never pay off" in gpu_bench.break_even(dict(row, keras_seconds=[101.0, 7.0]))
     assert "from the first epoch" in gpu_bench.break_even(dict(row, keras_seconds=[20.0, 1.0]))
+
+
+def test_gpu_doc_names_each_peak_by_the_run_and_moment_it_was_measured(gpu_bench):
+    def run(fixed, after):
+        out = {"device": "GPU", "date": "d", "matmul_n": 8192, "fixed": fixed, "epochs": [],
+               "versions": dict.fromkeys(["keras", "keras_hub", "jax", "torch", "transformers"], "v"),
+               "peak_tflops": {"jax": 700.0, "torch": 690.0}}
+        return dict(out, peak_tflops_after={"jax": 800.0, "torch": 650.0}) if after else out
+
+    row = {"architecture": "BERT-base", "batch": 32, "keras_ex_s": 1000.0, "torch_ex_s": 500.0,
+           "flops_per_example": 2e11}
+    text = gpu_bench.render([run([row], after=False), run([dict(row, batch=256)], after=True)], "r.json")
+    assert "run 1 start: jax 700, torch 690; run 2 start: jax 700, torch 690; run 2 end: jax 800, torch 650" in text
+    assert "run 1 end" not in text and "against the highest of these, 800 TFLOP/s" in text
+    assert "| BERT-base | 32 | 1,000 ex/s | 25% | 500 ex/s | 12% | 2.00x |" in text  # 2e14 FLOP/s of 800e12
+    assert "| BERT-base | 256 |" in text and "25% of the measured matmul peak" in text and "| **no** |" in text

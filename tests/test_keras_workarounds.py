@@ -189,19 +189,28 @@ def test_tensorflows_global_norm_clipping_equals_keras_and_keeps_the_gradient_sp
     assert keras.optimizers.AdamW.from_config(optimizer.get_config()).global_clipnorm == 1.0  # config unchanged
 
 
-def test_an_embedding_trained_with_tensorflows_clipping_ends_where_keras_clipping_leaves_it():
-    """Repeated tokens in a batch, clipping active: the same AdamW steps as Keras's own, to float precision."""
+@pytest.mark.parametrize("setting", ["plain", "xla", "accumulation", "loss_scaling"])
+def test_an_embedding_trained_with_tensorflows_clipping_ends_where_keras_clipping_leaves_it(setting):
+    """Repeated tokens in a batch, clipping active: the same AdamW steps as Keras's own, to float precision,
+    also under XLA, gradient accumulation and a LossScaleOptimizer."""
     x = np.array([[1, 1, 2, 3], [3, 3, 3, 4], [5, 1, 6, 6]])
     y = np.array([1.0, 0.0, 1.0])
     weights = {}
-    for patched in (False, True):
+    for clipping in ("keras", "tfl", "none"):
         keras.utils.set_random_seed(0)
         inputs = keras.Input((4,), dtype="int32")
         pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(8, 3)(inputs))
         model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
-        optimizer = keras.optimizers.AdamW(0.1, global_clipnorm=0.05)
-        model.compile(keras_workarounds.clip_with_tensorflow(optimizer) if patched else optimizer, "mse")
-        model.fit(x, y, batch_size=3, epochs=5, verbose=0)
-        weights[patched] = [w.numpy() for w in model.weights]
-    for ours, theirs in zip(weights[True], weights[False]):
+        optimizer = keras.optimizers.AdamW(0.1, global_clipnorm=None if clipping == "none" else 0.05,
+                                           gradient_accumulation_steps=2 if setting == "accumulation" else None)
+        if clipping == "tfl":
+            keras_workarounds.clip_with_tensorflow(optimizer)
+        if setting == "loss_scaling":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer, "mse", jit_compile=setting == "xla")
+        model.fit(x, y, batch_size=3, epochs=6, verbose=0)
+        weights[clipping] = [w.numpy() for w in model.weights]
+    for ours, theirs in zip(weights["tfl"], weights["keras"]):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    # the clipping was active: without it the same steps end elsewhere
+    assert not np.allclose(weights["none"][0], weights["keras"][0], atol=1e-3)

@@ -100,11 +100,12 @@ def with_loss_scaling(model: keras.Model, optimizer: keras.optimizers.Optimizer)
 
 def clip_with_tensorflow(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
     """``global_clipnorm`` computed by ``tf.clip_by_global_norm`` on an embedding's sparse gradient as it is,
-    instead of Keras's own clipping, which makes it dense inside the train step. A process that trains model
-    after model (compare, tune, the demo, the rank proof) kept memory per model trained that neither
-    ``clear_session`` nor garbage collection gave back, in proportion to the embedding table: about 470 MiB
-    per MiniLM run, 40 MiB per IMDB LSTM run (the demo's 27 IMDB -> Rotten Tomatoes runs peaked 1.5 GB above
-    one run). With TensorFlow's clipping it stays flat (tests/test_keras_workarounds.py measures both).
+    instead of Keras's own clipping, which makes it dense in the train step (``scale * gradient``). With
+    Keras's clipping, a process that trains model after model (compare, tune, the demo, the rank proof) kept
+    memory per model trained that neither ``clear_session`` nor garbage collection gave back, growing with the
+    embedding table; with this one it stays flat (tests/test_keras_workarounds.py measures both on a small
+    embedding model; the session notes give what MiniLM and the demo showed). Under gradient accumulation
+    Keras adds the gradient to a dense accumulator before clipping, so this changes nothing there.
 
     The update is Keras's own: the same global norm (Keras squares a sparse gradient's rows as they come, a
     token seen twice in a batch counted twice), each gradient scaled by clip_norm / max(norm, clip_norm) (NaN
