@@ -254,7 +254,7 @@ def matmul_peaks() -> dict:
 
 
 def report(default: dict, returned: dict, accumulated: dict, seconds: float, command: str,
-           peaks: Optional[dict] = None) -> str:
+           matmul: Optional[dict] = None) -> str:
     table = ["| stage | resident after | resident after, freed memory returned | held while running "
              "| held while running, freed memory returned |", "|---|---|---|---|---|"]
     for a, b in zip(default["rows"], returned["rows"]):
@@ -268,7 +268,7 @@ def report(default: dict, returned: dict, accumulated: dict, seconds: float, com
         f"Machine: {os.cpu_count()} cores, TF {tf.__version__}, Keras {keras.__version__}, keras-hub {keras_hub.__version__}, precision "
         f"{default['precision']}. Command: `{command}` ({time.strftime('%Y-%m-%d')}, "
         f"{seconds:.0f} s)" + (", matmul 2048² peak measured in the same run: " + ", ".join(
-            f"{name} {rate:.0f} GFLOP/s" for name, rate in peaks.items()) if peaks else "")
+            f"{name} {rate:.0f} GFLOP/s" for name, rate in matmul.items()) if matmul else "")
         + ". Every number below comes from this run; rerun the command to refresh it.",
         "",
         "The packaged all-MiniLM-L6-v2 classifier (the model of `configs/minilm_rotten_tomatoes.flags`), built "

@@ -91,3 +91,18 @@ def test_copy_report_takes_the_report_not_the_run_folders_markers(tmp_path):
         (run / name).write_text("{}")
     demo.copy_report(str(run), str(tmp_path / "docs"))
     assert sorted(os.listdir(tmp_path / "docs")) == ["plot.png", "report.json", "report.md"]
+
+
+def test_a_full_disk_stops_the_demo_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from tfl import job
+
+    def full_disk(config, verbose=1):
+        raise job.DiskFullError("the disk is full while writing model.keras: free space and rerun the same command")
+
+    monkeypatch.setattr(demo, "summarise_data", lambda: None)  # loads every data set; not what is tested here
+    monkeypatch.setattr(job, "run", full_disk)
+    assert demo.main(["--only=minilm_rt"], out=str(tmp_path)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "error: the disk is full while writing model.keras: free space and rerun the same command"]
+    assert "=== minilm_rt" in captured.out and "took" not in captured.out  # it stopped at the first job

@@ -411,3 +411,19 @@ def test_gradient_accumulation_is_refused_with_several_replicas_and_counts_batch
     inner = train.make_optimizer(1e-3, 10, gradient_accumulation_steps=2)
     wrapped = keras.optimizers.LossScaleOptimizer(inner)  # what mixed_float16 compiles
     assert train.batch_counter(wrapped) is inner._iterations  # a variable to assign, not the update count
+
+
+def test_accumulation_is_refused_when_auto_picks_several_replicas_at_run_time():
+    """`validate` refuses it for an explicit multi-device strategy; --strategy=auto only knows at run time."""
+    from types import SimpleNamespace
+
+    from tfl import runner
+    from tfl.config import ConfigError
+
+    config = Config(data=DataConfig(source="asset:rotten_tomatoes"), train=TrainConfig(gradient_accumulation_steps=2))
+    two_replicas = SimpleNamespace(strategy=SimpleNamespace(num_replicas_in_sync=2))
+    with pytest.raises(ConfigError, match="one device only"):
+        runner.fit_model(config, None, None, None, (), two_replicas, verbose=0)
+    one_replica = SimpleNamespace(strategy=SimpleNamespace(num_replicas_in_sync=1))
+    with pytest.raises(ValueError):  # past the check: it goes on to unpack the (here empty) batches
+        runner.fit_model(config, None, None, None, (), one_replica, verbose=0)
