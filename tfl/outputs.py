@@ -18,13 +18,14 @@ from tfl import export as export_lib
 from tfl import transfer as transfer_lib
 from tfl.config import Config
 from tfl.costs import timed
+from tfl.keras_workarounds import save_weights_through_disk
 
 
 def save_model_atomically(model: keras.Model, path: str) -> None:
     """model.keras is written next to its place under a temporary name and renamed: never half a file."""
     temporary = path[: -len(".keras")] + f".tmp-{os.getpid()}.keras"
     try:
-        model.save(temporary)
+        save_weights_through_disk(model, temporary)
         tf.io.gfile.rename(temporary, path, overwrite=True)
     finally:
         if tf.io.gfile.exists(temporary):
