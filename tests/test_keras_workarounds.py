@@ -63,14 +63,19 @@ print(json.dumps({"bool_plain": outcome(lambda: fit_with_a_bool_input(False)),
 """
 
 
-@pytest.fixture(scope="module")
-def distributed():
+def run_in_fresh_process(script: str) -> dict:
+    """The JSON object that ``script`` prints last, run by a fresh Python in the repository."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     env.pop("TF_CONFIG", None)
-    result = subprocess.run([sys.executable, "-c", DISTRIBUTED], capture_output=True, text=True, env=env,
-                            timeout=300, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def distributed():
+    return run_in_fresh_process(DISTRIBUTED)
 
 
 def test_mirrored_fit_builds_from_the_local_batch(distributed):
@@ -123,14 +128,16 @@ def test_loss_scaling_for_a_float16_body_under_a_float32_model():
 # Models with an embedding (its gradient is sparse, tf.IndexedSlices) trained one after another in a fresh
 # process, each freed after: the resident memory after each of them, with Keras's own global_clipnorm and with
 # tfl's.
-REPEATED_TRAINING = """
+# What both memory scripts below measure with: the resident memory now, in MiB.
+RESIDENT_MB = """
+def resident_mb():
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+"""
+REPEATED_TRAINING = RESIDENT_MB + """
 import gc, json
 import keras
 import numpy as np
 from tfl import keras_workarounds
-
-def resident_mb():
-    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
 
 x = np.random.RandomState(0).randint(1, 10000, (64, 8))
 y = (x[:, 0] > 5000).astype("float32")
@@ -155,10 +162,7 @@ print(json.dumps(after))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_keras_global_clipnorm_keeps_memory_per_trained_model_and_tensorflows_clipping_does_not():
-    result = subprocess.run([sys.executable, "-c", REPEATED_TRAINING], capture_output=True, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    after = json.loads(result.stdout.strip().splitlines()[-1])
+    after = run_in_fresh_process(REPEATED_TRAINING)
     # Growth over the last four models (the first one pays one-off costs), Keras's clipping against tfl's.
     keras_growth, patched_growth = (after[k][-1] - after[k][0] for k in ("False", "True"))
     assert keras_growth > 20.0, after  # fails the day Keras stops keeping it: drop clip_with_tensorflow then
@@ -218,13 +222,10 @@ def test_an_embedding_trained_with_tensorflows_clipping_ends_where_keras_clippin
 
 # A model of 16.8M weights with AdamW's slots built (≈ 200 MB to save), saved both ways in a fresh process: the
 # peak resident memory above the resident memory before each save.
-SAVING = """
+SAVING = RESIDENT_MB + """
 import json, os, sys, tempfile
 import keras
 from tfl import costs, keras_workarounds
-
-def resident_mb():
-    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
 
 model = keras.Sequential([keras.Input((4096,)), keras.layers.Dense(4096)])
 model.compile(keras.optimizers.AdamW(1e-3), "mse")
@@ -246,10 +247,7 @@ print(json.dumps({"above": above, "same": bool(same), "sizes": [os.path.getsize(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_keras_saves_weights_through_memory_and_tfl_through_a_file():
-    result = subprocess.run([sys.executable, "-c", SAVING], capture_output=True, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_in_fresh_process(SAVING)
     assert out["same"] and abs(out["sizes"][0] - out["sizes"][1]) < 1e6, out  # the same model, either way
     # About 200 MB of weights and slots: Keras holds them once more in memory (fails the day it stops: drop the
     # workaround then); through a file, far less.
