@@ -246,11 +246,9 @@ def activations_text(default: dict, returned: dict) -> list:
 def matmul_peaks() -> dict:
     """{dtype: GFLOP/s} of a 2048² matmul on this host now (hosts here differ by 2x from day to day, and the
     accumulation table's times are only comparable on one host)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import matmul_shapes
+    from benchmarks.run import matmul_gflops  # here, not at the top: the measuring children never need it
 
-    return {dtype.name: matmul_shapes.gflops((2048, 2048), (2048, 2048), dtype)[0]
-            for dtype in (tf.float32, tf.bfloat16)}
+    return {dtype.name: matmul_gflops(dtype) for dtype in (tf.float32, tf.bfloat16)}
 
 
 def report(default: dict, returned: dict, accumulated: dict, seconds: float, command: str,
