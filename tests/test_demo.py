@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -99,10 +100,27 @@ def test_a_full_disk_stops_the_demo_with_one_line_and_exit_2(tmp_path, monkeypat
     def full_disk(config, verbose=1):
         raise job.DiskFullError("the disk is full while writing model.keras: free space and rerun the same command")
 
-    monkeypatch.setattr(demo, "summarise_data", lambda: None)  # loads every data set; not what is tested here
     monkeypatch.setattr(job, "run", full_disk)
-    assert demo.main(["--only=minilm_rt"], out=str(tmp_path)) == 2
-    captured = capsys.readouterr()
-    assert captured.err.strip().splitlines() == [
+    assert demo.main(["--job=minilm_rt", f"--out={tmp_path}"]) == 2  # what the job's child process runs
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: the disk is full while writing model.keras: free space and rerun the same command"]
-    assert "=== minilm_rt" in captured.out and "took" not in captured.out  # it stopped at the first job
+
+    started = []
+
+    def child(args):  # the data summary succeeds, the first job's child exits 2 after its error line
+        started.append(args[0])
+        return (2 if args[0] == "--job=minilm_rt" else 0), 500.0
+
+    monkeypatch.setattr(demo, "run_in_child", child)
+    assert demo.main([], out=str(tmp_path)) == 2
+    assert started == ["--job=data_summary", "--job=minilm_rt"]  # it stopped at the first job
+    assert "took" not in capsys.readouterr().out
+
+
+def test_a_child_process_gives_its_exit_code_its_output_and_its_whole_peak(capsys):
+    code = ("import numpy as np, sys; a = np.ones(300 * 2**20 // 8); a += 1; print('child', a.size); "
+            "print('to stderr', file=sys.stderr); sys.exit(3)")
+    rc, peak = demo.run_process([sys.executable, "-c", code])
+    assert rc == 3
+    assert 300 < peak < 2000, peak  # the child's 300 MiB array counts; this process's memory does not
+    assert capsys.readouterr().out == "child 39321600\n"  # its output came through the parent's stdout

@@ -6,6 +6,7 @@
 3. Related-task transfer: the seed IMDB LSTM trained on IMDB reviews (configs/imdb_quick.flags), then
    scratch vs. parameter transfer on Rotten Tomatoes sentences at 1%, 5% and 20% of the labels, 3 seeds
    (configs/imdb_to_rt.flags; structure transfer too in docs-demo, see DEMO_ONLY_OVERRIDES).
+Each job runs in a child process of its own (``run_in_child``); the demo prints each one's seconds and peak memory.
 Reports go to runs/demo/*/report.md. ``--refresh-docs`` (``make docs-demo``) also runs the longer
 documentation jobs (the unrelated control IMDB -> SpamAssassin and the Fashion-MNIST image pair), copies
 every report with its plots to the committed docs/demo/, and regenerates the README's results from
@@ -22,6 +23,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import time
 
@@ -128,14 +130,60 @@ def copy_report(model_dir: str, docs: str) -> None:
             shutil.copy(os.path.join(model_dir, file), docs)
 
 
+def run_job(name: str, out: str, quick: bool, refresh_docs: bool, verbose: bool) -> int:
+    """One job, in this process (the child that ``run_in_child`` starts): 0, or 2 after one error line."""
+    flagfile, source_job = next((f, s) for n, f, s in DEMO_JOBS + DOCS_JOBS if n == name)
+    with quiet.tensorflow_start(quiet=not verbose):
+        from tfl.job import DiskFullError, run
+    config = job_config(name, flagfile, source_job, out, quick, refresh_docs)
+    shutil.rmtree(config.model_dir, ignore_errors=True)
+    try:
+        run(config, verbose=quiet.keras_verbose())
+    except DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if config.mode == "compare" and refresh_docs:
+        copy_report(config.model_dir, os.path.join(DOCS, name))
+    return 0
+
+
+def run_in_child(args: list) -> tuple:
+    """(exit code, peak resident MiB or None) of ``python -m tfl.demo <args>`` in a fresh process. A process per
+    job: what TensorFlow keeps after a run (about 1.1 GB after the MiniLM fine-tune, even after clear_session
+    and malloc_trim) goes back to the system when the child exits instead of counting under every later job."""
+    return run_process([sys.executable, "-u", "-m", "tfl.demo", *args])
+
+
+def run_process(command: list) -> tuple:
+    """(exit code, peak resident MiB of the process's whole life or None where the OS does not say) of
+    ``command``; its stdout passed on line by line through ours, its stderr straight to ours."""
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, bufsize=1)
+    for line in child.stdout:
+        print(line, end="", flush=True)
+    child.stdout.close()
+    if not hasattr(os, "wait4"):  # not Unix
+        return child.wait(), None
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, round(usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def main(argv: list, out: str = "") -> int:
     """``out``: where the runs go (runs/demo/ by default)."""
     os.chdir(ROOT)
     quick = "--quick" in argv
     refresh_docs = "--refresh-docs" in argv and not quick
-    only = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--only=")), None)
-    unknown = [a for a in argv if a not in ("--quick", "--refresh-docs", "--verbose") and not a.startswith("--only=")]
+    verbose = "--verbose" in argv
+    option = lambda key: next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{key}=")), None)  # noqa: E731
     known = [name for name, _, _ in DEMO_JOBS + DOCS_JOBS]
+    if option("job") == "data_summary":  # --job, --out: a child of the loop below (run_in_child)
+        with quiet.tensorflow_start(quiet=not verbose):
+            summarise_data()
+        return 0
+    if option("job") in known and option("out"):
+        return run_job(option("job"), option("out"), quick, refresh_docs, verbose)
+    only = option("only").split(",") if option("only") is not None else None
+    unknown = [a for a in argv if a not in ("--quick", "--refresh-docs", "--verbose") and not a.startswith("--only=")]
     if quick and "--refresh-docs" in argv:
         print("error: --quick runs are capped and never refresh docs/demo/; drop one of --quick, --refresh-docs",
               file=sys.stderr)
@@ -154,33 +202,24 @@ def main(argv: list, out: str = "") -> int:
             print(f"error: --only needs the run {missing[0]}; add its job to --only", file=sys.stderr)
             return 2
     started = time.time()
-    with quiet.tensorflow_start(quiet="--verbose" not in argv):
-        from tfl.costs import peak_rss_mb, release_memory, reset_peak_rss, trim_heap
-        from tfl.job import DiskFullError, run
-    summarise_data()
-    trim_heap()  # what loading every data set freed: the first job's peak would count it
-    peaks = {"data summary": peak_rss_mb() or 0.0}  # reset before each job: the demo's peak is the largest of these
+    flags = [f for f in ("--quick", "--refresh-docs", "--verbose") if f in argv]
+    rc, peak = run_in_child(["--job=data_summary", *flags])
+    if rc:
+        return rc
+    peaks = {"data summary": peak or 0.0}  # None: a platform that does not report it
     print(f"demo: data summary peak resident memory {peaks['data summary']:.0f} MiB")
 
     demo_seconds = 0.0
     for name, flagfile, source_job in jobs:
-        print(f"demo: === {name} ({time.time() - started:.0f} s so far) ===")
-        config = job_config(name, flagfile, source_job, out, quick, refresh_docs)
-        shutil.rmtree(config.model_dir, ignore_errors=True)
-        reset_peak_rss()
+        print(f"demo: === {name} ({time.time() - started:.0f} s so far) ===", flush=True)
         job_started = time.time()
-        try:
-            run(config, verbose=quiet.keras_verbose())
-        except DiskFullError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        peaks[name] = peak_rss_mb() or 0.0  # None: a platform that does not report it
+        rc, peak = run_in_child([f"--job={name}", f"--out={out}", *flags])
+        if rc:
+            return rc
+        peaks[name] = peak or 0.0
         print(f"demo: {name} took {time.time() - job_started:.0f} s, peak resident memory {peaks[name]:.0f} MiB")
-        release_memory()  # every job builds its own models; nothing of this one is needed by the next
         if (name, flagfile, source_job) == DEMO_JOBS[-1]:
             demo_seconds = time.time() - started
-        if config.mode == "compare" and refresh_docs:
-            copy_report(config.model_dir, os.path.join(DOCS, name))
     if refresh_docs and not only:  # the timing of a whole run only
         with open(os.path.join(DOCS, "demo.json"), "w", encoding="utf-8") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started),
