@@ -24,7 +24,9 @@ examples, the head's initialisation and the shuffling):
    and seconds to rank vs seconds to fine-tune; the host with its float32/bfloat16 matmul peak measured in
    the same run (``benchmarks/run.py``).
 
-Everything in --out is written by this script; a rerun replaces it. ``--quick``: tiny caps (one small
+Everything in --out is written by this script; a rerun replaces it. The measurements go beside it (--out with
+.json for .md, e.g. docs/transferability.json; commit it with the document) and into <work_dir>/results.json, so
+``--render_only`` can write the document again without training. ``--quick``: tiny caps (one small
 task, MiniLM-L3 only, 96 examples, two steps per fine-tune, one seed) for a smoke test in a few minutes.
 --bucket_shapes replaces the recipe's length buckets: each bucket shape is one more trace of the training
 and evaluation steps per candidate, which a one-epoch run on a few hundred examples does not earn back.
@@ -376,8 +378,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny caps: a smoke test in a few minutes")
     parser.add_argument("--merge", default="", help="--render_only: more work_dirs whose tasks join the document")
     parser.add_argument("--render_only", action="store_true",
-                        help="no training: rewrite --out from <work_dir>/results.json, auto's picks made again by "
-                             "the current tfl.auto.choose")
+                        help="no training: rewrite --out from <work_dir>/results.json (else the copy beside --out, "
+                             "e.g. docs/transferability.json), auto's picks made again by the current tfl.auto.choose")
     args = parser.parse_args()
     if args.render_only:
         return render_only(args)
@@ -411,8 +413,8 @@ def render_only(args) -> int:
     """--render_only: the document from the stored measurements (<work_dir>/results.json, then each --merge
     folder's tasks); the rows, runs and timings are as measured."""
     runs = []
-    for folder in [args.work_dir] + [m for m in args.merge.split(",") if m]:
-        with open(os.path.join(folder, "results.json")) as f:
+    for path in [stored_results(args)] + [os.path.join(m, "results.json") for m in args.merge.split(",") if m]:
+        with open(path) as f:
             runs.append(json.load(f))
     stored, results, seen = runs[0], [], set()
     for result in [r for run in runs for r in run["results"]]:
@@ -440,13 +442,29 @@ def render_only(args) -> int:
     return 0
 
 
+def results_beside(out: str) -> str:
+    """Where a run's measurements go beside its document (docs/transferability.md -> .json), so that the
+    committed document can be rendered again from committed data."""
+    return os.path.splitext(out)[0] + ".json"
+
+
+def stored_results(args) -> str:
+    """The measurements --render_only reads: <work_dir>/results.json, else the committed copy beside --out."""
+    stored = os.path.join(args.work_dir, "results.json")
+    if not os.path.exists(stored) and args.out and os.path.exists(results_beside(args.out)):
+        return results_beside(args.out)
+    return stored
+
+
 def write(args, text: str, results) -> None:
     os.makedirs(args.work_dir, exist_ok=True)
-    if results is not None:
-        with open(os.path.join(args.work_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=float)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if results is not None:
+        for path in [os.path.join(args.work_dir, "results.json")] + ([results_beside(args.out)] if args.out else []):
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1, default=float)
+    if args.out:
         with open(args.out, "w") as f:
             f.write(text)
 

@@ -64,3 +64,17 @@ def test_seeds_are_averaged_and_autos_pick_is_measured_against_the_best(rank_pro
     # Ranking 6 s + a@2's 20 s, of fine-tuning all four: 10 + 20 + 30 + 30 s.
     assert result["picks"][0]["compute_share"] == pytest.approx(26 / 90)
     assert len(result["per_seed"]) == 2 and result["fine_tune_seconds"] == pytest.approx(90)
+
+
+def test_measurements_are_written_beside_the_document_and_read_back_from_there(rank_proof, tmp_path):
+    import argparse
+    import json
+
+    args = argparse.Namespace(work_dir=str(tmp_path / "work"), out=str(tmp_path / "docs" / "transferability.md"))
+    rank_proof.write(args, "# doc\n", {"results": [{"task": "t"}]})
+    assert (tmp_path / "docs" / "transferability.md").read_text() == "# doc\n"
+    beside = tmp_path / "docs" / "transferability.json"
+    assert json.loads(beside.read_text()) == json.loads((tmp_path / "work" / "results.json").read_text())
+    assert rank_proof.stored_results(args) == str(tmp_path / "work" / "results.json")  # the run's own first
+    fresh = argparse.Namespace(work_dir=str(tmp_path / "elsewhere"), out=args.out)  # a clone: no work_dir
+    assert rank_proof.stored_results(fresh) == str(beside)
