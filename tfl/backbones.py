@@ -25,6 +25,7 @@ from tfl import assets, small_models
 from tfl.backbone_types import Backbone, BackboneError, Block  # noqa: F401 (re-exported: tfl.backbones.Backbone)
 from tfl.data.sources import IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS
 from tfl.images import decode_image_bytes, decode_image_file, fit_images  # noqa: F401 (re-exported)
+from tfl.text_prefix import PrefixPreprocessor
 
 
 @keras.saving.register_keras_serializable(package="tfl")
@@ -189,8 +190,9 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
         if longest and sequence_length > longest:
             raise BackboneError(f"--sequence_length={sequence_length} is longer than {display_name} allows "
                                 f"({longest} positions); use --sequence_length={longest} or less")
-        preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
-            preset, sequence_length=sequence_length)
+        # Long texts are tokenized only as far as the sequence needs (same tokens; tfl.text_prefix).
+        preprocessor = PrefixPreprocessor.wrap(keras_hub.models.TextClassifierPreprocessor.from_preset(
+            preset, sequence_length=sequence_length))
         all_blocks = keras_hub_blocks(hub_backbone)
         outputs, unused = _text_outputs(hub_backbone, all_blocks, depth, pooling, display_name)
         features = _pool_text(outputs, inputs, pooling)

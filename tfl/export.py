@@ -87,8 +87,10 @@ def export_serving_model(model: keras.Model, backbone: backbones_lib.Backbone, l
     serving = ServingFunctions(model, backbone, label_names, task)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    if isinstance(backbone.preprocess, keras.layers.Layer):
-        archive.track(backbone.preprocess)  # tokenizer vocabularies and lookup tables
+    # The keras-hub layer (inside a tfl.text_prefix.PrefixPreprocessor for text): tokenizer vocabularies and tables.
+    layer = getattr(backbone.preprocess, "preprocessor", backbone.preprocess)
+    if isinstance(layer, keras.layers.Layer):
+        archive.track(layer)
     function, signature = serving.endpoint()
     archive.add_endpoint("serving_default", function, input_signature=signature)
     final = next_version_dir(export_root)
