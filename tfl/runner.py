@@ -31,6 +31,7 @@ from tfl.costs import EpochTimes, peak_rss_mb, timed
 from tfl.train import cache_features
 from tfl.outputs import write_outputs
 from tfl.storage import write_json_atomically
+from tfl.validation import FinalValidation
 
 
 def build_model(backbone: backbones_lib.Backbone, label_names: list, *, task: str = "classification",
@@ -295,6 +296,11 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
     writes_here = devices.chief or not config.model_dir
     work_dir = config.model_dir if writes_here else devices_lib.worker_scratch_dir(config.model_dir)
     epoch_times = EpochTimes()
+    # The last epoch's validation is scored once, by tfl's evaluation (tfl.validation); not for a probe on cached
+    # features (its head and the full model are scored apart) nor with early stopping (it may restore weights).
+    final = (FinalValidation(val_ds, task=config.model.task, num_labels=len(splits.label_names),
+                             last_epoch=t.epochs - 1)
+             if trained is model and not t.early_stopping_patience else None)
     try:
         with devices.strategy.scope(), timed(timings, "fit"):
             history = train.fit(
@@ -305,7 +311,7 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
                 early_stopping_patience=t.early_stopping_patience, lr_multipliers=multipliers,
                 unfreeze_stages=stages, verbose=verbose, train_repeats=bool(t.max_steps_per_epoch),
                 save_every_steps=t.save_every_steps, extra_callbacks=(epoch_times,),
-                gradient_accumulation_steps=t.gradient_accumulation_steps)
+                gradient_accumulation_steps=t.gradient_accumulation_steps, final_validation=final)
     finally:
         if work_dir != config.model_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -316,6 +322,7 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
     examples_seen = examples_trained(splits.sizes["train"], epochs_run, steps_per_epoch, config.data.batch_size,
                                      capped=bool(t.max_steps_per_epoch), drop_remainder=devices.kind == "tpu")
     return {"history": history, "feature_cache": feature_cache, "train_seconds": round(fit_seconds, 2),
+            "final_validation": final.metrics if final is not None else None,
             "steps_per_epoch": steps_per_epoch, "epochs_run": epochs_run, "jit_compile": jit,
             "optimizer_steps": int(trained.optimizer.iterations.numpy()), "train_examples_seen": examples_seen,
             "train_examples_per_second": round(examples_seen / fit_seconds, 2) if fit_seconds > 0 else 0.0}
@@ -360,8 +367,10 @@ def evaluate_model(config: Config, splits: data_lib.DataSplits, backbone: backbo
     """The run's metrics: validation and test scores of ``model``, with what trained and how."""
     num_labels = len(splits.label_names)
     _, _, val_ds, test_ds, bucketing = batches
-    validation, test = (train.evaluate(model, ds, task=config.model.task, num_labels=num_labels)
-                        for ds in (val_ds, test_ds))
+    # The validation split was scored at the last epoch's end when fit_model could (tfl.validation).
+    validation = training.get("final_validation") or train.evaluate(model, val_ds, task=config.model.task,
+                                                                   num_labels=num_labels)
+    test = train.evaluate(model, test_ds, task=config.model.task, num_labels=num_labels)
     return {
         "validation": validation, "test": test, "history": training["history"],
         "freeze_table": freeze_lib.freeze_table(backbone),

@@ -193,9 +193,10 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         jit_compile: bool = False, steps_per_execution: int = 1, early_stopping_patience: int = 0,
         lr_multipliers: Optional[dict] = None, unfreeze_stages: Optional[list] = None, verbose: int = 1,
         train_repeats: bool = False, save_every_steps: int = 0, extra_callbacks: tuple = (),
-        gradient_accumulation_steps: int = 1) -> dict:
+        gradient_accumulation_steps: int = 1, final_validation=None) -> dict:
     """Compiles and trains; returns the merged Keras history. ``extra_callbacks`` run after tfl's own
-    (e.g. tfl.costs.EpochTimes).
+    (e.g. tfl.costs.EpochTimes). ``final_validation`` (a tfl.validation.FinalValidation) scores the last
+    epoch's validation instead of Keras, ahead of the callbacks that read it.
 
     ``steps_per_epoch`` sizes the learning-rate schedule. It is passed on to Keras only for a repeating
     ``train`` dataset (``train_repeats``): Keras keeps one iterator across epochs when given steps, so a
@@ -211,6 +212,8 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
     history: dict = {}
     callbacks = make_callbacks(model_dir, early_stopping_patience=early_stopping_patience,
                                save_every_steps=save_every_steps) + list(extra_callbacks)
+    if final_validation is not None:
+        callbacks.insert(1, final_validation)  # after the non-finite guard, before early stopping and checkpoints
     backup = next((c for c in callbacks if isinstance(c, Backup)), None)
     saved = read_backup(backup.backup_dir) if backup else None
     resume_stage = 0
@@ -245,7 +248,9 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
         model._initial_epoch = None  # Keras keeps a restored epoch for every later fit() of the model
         result = model.fit(train, validation_data=validation, epochs=last_epoch, initial_epoch=first_epoch,
                            steps_per_epoch=steps_per_epoch if train_repeats else None, callbacks=callbacks, verbose=verbose,
-                           shuffle=False)  # tf.data shuffles
+                           shuffle=False,  # tf.data shuffles
+                           validation_freq=final_validation.skip_in_keras(first_epoch, last_epoch)
+                           if final_validation is not None else 1)
         for key, values in result.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
         nan_guard = callbacks[0]
