@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import sys
 import time
 
@@ -301,3 +302,44 @@ def test_gpu_doc_names_each_peak_by_the_run_and_moment_it_was_measured(gpu_bench
     assert "run 1 end" not in text and "against the highest of these, 800 TFLOP/s" in text
     assert "| BERT-base | 32 | 1,000 ex/s | 25% | 500 ex/s | 12% | 2.00x |" in text  # 2e14 FLOP/s of 800e12
     assert "| BERT-base | 256 |" in text and "25% of the measured matmul peak" in text and "| **no** |" in text
+
+
+@pytest.fixture(scope="module")
+def command_bench():
+    return _load_benchmark("bench_command", "command.py")
+
+
+def test_the_command_benchmark_times_a_real_one_epoch_command_and_splits_its_wall(command_bench, tiny_bert_preset,
+                                                                                tmp_path, monkeypatch):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\n" + "".join(f"the {'great' if i % 2 else 'awful'} film {i % 5},{i % 2}\n"
+                                             for i in range(60)))
+    flagfile = tmp_path / "tiny.flags"
+    flagfile.write_text(f"--flagfile={ROOT}/configs/base.flags\n--source=csv:{data}\n--backbone={tiny_bert_preset}\n"
+                        "--sequence_length=16\n--batch_size=8\n")
+    work = tmp_path / "work"
+    monkeypatch.setattr(command_bench.tempfile, "mkdtemp", lambda prefix: (work.mkdir(), str(work))[1])
+    out = tmp_path / "command.md"
+    assert command_bench.main([f"--flagfile={flagfile}", f"--out={out}", "--", "--noexport"]) == 0
+    text = out.read_text()
+    wall = float(text.split("| whole command (wall) | ")[1].split(" |")[0])
+    epoch = float(text.split("| the epoch (")[1].split(" | ")[1])
+    assert wall > epoch > 0  # the command holds its epoch, and Python's start and TensorFlow's import besides
+    shares = [float(share) for share in re.findall(r"\| ([\d.]+)% \|$", text, re.MULTILINE)]
+    assert abs(sum(shares) - 100.0) < 1.0, shares  # the stages and what lies between them add up to the wall
+    assert "| imports |" in text and "| fit |" in text and "| export |" not in text  # --noexport: no export row
+    assert "matmul peak measured in the same run" in text and "examples/s over the fit" in text
+    assert not work.exists()  # the temporary run folder is removed
+
+
+def test_the_command_ratio_is_judged_against_the_target(command_bench):
+    metrics = {"timings": {"imports": 5.0, "fit": 95.0, "epochs": [90.0], "evaluation": 4.0, "total": 104.0},
+               "command": "python main.py", "train_examples_seen": 100, "steps_per_epoch": 4,
+               "train_examples_per_second": 1.0, "precision": "float32", "jit_compile": False, "test": {"accuracy": 0.5},
+               "peak_rss_mb": 900.0}
+    peaks = {"float32": 100.0, "bfloat16": 200.0}
+    assert "1.16x the epoch (misses the target of 1.15x)" in command_bench.report(104.5, metrics, "c", peaks, "h")
+    assert "1.15x the epoch (meets the target of 1.15x)" in command_bench.report(103.4, metrics, "c", peaks, "h")
+    rows = command_bench.stage_rows(metrics["timings"], 104.5)
+    assert [r[0].split(" ")[0] for r in rows] == ["imports", "fit", "evaluation", "between", "after"]
+    assert abs(sum(r[1] for r in rows) - 104.5) < 1e-9
