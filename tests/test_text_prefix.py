@@ -53,6 +53,16 @@ def test_prefix_tokens_equal_the_whole_texts_tokens(tiny_bert_preset, chars_per_
     got = PrefixPreprocessor(spy, 16, chars_per_token=chars_per_token)(tf.constant(TEXTS))
     assert _same(got, expected)
     assert spy.longest[0] <= 16 * chars_per_token  # the first call saw prefixes only
+    # Traced, keras-hub tokenizes with its TensorFlow ops (eagerly with Python): tf.data and the export run this.
+    wrapped = PrefixPreprocessor(preprocessor, 16, chars_per_token=chars_per_token)
+    assert _same(tf.function(wrapped)(tf.constant(TEXTS)), tf.function(preprocessor)(tf.constant(TEXTS)))
+
+
+def test_invalid_utf8_gives_the_plain_preprocessors_tokens(tiny_bert_preset):
+    preprocessor = _preprocessor(tiny_bert_preset, 16)
+    texts = tf.constant([b"the great \xff film " * 40, b"the film \xc3 plot", "the great film ".encode() * 40])
+    wrapped = tf.function(PrefixPreprocessor(preprocessor, 16, chars_per_token=2))
+    assert _same(wrapped(texts), tf.function(preprocessor)(texts))
 
 
 def test_prefixes_short_of_a_sequence_are_tokenized_again_in_full(tiny_bert_preset):

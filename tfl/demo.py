@@ -147,25 +147,43 @@ def run_job(name: str, out: str, quick: bool, refresh_docs: bool, verbose: bool)
     return 0
 
 
+PEAK_LINE = "tfl-demo-child-peak-mib="  # the last line a child prints: its own peak resident memory (VmHWM)
+
+
 def run_in_child(args: list) -> tuple:
     """(exit code, peak resident MiB or None) of ``python -m tfl.demo <args>`` in a fresh process. A process per
     job: what TensorFlow keeps after a run (about 1.1 GB after the MiniLM fine-tune, even after clear_session
-    and malloc_trim) goes back to the system when the child exits instead of counting under every later job."""
+    and malloc_trim, in session 12's RSS probe) goes back to the system when the child exits instead of
+    counting under every later job."""
     return run_process([sys.executable, "-u", "-m", "tfl.demo", *args])
 
 
 def run_process(command: list) -> tuple:
-    """(exit code, peak resident MiB of the process's whole life or None where the OS does not say) of
-    ``command``; its stdout passed on line by line through ours, its stderr straight to ours."""
+    """(exit code, the peak resident MiB the child reported on a ``PEAK_LINE``, or None) of ``command``; its
+    other stdout lines passed on through ours, its stderr straight to ours. The child reports its own peak:
+    the kernel's figure for a finished child (wait4's ru_maxrss) also counts the parent's memory at the fork."""
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, bufsize=1)
+    peak = None
     for line in child.stdout:
-        print(line, end="", flush=True)
+        if line.startswith(PEAK_LINE):
+            peak = float(line[len(PEAK_LINE):])
+        else:
+            print(line, end="", flush=True)
     child.stdout.close()
-    if not hasattr(os, "wait4"):  # not Unix
-        return child.wait(), None
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, round(usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+    code = child.wait()
+    if code < 0:  # killed by a signal (the out-of-memory killer sends SIGKILL)
+        print(f"error: {' '.join(command[3:])} was killed by signal {-code}"
+              + (" (out of memory?)" if -code == 9 else ""), file=sys.stderr)
+        return 1, peak
+    return code, peak
+
+
+def report_peak(code: int) -> int:
+    """A child's last line, its peak resident memory in MiB (Linux's VmHWM), then its exit code."""
+    from tfl.costs import peak_rss_mb
+
+    print(f"{PEAK_LINE}{peak_rss_mb() or 0.0}", flush=True)
+    return code
 
 
 def main(argv: list, out: str = "") -> int:
@@ -179,9 +197,9 @@ def main(argv: list, out: str = "") -> int:
     if option("job") == "data_summary":  # --job, --out: a child of the loop below (run_in_child)
         with quiet.tensorflow_start(quiet=not verbose):
             summarise_data()
-        return 0
+        return report_peak(0)
     if option("job") in known and option("out"):
-        return run_job(option("job"), option("out"), quick, refresh_docs, verbose)
+        return report_peak(run_job(option("job"), option("out"), quick, refresh_docs, verbose))
     only = option("only").split(",") if option("only") is not None else None
     unknown = [a for a in argv if a not in ("--quick", "--refresh-docs", "--verbose") and not a.startswith("--only=")]
     if quick and "--refresh-docs" in argv:

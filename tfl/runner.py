@@ -297,10 +297,11 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
     work_dir = config.model_dir if writes_here else devices_lib.worker_scratch_dir(config.model_dir)
     epoch_times = EpochTimes()
     # The last epoch's validation is scored once, by tfl's evaluation (tfl.validation); not for a probe on cached
-    # features (its head and the full model are scored apart) nor with early stopping (it may restore weights).
+    # features (its head and the full model are scored apart), with early stopping (it may restore weights) or
+    # on a TPU (fit validates on full batches only, the run's metrics on every example).
     final = (FinalValidation(val_ds, task=config.model.task, num_labels=len(splits.label_names),
                              last_epoch=t.epochs - 1)
-             if trained is model and not t.early_stopping_patience else None)
+             if trained is model and devices.kind != "tpu" and not t.early_stopping_patience else None)
     try:
         with devices.strategy.scope(), timed(timings, "fit"):
             history = train.fit(

@@ -53,12 +53,15 @@ class PrefixPreprocessor:
         texts = tf.convert_to_tensor(texts)
         if texts.shape.rank != 1:  # a single text, or an unknown rank: the plain path
             return self.preprocessor(texts)
-        prefix = tf.strings.substr(texts, 0, self.kept_characters, unit="UTF8_CHAR")
-        cut = tf.strings.length(prefix, unit="UTF8_CHAR") < tf.strings.length(texts, unit="UTF8_CHAR")
+        # Invalid UTF-8 (raw bytes sent to an export) goes the plain way: character counts are undefined for it.
+        valid = tf.equal(tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace"), texts)
+        texts_or_empty = tf.where(valid, texts, "")
+        prefix = tf.strings.substr(texts_or_empty, 0, self.kept_characters, unit="UTF8_CHAR")
+        cut = tf.strings.length(prefix, unit="UTF8_CHAR") < tf.strings.length(texts_or_empty, unit="UTF8_CHAR")
         prefix = tf.where(cut, tf.strings.regex_replace(prefix, PARTIAL_LAST_WORD, ""), prefix)
         tokens = self.preprocessor(prefix)
         filled = tf.reduce_sum(tf.cast(tokens["padding_mask"], tf.int32), axis=1) >= self.sequence_length
-        redo = tf.where(cut & ~filled)  # [k, 1]: rows whose prefix held fewer tokens than a sequence
+        redo = tf.where((cut & ~filled) | ~valid)  # [k, 1]: rows whose prefix held less than a sequence, or invalid
 
         def in_full():
             whole = self.preprocessor(tf.gather_nd(texts, redo))

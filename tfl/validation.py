@@ -37,7 +37,7 @@ class FinalValidation(keras.callbacks.Callback):
         return [epoch + 1 for epoch in range(first_epoch, end_epoch) if epoch != self.last_epoch]
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch != self.last_epoch:
+        if epoch != self.last_epoch or self.model.stop_training:  # stopped: a non-finite loss, about to raise
             return
         outputs, labels = predict_with_labels(self.model, self.validation)
         self.metrics = heads.evaluation_metrics(self.task, self.num_labels, outputs, labels)
