@@ -71,11 +71,11 @@ def peak_rss_mb() -> Optional[float]:
 
 
 def reset_peak_rss() -> bool:
-    """Starts ``peak_rss_mb()`` again from the memory resident now, so that each of several jobs in one process
-    (the demo calls it before each) reports its own peak, counted from what earlier jobs still hold; False where
-    the platform cannot (not Linux). The kernel forgets the earlier peak for everyone: ``/usr/bin/time`` and
-    getrusage then report the peak since the last reset, so a caller that resets keeps the largest of its peaks
-    itself (as the demo does)."""
+    """Starts ``peak_rss_mb()`` again from the memory resident now, so that each of several stages or jobs in one
+    process (benchmarks/memory.py's stages) reports its own peak, counted from what earlier ones still hold;
+    False where the platform cannot (not Linux). The kernel forgets the earlier peak for everyone:
+    ``/usr/bin/time`` and getrusage then report the peak since the last reset, so a caller that resets keeps
+    the largest of its peaks itself."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
             refs.write("5")  # 5: reset the peak resident set size (Linux >= 4.0)
