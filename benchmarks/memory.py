@@ -234,7 +234,7 @@ def activations_text(default: dict, returned: dict) -> list:
         "for the length of one step; glibc keeps what steps of other shapes freed. Returning freed memory at "
         "once removes the last part but makes every step pay page faults for its activations again, so tfl "
         "keeps glibc's default and only gives the heap's free memory back between runs "
-        "(`tfl.costs.release_memory`, which the demo, compare and tune call).",
+        "(`tfl.costs.release_memory`, which compare and tune call; the demo runs each job in a process of its own).",
         "",
         f"So one fine-tune at batch {batch} and {top} tokens needs at least {floor:,.0f} MiB here (what stays "
         f"resident after the steps with freed memory returned, {returned['rows'][-1][1]:,.0f} MiB, plus that "
