@@ -172,7 +172,7 @@ def run_process(command: list) -> tuple:
     child.stdout.close()
     code = child.wait()
     if code < 0:  # killed by a signal (the out-of-memory killer sends SIGKILL)
-        print(f"error: {' '.join(command[3:])} was killed by signal {-code}"
+        print(f"error: {' '.join(command[1:])} was killed by signal {-code}"
               + (" (out of memory?)" if -code == 9 else ""), file=sys.stderr)
         return 1, peak
     return code, peak
