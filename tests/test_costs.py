@@ -57,8 +57,12 @@ def test_reset_peak_rss_forgets_memory_freed_before_it():
     assert reset_peak_rss()
     after = peak_rss_mb()
     assert after <= before - 200  # the freed 256 MiB no longer counts
-    held = np.ones(64 * 1024 * 1024 // 8)  # a new peak after the reset is seen
-    assert peak_rss_mb() >= after + 60 and held.sum() == held.size
+    # A new peak after a reset is seen. Measured from a reset just before it: in a busy test worker the resident
+    # memory can fall below the first reset's level in between (a fresh clone's suite once saw no growth at all).
+    assert reset_peak_rss()
+    base = peak_rss_mb()
+    held = np.ones(64 * 1024 * 1024 // 8)
+    assert peak_rss_mb() >= base + 60 and held.sum() == held.size
 
 
 def test_release_memory_drops_keras_state_of_finished_runs_and_keeps_the_dtype_policy():
