@@ -45,9 +45,13 @@ def test_a_run_scores_validation_once_and_the_callbacks_still_see_it(text_csv, t
     passes = []
     real = train.predict_with_labels
 
-    def counted(model, dataset):
+    def counted(model, dataset, predict_step=None):
         passes.append(int(sum(int(tf.shape(y)[0]) for _, y in dataset)))
-        return real(model, dataset)
+        return real(model, dataset, predict_step)
+
+    traces = []  # Python runs of tfl's inference function: one per trace
+    real_call = train._InferenceCall.__call__
+    monkeypatch.setattr(train._InferenceCall, "__call__", lambda self, x: traces.append(1) or real_call(self, x))
 
     monkeypatch.setattr(train, "predict_with_labels", counted)
     monkeypatch.setattr(validation, "predict_with_labels", counted)
@@ -70,6 +74,7 @@ def test_a_run_scores_validation_once_and_the_callbacks_still_see_it(text_csv, t
     # tfl's passes: validation once (at the last epoch, or after fit with early stopping) and test once. Keras
     # validates the first epoch only, or, with early stopping (it may restore weights), both.
     assert sorted(passes) == sorted([sizes["validation"], sizes["test"]])
+    assert len(traces) == 1  # one trace for both splits, whatever their batch shapes
     assert len(keras_validations) == 1 + patience
     assert len(metrics["history"]["val_loss"]) == len(metrics["history"]["loss"]) == 2
     assert set(metrics["validation"]) == {"accuracy", "macro_f1", "auc"}

@@ -129,7 +129,8 @@ def choose_buckets(config: Config, splits: data_lib.DataSplits, backbone: backbo
     d = config.data
     if not (d.bucket_shapes and backbone.modality == data_lib.TEXT and backbone.keras_hub_backbone is not None):
         return None
-    lengths = data_lib.token_lengths(splits.train.batch(256).map(lambda x, y: backbone.preprocess(x)))
+    preprocess = data_lib.traced_batch_preprocess(backbone.preprocess)  # one trace, shared with make_batches
+    lengths = data_lib.token_lengths(splits.train.batch(256).map(lambda x, y: preprocess(x)))
     boundaries = data_lib.choose_boundaries(lengths, d.bucket_shapes)
     if boundaries and boundaries[-1] < config.model.sequence_length:
         boundaries[-1] = config.model.sequence_length  # longer validation/test texts still fit
@@ -324,6 +325,7 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
                                      capped=bool(t.max_steps_per_epoch), drop_remainder=devices.kind == "tpu")
     return {"history": history, "feature_cache": feature_cache, "train_seconds": round(fit_seconds, 2),
             "final_validation": final.metrics if final is not None else None,
+            "predict_step": final.predict_step if final is not None else None,
             "steps_per_epoch": steps_per_epoch, "epochs_run": epochs_run, "jit_compile": jit,
             "optimizer_steps": int(trained.optimizer.iterations.numpy()), "train_examples_seen": examples_seen,
             "train_examples_per_second": round(examples_seen / fit_seconds, 2) if fit_seconds > 0 else 0.0}
@@ -369,9 +371,10 @@ def evaluate_model(config: Config, splits: data_lib.DataSplits, backbone: backbo
     num_labels = len(splits.label_names)
     _, _, val_ds, test_ds, bucketing = batches
     # The validation split was scored at the last epoch's end when fit_model could (tfl.validation).
+    predict_step = training.get("predict_step") or train.traced_for_any_shape(model)  # one trace for both
     validation = training.get("final_validation") or train.evaluate(model, val_ds, task=config.model.task,
-                                                                   num_labels=num_labels)
-    test = train.evaluate(model, test_ds, task=config.model.task, num_labels=num_labels)
+                                                                   num_labels=num_labels, predict_step=predict_step)
+    test = train.evaluate(model, test_ds, task=config.model.task, num_labels=num_labels, predict_step=predict_step)
     return {
         "validation": validation, "test": test, "history": training["history"],
         "freeze_table": freeze_lib.freeze_table(backbone),

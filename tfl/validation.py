@@ -9,6 +9,7 @@ logs, history) the ``val_`` values Keras would have, from the same predictions.
     final = FinalValidation(val_ds, task="classification", num_labels=2, last_epoch=epochs - 1)
     train.fit(..., final_validation=final)   # fit validates the other epochs itself
     final.metrics                            # tfl's validation metrics of the final weights, or None
+    train.evaluate(model, test_ds, ..., predict_step=final.predict_step)  # its traces serve the test split
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfl import heads
-from tfl.train import predict_with_labels
+from tfl.train import predict_with_labels, traced_for_any_shape
 
 
 class FinalValidation(keras.callbacks.Callback):
@@ -31,6 +32,7 @@ class FinalValidation(keras.callbacks.Callback):
         super().__init__()
         self.validation, self.task, self.num_labels, self.last_epoch = validation, task, num_labels, last_epoch
         self.metrics: Optional[dict] = None
+        self.predict_step = None  # the traced inference function of the model it scored
 
     def skip_in_keras(self, first_epoch: int, end_epoch: int) -> list:
         """``validation_freq`` for a fit over epochs [first_epoch, end_epoch): every epoch but the last."""
@@ -39,7 +41,8 @@ class FinalValidation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch != self.last_epoch or self.model.stop_training:  # stopped: a non-finite loss, about to raise
             return
-        outputs, labels = predict_with_labels(self.model, self.validation)
+        self.predict_step = traced_for_any_shape(self.model)
+        outputs, labels = predict_with_labels(self.model, self.validation, self.predict_step)
         self.metrics = heads.evaluation_metrics(self.task, self.num_labels, outputs, labels)
         if logs is not None:
             logs.update(keras_logs(self.task, self.num_labels, outputs, labels))
