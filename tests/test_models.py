@@ -336,3 +336,31 @@ def test_eval_batch_size_batches_validation_and_test_only(text_csv):
     config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, eval_batch_size=3))
     with pytest.raises(ValueError, match="--eval_batch_size=3 is not divisible by the 2 replicas"):
         batches_for(config, splits, backbone, SimpleNamespace(num_replicas_in_sync=2))
+
+
+def test_a_bucketed_run_tokenises_its_training_split_once(text_csv, tiny_bert_preset):
+    """The bucket choice, the batch count and every epoch read one cache of the tokenised training split."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from tfl.config import Config, DataConfig, ModelConfig
+    from tfl.data import load_data
+    from tfl.runner import batches_for
+
+    splits = load_data(f"csv:{text_csv}")
+    backbone = build_backbone(tiny_bert_preset, sequence_length=8)
+    tokenised = tf.Variable(0, dtype=tf.int64)  # grows each time the preprocessor *executes*, by its batch size
+
+    class Counted:
+        def __call__(self, texts):
+            with tf.control_dependencies([tokenised.assign_add(tf.size(texts, out_type=tf.int64))]):
+                return backbone.preprocess(texts)
+
+    counted = dataclasses.replace(backbone, preprocess=Counted())
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, bucket_shapes=2),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8))
+    train_ds, _, _, _, bucketing = batches_for(config, splits, counted, SimpleNamespace(num_replicas_in_sync=1))
+    assert bucketing is not None
+    for _ in range(2):  # two epochs
+        assert sum(int(y.shape[0]) for _, y in train_ds) == splits.sizes["train"]
+    assert int(tokenised.numpy()) == splits.sizes["train"] + splits.sizes["validation"] + splits.sizes["test"]

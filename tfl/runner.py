@@ -97,7 +97,8 @@ def image_file_decoder(splits: data_lib.DataSplits, backbone: backbones_lib.Back
 def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
                 strategy: tf.distribute.Strategy, timings: Optional[dict] = None) -> tuple:
     """(train, validation for fit, validation, test, bucketing): batched, preprocessed, sharded datasets.
-    ``timings["bucket_choice"]``: the seconds spent choosing length buckets (it tokenises the training split)."""
+    ``timings["bucket_choice"]``: the seconds spent choosing length buckets, which tokenises the training split
+    (once: its cache then serves the training batches)."""
     d = config.data
     eval_batch_size = d.eval_batch_size or d.batch_size
     for flag, size in (("batch_size", d.batch_size), ("eval_batch_size", eval_batch_size)):
@@ -105,15 +106,20 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
             raise ConfigError(f"--{flag}={size} is not divisible by the {strategy.num_replicas_in_sync} "
                              "replicas; use a multiple of the replica count")
     decode = image_file_decoder(splits, backbone)
+    train, preprocessed = splits.train, {}
     with timed(timings, "bucket_choice"):
-        bucketing = choose_buckets(config, splits, backbone)
+        if wants_buckets(config, backbone):
+            # Tokenised once: the bucket choice's pass fills the cache that the training batches then read.
+            train = data_lib.preprocessed_text(splits.train, backbone.preprocess, cache=d.cache)
+            preprocessed = {"preprocess": None, "cache": False}
+        bucketing = choose_buckets(config, train) if preprocessed else None
     common = dict(batch_size=d.batch_size, preprocess=backbone.preprocess, seed=config.seed,
                   shuffle_buffer=d.shuffle_buffer, cache=d.cache, modality=splits.modality, decode_image=decode,
                   bucket_boundaries=bucketing["boundaries"] if bucketing else None)
     # TPUs compile one program per shape: every batch fit() sees must be full. The final metrics are
     # computed on every example by tfl's own loop, from the unpruned validation and test batches.
     tpu = devices_lib.device_kind(strategy) == "tpu"
-    train_ds = data_lib.make_batches(splits.train, training=True, drop_remainder=tpu, **common)
+    train_ds = data_lib.make_batches(train, training=True, drop_remainder=tpu, **{**common, **preprocessed})
     evaluation = {**common, "batch_size": eval_batch_size}
     val_ds = data_lib.make_batches(splits.validation, **evaluation)
     fit_val_ds = data_lib.make_batches(splits.validation, drop_remainder=True, **evaluation) if tpu else val_ds
@@ -123,14 +129,17 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
     return (*datasets, bucketing)
 
 
-def choose_buckets(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone):
-    """--bucket_shapes for a keras-hub text backbone: the length buckets chosen from the training split's
-    token lengths, with their padding; None otherwise."""
+def wants_buckets(config: Config, backbone: backbones_lib.Backbone) -> bool:
+    """--bucket_shapes applies: a keras-hub text backbone (its preprocessor gives a padding mask)."""
+    return bool(config.data.bucket_shapes and backbone.modality == data_lib.TEXT
+                and backbone.keras_hub_backbone is not None)
+
+
+def choose_buckets(config: Config, train: tf.data.Dataset) -> dict:
+    """The length buckets (at most --bucket_shapes) chosen from the token lengths of ``train``, unbatched
+    (keras-hub preprocessor outputs, label) pairs, with their padding."""
     d = config.data
-    if not (d.bucket_shapes and backbone.modality == data_lib.TEXT and backbone.keras_hub_backbone is not None):
-        return None
-    preprocess = data_lib.traced_batch_preprocess(backbone.preprocess)  # one trace, shared with make_batches
-    lengths = data_lib.token_lengths(splits.train.batch(256).map(lambda x, y: preprocess(x)))
+    lengths = data_lib.token_lengths(train.batch(1024).map(lambda x, y: x))
     boundaries = data_lib.choose_boundaries(lengths, d.bucket_shapes)
     if boundaries and boundaries[-1] < config.model.sequence_length:
         boundaries[-1] = config.model.sequence_length  # longer validation/test texts still fit

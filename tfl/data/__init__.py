@@ -26,7 +26,8 @@ from tfl.data.sources import (IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS, DataError, Exa
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-__all__ = ["DataSplits", "DataError", "load_data", "make_batches", "stratified_split", "traced_batch_preprocess",
+__all__ = ["DataSplits", "DataError", "load_data", "make_batches", "stratified_split", "preprocessed_text",
+           "traced_batch_preprocess",
            "TEXT", "IMAGE", "IMAGE_FILE", "TOKEN_IDS"]
 
 
@@ -203,15 +204,9 @@ def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optio
     if size < 0:
         raise DataError("make_batches needs a dataset of known size (e.g. from_tensor_slices, or "
                         "dataset.apply(tf.data.experimental.assert_cardinality(n)))")
-    if modality in (TEXT, TOKEN_IDS) and preprocess is not None:
-        preprocess = traced_batch_preprocess(preprocess)
     with_model_inputs = lambda x, y: (preprocess(x), y) if preprocess else (x, y)  # noqa: E731
     if modality in (TEXT, TOKEN_IDS):
-        # Batched preprocessing is much faster than per example; unbatch loses the size, so restate it.
-        dataset = dataset.batch(256).map(with_model_inputs, num_parallel_calls=AUTOTUNE).unbatch()
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(size))
-        if cache:
-            dataset = dataset.cache()
+        dataset = preprocessed_text(dataset, preprocess, cache=cache)
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         if bucket_boundaries:
@@ -233,6 +228,18 @@ def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optio
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return _settled(dataset.map(with_model_inputs, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE), training)
+
+
+def preprocessed_text(dataset: tf.data.Dataset, preprocess: Optional[Callable], *, cache: bool = True) -> tf.data.Dataset:
+    """(model inputs, label) per example of an unbatched (text or token ids, label) dataset of known size,
+    preprocessed in batches (much faster than per example) and cached when ``cache``: the first full pass
+    fills the cache and every dataset built on the result reads it. ``preprocess`` None: as it is."""
+    size = int(dataset.cardinality())
+    if preprocess is not None:
+        traced = traced_batch_preprocess(preprocess)
+        dataset = dataset.batch(256).map(lambda x, y: (traced(x), y), num_parallel_calls=AUTOTUNE).unbatch()
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(size))  # unbatch loses the size
+    return dataset.cache() if cache else dataset
 
 
 _TRACED_PREPROCESS = weakref.WeakKeyDictionary()
