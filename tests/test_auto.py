@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tfl import auto
+from tfl import auto, tuning
 from tfl.backbones import BackboneError, build_backbone
 from tfl.config import AutoConfig, Config, ConfigError, DataConfig, ModelConfig, RankConfig, TrainConfig
 
@@ -198,8 +198,15 @@ def test_tune_searches_within_its_budget_and_reports_every_trial(tmp_path, tiny_
         run = json.loads((tmp_path / "tune" / "trials" / trial["trial"] / "metrics.json").read_text())
         assert run["epochs_run"] == values["tuner/epochs"]  # each trial is a whole tfl run with its own epochs
         assert run["config"]["freeze"]["lora_rank"] == values.get("lora_rank", 0)
+        assert run["test"] is None  # trials never look at the test split
     best = max(t["validation"]["accuracy"] for t in trials)
     assert result["best"]["validation"]["accuracy"] == best
+    # The test split is scored once, after the search, on the chosen trial's model rebuilt with its weights:
+    # the same rebuild gives that trial's own validation scores back.
+    chosen = tuning.trial_config(config, result["best"]["values"], str(tmp_path / "tune" / "trials" /
+                                                                      result["best"]["trial"]))
+    assert tuning.trial_metrics(chosen, "validation") == pytest.approx(result["best"]["validation"], abs=1e-6)
+    assert set(result["test"]) == {"accuracy", "macro_f1", "auc"}
     report = (tmp_path / "tune" / "report.md").read_text()
     assert all(f"| {t['trial']} |" in report for t in trials) and "Best: trial" in report
     # 3 s of budget: the first trial always runs, then the measured seconds per epoch stop the search before a

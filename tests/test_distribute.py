@@ -117,7 +117,7 @@ def test_tpu_shaped_check_on_the_real_model_and_input_paths(tiny_bert_preset, te
     from types import SimpleNamespace
 
     from tfl.config import Config, DataConfig, ModelConfig
-    from tfl.runner import batches_for
+    from tfl.batches import batches_for
 
     monkeypatch.setattr(devices, "device_kind", lambda strategy=None: "tpu")
     config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, bucket_shapes=2),

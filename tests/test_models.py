@@ -310,7 +310,7 @@ def test_batch_size_must_split_across_replicas(text_csv):
 
     from tfl.config import Config, DataConfig
     from tfl.data import load_data
-    from tfl.runner import batches_for
+    from tfl.batches import batches_for
 
     config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=7))
     splits = load_data(config.data.source)
@@ -324,7 +324,7 @@ def test_eval_batch_size_batches_validation_and_test_only(text_csv):
 
     from tfl.config import Config, DataConfig
     from tfl.data import load_data
-    from tfl.runner import batches_for
+    from tfl.batches import batches_for
 
     splits = load_data(f"csv:{text_csv}")
     backbone = build_backbone("lstm", num_words=20, maxlen=4, train_texts=["a b"])
@@ -345,7 +345,7 @@ def test_a_bucketed_run_tokenises_its_training_split_once(text_csv, tiny_bert_pr
 
     from tfl.config import Config, DataConfig, ModelConfig
     from tfl.data import load_data
-    from tfl.runner import batches_for
+    from tfl.batches import batches_for
 
     splits = load_data(f"csv:{text_csv}")
     backbone = build_backbone(tiny_bert_preset, sequence_length=8)

@@ -35,14 +35,21 @@ def _same(a: dict, b: dict) -> bool:
 
 
 class _Spy:
-    """The preprocessor, recording the longest text of each call."""
+    """The preprocessor, recording the longest text of each call as it runs (PrefixPreprocessor calls it
+    traced, so the record is a variable the graph appends to)."""
 
     def __init__(self, inner):
-        self.inner, self.longest = inner, []
+        self.inner = inner
+        self.calls = tf.Variable(tf.zeros([0], tf.int32), shape=[None])
 
     def __call__(self, texts):
-        self.longest.append(int(tf.reduce_max(tf.strings.length(texts, unit="UTF8_CHAR"))) if tf.size(texts) else 0)
+        longest = tf.reduce_max(tf.concat([tf.strings.length(texts, unit="UTF8_CHAR"), [0]], axis=0))
+        self.calls.assign(tf.concat([self.calls, [longest]], axis=0))
         return self.inner(texts)
+
+    @property
+    def longest(self) -> list:
+        return self.calls.numpy().tolist()
 
 
 @pytest.mark.parametrize("chars_per_token", [1, 2, 4, 8])

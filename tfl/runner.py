@@ -27,6 +27,7 @@ from tfl import freezing as freeze_lib
 from tfl import heads, train
 from tfl import transfer as transfer_lib
 from tfl.config import ACCUMULATION_ON_ONE_DEVICE, Config, ConfigError
+from tfl.batches import batch_count, batches_for, image_file_decoder
 from tfl.costs import EpochTimes, peak_rss_mb, timed
 from tfl.train import cache_features
 from tfl.outputs import write_outputs
@@ -87,70 +88,6 @@ def backbone_for(config: Config, splits: data_lib.DataSplits, precision: str) ->
     return backbone
 
 
-def image_file_decoder(splits: data_lib.DataSplits, backbone: backbones_lib.Backbone):
-    """For image-file sources: path -> image at the backbone's input size; None otherwise."""
-    if splits.modality != data_lib.IMAGE_FILE:
-        return None
-    return lambda path: backbones_lib.decode_image_file(path, backbone.image_size)
-
-
-def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
-                strategy: tf.distribute.Strategy, timings: Optional[dict] = None) -> tuple:
-    """(train, validation for fit, validation, test, bucketing): batched, preprocessed, sharded datasets.
-    ``timings["bucket_choice"]``: the seconds spent choosing length buckets, which tokenises the training split
-    (once: its cache then serves the training batches)."""
-    d = config.data
-    eval_batch_size = d.eval_batch_size or d.batch_size
-    for flag, size in (("batch_size", d.batch_size), ("eval_batch_size", eval_batch_size)):
-        if size % strategy.num_replicas_in_sync:
-            raise ConfigError(f"--{flag}={size} is not divisible by the {strategy.num_replicas_in_sync} "
-                             "replicas; use a multiple of the replica count")
-    decode = image_file_decoder(splits, backbone)
-    train, preprocessed = splits.train, {}
-    with timed(timings, "bucket_choice"):
-        if wants_buckets(config, backbone):
-            # Tokenised once: the bucket choice's pass fills the cache that the training batches then read.
-            train = data_lib.preprocessed_text(splits.train, backbone.preprocess, cache=d.cache)
-            preprocessed = {"preprocess": None, "cache": False}
-        bucketing = choose_buckets(config, train) if preprocessed else None
-    common = dict(batch_size=d.batch_size, preprocess=backbone.preprocess, seed=config.seed,
-                  shuffle_buffer=d.shuffle_buffer, cache=d.cache, modality=splits.modality, decode_image=decode,
-                  bucket_boundaries=bucketing["boundaries"] if bucketing else None)
-    # TPUs compile one program per shape: every batch fit() sees must be full. The final metrics are
-    # computed on every example by tfl's own loop, from the unpruned validation and test batches.
-    tpu = devices_lib.device_kind(strategy) == "tpu"
-    train_ds = data_lib.make_batches(train, training=True, drop_remainder=tpu, **{**common, **preprocessed})
-    evaluation = {**common, "batch_size": eval_batch_size}
-    val_ds = data_lib.make_batches(splits.validation, **evaluation)
-    fit_val_ds = data_lib.make_batches(splits.validation, drop_remainder=True, **evaluation) if tpu else val_ds
-    datasets = (train_ds, fit_val_ds, val_ds, data_lib.make_batches(splits.test, **evaluation))
-    if strategy.num_replicas_in_sync > 1:
-        datasets = tuple(devices_lib.shard_by_data(ds) for ds in datasets)
-    return (*datasets, bucketing)
-
-
-def wants_buckets(config: Config, backbone: backbones_lib.Backbone) -> bool:
-    """--bucket_shapes applies: a keras-hub text backbone (its preprocessor gives a padding mask)."""
-    return bool(config.data.bucket_shapes and backbone.modality == data_lib.TEXT
-                and backbone.keras_hub_backbone is not None)
-
-
-def choose_buckets(config: Config, train: tf.data.Dataset) -> dict:
-    """The length buckets (at most --bucket_shapes) chosen from the token lengths of ``train``, unbatched
-    (keras-hub preprocessor outputs, label) pairs, with their padding."""
-    d = config.data
-    lengths = data_lib.token_lengths(train.batch(1024).map(lambda x, y: x))
-    boundaries = data_lib.choose_boundaries(lengths, d.bucket_shapes)
-    if boundaries and boundaries[-1] < config.model.sequence_length:
-        boundaries[-1] = config.model.sequence_length  # longer validation/test texts still fit
-    bucketing = {"boundaries": boundaries, "shapes": len(boundaries), "mean_length": round(float(np.mean(lengths)), 2),
-                 "padding_fraction": round(data_lib.padding_fraction(lengths, boundaries), 4),
-                 "padding_fraction_without": round(data_lib.padding_fraction(
-                     lengths, [config.model.sequence_length]), 4)}
-    print(f"tfl: length buckets {bucketing}")
-    return bucketing
-
-
 def examples_trained(train_size: int, epochs: int, steps_per_epoch: int, batch_size: int, *,
                      capped: bool = False, drop_remainder: bool = False) -> int:
     """Examples that went through training steps: whole passes over the training split, or, with
@@ -159,17 +96,6 @@ def examples_trained(train_size: int, epochs: int, steps_per_epoch: int, batch_s
         return epochs * steps_per_epoch * batch_size
     per_epoch = (train_size // batch_size) * batch_size if drop_remainder else train_size
     return epochs * per_epoch
-
-
-def batch_count(dataset: tf.data.Dataset) -> int:
-    """Batches per pass of a batched dataset; training never guesses an epoch's length."""
-    count = int(dataset.cardinality())
-    if count < 0:
-        raise ValueError("The training data's size is unknown, so the learning-rate schedule cannot be sized; "
-                         "build batches with tfl.make_batches from a dataset of known size")
-    if count == 0:
-        raise data_lib.DataError("The training split gives no full batch; use a smaller --batch_size or more data")
-    return count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +109,10 @@ class Devices:
 
 
 def train_and_evaluate(config: Config, verbose: int = 1, *, process_started: Optional[float] = None,
-                       splits: Optional[data_lib.DataSplits] = None) -> dict:
+                       splits: Optional[data_lib.DataSplits] = None, score_test: bool = True) -> dict:
     """One training run, stage by stage; writes it under ``config.model_dir`` (on the chief). ``splits``: the
     data to use instead of loading ``config.data.source`` (self-training's pseudo-labelled training split).
+    ``score_test`` False: the test split is not looked at (a search's trials); metrics["test"] is None.
 
     metrics["timings"] holds each stage's wall seconds; ``process_started`` (time.time() when the process
     started, as main.py records it) adds the seconds before the run as "imports" and counts "total" from there.
@@ -202,7 +129,7 @@ def train_and_evaluate(config: Config, verbose: int = 1, *, process_started: Opt
         batches = batches_for(config, splits, backbone, devices.strategy, timings)
     training = fit_model(config, splits, backbone, model, batches, devices, verbose, timings)
     with timed(timings, "evaluation"):
-        metrics = evaluate_model(config, splits, backbone, model, mapping, batches, training, devices)
+        metrics = evaluate_model(config, splits, backbone, model, mapping, batches, training, devices, score_test)
     writes = bool(config.model_dir) and devices.chief
     if writes:
         write_outputs(config, splits, backbone, model, metrics, timings)
@@ -210,7 +137,8 @@ def train_and_evaluate(config: Config, verbose: int = 1, *, process_started: Opt
     metrics.update(timings=timings, peak_rss_mb=peak_rss_mb(), wall_seconds=round(time.time() - started, 2))
     if writes:  # last: its presence means the run finished
         write_json_atomically(os.path.join(config.model_dir, "metrics.json"), metrics)
-    print("tfl: test " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["test"].items()))
+    if score_test:
+        print("tfl: test " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["test"].items()))
     return metrics
 
 
@@ -375,15 +303,18 @@ def cached_feature_batches(config: Config, splits: data_lib.DataSplits, backbone
 
 
 def evaluate_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_lib.Backbone,
-                   model: keras.Model, mapping, batches: tuple, training: dict, devices: Devices) -> dict:
-    """The run's metrics: validation and test scores of ``model``, with what trained and how."""
+                   model: keras.Model, mapping, batches: tuple, training: dict, devices: Devices,
+                   score_test: bool = True) -> dict:
+    """The run's metrics: validation and test scores of ``model`` (test None unless ``score_test``), with what
+    trained and how."""
     num_labels = len(splits.label_names)
     _, _, val_ds, test_ds, bucketing = batches
     # The validation split was scored at the last epoch's end when fit_model could (tfl.validation).
     predict_step = training.get("predict_step") or train.traced_for_any_shape(model)  # one trace for both
     validation = training.get("final_validation") or train.evaluate(model, val_ds, task=config.model.task,
                                                                    num_labels=num_labels, predict_step=predict_step)
-    test = train.evaluate(model, test_ds, task=config.model.task, num_labels=num_labels, predict_step=predict_step)
+    test = (train.evaluate(model, test_ds, task=config.model.task, num_labels=num_labels, predict_step=predict_step)
+            if score_test else None)
     return {
         "validation": validation, "test": test, "history": training["history"],
         "freeze_table": freeze_lib.freeze_table(backbone),

@@ -35,6 +35,11 @@ class PrefixPreprocessor:
         self.preprocessor = preprocessor
         self.sequence_length = int(sequence_length)
         self.kept_characters = chars_per_token * self.sequence_length
+        # One trace of the tokenizer for both of its calls below (prefixes, then the texts redone in full):
+        # tracing keras-hub's WordPiece preprocessor takes about a second, and every pipeline or export that
+        # traces this wrapper would otherwise trace it twice.
+        self._tokenize = tf.function(lambda batch: preprocessor(batch), autograph=False,
+                                     input_signature=[tf.TensorSpec([None], tf.string)])
 
     @classmethod
     def wrap(cls, preprocessor):
@@ -59,12 +64,12 @@ class PrefixPreprocessor:
         prefix = tf.strings.substr(texts_or_empty, 0, self.kept_characters, unit="UTF8_CHAR")
         cut = tf.strings.length(prefix, unit="UTF8_CHAR") < tf.strings.length(texts_or_empty, unit="UTF8_CHAR")
         prefix = tf.where(cut, tf.strings.regex_replace(prefix, PARTIAL_LAST_WORD, ""), prefix)
-        tokens = self.preprocessor(prefix)
+        tokens = self._tokenize(prefix)
         filled = tf.reduce_sum(tf.cast(tokens["padding_mask"], tf.int32), axis=1) >= self.sequence_length
         redo = tf.where((cut & ~filled) | ~valid)  # [k, 1]: rows whose prefix held less than a sequence, or invalid
 
         def in_full():
-            whole = self.preprocessor(tf.gather_nd(texts, redo))
+            whole = self._tokenize(tf.gather_nd(texts, redo))
             return {key: tf.tensor_scatter_nd_update(value, redo, whole[key]) for key, value in tokens.items()}
 
         return tf.cond(tf.size(redo) > 0, in_full, lambda: tokens)

@@ -1,6 +1,7 @@
 """--mode=tune: a budgeted Hyperband search (KerasTuner) over learning rate, epochs, freeze depth and LoRA rank
 for one backbone. Every trial is a whole tfl run (``runner.train_and_evaluate``), its model rebuilt from the
-preset, under ``<model_dir>/trials/<id>``; trials are compared on the validation split only.
+preset, under ``<model_dir>/trials/<id>``; trials are compared on the validation split only, and the test split
+is scored once, after the search, for the chosen trial alone.
 
     result = tfl.tuning.tune(config)     # config.mode == "tune"; writes report.md / report.json
     result["best"]["values"]             # {"learning_rate": ..., "freeze_blocks": ..., "tuner/epochs": ...}
@@ -20,10 +21,11 @@ import time
 
 from tfl import devices as devices_lib
 from tfl import runner, storage
+from tfl.batches import batches_for
 from tfl.config import Config
 from tfl.costs import release_memory
 from tfl.data import TEXT
-from tfl.train import NonFiniteLossError
+from tfl.train import NonFiniteLossError, evaluate
 
 # The validation metric a trial is judged by, per task: (name in metrics["validation"], direction).
 OBJECTIVES = {"classification": ("accuracy", "max"), "multilabel": ("macro_f1", "max"), "regression": ("mae", "min")}
@@ -94,8 +96,8 @@ def _tuner_classes():
             name, direction = OBJECTIVES[config.model.task]
             started = time.time()
             try:
-                metrics = runner.train_and_evaluate(trial_config(config, values, os.path.join(
-                    config.model_dir, "trials", trial.trial_id), learning_rate_only), verbose=0)
+                metrics = runner.train_and_evaluate(trial_config(config, values, trial_dir(config, trial.trial_id),
+                                                                 learning_rate_only), verbose=0, score_test=False)
             except NonFiniteLossError as e:  # a learning rate too high for this model: the worst score, reported
                 rows.append({"trial": trial.trial_id, "values": values, "diverged": str(e).splitlines()[0],
                              "seconds": round(time.time() - started, 1)})
@@ -111,7 +113,7 @@ def _tuner_classes():
             measured = self.oracle.seconds_per_epoch or 0.0
             self.oracle.seconds_per_epoch = max(measured, seconds / epochs)  # the slowest so far, per epoch
             rows.append({"trial": trial.trial_id, "values": values, "validation": metrics["validation"],
-                         "test": metrics["test"], "seconds": round(seconds, 1)})
+                         "seconds": round(seconds, 1)})
             print(f"tfl: tune trial {trial.trial_id}: {_describe(values)}: validation {name} "
                   f"{metrics['validation'][name]:.4f} in {seconds:.0f} s")
             return {f"val_{name}": metrics["validation"][name]}
@@ -171,15 +173,35 @@ def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False, 
     best = max(finished, key=lambda r: r["validation"][name] * (1 if direction == "max" else -1))
     searched = "learning rate and epochs" if learning_rate_only else (
         "learning rate, epochs, frozen blocks" + (" and LoRA rank" if lora else ""))
+    # The test split, once, for the chosen trial only (--mode=auto's search has a final run that scores it).
+    test = None if learning_rate_only else trial_metrics(trial_config(
+        config, best["values"], trial_dir(config, best["trial"])), "test")
     result = {"mode": "tune", "objective": f"validation {name} ({direction})", "trials": rows, "best": best,
-              "searched": searched,
-              "test": best["test"], "budget_minutes": config.auto.budget_minutes,
+              "searched": searched, "test": test, "budget_minutes": config.auto.budget_minutes,
               "wall_seconds": round(time.time() - started, 2)}
     print(f"tfl: tune: best trial {best['trial']} ({_describe(best['values'])}): validation {name} "
           f"{best['validation'][name]:.4f}; {len(rows)} trial(s) in {result['wall_seconds']:.0f} s")
     storage.write_json_atomically(os.path.join(config.model_dir, "report.json"), result)
     storage.write_text_atomically(os.path.join(config.model_dir, "report.md"), format_report(config, result))
     return result
+
+
+def trial_dir(config: Config, trial_id: str) -> str:
+    return os.path.join(config.model_dir, "trials", trial_id)
+
+
+def trial_metrics(config: Config, split: str) -> dict:
+    """The metrics on ``split`` ("validation" or "test") of a finished trial: its model rebuilt as the trial
+    built it (``config``, the trial's run config), with the weights the trial saved (model.keras)."""
+    splits = runner.load_data_for(config)
+    devices = runner.set_up_devices(config)
+    backbone, model, _ = runner.build(config, splits, devices)
+    model.load_weights(os.path.join(config.model_dir, "model.keras"))
+    _, _, validation, test, _ = batches_for(config, splits, backbone, devices.strategy)
+    metrics = evaluate(model, {"validation": validation, "test": test}[split], task=config.model.task,
+                       num_labels=len(splits.label_names))
+    release_memory()
+    return metrics
 
 
 def format_report(config: Config, result: dict) -> str:
@@ -196,7 +218,7 @@ def format_report(config: Config, result: dict) -> str:
         lines.append(f"| {row['trial']} | {values['learning_rate']:.2e} | {values.get('tuner/epochs', '-')} | "
                      f"{_adaptation(values)} | {score} | {row['seconds']:.0f} |")
     best = result["best"]
-    test = ", ".join(f"{k} {v:.4f}" for k, v in best["test"].items())
+    test = ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()) if result["test"] else "not scored"
     lines += ["", f"Best: trial {best['trial']} ({_describe(best['values'])}); its run is `trials/{best['trial']}/`. "
               f"Its test split, scored once after the search: {test}."]
     return "\n".join(lines) + "\n"
