@@ -74,7 +74,7 @@ def report(wall: float, metrics: dict, command: str, peaks: dict, host: str) -> 
         "",
         "| | seconds | ratio |",
         "|---|---|---|",
-        f"| whole command (wall) | {wall:.1f} | {ratio:.2f}x the epoch "
+        f"| whole command (wall) | {wall:.1f} | {ratio:.3f}x the epoch "
         f"({'meets' if ratio <= TARGET else 'misses'} the target of {TARGET:.2f}x) |",
         f"| the epoch (training steps with the first step's tracing and the input pipeline's first pass, "
         f"validation, checkpoint) | {epoch:.1f} | 1.00x |",
