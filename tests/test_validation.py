@@ -17,11 +17,14 @@ def _model(outputs: int, activation: str):
 
 
 @pytest.mark.parametrize("task,num_labels,outputs,activation", [
-    ("classification", 2, 1, "sigmoid"), ("classification", 3, 3, "softmax"), ("regression", 1, 1, None)])
+    ("classification", 2, 1, "sigmoid"), ("classification", 3, 3, "softmax"), ("regression", 1, 1, None),
+    ("multilabel", 3, 3, "sigmoid")])
 def test_the_logs_are_what_keras_validation_gives(task, num_labels, outputs, activation):
     rng = np.random.RandomState(0)
     x = rng.normal(size=(50, 4)).astype("float32")
-    y = rng.normal(size=50).astype("float32") if task == "regression" else rng.randint(num_labels, size=50)
+    y = {"regression": lambda: rng.normal(size=50).astype("float32"),
+         "multilabel": lambda: rng.randint(2, size=(50, num_labels)).astype("float32"),  # multi-hot rows
+         "classification": lambda: rng.randint(num_labels, size=50)}[task]()
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)  # a partial last batch: weighting counts
     model = _model(outputs, activation)
     train.compile_model(model, keras.optimizers.SGD(0.1), task=task, num_labels=num_labels, jit_compile=False)
@@ -81,3 +84,38 @@ def test_a_run_scores_validation_once_and_the_callbacks_still_see_it(text_csv, t
     log = (tmp_path / "run" / "training_log.csv").read_text().splitlines()
     assert "val_loss" in log[0] and len(log) == 3 and "" not in log[-1].split(",")  # the last epoch logged in full
     assert (tmp_path / "run" / "best.weights.h5").exists()
+
+
+def test_with_gradual_unfreezing_every_epoch_has_its_validation_and_the_last_is_tfls(text_csv, tmp_path):
+    """Each unfreezing stage is a fit of its own; only the last stage holds the last epoch."""
+    from tfl.config import FreezeConfig
+
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, maxlen=8, num_words=50),
+                    model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run"), export=False,
+                    freeze=FreezeConfig(unfreeze_every_epochs=1),
+                    train=TrainConfig(epochs=3, learning_rate=3e-2, precision="float32"))
+    metrics = tfl.run(config, verbose=0)
+    history = metrics["history"]
+    assert len(history["val_loss"]) == len(history["val_accuracy"]) == 3 and np.all(np.isfinite(history["val_loss"]))
+    assert metrics["validation"]["accuracy"] == pytest.approx(history["val_accuracy"][-1])
+
+
+def test_the_best_checkpoint_judges_the_last_epoch_by_its_tfl_scored_validation_loss(tmp_path):
+    """Keras's ModelCheckpoint saves *anyway* when the monitored value is missing from an epoch's logs: the
+    last epoch's val_loss must be in the logs before it runs, or a worse last epoch overwrites the best."""
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    train_batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    flipped = tf.data.Dataset.from_tensor_slices((x, 1 - y)).batch(16)  # learning the task worsens its loss
+    model = _model(1, "sigmoid")
+    final = validation.FinalValidation(flipped, task="classification", num_labels=2, last_epoch=2)
+    history = train.fit(model, train_batches, flipped, task="classification", num_labels=2, epochs=3,
+                        learning_rate=0.1, warmup_fraction=0.0, steps_per_epoch=4, model_dir=str(tmp_path),
+                        verbose=0, final_validation=final)
+    val_loss = history["val_loss"]
+    assert len(val_loss) == 3 and val_loss[0] < val_loss[1] < val_loss[2]
+    best = _model(1, "sigmoid")
+    best.load_weights(tmp_path / "best.weights.h5")
+    # The first epoch's weights, not the last's.
+    assert not np.allclose(best.get_weights()[0], model.get_weights()[0])
