@@ -84,8 +84,8 @@ def _retracing_warnings(caplog):
 
 
 def test_predicting_many_shapes_with_many_models_does_not_warn_of_retracing(caplog):
-    """Each pass builds its tf.function once with reduce_retracing, keyed per call object: the val/test passes
-    of every run of a compare (a new model each time) and their odd last batches stay under TF's threshold."""
+    """Each pass builds its tf.function once, traced for every batch shape at once and keyed per call object:
+    the val/test passes of every run of a compare (a new model each time) and their odd last batches stay under TF's threshold."""
     caplog.set_level(logging.WARNING, logger="tensorflow")
     for seed in range(4):
         model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(2)])
@@ -105,3 +105,18 @@ def test_the_keras_retracing_filter_drops_only_keras_own_functions():
                                    "encode at 0x1> triggered tf.function retracing.", None, None)
     assert not quiet._KerasRetracingFilter().filter(keras_record)
     assert quiet._KerasRetracingFilter().filter(own_record)
+
+
+def test_many_prefix_preprocessors_called_eagerly_do_not_warn_of_retracing(caplog, tiny_bert_preset):
+    """Ranking many backbones tokenizes eagerly through one PrefixPreprocessor each: their traced tokenizers
+    must not share TensorFlow's retracing count (a lambda or bound method would)."""
+    import keras_hub
+
+    from tfl.text_prefix import PrefixPreprocessor
+
+    caplog.set_level(logging.WARNING, logger="tensorflow")
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(tiny_bert_preset, sequence_length=8)
+    for _ in range(6):
+        tokens = PrefixPreprocessor(preprocessor, 8)(tf.constant(["the great film", "a film"]))
+        assert tokens["token_ids"].shape == (2, 8)
+    assert not _retracing_warnings(caplog)

@@ -60,7 +60,7 @@ def test_prefix_tokens_equal_the_whole_texts_tokens(tiny_bert_preset, chars_per_
     got = PrefixPreprocessor(spy, 16, chars_per_token=chars_per_token)(tf.constant(TEXTS))
     assert _same(got, expected)
     assert spy.longest[0] <= 16 * chars_per_token  # the first call saw prefixes only
-    # Traced, keras-hub tokenizes with its TensorFlow ops (eagerly with Python): tf.data and the export run this.
+    # Inside another tf.function too, as tf.data and the export call it.
     wrapped = PrefixPreprocessor(preprocessor, 16, chars_per_token=chars_per_token)
     assert _same(tf.function(wrapped)(tf.constant(TEXTS)), tf.function(preprocessor)(tf.constant(TEXTS)))
 

@@ -110,12 +110,15 @@ def test_the_best_checkpoint_judges_the_last_epoch_by_its_tfl_scored_validation_
     flipped = tf.data.Dataset.from_tensor_slices((x, 1 - y)).batch(16)  # learning the task worsens its loss
     model = _model(1, "sigmoid")
     final = validation.FinalValidation(flipped, task="classification", num_labels=2, last_epoch=2)
+    epoch_weights = []
+    snapshot = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epoch_weights.append(model.get_weights()))
     history = train.fit(model, train_batches, flipped, task="classification", num_labels=2, epochs=3,
                         learning_rate=0.1, warmup_fraction=0.0, steps_per_epoch=4, model_dir=str(tmp_path),
-                        verbose=0, final_validation=final)
+                        verbose=0, final_validation=final, extra_callbacks=(snapshot,))
     val_loss = history["val_loss"]
     assert len(val_loss) == 3 and val_loss[0] < val_loss[1] < val_loss[2]
     best = _model(1, "sigmoid")
     best.load_weights(tmp_path / "best.weights.h5")
     # The first epoch's weights, not the last's.
-    assert not np.allclose(best.get_weights()[0], model.get_weights()[0])
+    assert all(np.array_equal(a, b) for a, b in zip(best.get_weights(), epoch_weights[0]))
+    assert not np.allclose(best.get_weights()[0], epoch_weights[2][0])

@@ -40,7 +40,8 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
     train, preprocessed = splits.train, {}
     with timed(timings, "bucket_choice"):
         if wants_buckets(config, backbone):
-            # Tokenised once: the bucket choice's pass fills the cache that the training batches then read.
+            # Tokenised once: the bucket choice's pass fills the cache that the training batches then read
+            # (with --nocache, each pass tokenises again, as every epoch does).
             train = data_lib.preprocessed_text(splits.train, backbone.preprocess, cache=d.cache)
             preprocessed = {"preprocess": None, "cache": False}
         bucketing = choose_buckets(config, train) if preprocessed else None

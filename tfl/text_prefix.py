@@ -36,9 +36,10 @@ class PrefixPreprocessor:
         self.sequence_length = int(sequence_length)
         self.kept_characters = chars_per_token * self.sequence_length
         # One trace of the tokenizer for both of its calls below (prefixes, then the texts redone in full):
-        # tracing keras-hub's WordPiece preprocessor takes about a second, and every pipeline or export that
-        # traces this wrapper would otherwise trace it twice.
-        self._tokenize = tf.function(lambda batch: preprocessor(batch), autograph=False,
+        # tracing keras-hub's WordPiece preprocessor takes a second or so, and every pipeline or export that
+        # traces this wrapper would otherwise trace it twice. A callable object, not a lambda or a bound method:
+        # TensorFlow counts retracing per code object, which those share across every wrapper.
+        self._tokenize = tf.function(_Calls(preprocessor), autograph=False,
                                      input_signature=[tf.TensorSpec([None], tf.string)])
 
     @classmethod
@@ -73,3 +74,13 @@ class PrefixPreprocessor:
             return {key: tf.tensor_scatter_nd_update(value, redo, whole[key]) for key, value in tokens.items()}
 
         return tf.cond(tf.size(redo) > 0, in_full, lambda: tokens)
+
+
+class _Calls:
+    """``function(batch)``, as an object of its own (see PrefixPreprocessor's tf.function)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, batch):
+        return self.function(batch)

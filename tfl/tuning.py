@@ -19,9 +19,10 @@ import dataclasses
 import os
 import time
 
+from tfl import data as data_lib
 from tfl import devices as devices_lib
 from tfl import runner, storage
-from tfl.batches import batches_for
+from tfl.batches import image_file_decoder
 from tfl.config import Config
 from tfl.costs import release_memory
 from tfl.data import TEXT
@@ -174,8 +175,9 @@ def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False, 
     searched = "learning rate and epochs" if learning_rate_only else (
         "learning rate, epochs, frozen blocks" + (" and LoRA rank" if lora else ""))
     # The test split, once, for the chosen trial only (--mode=auto's search has a final run that scores it).
-    test = None if learning_rate_only else trial_metrics(trial_config(
-        config, best["values"], trial_dir(config, best["trial"])), "test")
+    test = None if learning_rate_only else trial_test_metrics(trial_config(
+        config, best["values"], trial_dir(config, best["trial"])))
+    release_memory()
     result = {"mode": "tune", "objective": f"validation {name} ({direction})", "trials": rows, "best": best,
               "searched": searched, "test": test, "budget_minutes": config.auto.budget_minutes,
               "wall_seconds": round(time.time() - started, 2)}
@@ -197,11 +199,20 @@ def trial_metrics(config: Config, split: str) -> dict:
     devices = runner.set_up_devices(config)
     backbone, model, _ = runner.build(config, splits, devices)
     model.load_weights(os.path.join(config.model_dir, "model.keras"))
-    _, _, validation, test, _ = batches_for(config, splits, backbone, devices.strategy)
-    metrics = evaluate(model, {"validation": validation, "test": test}[split], task=config.model.task,
-                       num_labels=len(splits.label_names))
-    release_memory()
-    return metrics
+    batches = data_lib.make_batches(getattr(splits, split), batch_size=config.data.eval_batch_size or
+                                    config.data.batch_size, preprocess=backbone.preprocess, modality=splits.modality,
+                                    decode_image=image_file_decoder(splits, backbone))
+    return evaluate(model, batches, task=config.model.task, num_labels=len(splits.label_names))
+
+
+def trial_test_metrics(config: Config) -> dict:
+    """``trial_metrics`` on the test split, or {"error": why} when the trial's model cannot be scored (the
+    search's report is still written)."""
+    try:
+        return trial_metrics(config, "test")
+    except (OSError, ValueError) as e:
+        print(f"tfl: tune: the chosen trial's test split could not be scored: {e}")
+        return {"error": str(e).splitlines()[0][:200]}
 
 
 def format_report(config: Config, result: dict) -> str:
@@ -218,7 +229,13 @@ def format_report(config: Config, result: dict) -> str:
         lines.append(f"| {row['trial']} | {values['learning_rate']:.2e} | {values.get('tuner/epochs', '-')} | "
                      f"{_adaptation(values)} | {score} | {row['seconds']:.0f} |")
     best = result["best"]
-    test = ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()) if result["test"] else "not scored"
+    if result["test"] is None:
+        test = "The test split is not scored here: the run after this search scores it."
+    elif "error" in result["test"]:
+        test = f"Its test split could not be scored after the search: {result['test']['error']}."
+    else:
+        test = ("Its test split, scored once after the search: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()) + ".")
     lines += ["", f"Best: trial {best['trial']} ({_describe(best['values'])}); its run is `trials/{best['trial']}/`. "
-              f"Its test split, scored once after the search: {test}."]
+              + test]
     return "\n".join(lines) + "\n"

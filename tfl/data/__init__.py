@@ -237,7 +237,10 @@ def preprocessed_text(dataset: tf.data.Dataset, preprocess: Optional[Callable], 
     size = int(dataset.cardinality())
     if preprocess is not None:
         traced = traced_batch_preprocess(preprocess)
-        dataset = dataset.batch(256).map(lambda x, y: (traced(x), y), num_parallel_calls=AUTOTUNE).unbatch()
+        # The map's function keeps the preprocessor (and its lookup tables) alive as long as the dataset: the
+        # shared trace holds it weakly.
+        dataset = dataset.batch(256).map(lambda x, y, _keep=preprocess: (traced(x), y),
+                                         num_parallel_calls=AUTOTUNE).unbatch()
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(size))  # unbatch loses the size
     return dataset.cache() if cache else dataset
 
@@ -247,9 +250,10 @@ _TRACED_PREPROCESS = weakref.WeakKeyDictionary()
 
 def traced_batch_preprocess(preprocess: Callable) -> Callable:
     """``preprocess`` (a keras-hub preprocessor, a TextVectorization) as one tf.function per object, shared by
-    every pipeline that maps it: tf.data traces a map's function each time a pipeline is built, about 1.1 s
-    for the MiniLM preprocessor, and a run builds four (bucket choice, train, validation, test) that now share
-    one trace per input signature. The function holds the preprocessor weakly, so the cache does not keep it."""
+    every pipeline that maps it: tf.data traces a map's function each time a pipeline is built (a second or
+    so for a keras-hub preprocessor), and a run builds one per split. The function holds the preprocessor
+    weakly, so the cache does not keep it alive; each pipeline does (``preprocessed_text``). Autograph converts
+    it as tf.data's own map would."""
     try:
         traced = _TRACED_PREPROCESS.get(preprocess)
     except TypeError:  # not weakly referable: each pipeline traces it, as tf.data does
@@ -257,9 +261,20 @@ def traced_batch_preprocess(preprocess: Callable) -> Callable:
     if traced is not None:
         return traced
     reference = weakref.ref(preprocess)
-    traced = tf.function(lambda batch: reference()(batch), autograph=False, reduce_retracing=True)
+    traced = tf.function(_WeaklyCalled(reference), reduce_retracing=True)
     _TRACED_PREPROCESS[preprocess] = traced
     return traced
+
+
+class _WeaklyCalled:
+    """Calls the object behind a weak reference; a class, not a lambda, so that each tf.function of it has its
+    own retracing count (a lambda's is its code object's, shared by every preprocessor)."""
+
+    def __init__(self, reference):
+        self.reference = reference
+
+    def __call__(self, batch):
+        return self.reference()(batch)
 
 
 def _settled(dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
