@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import tfl
 from tfl import auto, tuning
 from tfl.backbones import BackboneError, build_backbone
 from tfl.config import AutoConfig, Config, ConfigError, DataConfig, ModelConfig, RankConfig, TrainConfig
@@ -310,3 +311,18 @@ def test_a_search_whose_trials_all_diverge_keeps_the_given_learning_rate(tmp_pat
     chosen = auto.chosen_config(config, choice, str(tmp_path / "chosen"))
     assert auto.tuned_learning_rate(chosen, choice, 1000.0, str(tmp_path / "lr"), verbose=0) is chosen
     assert "every trial of the search diverged" in choice.reasons[-1]
+
+
+def test_a_lora_trials_model_is_rebuilt_with_its_saved_weights(tmp_path, tiny_bert_preset):
+    """tune's test split is scored on the chosen trial's model rebuilt from its config and model.keras: for a
+    LoRA trial too (Keras saves the merged kernel and zeroes the adapters on loading)."""
+    from tfl.config import FreezeConfig
+
+    config = Config(data=DataConfig(source=_sentences(tmp_path), batch_size=8),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8), freeze=FreezeConfig(lora_rank=4),
+                    train=TrainConfig(precision="float32", epochs=1, learning_rate=1e-2),
+                    model_dir=str(tmp_path / "trial"), export=False)
+    metrics = tfl.run(config, verbose=0)
+    assert metrics["config"]["freeze"]["lora_rank"] == 4
+    assert tuning.trial_metrics(config, "validation") == pytest.approx(metrics["validation"], abs=1e-6)
+    assert tuning.trial_metrics(config, "test") == pytest.approx(metrics["test"], abs=1e-6)
