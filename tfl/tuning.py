@@ -175,14 +175,15 @@ def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False, 
     searched = "learning rate and epochs" if learning_rate_only else (
         "learning rate, epochs, frozen blocks" + (" and LoRA rank" if lora else ""))
     # The test split, once, for the chosen trial only (--mode=auto's search has a final run that scores it).
+    search_seconds = time.time() - started
     test = None if learning_rate_only else trial_test_metrics(trial_config(
         config, best["values"], trial_dir(config, best["trial"])))
     release_memory()
     result = {"mode": "tune", "objective": f"validation {name} ({direction})", "trials": rows, "best": best,
               "searched": searched, "test": test, "budget_minutes": config.auto.budget_minutes,
-              "wall_seconds": round(time.time() - started, 2)}
+              "search_seconds": round(search_seconds, 2), "wall_seconds": round(time.time() - started, 2)}
     print(f"tfl: tune: best trial {best['trial']} ({_describe(best['values'])}): validation {name} "
-          f"{best['validation'][name]:.4f}; {len(rows)} trial(s) in {result['wall_seconds']:.0f} s")
+          f"{best['validation'][name]:.4f}; {len(rows)} trial(s) in {result['search_seconds']:.0f} s")
     storage.write_json_atomically(os.path.join(config.model_dir, "report.json"), result)
     storage.write_text_atomically(os.path.join(config.model_dir, "report.md"), format_report(config, result))
     return result
@@ -220,7 +221,7 @@ def format_report(config: Config, result: dict) -> str:
     lines = [f"# Tune: {config.model.backbone} on {config.data.source}", "",
              f"Hyperband (KerasTuner) over {result['searched']} (epochs up to {config.train.epochs}); judged by "
              f"{result['objective']}. {len(result['trials'])} trial(s) in "
-             f"{result['wall_seconds'] / 60:.1f} min of a {result['budget_minutes']:g} min budget.", "",
+             f"{result['search_seconds'] / 60:.1f} min of a {result['budget_minutes']:g} min budget.", "",
              "| trial | learning rate | epochs | adaptation | validation " + name + " | seconds |",
              "|---|---|---|---|---|---|"]
     for row in sorted(result["trials"], key=lambda r: r["trial"]):
