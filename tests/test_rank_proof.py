@@ -78,3 +78,41 @@ def test_measurements_are_written_beside_the_document_and_read_back_from_there(r
     assert rank_proof.stored_results(args) == str(tmp_path / "work" / "results.json")  # the run's own first
     fresh = argparse.Namespace(work_dir=str(tmp_path / "elsewhere"), out=args.out)  # a clone: no work_dir
     assert rank_proof.stored_results(fresh) == str(beside)
+
+
+def _stored_seed(seed, accuracy, logme):
+    """A seed as a run of the script stores it in results.json (what --render_only reads)."""
+    stored = _seed(seed, accuracy, logme)
+    for row in stored["rows"]:
+        row["feature_seconds"] = 1.0
+    stored.update(sizes={"train": 100, "validation": 20, "test": 50}, label_counts={"neg": 50, "pos": 50},
+                  recipe={"flagfile": "configs/minilm_rotten_tomatoes.flags", "epochs": 1, "max_steps_per_epoch": 0,
+                          "learning_rate": 1e-4, "lr_schedule": "linear", "warmup_fraction": 0.1, "batch_size": 16,
+                          "sequence_length": 64, "bucket_shapes": 2, "precision": "float32"})
+    return stored
+
+
+def test_render_only_writes_the_document_from_the_stored_measurements(rank_proof, tmp_path):
+    import argparse
+    import json
+
+    logme = {"a@1": 1.0, "a@2": 2.0, "a@3": 3.0, "a@3 (random init)": 0.0}
+    seeds = [_stored_seed(0, {"a@1": 0.70, "a@2": 0.80, "a@3": 0.78, "a@3 (random init)": 0.5}, logme),
+             _stored_seed(1, {"a@1": 0.72, "a@2": 0.76, "a@3": 0.84, "a@3 (random init)": 0.6}, logme)]
+    host = {"node": "h", "cpus": 2, "model": "m", "flags": [], "gflops_float32": 100.0, "gflops_bfloat16": 200.0,
+            "load_average": [0.0, 0.0, 0.0], "load_average_end": [0.0, 0.0, 0.0]}
+    stored = {"host": host, "command": "benchmarks/rank_proof.py --tasks=t", "seconds": 60.0,
+              "results": [rank_proof.judge_task("t", seeds)]}
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "results.json").write_text(json.dumps(stored, default=float))
+    args = argparse.Namespace(work_dir=str(work), out=str(tmp_path / "docs" / "transferability.md"), merge="")
+    assert rank_proof.render_only(args) == 0
+    text = (tmp_path / "docs" / "transferability.md").read_text()
+    assert "Rendered again from its results.json" in text and "## t" in text
+    # The stored accuracies (means over the seeds) are the document's; auto's picks are made again by the current
+    # rule, not copied: the stored seeds say a@2, and tfl.auto.choose fine-tunes the best LogME's whole backbone.
+    assert "| `a@3` | 3.0000 |" in text and "0.810 ± 0.030" in text
+    repicked = rank_proof.auto_pick(seeds[0], 1)["candidate"]
+    assert f"seed 0: `{repicked}`" in text and f"seed 1: `{repicked}`" in text and repicked != "a@2"
+    assert json.loads((work / "results.json").read_text()) == json.loads(json.dumps(stored, default=float))
