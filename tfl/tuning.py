@@ -178,7 +178,6 @@ def tune(config: Config, verbose: int = 1, *, learning_rate_only: bool = False, 
     search_seconds = time.time() - started
     test = None if learning_rate_only else trial_test_metrics(trial_config(
         config, best["values"], trial_dir(config, best["trial"])))
-    release_memory()
     result = {"mode": "tune", "objective": f"validation {name} ({direction})", "trials": rows, "best": best,
               "searched": searched, "test": test, "budget_minutes": config.auto.budget_minutes,
               "search_seconds": round(search_seconds, 2), "wall_seconds": round(time.time() - started, 2)}
@@ -214,6 +213,8 @@ def trial_test_metrics(config: Config) -> dict:
     except (OSError, ValueError) as e:
         print(f"tfl: tune: the chosen trial's test split could not be scored: {e}")
         return {"error": str(e).splitlines()[0][:200]}
+    finally:
+        release_memory()  # trial_metrics has returned: the model it rebuilt is no longer referenced
 
 
 def format_report(config: Config, result: dict) -> str:
