@@ -58,6 +58,7 @@ from tfl import auto, ranking, transferability  # noqa: E402
 from tfl.costs import release_memory  # noqa: E402
 from tfl.demo import config_from_flagfile  # noqa: E402
 from tfl.runner import load_data_for, train_and_evaluate  # noqa: E402
+from tfl.self_training import fit_probe  # noqa: E402
 
 ESTIMATORS = (("logme", "LogME"), ("h_score", "H-score"), ("leep", "LEEP"), ("nce", "NCE"))
 HIT_POINTS = 1.0  # the top-ranked candidate "hits" if its accuracy is within this many points of the best
@@ -80,11 +81,18 @@ that one fine-tune, against fine-tuning every candidate. Held-out accuracies car
 standard error is given) and come from a short schedule: read small differences between neighbouring
 depths as ties.
 
-`tfl.auto.choose` was changed once during this proof. It used to fine-tune the backbone cut at the
+Beside the fine-tunes, each candidate gets a second, cheap ground truth: a linear probe (softmax regression,
+`tfl.self_training.fit_probe`) on its frozen features of the same training examples, scored on the same test
+examples. LogME and H-score model exactly that (a linear model on fixed features), so their order should match
+the probes' order whatever fine-tuning does; where the two ground truths disagree, it is fine-tuning that
+reorders the candidates (deeper cuts have more layers to adapt). This column was added on 2026-11-27, after one
+seed of Rotten Tomatoes had shown LogME ordering the frozen probes well (τ_w 0.94) and the fine-tunes not.
+
+`tfl.auto.choose` was changed once during the first run of this proof (2026-11-26). It used to fine-tune the backbone cut at the
 best-scored depth; on the first task that landed several points below the best candidate, so it now
 fine-tunes the whole backbone that LogME names (and cuts only for a linear probe). When it was changed, only
 the first task's results and two fine-tunes of the second (neither at full depth) had been seen; the picks
-below are the changed rule's, made from the stored rankings (`--render_only`)."""
+below are the changed rule's."""
 
 
 # ---- candidates as training runs ------------------------------------------------------------
@@ -119,11 +127,12 @@ def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
     base = task_config(args, task, seed)
     splits = load_data_for(base)
     inputs, labels = ranking.training_examples(splits, 0, seed)  # the whole training split
-    started = time.perf_counter()
-    rows = ranking.rank_candidates(inputs, labels, modality=splits.modality, task=base.model.task,
-                                   backbones=backbone_names, sequence_length=base.model.sequence_length, seed=seed,
-                                   depths=args.depths)
+    started = time.perf_counter()  # ranking.rank_candidates' steps, with the features kept for the probes
+    zoo = ranking.candidates(splits.modality, backbone_names, sequence_length=base.model.sequence_length, seed=seed)
+    features = ranking.select_depths(ranking.extract_features(zoo, inputs, modality=splits.modality), args.depths)
+    rows = ranking.ranking_rows(features, ranking.score_candidates(features, labels, base.model.task))
     rank_seconds = time.perf_counter() - started
+    probes = probe_accuracies(zoo, features, labels, splits, args.depths)
     print(ranking.format_table(rows), flush=True)
     deepest = ranking.deepest_depths(rows)  # the controls sit at each backbone's full depth, whatever --depths keeps
     runs = {}
@@ -140,7 +149,8 @@ def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
         print(f"proof: {task} seed {seed} {row['candidate']}: test accuracy {runs[row['candidate']]['test_accuracy']:.4f}"
               f" in {metrics['wall_seconds']:.0f} s", flush=True)
     values, counts = np.unique(labels, return_counts=True)
-    result = {"seed": seed, "rows": rows, "runs": runs, "rank_seconds": rank_seconds, "sizes": splits.sizes,
+    result = {"seed": seed, "rows": rows, "runs": runs, "probes": probes, "rank_seconds": rank_seconds,
+              "sizes": splits.sizes,
               "label_counts": {splits.label_names[v]: int(n) for v, n in zip(values, counts)}}
     return {**result, "auto": auto_pick(result, base.train.epochs),
             "recipe": {"flagfile": args.recipe, "epochs": base.train.epochs, "learning_rate": base.train.learning_rate,
@@ -149,6 +159,23 @@ def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
                        "bucket_shapes": base.data.bucket_shapes,
                        "precision": next(iter(runs.values()))["precision"] if runs else "-",
                        "max_steps_per_epoch": base.train.max_steps_per_epoch}}
+
+
+def probe_accuracies(zoo: list, features: dict, labels, splits, depths: str) -> dict:
+    """Candidate -> test accuracy of a linear probe on its frozen features (``tfl.self_training.fit_probe``:
+    softmax regression on standardised features), trained on the ranking's own training examples: the
+    accuracy LogME and H-score model directly, a second ground truth beside the fine-tunes'."""
+    pairs = list(splits.test.as_numpy_iterator())
+    test_labels = np.array([y for _, y in pairs])
+    test = ranking.select_depths(ranking.extract_features(zoo, [x for x, _ in pairs], modality=splits.modality),
+                                 depths)
+    accuracies = {}
+    for name, entry in features.items():
+        train_features = np.asarray(entry["features"], np.float64)
+        probe = fit_probe(train_features, labels, len(splits.label_names), train_features.mean(axis=0),
+                          train_features.std(axis=0) + 1e-6)
+        accuracies[name] = float(np.mean(probe.predict(np.asarray(test[name]["features"], np.float64)) == test_labels))
+    return accuracies
 
 
 def auto_pick(seed: dict, epochs: int) -> dict:
@@ -173,16 +200,22 @@ def mean_rows(seeds: list) -> list:
         for key, _ in ESTIMATORS:
             values = [r.get(key, float("nan")) for r in per_seed]
             row[key] = float(np.mean(values)) if all(math.isfinite(v) for v in values) else float("nan")
+        probe = [s.get("probes", {}).get(name, float("nan")) for s in seeds]  # absent from older results
         row.update(test_accuracy=float(np.mean(accuracy)), test_std=float(np.std(accuracy)),
+                   probe_accuracy=float(np.mean(probe)),
                    wall_seconds=float(np.mean([s["runs"][name]["wall_seconds"] for s in seeds])),
                    optimizer_steps=seeds[0]["runs"][name]["optimizer_steps"])
         rows.append(row)
     return sorted(rows, key=lambda r: -r["logme"] if math.isfinite(r["logme"]) else math.inf)
 
 
-def judge(rows: list) -> list:
-    """Per estimator present for every candidate: taus (all candidates, pretrained only) and the top-1 check."""
-    accuracy = {row["candidate"]: row["test_accuracy"] for row in rows}
+def judge(rows: list, truth: str = "test_accuracy") -> list:
+    """Per estimator present for every candidate: taus (all candidates, pretrained only) and the top-1 check,
+    against ``truth`` (the fine-tunes' "test_accuracy" or the linear probes' "probe_accuracy"); none when a
+    candidate lacks it."""
+    accuracy = {row["candidate"]: row[truth] for row in rows}
+    if not all(math.isfinite(v) for v in accuracy.values()):
+        return []
     pretrained = [row["candidate"] for row in rows if row["pretrained"]]
     verdicts = []
     for key, title in ESTIMATORS:
@@ -215,6 +248,7 @@ def seed_rows(seed: dict) -> list:
 def judge_task(task: str, seeds: list) -> dict:
     rows = mean_rows(seeds)
     per_seed = [{v["estimator"]: v for v in judge(seed_rows(s))} for s in seeds]
+    per_seed_probe = [{v["estimator"]: v for v in judge(seed_rows(s), "probe_accuracy")} for s in seeds]
     fine_tune = [sum(r["wall_seconds"] for r in s["runs"].values()) for s in seeds]
     picks = []
     for s, total in zip(seeds, fine_tune):
@@ -224,6 +258,7 @@ def judge_task(task: str, seeds: list) -> dict:
                       "compute_share": (s["rank_seconds"] + s["runs"][name]["wall_seconds"]) / total})
     mean_accuracy = {r["candidate"]: r["test_accuracy"] for r in rows}
     return {"task": task, "seeds": seeds, "rows": rows, "verdicts": judge(rows), "per_seed": per_seed,
+            "probe_verdicts": judge(rows, "probe_accuracy"), "per_seed_probe": per_seed_probe,
             "picks": picks, "auto_gap_of_means": 100 * (max(mean_accuracy.values()) - float(np.mean(
                 [s["runs"][p["candidate"]]["test_accuracy"] for s, p in zip(seeds, picks)]))),
             "rank_seconds": float(np.mean([s["rank_seconds"] for s in seeds])),
@@ -264,6 +299,20 @@ def _mean_std(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "n/a"
 
 
+def verdict_lines(verdicts: list, per_seed: list, title: str) -> list:
+    if not verdicts:
+        return []
+    lines = [title, "", "| estimator | τ_w all | τ all | τ_w pretrained | τ pretrained | τ_w all per seed | "
+             "top-ranked (acc) | best (acc) | gap, points | top-1 within 1 point |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in verdicts:
+        taus = [s[v["estimator"]]["tau_w_all"] for s in per_seed if v["estimator"] in s]
+        lines.append(f"| {v['estimator']} | {_f(v['tau_w_all'])} | {_f(v['tau_all'])} | {_f(v['tau_w_pretrained'])} | "
+                     f"{_f(v['tau_pretrained'])} | {_mean_std(taus)} | `{v['top']}` ({_f(v['top_accuracy'])}) | "
+                     f"`{v['best']}` ({_f(v['best_accuracy'])}) | {v['gap_points']:.1f} | "
+                     f"{'yes' if v['hit'] else 'no'} |")
+    return lines + [""]
+
+
 def task_markdown(result: dict) -> list:
     seeds, rows = result["seeds"], result["rows"]
     present = [(k, t) for k, t in ESTIMATORS if any(math.isfinite(row.get(k, float("nan"))) for row in rows)]
@@ -280,23 +329,19 @@ def task_markdown(result: dict) -> list:
              f"({recipe['bucket_shapes']} length buckets), precision {recipe['precision']}, every weight trained. One "
              f"standard error of the best mean test accuracy over {len(seeds)} x {sizes['test']} test examples: "
              f"{100 * standard_error(best, len(seeds) * sizes['test']):.1f} points.", ""]
-    header = ["rank", "candidate"] + [t for _, t in present] + ["test acc (mean ± std)", "steps", "fine-tune s"]
+    header = ["rank", "candidate"] + [t for _, t in present] + ["fine-tuned test acc (mean ± std)", "steps",
+                                                                "fine-tune s", "linear probe test acc"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for index, row in enumerate(rows, 1):
         cells = [str(index), f"`{row['candidate']}`"] + [_f(row.get(k), 4) for k, _ in present]
         cells += [f"{row['test_accuracy']:.3f} ± {row['test_std']:.3f}", str(row["optimizer_steps"]),
-                  _f(row["wall_seconds"], 0)]
+                  _f(row["wall_seconds"], 0), _f(row.get("probe_accuracy"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Rank = order by mean LogME (what `--mode=rank` reports first); scores, accuracies and "
               "seconds are means over the seeds.", ""]
-    lines += ["| estimator | τ_w all | τ all | τ_w pretrained | τ pretrained | τ_w all per seed | top-ranked (test acc) | "
-              "best (test acc) | gap, points | top-1 within 1 point |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for v in result["verdicts"]:
-        per_seed = [s[v["estimator"]]["tau_w_all"] for s in result["per_seed"] if v["estimator"] in s]
-        lines.append(f"| {v['estimator']} | {_f(v['tau_w_all'])} | {_f(v['tau_all'])} | {_f(v['tau_w_pretrained'])} | "
-                     f"{_f(v['tau_pretrained'])} | {_mean_std(per_seed)} | `{v['top']}` ({_f(v['top_accuracy'])}) | "
-                     f"`{v['best']}` ({_f(v['best_accuracy'])}) | {v['gap_points']:.1f} | "
-                     f"{'yes' if v['hit'] else 'no'} |")
+    lines += verdict_lines(result["verdicts"], result["per_seed"], "Against the fine-tuned accuracies:")
+    lines += verdict_lines(result.get("probe_verdicts", []), result.get("per_seed_probe", []),
+                           "Against the linear probes' accuracies (the frozen features' own test accuracy):")
     picks = result["picks"]
     lines += ["", "`--mode=auto`'s pick per seed: " + "; ".join(
         f"seed {s['seed']}: `{p['candidate']}`, {p['gap_points']:.1f} points below that seed's best, "
@@ -311,21 +356,30 @@ def task_markdown(result: dict) -> list:
 
 def summary_markdown(results: list) -> list:
     lines = ["## Summary", "",
+             "Against the fine-tuned accuracies (the issue's ground truth), and in the last two columns against the "
+             "linear probes' (each candidate's frozen features):", "",
              "| task | estimator | τ_w all | τ_w pretrained | τ all | τ pretrained | τ_w all per seed | "
-             "top-1 within 1 point | rank s | fine-tune s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "top-1 within 1 point | rank s | fine-tune s | τ_w all, probe | τ_w pretrained, probe |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
+        probe = {v["estimator"]: v for v in result.get("probe_verdicts", [])}
         for v in result["verdicts"]:
             per_seed = [s[v["estimator"]]["tau_w_all"] for s in result["per_seed"] if v["estimator"] in s]
+            p = probe.get(v["estimator"], {})
             lines.append(f"| {result['task']} | {v['estimator']} | {_f(v['tau_w_all'])} | {_f(v['tau_w_pretrained'])} | "
                          f"{_f(v['tau_all'])} | {_f(v['tau_pretrained'])} | {_mean_std(per_seed)} | "
                          f"{'yes' if v['hit'] else 'no'} ({v['gap_points']:.1f}) | {result['rank_seconds']:.0f} | "
-                         f"{result['fine_tune_seconds']:.0f} |")
+                         f"{result['fine_tune_seconds']:.0f} | {_f(p.get('tau_w_all'))} | "
+                         f"{_f(p.get('tau_w_pretrained'))} |")
     for _, title in ESTIMATORS:
-        taus = [v["tau_w_all"] for r in results for v in r["verdicts"] if v["estimator"] == title]
-        pretrained = [v["tau_w_pretrained"] for r in results for v in r["verdicts"] if v["estimator"] == title]
-        if taus:
-            lines.append(f"| mean over {len(taus)} task(s) | {title} | {_f(float(np.nanmean(taus)))} | "
-                         f"{_f(float(np.nanmean(pretrained)))} | | | | | | |")
+        def mean_of(key, verdicts="verdicts"):
+            values = [v[key] for r in results for v in r.get(verdicts, []) if v["estimator"] == title]
+            return _f(float(np.nanmean(values))) if values else "-"
+        count = sum(v["estimator"] == title for r in results for v in r["verdicts"])
+        if count:
+            lines.append(f"| mean over {count} task(s) | {title} | {mean_of('tau_w_all')} | "
+                         f"{mean_of('tau_w_pretrained')} | | | | | | | {mean_of('tau_w_all', 'probe_verdicts')} | "
+                         f"{mean_of('tau_w_pretrained', 'probe_verdicts')} |")
     lines += ["", "`--mode=auto` (its pick from the ranking, then one fine-tune), per task, mean over seeds:", "",
               "| task | picks | points below the best candidate's mean | compute vs fine-tuning every candidate |",
               "|---|---|---|---|"]

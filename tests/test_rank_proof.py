@@ -116,3 +116,26 @@ def test_render_only_writes_the_document_from_the_stored_measurements(rank_proof
     repicked = rank_proof.auto_pick(seeds[0], 1)["candidate"]
     assert f"seed 0: `{repicked}`" in text and f"seed 1: `{repicked}`" in text and repicked != "a@2"
     assert json.loads((work / "results.json").read_text()) == json.loads(json.dumps(stored, default=float))
+
+
+def test_the_linear_probes_are_a_second_ground_truth_judged_apart(rank_proof):
+    logme = {"a@1": 1.0, "a@2": 2.0, "a@3": 3.0, "a@3 (random init)": 0.0}
+    # Fine-tuning reverses LogME's pretrained order; the frozen probes follow it.
+    seeds = [_stored_seed(s, {"a@1": 0.90, "a@2": 0.80, "a@3": 0.70, "a@3 (random init)": 0.5}, logme) for s in (0, 1)]
+    for s, shift in zip(seeds, (0.0, 0.02)):
+        s["probes"] = {"a@0": 0.99, "a@1": 0.60 + shift, "a@2": 0.70 + shift, "a@3": 0.75 + shift,
+                       "a@3 (random init)": 0.5}
+    result = rank_proof.judge_task("t", seeds)
+    assert {r["candidate"]: r["probe_accuracy"] for r in result["rows"]}["a@2"] == pytest.approx(0.71)
+    fine_tuned, probed = result["verdicts"][0], result["probe_verdicts"][0]
+    assert fine_tuned["tau_pretrained"] == pytest.approx(-1.0) and not fine_tuned["hit"]
+    assert probed["tau_pretrained"] == pytest.approx(1.0) and probed["top"] == probed["best"] == "a@3"
+    assert len(result["per_seed_probe"]) == 2
+    text = "\n".join(rank_proof.summary_markdown([result]))
+    assert "| t | LogME | " in text and text.count("| 1.000 |") >= 1
+    # Results stored before the probes existed are judged on the fine-tunes alone.
+    for s in seeds:
+        del s["probes"]
+    old = rank_proof.judge_task("t", seeds)
+    assert old["probe_verdicts"] == [] and old["verdicts"] == result["verdicts"]
+    assert "linear probes'" not in "\n".join(rank_proof.task_markdown(old))
