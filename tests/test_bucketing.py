@@ -57,3 +57,29 @@ def test_bucketed_batches_keep_every_example_and_trim(tiny_bert_preset):
     for x, y in batches:
         out = model(x, training=False).numpy()[:, 0]
         assert np.allclose(out, [full[int(i)] for i in y.numpy()], atol=1e-5)
+
+
+def test_token_budget_batches_hold_about_equal_tokens(tiny_bert_preset):
+    from tfl.backbones import build_backbone
+
+    assert bucketing.token_budget_batch_sizes([4, 8, 16], 64) == [16, 8, 4]
+    assert bucketing.token_budget_batch_sizes([4, 8, 16], 64, multiple=3) == [15, 6, 3]  # whole replicas
+    assert bucketing.token_budget_batch_sizes([100], 64, multiple=2) == [2]  # never an empty batch
+    backbone = build_backbone(tiny_bert_preset, sequence_length=16)
+    words = ["the", "a", "great", "awful", "film", "movie", "plot"]
+    rng = np.random.RandomState(2)
+    texts = [" ".join(rng.choice(words, rng.randint(1, 13))) for _ in range(90)]
+    data = tf.data.Dataset.from_tensor_slices((texts, np.arange(90)))
+    lengths = bucketing.token_lengths(data.batch(16).map(lambda x, y: backbone.preprocess(x)))
+    bounds = bucketing.choose_boundaries(lengths, 3)
+    sizes = bucketing.token_budget_batch_sizes(bounds, 48)
+    batches = make_batches(data, batch_size=999, preprocess=backbone.preprocess, training=True,
+                           bucket_boundaries=bounds, bucket_batch_sizes=sizes)
+    seen = list(batches)
+    assert int(batches.cardinality()) == len(seen) == bucketing.bucket_batch_count(lengths, bounds, sizes)
+    assert sorted(int(i) for _, y in seen for i in y.numpy()) == list(range(90))  # every example exactly once
+    for x, y in seen:  # each batch is at most its bucket's size: about 48 padded tokens, never the 999 examples
+        width = int(x["token_ids"].shape[1])
+        assert len(y) <= sizes[bounds.index(width)] and len(y) * width <= max(48, width)
+    full = {int(x["token_ids"].shape[1]) for x, y in seen if len(y) == sizes[bounds.index(int(x["token_ids"].shape[1]))]}
+    assert len(full) > 1  # buckets of different lengths filled different batch sizes

@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 
 from tfl import cli
-from tfl.config import Config, ConfigError, DataConfig, FreezeConfig, config_from_dict
+from tfl.config import Config, ConfigError, DataConfig, FreezeConfig, TrainConfig, config_from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +53,10 @@ def test_every_config_field_has_a_flag_with_help():
     (Config(freeze=FreezeConfig(freeze_all=True, lora_rank=4)), "conflicts with --lora_rank"),
     (Config(freeze=FreezeConfig(trainable="(")), "not a valid regular expression"),
     (Config(freeze=FreezeConfig(layer_lr_decay=1.5)), "--layer_lr_decay must be in"),
+    (Config(data=DataConfig(tokens_per_batch=-1)), "--tokens_per_batch must be >= 0"),
+    (Config(data=DataConfig(tokens_per_batch=512, bucket_shapes=0)), "it needs --bucket_shapes > 0"),
+    (Config(data=DataConfig(tokens_per_batch=512), train=TrainConfig(max_steps_per_epoch=2)),
+     "no --max_steps_per_epoch"),
 ])
 def test_config_validation_names_the_problem(config, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):

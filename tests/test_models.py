@@ -364,3 +364,17 @@ def test_a_bucketed_run_tokenises_its_training_split_once(text_csv, tiny_bert_pr
     for _ in range(2):  # two epochs
         assert sum(int(y.shape[0]) for _, y in train_ds) == splits.sizes["train"]
     assert int(tokenised.numpy()) == splits.sizes["train"] + splits.sizes["validation"] + splits.sizes["test"]
+
+
+def test_a_token_budget_needs_a_backbone_with_length_buckets(text_csv):
+    from types import SimpleNamespace
+
+    from tfl.batches import batches_for
+    from tfl.config import Config, ConfigError, DataConfig
+    from tfl.data import load_data
+
+    splits = load_data(f"csv:{text_csv}")
+    backbone = build_backbone("lstm", num_words=20, maxlen=4, train_texts=["a b"])
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", tokens_per_batch=256))
+    with pytest.raises(ConfigError, match="--backbone=lstm has none: drop --tokens_per_batch"):
+        batches_for(config, splits, backbone, SimpleNamespace(num_replicas_in_sync=1))

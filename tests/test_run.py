@@ -427,3 +427,35 @@ def test_accumulation_is_refused_when_auto_picks_several_replicas_at_run_time():
     one_replica = SimpleNamespace(strategy=SimpleNamespace(num_replicas_in_sync=1))
     with pytest.raises(ValueError):  # past the check: it goes on to unpack the (here empty) batches
         runner.fit_model(config, None, None, None, (), one_replica, verbose=0)
+
+
+def test_token_budget_batches_size_the_schedule_and_the_cached_probe(tiny_bert_preset, tmp_path):
+    """--tokens_per_batch: the epoch's exact step count sizes the schedule, every example is seen once per epoch,
+    and a probe on cached features gets the same batches as the uncached pipeline (so with buckets at a fixed
+    batch size)."""
+    rows = [("the great film", 1), ("an awful plot", 0), ("great movie", 1), ("awful film", 0),
+            ("a great plot that the film had", 1), ("the awful movie", 0)] * 6
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+
+    def run(cache, tokens_per_batch=48):
+        config = Config(data=DataConfig(source=f"csv:{path}", batch_size=4, bucket_shapes=2,
+                                        tokens_per_batch=tokens_per_batch),
+                        model=ModelConfig(backbone=tiny_bert_preset, sequence_length=12, head_dropout=0.1),
+                        freeze=FreezeConfig(freeze_all=True),
+                        train=TrainConfig(epochs=2, learning_rate=1e-2, precision="float32",
+                                          cache_frozen_features=cache))
+        return tfl.run(config, verbose=0)
+
+    cached, uncached, fixed = run(True), run(False), run(False, tokens_per_batch=0)
+    fixed_cached = run(True, tokens_per_batch=0)
+    boundaries, sizes = cached["bucketing"]["boundaries"], cached["bucketing"]["batch_sizes"]
+    assert sizes == [48 // b for b in boundaries] and "batch_sizes" not in fixed["bucketing"]
+    assert cached["steps_per_epoch"] < fixed["steps_per_epoch"]  # short texts: more of them per step
+    assert cached["optimizer_steps"] == 2 * cached["steps_per_epoch"]
+    assert cached["train_examples_seen"] == 2 * cached["data"]["sizes"]["train"]
+    for key in ("loss", "val_loss"):
+        assert np.allclose(cached["history"][key], uncached["history"][key], atol=1e-5), key
+    # With buckets and a fixed batch size too (the bucket count once took the shuffle's first order, so the
+    # uncached pipeline trained on its second: the cached probe saw other batches).
+    assert np.allclose(fixed_cached["history"]["loss"], fixed["history"]["loss"], atol=1e-5)

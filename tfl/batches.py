@@ -44,14 +44,19 @@ def batches_for(config: Config, splits: data_lib.DataSplits, backbone: backbones
             # (with --nocache, each pass tokenises again, as every epoch does).
             train = data_lib.preprocessed_text(splits.train, backbone.preprocess, cache=d.cache)
             preprocessed = {"preprocess": None, "cache": False}
-        bucketing = choose_buckets(config, train) if preprocessed else None
+        bucketing = choose_buckets(config, train, strategy.num_replicas_in_sync) if preprocessed else None
+    if d.tokens_per_batch and not bucketing:
+        raise ConfigError("--tokens_per_batch needs length buckets, which only a keras-hub text backbone's padding "
+                          f"mask allows; --backbone={config.model.backbone} has none: drop --tokens_per_batch")
     common = dict(batch_size=d.batch_size, preprocess=backbone.preprocess, seed=config.seed,
                   shuffle_buffer=d.shuffle_buffer, cache=d.cache, modality=splits.modality, decode_image=decode,
                   bucket_boundaries=bucketing["boundaries"] if bucketing else None)
     # TPUs compile one program per shape: every batch fit() sees must be full. The final metrics are
     # computed on every example by tfl's own loop, from the unpruned validation and test batches.
     tpu = devices_lib.device_kind(strategy) == "tpu"
-    train_ds = data_lib.make_batches(train, training=True, drop_remainder=tpu, **{**common, **preprocessed})
+    train_ds = data_lib.make_batches(train, training=True, drop_remainder=tpu,
+                                     bucket_batch_sizes=bucketing and bucketing.get("batch_sizes"),
+                                     **{**common, **preprocessed})
     evaluation = {**common, "batch_size": eval_batch_size}
     val_ds = data_lib.make_batches(splits.validation, **evaluation)
     fit_val_ds = data_lib.make_batches(splits.validation, drop_remainder=True, **evaluation) if tpu else val_ds
@@ -67,9 +72,10 @@ def wants_buckets(config: Config, backbone: backbones_lib.Backbone) -> bool:
                 and backbone.keras_hub_backbone is not None)
 
 
-def choose_buckets(config: Config, train: tf.data.Dataset) -> dict:
+def choose_buckets(config: Config, train: tf.data.Dataset, replicas: int = 1) -> dict:
     """The length buckets (at most --bucket_shapes) chosen from the token lengths of ``train``, unbatched
-    (keras-hub preprocessor outputs, label) pairs, with their padding."""
+    (keras-hub preprocessor outputs, label) pairs, with their padding; with --tokens_per_batch, each bucket's
+    training batch size ("batch_sizes", multiples of ``replicas``)."""
     d = config.data
     lengths = data_lib.token_lengths(train.batch(1024).map(lambda x, y: x))
     boundaries = data_lib.choose_boundaries(lengths, d.bucket_shapes)
@@ -79,6 +85,8 @@ def choose_buckets(config: Config, train: tf.data.Dataset) -> dict:
                  "padding_fraction": round(data_lib.padding_fraction(lengths, boundaries), 4),
                  "padding_fraction_without": round(data_lib.padding_fraction(
                      lengths, [config.model.sequence_length]), 4)}
+    if d.tokens_per_batch:
+        bucketing["batch_sizes"] = data_lib.token_budget_batch_sizes(boundaries, d.tokens_per_batch, replicas)
     print(f"tfl: length buckets {bucketing}")
     return bucketing
 

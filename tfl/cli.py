@@ -52,6 +52,10 @@ HELP = {
     "cache": "Cache preprocessed examples in memory.",
     "bucket_shapes": "Tokenized text: batch by length and pad to at most this many boundaries (from the training "
                      "data's lengths); 0 = pad everything to --sequence_length.",
+    "tokens_per_batch": "With length buckets (--bucket_shapes): each training batch holds about this many padded "
+                        "tokens, batch = tokens // the bucket's length (a multiple of the replica count), so short "
+                        "texts come in larger batches and an epoch takes fewer steps; 0 = --batch_size examples "
+                        "per batch. Validation and test keep --eval_batch_size.",
     "weights": "keras.applications weights: imagenet, none or a .weights.h5 path.",
     "pretrained": "Load the backbone's pretrained weights; --nopretrained trains the same architecture from scratch.",
     "task": "classification, multilabel or regression.",

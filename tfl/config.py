@@ -54,6 +54,7 @@ class DataConfig:
     shuffle_buffer: int = 10000
     cache: bool = True
     bucket_shapes: int = 8  # tokenized text: pad batches to at most this many lengths; 0 = pad all to sequence_length
+    tokens_per_batch: int = 0  # with length buckets: training batches of about this many padded tokens; 0 = batch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +193,11 @@ class Config:
         _check_non_negative("backbone_depth", m.backbone_depth)
         _check_non_negative("lora_rank", f.lora_rank)
         _check_non_negative("unfreeze_every_epochs", f.unfreeze_every_epochs)
+        _check_non_negative("tokens_per_batch", d.tokens_per_batch)
+        if d.tokens_per_batch and (not d.bucket_shapes or t.max_steps_per_epoch or t.strategy == "tpu"):
+            raise ConfigError("--tokens_per_batch sizes each length bucket's batches: it needs --bucket_shapes > 0, "
+                              "whole epochs (no --max_steps_per_epoch: examples per step vary) and no TPU (one "
+                              "batch size per program); drop it, or those flags")
         if not 0.0 < d.validation_fraction < 1.0 or not 0.0 < d.test_fraction < 1.0 \
                 or d.validation_fraction + d.test_fraction >= 1.0:
             raise ConfigError("--validation_fraction and --test_fraction must each be in (0, 1) and sum "

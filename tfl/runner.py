@@ -219,8 +219,9 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
         # evaluation, again at each unfreezing stage (a recompile).
         jit, why = devices_lib.xla_pays_off(shapes=4 * bucketing["shapes"] * len(stages or [0]),
                                             steps=t.epochs * steps_per_epoch,
-                                            tokens_per_step=config.data.batch_size * bucketing["mean_length"]
-                                            / (1.0 - bucketing["padding_fraction"]))
+                                            tokens_per_step=config.data.tokens_per_batch or (
+                                                config.data.batch_size * bucketing["mean_length"]
+                                                / (1.0 - bucketing["padding_fraction"])))
         print(f"tfl: jit_compile={jit}: {why}")
     multipliers = (freeze_lib.layer_lr_multipliers(backbone, config.freeze.layer_lr_decay)
                    if config.freeze.layer_lr_decay < 1.0 else None)
@@ -290,7 +291,8 @@ def cached_feature_batches(config: Config, splits: data_lib.DataSplits, backbone
     train_batches = data_lib.make_feature_batches(
         train_x, train_y, batch_size=config.data.batch_size, seed=config.seed,
         shuffle_buffer=config.data.shuffle_buffer, lengths=train_lengths,
-        bucket_boundaries=bucketing["boundaries"] if bucketing else None, drop_remainder=kind == "tpu")
+        bucket_boundaries=bucketing["boundaries"] if bucketing else None, drop_remainder=kind == "tpu",
+        bucket_batch_sizes=bucketing and bucketing.get("batch_sizes"))
     if batch_count(train_batches) != steps_per_epoch:  # the schedule was sized from the uncached pipeline
         raise RuntimeError(f"cached-feature batches ({batch_count(train_batches)}) differ from the pipeline's "
                            f"({steps_per_epoch}); please report this with the config")

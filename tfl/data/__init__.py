@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfl.data.bucketing import (bucket_batch_count, bucket_batches, choose_boundaries, group_by_length,
-                                padding_fraction, token_lengths)
+                                padding_fraction, token_budget_batch_sizes, token_lengths)
 from tfl.data.examples import string_array
 from tfl.data.sources import (IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS, DataError, Examples, SourceData,
                               load_source)
@@ -187,7 +187,8 @@ def _check_classification_labels(split: dict, label_names: list) -> None:
 def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optional[Callable] = None,
                  training: bool = False, seed: int = 0, shuffle_buffer: int = 10000, cache: bool = True,
                  modality: str = TEXT, decode_image: Optional[Callable] = None,
-                 drop_remainder: bool = False, bucket_boundaries: Optional[list] = None) -> tf.data.Dataset:
+                 drop_remainder: bool = False, bucket_boundaries: Optional[list] = None,
+                 bucket_batch_sizes: Optional[list] = None) -> tf.data.Dataset:
     """Preprocesses, caches, shuffles, batches and prefetches an unbatched (feature, label) dataset.
 
     ``preprocess`` maps a *batch* of features to model inputs (a keras-hub preprocessor, an image
@@ -195,7 +196,8 @@ def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optio
     cached; for images, the small raw images are cached and resizing runs per batch.
     ``decode_image`` maps one image path to a decoded image (image-file sources).
     ``bucket_boundaries`` (tokenized text with a padding mask): batch examples of similar length and
-    pad each batch only to its bucket's boundary (see tfl.data.bucketing).
+    pad each batch only to its bucket's boundary (see tfl.data.bucketing); ``bucket_batch_sizes``, one per
+    bucket, replace ``batch_size`` there (``token_budget_batch_sizes``: batches of about equal tokens).
 
     The result knows its exact number of batches (``cardinality()``), so an epoch is never of unknown
     length and a learning-rate schedule can be sized from it; the input must have a known size.
@@ -207,12 +209,14 @@ def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optio
     with_model_inputs = lambda x, y: (preprocess(x), y) if preprocess else (x, y)  # noqa: E731
     if modality in (TEXT, TOKEN_IDS):
         dataset = preprocessed_text(dataset, preprocess, cache=cache)
+        sizes = bucket_batch_sizes or batch_size
+        if bucket_boundaries:  # counted before the shuffle: a pass over the shuffled data would use up its first order
+            batches = bucket_batch_count(token_lengths(dataset.batch(1024).map(lambda x, y: x)), bucket_boundaries,
+                                         sizes, drop_remainder)
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         if bucket_boundaries:
-            batches = bucket_batch_count(token_lengths(dataset.batch(1024).map(lambda x, y: x)), bucket_boundaries,
-                                         batch_size, drop_remainder)
-            dataset = bucket_batches(dataset, bucket_boundaries, batch_size, drop_remainder)
+            dataset = bucket_batches(dataset, bucket_boundaries, sizes, drop_remainder)
             return _settled(dataset.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(AUTOTUNE),
                             training)
         return _settled(dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE), training)
@@ -292,7 +296,8 @@ def _settled(dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
 
 def make_feature_batches(features: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int = 0,
                          shuffle_buffer: int = 10000, lengths: Optional[np.ndarray] = None,
-                         bucket_boundaries: Optional[list] = None, drop_remainder: bool = False) -> tf.data.Dataset:
+                         bucket_boundaries: Optional[list] = None, drop_remainder: bool = False,
+                         bucket_batch_sizes: Optional[list] = None) -> tf.data.Dataset:
     """Training batches of cached backbone features, in the order ``make_batches`` gives the raw examples
     they came from: the same shuffle and, with ``bucket_boundaries``, the same length buckets (``lengths``:
     each example's token count), so a probe on cached features sees exactly the batches it would see uncached.
@@ -302,7 +307,8 @@ def make_feature_batches(features: np.ndarray, labels: np.ndarray, *, batch_size
                             training=True, seed=seed, shuffle_buffer=shuffle_buffer, drop_remainder=drop_remainder)
     dataset = tf.data.Dataset.from_tensor_slices(((features, lengths), labels)).cache()
     dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    batches = group_by_length(dataset, bucket_boundaries, batch_size, drop_remainder, lambda x, _y: x[1])
-    count = bucket_batch_count(lengths, bucket_boundaries, batch_size, drop_remainder)
+    sizes = bucket_batch_sizes or batch_size
+    batches = group_by_length(dataset, bucket_boundaries, sizes, drop_remainder, lambda x, _y: x[1])
+    count = bucket_batch_count(lengths, bucket_boundaries, sizes, drop_remainder)
     return (batches.map(lambda x, y: (x[0], y)).apply(tf.data.experimental.assert_cardinality(count))
             .prefetch(AUTOTUNE))

@@ -60,30 +60,43 @@ def padding_fraction(lengths: np.ndarray, boundaries: list) -> float:
     return float(1.0 - lengths.sum() / padded.sum())
 
 
-def bucket_batch_count(lengths: np.ndarray, boundaries: list, batch_size: int, drop_remainder: bool = False) -> int:
+def token_budget_batch_sizes(boundaries: list, tokens_per_batch: int, multiple: int = 1) -> list:
+    """One batch size per bucket: as many examples as fit ``tokens_per_batch`` padded tokens at the bucket's
+    length, rounded down to a multiple of ``multiple`` (the replica count), and at least ``multiple``."""
+    return [max(multiple, tokens_per_batch // boundary // multiple * multiple) for boundary in boundaries]
+
+
+def bucket_batch_count(lengths: np.ndarray, boundaries: list, batch_size, drop_remainder: bool = False) -> int:
     """Exactly how many batches ``bucket_batches`` yields for examples of these lengths: each bucket
-    ends with its own partial batch (or drops it)."""
+    ends with its own partial batch (or drops it). ``batch_size``: one for all buckets, or a list, one per bucket."""
     bucket = np.searchsorted(boundaries, np.asarray(lengths, np.int64), side="left")
     counts = np.bincount(bucket, minlength=len(boundaries))
-    per_bucket = counts // batch_size if drop_remainder else -(-counts // batch_size)
+    sizes = np.broadcast_to(np.asarray(batch_size, np.int64), counts.shape)
+    per_bucket = counts // sizes if drop_remainder else -(-counts // sizes)
     return int(per_bucket.sum())
 
 
-def group_by_length(dataset: tf.data.Dataset, boundaries: list, batch_size: int, drop_remainder: bool,
+def group_by_length(dataset: tf.data.Dataset, boundaries: list, batch_size, drop_remainder: bool,
                     length_of) -> tf.data.Dataset:
-    """Batches unbatched elements by the bucket their length falls in (``length_of(*element)``)."""
+    """Batches unbatched elements by the bucket their length falls in (``length_of(*element)``);
+    ``batch_size``: one for all buckets, or a list, one per bucket (``token_budget_batch_sizes``)."""
     bounds = tf.constant(boundaries, tf.int32)
 
     def bucket_of(*element):
         length = tf.cast(length_of(*element), tf.int32)
         return tf.cast(tf.searchsorted(bounds, tf.reshape(length, [1]), side="left")[0], tf.int64)
 
+    if isinstance(batch_size, int):
+        return dataset.group_by_window(
+            key_func=bucket_of, reduce_func=lambda _key, window: window.batch(batch_size, drop_remainder=drop_remainder),
+            window_size=batch_size)
+    sizes = tf.constant(batch_size, tf.int64)
     return dataset.group_by_window(
-        key_func=bucket_of, reduce_func=lambda _key, window: window.batch(batch_size, drop_remainder=drop_remainder),
-        window_size=batch_size)
+        key_func=bucket_of, window_size_func=lambda key: sizes[key],
+        reduce_func=lambda key, window: window.batch(sizes[key], drop_remainder=drop_remainder))
 
 
-def bucket_batches(dataset: tf.data.Dataset, boundaries: list, batch_size: int,
+def bucket_batches(dataset: tf.data.Dataset, boundaries: list, batch_size,
                    drop_remainder: bool = False) -> tf.data.Dataset:
     """Groups unbatched (inputs, label) examples by bucket, batches them, and trims the padding to the
     bucket's boundary. Inputs are dicts of equally padded tensors with a ``padding_mask``."""
