@@ -83,13 +83,15 @@ depths as ties.
 
 Beside the fine-tunes, each candidate gets a second, cheap ground truth: a linear probe (softmax regression,
 `tfl.self_training.fit_probe`) on its frozen features of the same training examples, scored on the same test
-examples. LogME and H-score model exactly that (a linear model on fixed features), so their order should match
-the probes' order whatever fine-tuning does; where the two ground truths disagree, it is fine-tuning that
-reorders the candidates (deeper cuts have more layers to adapt). This column was added on 2026-11-27, after one
-seed of Rotten Tomatoes had shown LogME ordering the frozen probes well (τ_w 0.94) and the fine-tunes not.
+examples. LogME and H-score model exactly that (a linear model on fixed features), so they are expected to track
+the probes' order whatever fine-tuning does, except where every candidate's probe reaches about the same accuracy
+and the order is noise; where the estimators track the probes and not the fine-tunes, it is fine-tuning that
+reorders the candidates (deeper cuts have more layers to adapt). This column was added after the first run of this
+proof, when a throwaway check on one seed of Rotten Tomatoes had shown LogME ordering frozen probes well and the
+fine-tunes not.
 
-`tfl.auto.choose` was changed once during the first run of this proof (2026-11-26). It used to fine-tune the backbone cut at the
-best-scored depth; on the first task that landed several points below the best candidate, so it now
+`tfl.auto.choose` was changed once during the first run of this proof (2026-11-26). It used to fine-tune the
+backbone cut at the best-scored depth; on the first task that landed several points below the best candidate, so it now
 fine-tunes the whole backbone that LogME names (and cuts only for a linear probe). When it was changed, only
 the first task's results and two fine-tunes of the second (neither at full depth) had been seen; the picks
 below are the changed rule's."""
@@ -303,7 +305,8 @@ def verdict_lines(verdicts: list, per_seed: list, title: str) -> list:
     if not verdicts:
         return []
     lines = [title, "", "| estimator | τ_w all | τ all | τ_w pretrained | τ pretrained | τ_w all per seed | "
-             "top-ranked (acc) | best (acc) | gap, points | top-1 within 1 point |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "top-ranked (acc) | best (acc) | gap, points | top-1 within 1 point |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
         taus = [s[v["estimator"]]["tau_w_all"] for s in per_seed if v["estimator"] in s]
         lines.append(f"| {v['estimator']} | {_f(v['tau_w_all'])} | {_f(v['tau_all'])} | {_f(v['tau_w_pretrained'])} | "

@@ -69,7 +69,7 @@ def document(results: dict, args, peaks: dict, seconds: float) -> str:
     fixed_rate = np.mean(base["examples_per_second"])
     for budget, r in results.items():
         name = f"{r['batch_size']} examples (fixed)" if not budget else f"`--tokens_per_batch={budget}`"
-        sizes = ", ".join(map(str, r["batch_sizes"])) if r["batch_sizes"] else str(r["batch_size"])
+        sizes = ", ".join(map(str, r["batch_sizes"])) if r["batch_sizes"] else str(r["batch_size"])  # seed 0's
         lines.append(f"| {name} | {sizes} | {np.mean(r['steps']):.0f} | {_ms(r['epoch_seconds'])} | "
                      f"{_ms(r['examples_per_second'])} | {np.mean(r['examples_per_second']) / fixed_rate:.2f}x | "
                      f"{_ms(r['validation'], 1, 100)}% | {_ms(r['test'], 1, 100)}% |")
@@ -97,9 +97,9 @@ def main() -> int:
     for seed in range(args.seeds):  # settings interleaved per seed: the host's drift spreads over all of them
         for budget in budgets:
             runs[budget].append(one_epoch(args.flagfile, seed, budget))
-            print(f"token_budget: seed {seed} tokens_per_batch={budget}: "
-                  f"test {runs[budget][-1]['test']['accuracy']:.4f}, epoch {runs[budget][-1]['timings']['epochs'][0]:.1f} s",
-                  flush=True)
+            last = runs[budget][-1]
+            print(f"token_budget: seed {seed} tokens_per_batch={budget}: test {last['test']['accuracy']:.4f}, "
+                  f"epoch {last['timings']['epochs'][0]:.1f} s", flush=True)
     text = document({budget: summary(r) for budget, r in runs.items()}, args, peaks, time.time() - started)
     write_text_atomically(args.out, text)
     print(text)

@@ -56,7 +56,10 @@ def test_every_config_field_has_a_flag_with_help():
     (Config(data=DataConfig(tokens_per_batch=-1)), "--tokens_per_batch must be >= 0"),
     (Config(data=DataConfig(tokens_per_batch=512, bucket_shapes=0)), "it needs --bucket_shapes > 0"),
     (Config(data=DataConfig(tokens_per_batch=512), train=TrainConfig(max_steps_per_epoch=2)),
-     "no --max_steps_per_epoch"),
+     "--max_steps_per_epoch cannot count"),
+    (Config(data=DataConfig(tokens_per_batch=512), train=TrainConfig(gradient_accumulation_steps=2)),
+     "would average batches of unequal sizes"),
+    (Config(data=DataConfig(tokens_per_batch=512), train=TrainConfig(tpu="local")), "drop it on a TPU"),
 ])
 def test_config_validation_names_the_problem(config, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):

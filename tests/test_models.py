@@ -378,3 +378,19 @@ def test_a_token_budget_needs_a_backbone_with_length_buckets(text_csv):
     config = Config(data=DataConfig(source=f"csv:{text_csv}", tokens_per_batch=256))
     with pytest.raises(ConfigError, match="--backbone=lstm has none: drop --tokens_per_batch"):
         batches_for(config, splits, backbone, SimpleNamespace(num_replicas_in_sync=1))
+
+
+
+def test_a_token_budget_below_one_long_example_per_replica_names_the_smallest(text_csv, tiny_bert_preset):
+    from types import SimpleNamespace
+
+    from tfl.batches import batches_for
+    from tfl.config import Config, ConfigError, DataConfig, ModelConfig
+    from tfl.data import load_data
+
+    splits = load_data(f"csv:{text_csv}")
+    backbone = build_backbone(tiny_bert_preset, sequence_length=8)
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, bucket_shapes=2, tokens_per_batch=9),
+                    model=ModelConfig(backbone=tiny_bert_preset, sequence_length=8))
+    with pytest.raises(ConfigError, match=r"--tokens_per_batch=9 holds less than one example .* use at least 16"):
+        batches_for(config, splits, backbone, SimpleNamespace(num_replicas_in_sync=2))

@@ -131,11 +131,39 @@ def test_the_linear_probes_are_a_second_ground_truth_judged_apart(rank_proof):
     assert fine_tuned["tau_pretrained"] == pytest.approx(-1.0) and not fine_tuned["hit"]
     assert probed["tau_pretrained"] == pytest.approx(1.0) and probed["top"] == probed["best"] == "a@3"
     assert len(result["per_seed_probe"]) == 2
-    text = "\n".join(rank_proof.summary_markdown([result]))
-    assert "| t | LogME | " in text and text.count("| 1.000 |") >= 1
+    summary = [line for line in rank_proof.summary_markdown([result]) if line.startswith("| t | LogME | ")]
+    assert len(summary) == 1 and summary[0].endswith(f"| {probed['tau_w_all']:.3f} | 1.000 |")  # the probe columns
+    task = "\n".join(rank_proof.task_markdown(result))
+    assert "Against the linear probes' accuracies" in task and "| 0.760 |" in task  # a@3's mean probe accuracy
     # Results stored before the probes existed are judged on the fine-tunes alone.
     for s in seeds:
         del s["probes"]
     old = rank_proof.judge_task("t", seeds)
     assert old["probe_verdicts"] == [] and old["verdicts"] == result["verdicts"]
     assert "linear probes'" not in "\n".join(rank_proof.task_markdown(old))
+
+
+def test_probe_accuracies_fit_on_the_training_features_and_score_the_test_split(rank_proof, monkeypatch):
+    import types
+
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.RandomState(0)
+    test_labels = np.array([0, 1] * 20)
+    test_inputs = np.arange(40)  # stand-ins for texts: extract_features below maps them to features
+
+    def features_of(labels, signal):
+        return {"good": {"features": np.c_[labels * signal + 0.1 * rng.normal(size=len(labels)),
+                                            rng.normal(size=len(labels))]},
+                "noise": {"features": rng.normal(size=(len(labels), 2))}}
+
+    train_labels = np.array([0, 1] * 30)
+    train = features_of(train_labels, 1.0)
+    monkeypatch.setattr(rank_proof.ranking, "extract_features",
+                        lambda zoo, inputs, modality: features_of(test_labels[np.asarray(inputs)], 1.0))
+    monkeypatch.setattr(rank_proof.ranking, "select_depths", lambda features, depths: features)
+    splits = types.SimpleNamespace(test=tf.data.Dataset.from_tensor_slices((test_inputs, test_labels)),
+                                   modality="text", label_names=["a", "b"])
+    accuracies = rank_proof.probe_accuracies([], train, train_labels, splits, "all")
+    assert accuracies["good"] == 1.0 and accuracies["noise"] < 0.8

@@ -86,6 +86,10 @@ def choose_buckets(config: Config, train: tf.data.Dataset, replicas: int = 1) ->
                  "padding_fraction_without": round(data_lib.padding_fraction(
                      lengths, [config.model.sequence_length]), 4)}
     if d.tokens_per_batch:
+        smallest = boundaries[-1] * replicas
+        if d.tokens_per_batch < smallest:
+            raise ConfigError(f"--tokens_per_batch={d.tokens_per_batch} holds less than one example of the longest "
+                              f"length bucket ({boundaries[-1]} tokens) per replica; use at least {smallest}")
         bucketing["batch_sizes"] = data_lib.token_budget_batch_sizes(boundaries, d.tokens_per_batch, replicas)
     print(f"tfl: length buckets {bucketing}")
     return bucketing

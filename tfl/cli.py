@@ -55,7 +55,9 @@ HELP = {
     "tokens_per_batch": "With length buckets (--bucket_shapes): each training batch holds about this many padded "
                         "tokens, batch = tokens // the bucket's length (a multiple of the replica count), so short "
                         "texts come in larger batches and an epoch takes fewer steps; 0 = --batch_size examples "
-                        "per batch. Validation and test keep --eval_batch_size.",
+                        "per batch. Validation and test keep --eval_batch_size. Each step's loss is its batch's "
+                        "mean, so an example in a large (short-text) batch weighs less in its step than one in a "
+                        "small batch.",
     "weights": "keras.applications weights: imagenet, none or a .weights.h5 path.",
     "pretrained": "Load the backbone's pretrained weights; --nopretrained trains the same architecture from scratch.",
     "task": "classification, multilabel or regression.",

@@ -194,10 +194,8 @@ class Config:
         _check_non_negative("lora_rank", f.lora_rank)
         _check_non_negative("unfreeze_every_epochs", f.unfreeze_every_epochs)
         _check_non_negative("tokens_per_batch", d.tokens_per_batch)
-        if d.tokens_per_batch and (not d.bucket_shapes or t.max_steps_per_epoch or t.strategy == "tpu"):
-            raise ConfigError("--tokens_per_batch sizes each length bucket's batches: it needs --bucket_shapes > 0, "
-                              "whole epochs (no --max_steps_per_epoch: examples per step vary) and no TPU (one "
-                              "batch size per program); drop it, or those flags")
+        if d.tokens_per_batch:
+            self._check_token_budget()
         if not 0.0 < d.validation_fraction < 1.0 or not 0.0 < d.test_fraction < 1.0 \
                 or d.validation_fraction + d.test_fraction >= 1.0:
             raise ConfigError("--validation_fraction and --test_fraction must each be in (0, 1) and sum "
@@ -256,6 +254,21 @@ class Config:
         if t.strategy == "tpu" and not t.tpu:
             raise ConfigError("--strategy=tpu needs --tpu=local|<grpc address>|<TPU name>")
         return self
+
+    def _check_token_budget(self) -> None:
+        """--tokens_per_batch: one batch size per length bucket, so the examples per step vary."""
+        d, t = self.data, self.train
+        if not d.bucket_shapes:
+            raise ConfigError("--tokens_per_batch sizes each length bucket's batches: it needs --bucket_shapes > 0")
+        if t.max_steps_per_epoch:
+            raise ConfigError("--tokens_per_batch varies the examples per step, so --max_steps_per_epoch cannot count "
+                              "the examples trained: drop one of them")
+        if t.gradient_accumulation_steps > 1:
+            raise ConfigError("--tokens_per_batch with --gradient_accumulation_steps would average batches of unequal "
+                              "sizes as equals: drop one of them")
+        if t.strategy == "tpu" or t.tpu:
+            raise ConfigError("--tokens_per_batch gives each bucket its own batch size, and a TPU needs full batches "
+                              "of one size: drop it on a TPU")
 
     def _check_mode_options(self) -> None:
         """The options of one --mode (compare, rank, auto, predict)."""

@@ -217,11 +217,11 @@ def fit_model(config: Config, splits: data_lib.DataSplits, backbone: backbones_l
     if jit and bucketing and devices.kind == "cpu" and t.jit_compile == "auto":
         # Under XLA each batch shape is a compile: every bucket's full and partial batch, in training and in
         # evaluation, again at each unfreezing stage (a recompile).
+        padded_per_example = bucketing["mean_length"] / (1.0 - bucketing["padding_fraction"])
         jit, why = devices_lib.xla_pays_off(shapes=4 * bucketing["shapes"] * len(stages or [0]),
-                                            steps=t.epochs * steps_per_epoch,
-                                            tokens_per_step=config.data.tokens_per_batch or (
-                                                config.data.batch_size * bucketing["mean_length"]
-                                                / (1.0 - bucketing["padding_fraction"])))
+                                            steps=t.epochs * steps_per_epoch,  # examples per step: token budgets too
+                                            tokens_per_step=padded_per_example * splits.sizes["train"]
+                                            / steps_per_epoch)
         print(f"tfl: jit_compile={jit}: {why}")
     multipliers = (freeze_lib.layer_lr_multipliers(backbone, config.freeze.layer_lr_decay)
                    if config.freeze.layer_lr_decay < 1.0 else None)

@@ -210,6 +210,9 @@ def make_batches(dataset: tf.data.Dataset, *, batch_size: int, preprocess: Optio
     if modality in (TEXT, TOKEN_IDS):
         dataset = preprocessed_text(dataset, preprocess, cache=cache)
         sizes = bucket_batch_sizes or batch_size
+        if bucket_batch_sizes and len(bucket_batch_sizes) != len(bucket_boundaries or ()):
+            raise ValueError(f"bucket_batch_sizes needs one size per bucket boundary: got {len(bucket_batch_sizes)} "
+                             f"for {len(bucket_boundaries or ())}")
         if bucket_boundaries:  # counted before the shuffle: a pass over the shuffled data would use up its first order
             batches = bucket_batch_count(token_lengths(dataset.batch(1024).map(lambda x, y: x)), bucket_boundaries,
                                          sizes, drop_remainder)

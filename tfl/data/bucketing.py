@@ -86,7 +86,8 @@ def group_by_length(dataset: tf.data.Dataset, boundaries: list, batch_size, drop
         length = tf.cast(length_of(*element), tf.int32)
         return tf.cast(tf.searchsorted(bounds, tf.reshape(length, [1]), side="left")[0], tf.int64)
 
-    if isinstance(batch_size, int):
+    if np.ndim(batch_size) == 0:
+        batch_size = int(batch_size)
         return dataset.group_by_window(
             key_func=bucket_of, reduce_func=lambda _key, window: window.batch(batch_size, drop_remainder=drop_remainder),
             window_size=batch_size)
