@@ -9,8 +9,9 @@ zoo, then fine-tune every candidate, over several seeds, and compare.
 Per task and seed s (the seed draws the stratified split of ``--examples`` training, validation and test
 examples, the head's initialisation and the shuffling):
 
-1. **rank**: ``tfl.ranking.rank_candidates`` as ``--mode=rank`` does, on that seed's training examples:
-   every (backbone, depth) of the zoo at ``--depths`` and a randomly initialised control per backbone;
+1. **rank**: ``tfl.ranking.rank_with_features`` (what ``--mode=rank`` runs; the features are kept for the
+   probes), on that seed's training examples: every (backbone, depth) of the zoo at ``--depths`` and a
+   randomly initialised control per backbone;
 2. **ground truth**: every candidate with depth >= 1 is fine-tuned end to end by
    ``tfl.runner.train_and_evaluate`` with the recipe of ``--recipe`` (a flagfile; --epochs, --learning_rate
    and --batch_size replace its own). A candidate (backbone, depth k) is the backbone cut after block k
@@ -129,10 +130,10 @@ def run_seed(task: str, args, backbone_names: list, seed: int) -> dict:
     base = task_config(args, task, seed)
     splits = load_data_for(base)
     inputs, labels = ranking.training_examples(splits, 0, seed)  # the whole training split
-    started = time.perf_counter()  # ranking.rank_candidates' steps, with the features kept for the probes
-    zoo = ranking.candidates(splits.modality, backbone_names, sequence_length=base.model.sequence_length, seed=seed)
-    features = ranking.select_depths(ranking.extract_features(zoo, inputs, modality=splits.modality), args.depths)
-    rows = ranking.ranking_rows(features, ranking.score_candidates(features, labels, base.model.task))
+    started = time.perf_counter()
+    zoo, features, rows = ranking.rank_with_features(
+        inputs, labels, modality=splits.modality, task=base.model.task, backbones=backbone_names,
+        sequence_length=base.model.sequence_length, seed=seed, depths=args.depths)  # features kept for the probes
     rank_seconds = time.perf_counter() - started
     probes = probe_accuracies(zoo, features, labels, splits, args.depths)
     print(ranking.format_table(rows), flush=True)

@@ -34,17 +34,22 @@ def test_padding_fraction():
     assert bucketing.padding_fraction(np.array([2, 4]), [2, 4]) == 0.0
 
 
+def random_texts_in_buckets(backbone, count: int, seed: int) -> tuple:
+    """(texts, (text, index) dataset, token lengths, 3 bucket boundaries) of ``count`` random 1-12-word texts."""
+    words = ["the", "a", "great", "awful", "film", "movie", "plot"]
+    rng = np.random.RandomState(seed)
+    texts = [" ".join(rng.choice(words, rng.randint(1, 13))) for _ in range(count)]
+    data = tf.data.Dataset.from_tensor_slices((texts, np.arange(count)))
+    lengths = bucketing.token_lengths(data.batch(16).map(lambda x, y: backbone.preprocess(x)))
+    return texts, data, lengths, bucketing.choose_boundaries(lengths, 3)
+
+
 def test_bucketed_batches_keep_every_example_and_trim(tiny_bert_preset):
     from tfl.backbones import build_backbone
     from tfl.runner import build_model
 
     backbone = build_backbone(tiny_bert_preset, sequence_length=16)
-    words = ["the", "a", "great", "awful", "film", "movie", "plot"]
-    rng = np.random.RandomState(1)
-    texts = [" ".join(rng.choice(words, rng.randint(1, 13))) for _ in range(60)]
-    data = tf.data.Dataset.from_tensor_slices((texts, np.arange(60)))
-    lengths = bucketing.token_lengths(data.batch(16).map(lambda x, y: backbone.preprocess(x)))
-    bounds = bucketing.choose_boundaries(lengths, 3)
+    texts, data, _, bounds = random_texts_in_buckets(backbone, 60, seed=1)
     batches = list(make_batches(data, batch_size=8, preprocess=backbone.preprocess, training=True,
                                 bucket_boundaries=bounds))
     seen = sorted(int(i) for _, y in batches for i in y.numpy())
@@ -66,12 +71,7 @@ def test_token_budget_batches_hold_about_equal_tokens(tiny_bert_preset):
     assert bucketing.token_budget_batch_sizes([4, 8, 16], 64, multiple=3) == [15, 6, 3]  # whole replicas
     assert bucketing.token_budget_batch_sizes([100], 64, multiple=2) == [2]  # never an empty batch
     backbone = build_backbone(tiny_bert_preset, sequence_length=16)
-    words = ["the", "a", "great", "awful", "film", "movie", "plot"]
-    rng = np.random.RandomState(2)
-    texts = [" ".join(rng.choice(words, rng.randint(1, 13))) for _ in range(90)]
-    data = tf.data.Dataset.from_tensor_slices((texts, np.arange(90)))
-    lengths = bucketing.token_lengths(data.batch(16).map(lambda x, y: backbone.preprocess(x)))
-    bounds = bucketing.choose_boundaries(lengths, 3)
+    _, data, lengths, bounds = random_texts_in_buckets(backbone, 90, seed=2)
     sizes = bucketing.token_budget_batch_sizes(bounds, 48)
     batches = make_batches(data, batch_size=999, preprocess=backbone.preprocess, training=True,
                            bucket_boundaries=bounds, bucket_batch_sizes=sizes)
@@ -81,5 +81,6 @@ def test_token_budget_batches_hold_about_equal_tokens(tiny_bert_preset):
     for x, y in seen:  # each batch is at most its bucket's size: about 48 padded tokens, never the 999 examples
         width = int(x["token_ids"].shape[1])
         assert len(y) <= sizes[bounds.index(width)] and len(y) * width <= max(48, width)
-    full = {int(x["token_ids"].shape[1]) for x, y in seen if len(y) == sizes[bounds.index(int(x["token_ids"].shape[1]))]}
+    widths = [(int(x["token_ids"].shape[1]), len(y)) for x, y in seen]
+    full = {width for width, n in widths if n == sizes[bounds.index(width)]}
     assert len(full) > 1  # buckets of different lengths filled different batch sizes

@@ -110,19 +110,26 @@ def ranking_rows(features_by_candidate: dict, scores: dict) -> list:
     return rows
 
 
-def rank_candidates(inputs, labels, *, modality: str, task: str = "classification", backbones=(),
-                    source_models=(), sequence_length: int = 128, image_size: int = 0, maxlen: Optional[int] = None,
-                    controls: bool = True, batch_size: int = 64, seed: int = 0, depths: str = "all") -> list:
-    """The whole ranking from raw inputs and labels: ``candidates`` -> ``extract_features`` ->
-    ``score_candidates`` -> ``ranking_rows`` (best first). For a benchmark script::
+def rank_candidates(inputs, labels, **options) -> list:
+    """The whole ranking from raw inputs and labels, best first (``rank_with_features``' rows; same options)::
 
         rows = rank_candidates(texts, labels, modality="text", backbones=["asset:minilm"], sequence_length=64)
         {row["candidate"]: row["logme"] for row in rows}
     """
+    return rank_with_features(inputs, labels, **options)[2]
+
+
+def rank_with_features(inputs, labels, *, modality: str, task: str = "classification", backbones=(),
+                       source_models=(), sequence_length: int = 128, image_size: int = 0,
+                       maxlen: Optional[int] = None, controls: bool = True, batch_size: int = 64, seed: int = 0,
+                       depths: str = "all") -> tuple:
+    """(zoo, features, rows): ``candidates`` -> ``extract_features`` -> ``score_candidates`` ->
+    ``ranking_rows`` (best first), with the zoo and the features kept for a caller that uses them again (a
+    benchmark's probes on other examples)."""
     zoo = candidates(modality, backbones, source_models, sequence_length=sequence_length, image_size=image_size,
                      maxlen=maxlen, controls=controls, seed=seed)
     features = select_depths(extract_features(zoo, inputs, modality=modality, batch_size=batch_size), depths)
-    return ranking_rows(features, score_candidates(features, labels, task))
+    return zoo, features, ranking_rows(features, score_candidates(features, labels, task))
 
 
 def deepest_depths(entries) -> dict:
