@@ -60,6 +60,9 @@ def test_every_config_field_has_a_flag_with_help():
     (Config(data=DataConfig(tokens_per_batch=512), train=TrainConfig(gradient_accumulation_steps=2)),
      "would average batches of unequal sizes"),
     (Config(data=DataConfig(tokens_per_batch=512), train=TrainConfig(tpu="local")), "drop it on a TPU"),
+    (Config(mode="zero_shot", data=DataConfig(tokens_per_batch=512)), "--mode=zero_shot trains nothing here"),
+    (Config(mode="self_train", data=DataConfig(tokens_per_batch=512), train=TrainConfig(pseudo_label_share=0.0)),
+     "--mode=self_train trains nothing here"),
 ])
 def test_config_validation_names_the_problem(config, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):

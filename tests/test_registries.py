@@ -1,6 +1,8 @@
 """One table per extension point: an entry added to BACKBONES, DATA_SOURCES or STRATEGIES shows up in
 --helpfull, passes the name checks and is what the loader, builder or report uses; nothing else to edit."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from absl import flags
@@ -58,3 +60,11 @@ def test_a_new_backbone_family_is_one_table_entry(monkeypatch):
     assert backbones.build_backbone("tiny_8", seed=5) == ("built", "tiny_8", 5)
     with pytest.raises(backbones.BackboneError, match=r"Unknown backbone 'huge_8'; expected lstm, small_cnn, .*tiny_<width>$"):
         backbones.check_backbone_name("huge_8")
+
+
+def test_compare_report_names_the_batches_it_trained_on():
+    fixed = Config(compare=CompareConfig(strategies=("fine_tune",))).validate()
+    assert ", batch 32," in report.format_markdown([], fixed, [])
+    budget = dataclasses.replace(fixed, data=dataclasses.replace(fixed.data, tokens_per_batch=512)).validate()
+    text = report.format_markdown([], budget, [])
+    assert ", batches of about 512 tokens," in text and "batch 32" not in text

@@ -269,6 +269,11 @@ class Config:
         if t.strategy == "tpu" or t.tpu:
             raise ConfigError("--tokens_per_batch gives each bucket its own batch size, and a TPU needs full batches "
                               "of one size: drop it on a TPU")
+        trains = self.mode not in ("zero_shot", "rank", "predict") and (self.mode != "self_train"
+                                                                         or t.pseudo_label_share > 0)
+        if not trains:
+            raise ConfigError(f"--tokens_per_batch sizes training batches, and --mode={self.mode} trains nothing here "
+                              "(self_train fine-tunes only with --pseudo_label_share > 0): drop it")
 
     def _check_mode_options(self) -> None:
         """The options of one --mode (compare, rank, auto, predict)."""

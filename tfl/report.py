@@ -125,8 +125,10 @@ def format_table(rows: list) -> str:
 
 
 def format_markdown(rows: list, config: Config, plots: list) -> str:
+    tokens = config.data.tokens_per_batch
+    batches = f"batches of about {tokens} tokens" if tokens else f"batch {config.data.batch_size}"
     lines = [f"# Transfer report: {config.data.source}", "",
-             f"Backbone `{config.model.backbone}`; {config.train.epochs} epoch(s), batch {config.data.batch_size}, "
+             f"Backbone `{config.model.backbone}`; {config.train.epochs} epoch(s), {batches}, "
              f"learning rate {config.train.learning_rate:g}; {config.compare.seeds} seed(s) from {config.seed}; "
              "mean ± std over seeds of the test split.", "", format_table(rows), "", "Strategies:", ""]
     lines += [f"- `{s}`: {d}" for s, d in strategy_descriptions(config.compare.strategies).items()]
