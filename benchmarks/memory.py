@@ -10,7 +10,9 @@ one-sentence batch, then train steps on batches of 8 and 32 real Rotten Tomatoes
 of two of its length buckets' widths, LENGTHS (each shape run once untimed first, so that its trace is not counted as activations). The
 transient above the resident memory before a step is what that step holds while it runs (activations kept for
 the backward pass, gradients); its growth with the batch is the memory per example. Compare with the run's own
-figure, ``peak_rss_mb`` in a run's metrics.json.
+figure, ``peak_rss_mb`` in a run's metrics.json. Last, the whole one-epoch command of
+configs/minilm_rotten_tomatoes.flags in a fresh process, and what is resident at its peak by kind of mapping
+(/proc/<pid>/smaps: files, glibc's heap, large and small anonymous mappings).
 """
 
 import argparse
@@ -18,11 +20,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def resident_mb() -> float:
@@ -243,6 +247,85 @@ def activations_text(default: dict, returned: dict) -> list:
         "backward pass, which tfl does not do."]
 
 
+RUN_FLAGS = ("--flagfile=configs/minilm_rotten_tomatoes.flags", "--epochs=1")  # the whole one-epoch command
+LARGE_MAPPING_MB = 64
+COMPOSITION = {  # kind of mapping in /proc/<pid>/smaps: what it holds
+    "files": "shared libraries and other mapped files (TensorFlow's libraries among them)",
+    "heap": "glibc's main heap (small and medium C++ and Python allocations: traced graphs, protos, Python objects)",
+    "large": f"anonymous mappings of {LARGE_MAPPING_MB} MiB or more (where TensorFlow's CPU allocator pools "
+             "tensors: weights, AdamW's slots, gradients, activations)",
+    "small": "smaller anonymous mappings (Python's object arenas, thread stacks, smaller allocator regions)",
+}
+
+
+def smaps_composition(smaps: str) -> dict:
+    """Resident MiB by kind of mapping (COMPOSITION) from the text of one /proc/<pid>/smaps."""
+    resident = dict.fromkeys(COMPOSITION, 0.0)
+    kind = None
+    for line in smaps.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            name = fields[5] if len(fields) > 5 else ""
+            kind = ("files" if name.startswith("/") else "heap" if name == "[heap]" else None if name
+                    else "large" if end - start >= LARGE_MAPPING_MB << 20 else "small")
+        elif fields and fields[0] == "Rss:" and kind:
+            resident[kind] += int(fields[1]) / 1024
+    return resident
+
+
+def run_composition(poll_seconds: float = 0.25) -> dict:
+    """The one-epoch command (RUN_FLAGS) in a fresh process, its resident memory polled; at each new high, its
+    composition by kind of mapping. Returns the composition at the highest sample, that sample, and the run's
+    own peak (metrics.json's peak_rss_mb, the kernel's exact high-water mark) and trainable parameters."""
+    with tempfile.TemporaryDirectory() as model_dir:
+        command = [sys.executable, os.path.join(ROOT, "main.py"), *RUN_FLAGS, f"--model_dir={model_dir}"]
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        highest, composition = 0.0, {}
+        while child.poll() is None:
+            try:
+                with open(f"/proc/{child.pid}/smaps", encoding="ascii", errors="replace") as smaps:
+                    sample = smaps_composition(smaps.read())
+            except OSError:  # the process ended between the poll and the read
+                break
+            if sum(sample.values()) > highest:
+                highest, composition = sum(sample.values()), sample
+            time.sleep(poll_seconds)
+        stderr = child.communicate()[1]
+        if child.returncode != 0:
+            raise SystemExit(f"benchmarks/memory.py: {' '.join(command)} failed:\n{stderr[-2000:]}")
+        with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as f:
+            metrics = json.load(f)
+    return {"composition": composition, "sampled_peak": highest, "peak": metrics["peak_rss_mb"],
+            "trainable_params": metrics["trainable_params"], "precision": metrics["precision"]}
+
+
+def composition_lines(run: dict, target_mb: float = 1536.0) -> list:
+    """The composition table of a real run at its peak, and what it leaves for tensors under the target."""
+    parts = run["composition"]
+    rows = ["| kind of memory | resident at the sampled peak (MiB) | of it |", "|---|---|---|"]
+    rows += [f"| {COMPOSITION[kind]} | {parts[kind]:,.0f} | {parts[kind] / run['sampled_peak']:.0%} |"
+             for kind in sorted(parts, key=parts.get, reverse=True)]
+    rows.append(f"| all | {run['sampled_peak']:,.0f} | 100% |")
+    not_tensors = run["sampled_peak"] - parts["large"]
+    minimum = run["trainable_params"] * 4 * 4 / 2**20  # float32 weights, AdamW's two slots and the gradients
+    return [
+        "## What is resident at a real run's peak",
+        "",
+        f"The whole command `python main.py {' '.join(RUN_FLAGS)}` in a fresh process (precision "
+        f"{run['precision']}), its `/proc/<pid>/smaps` read every 0.25 s; at the highest sample, the resident "
+        f"memory by kind of mapping. The run's own peak (metrics.json's `peak_rss_mb`, the kernel's high-water "
+        f"mark) was {run['peak']:,.0f} MiB; the highest sample {run['sampled_peak']:,.0f} MiB.",
+        "",
+        *rows,
+        "",
+        f"Everything but the large anonymous mappings comes to {not_tensors:,.0f} MiB. The issue's target for "
+        f"one fine-tune, {target_mb:,.0f} MiB, would leave {target_mb - not_tensors:,.0f} MiB for the tensors, "
+        f"while the {run['trainable_params'] / 1e6:.1f}M trainable weights alone, with AdamW's two slots and "
+        f"their gradients in float32, take {minimum:,.0f} MiB before any activation.",
+    ]
+
+
 def matmul_peaks() -> dict:
     """{dtype: GFLOP/s} of a 2048² matmul on this host now (hosts here differ by 2x from day to day, and the
     accumulation table's times are only comparable on one host)."""
@@ -252,7 +335,7 @@ def matmul_peaks() -> dict:
 
 
 def report(default: dict, returned: dict, accumulated: dict, seconds: float, command: str,
-           matmul: Optional[dict] = None) -> str:
+           matmul: Optional[dict] = None, real_run: Optional[dict] = None) -> str:
     table = ["| stage | resident after | resident after, freed memory returned | held while running "
              "| held while running, freed memory returned |", "|---|---|---|---|---|"]
     for a, b in zip(default["rows"], returned["rows"]):
@@ -300,6 +383,8 @@ def report(default: dict, returned: dict, accumulated: dict, seconds: float, com
         "",
         accumulation_summary(accumulated),
     ]
+    if real_run:
+        lines += ["", *composition_lines(real_run)]
     return "\n".join(lines) + "\n"
 
 
@@ -324,7 +409,8 @@ def main() -> int:
     accumulated = {precision: {steps: in_subprocess(f"accumulate:{steps}", precision) for steps in ACCUMULATION}
                    for precision in precisions}
     command = " ".join([".venv/bin/python benchmarks/memory.py"] + sys.argv[1:])
-    text = report(default, returned, accumulated, time.perf_counter() - started, command, matmul_peaks())
+    real_run = run_composition()
+    text = report(default, returned, accumulated, time.perf_counter() - started, command, matmul_peaks(), real_run)
     print(text)
     storage.write_text_atomically(args.out, text)
     return 0
