@@ -250,24 +250,28 @@ def activations_text(default: dict, returned: dict) -> list:
 RUN_FLAGS = ("--flagfile=configs/minilm_rotten_tomatoes.flags", "--epochs=1")  # the whole one-epoch command
 LARGE_MAPPING_MB = 64
 COMPOSITION = {  # kind of mapping in /proc/<pid>/smaps: what it holds
+    "large": f"anonymous mappings of {LARGE_MAPPING_MB} MiB or more (with oneDNN, TensorFlow's CPU allocator "
+             "grows its tensor pool in regions this large: weights, AdamW's slots, gradients, activations)",
     "files": "shared libraries and other mapped files (TensorFlow's libraries among them)",
-    "heap": "glibc's main heap (small and medium C++ and Python allocations: traced graphs, protos, Python objects)",
-    "large": f"anonymous mappings of {LARGE_MAPPING_MB} MiB or more (where TensorFlow's CPU allocator pools "
-             "tensors: weights, AdamW's slots, gradients, activations)",
-    "small": "smaller anonymous mappings (Python's object arenas, thread stacks, smaller allocator regions)",
+    "heap": "glibc's main heap (the main thread's malloc: traced graphs, protos, Python objects)",
+    "small": "smaller anonymous mappings (Python's object arenas, malloc arenas of other threads, smaller "
+             "allocator regions)",
+    "other": "the kernel's named mappings ([stack], [vdso], ...)",
 }
 
 
 def smaps_composition(smaps: str) -> dict:
-    """Resident MiB by kind of mapping (COMPOSITION) from the text of one /proc/<pid>/smaps."""
+    """Resident MiB by kind of mapping (COMPOSITION) from the text of one /proc/<pid>/smaps; the kinds sum to
+    every mapping's Rss."""
     resident = dict.fromkeys(COMPOSITION, 0.0)
     kind = None
     for line in smaps.splitlines():
         fields = line.split()
         if len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
             start, end = (int(bound, 16) for bound in fields[0].split("-"))
-            name = fields[5] if len(fields) > 5 else ""
-            kind = ("files" if name.startswith("/") else "heap" if name == "[heap]" else None if name
+            name = " ".join(fields[5:])
+            anonymous = not name or name.startswith("[anon")  # [anon:...]: a named anonymous mapping
+            kind = ("files" if name.startswith("/") else "heap" if name == "[heap]" else "other" if not anonymous
                     else "large" if end - start >= LARGE_MAPPING_MB << 20 else "small")
         elif fields and fields[0] == "Rss:" and kind:
             resident[kind] += int(fields[1]) / 1024
@@ -280,7 +284,8 @@ def run_composition(poll_seconds: float = 0.25) -> dict:
     own peak (metrics.json's peak_rss_mb, the kernel's exact high-water mark) and trainable parameters."""
     with tempfile.TemporaryDirectory() as model_dir:
         command = [sys.executable, os.path.join(ROOT, "main.py"), *RUN_FLAGS, f"--model_dir={model_dir}"]
-        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = open(os.path.join(model_dir, "stderr.log"), "w+", encoding="utf-8")  # a pipe could fill and block it
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
         highest, composition = 0.0, {}
         while child.poll() is None:
             try:
@@ -291,38 +296,46 @@ def run_composition(poll_seconds: float = 0.25) -> dict:
             if sum(sample.values()) > highest:
                 highest, composition = sum(sample.values()), sample
             time.sleep(poll_seconds)
-        stderr = child.communicate()[1]
+        child.wait()
+        log.seek(0)
+        stderr = log.read()
+        log.close()
         if child.returncode != 0:
             raise SystemExit(f"benchmarks/memory.py: {' '.join(command)} failed:\n{stderr[-2000:]}")
         with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as f:
             metrics = json.load(f)
-    return {"composition": composition, "sampled_peak": highest, "peak": metrics["peak_rss_mb"],
+    return {"composition": composition, "sampled_peak": highest, "peak": metrics["peak_rss_mb"], "poll": poll_seconds,
             "trainable_params": metrics["trainable_params"], "precision": metrics["precision"]}
 
 
 def composition_lines(run: dict, target_mb: float = 1536.0) -> list:
-    """The composition table of a real run at its peak, and what it leaves for tensors under the target."""
+    """The composition table of a real run at its peak, and what it leaves for tensors under issue #17's target."""
     parts = run["composition"]
     rows = ["| kind of memory | resident at the sampled peak (MiB) | of it |", "|---|---|---|"]
     rows += [f"| {COMPOSITION[kind]} | {parts[kind]:,.0f} | {parts[kind] / run['sampled_peak']:.0%} |"
              for kind in sorted(parts, key=parts.get, reverse=True)]
     rows.append(f"| all | {run['sampled_peak']:,.0f} | 100% |")
-    not_tensors = run["sampled_peak"] - parts["large"]
-    minimum = run["trainable_params"] * 4 * 4 / 2**20  # float32 weights, AdamW's two slots and the gradients
+    outside = run["sampled_peak"] - parts["large"]
+    dense = run["trainable_params"] * 4 * 4 / 2**20  # float32 weights, AdamW's two slots and dense gradients
     return [
         "## What is resident at a real run's peak",
         "",
         f"The whole command `python main.py {' '.join(RUN_FLAGS)}` in a fresh process (precision "
-        f"{run['precision']}), its `/proc/<pid>/smaps` read every 0.25 s; at the highest sample, the resident "
-        f"memory by kind of mapping. The run's own peak (metrics.json's `peak_rss_mb`, the kernel's high-water "
-        f"mark) was {run['peak']:,.0f} MiB; the highest sample {run['sampled_peak']:,.0f} MiB.",
+        f"{run['precision']}), its `/proc/<pid>/smaps` read every {run['poll']:g} s; at the highest sample, the "
+        f"resident memory by kind of mapping. The run's own peak (metrics.json's `peak_rss_mb`, the kernel's "
+        f"high-water mark) was {run['peak']:,.0f} MiB; the highest sample {run['sampled_peak']:,.0f} MiB.",
         "",
         *rows,
         "",
-        f"Everything but the large anonymous mappings comes to {not_tensors:,.0f} MiB. The issue's target for "
-        f"one fine-tune, {target_mb:,.0f} MiB, would leave {target_mb - not_tensors:,.0f} MiB for the tensors, "
-        f"while the {run['trainable_params'] / 1e6:.1f}M trainable weights alone, with AdamW's two slots and "
-        f"their gradients in float32, take {minimum:,.0f} MiB before any activation.",
+        "The large mappings are the tensor pool's regions: TensorFlow built with oneDNN allocates tensors through "
+        "MklCPUAllocator, a BFC pool that grows by regions of doubling size and keeps them (a native-allocation "
+        "trace of this command with memray, not part of this script, showed them as the large blocks).",
+        "",
+        f"Outside the large mappings the run holds {outside:,.0f} MiB. Under issue #17's target for one "
+        f"fine-tune, {target_mb:,.0f} MiB, that leaves {target_mb - outside:,.0f} MiB, while the "
+        f"{run['trainable_params'] / 1e6:.1f}M trainable weights, AdamW's two slots and the gradients take up to "
+        f"{dense:,.0f} MiB in float32 (less where a gradient is sparse, as an embedding's can be), before any "
+        "activation.",
     ]
 
 

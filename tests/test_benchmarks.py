@@ -350,11 +350,14 @@ def test_the_command_ratio_is_judged_against_the_target(command_bench):
 SMAPS = """\
 55d0c0000000-55d0e0000000 rw-p 00000000 00:00 0                          [heap]
 Rss:              524288 kB
+VmFlags: rd wr mr mw me ac
 7f0000000000-7f0030000000 rw-p 00000000 00:00 0 
 Size:             786432 kB
 Rss:              446464 kB
 7f0030000000-7f0030800000 rw-p 00000000 00:00 0 
 Rss:                8192 kB
+7f0031000000-7f0031400000 rw-p 00000000 00:00 0                          [anon:glibc: malloc arena]
+Rss:                2048 kB
 7f0040000000-7f0050000000 r-xp 00000000 08:01 1234                       /venv/lib/libtensorflow_cc.so.2
 Rss:              271360 kB
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
@@ -364,10 +367,11 @@ Rss:                 132 kB
 
 def test_memory_composition_sorts_resident_memory_by_kind_of_mapping(memory_bench):
     parts = memory_bench.smaps_composition(SMAPS)
-    assert parts == {"heap": 512.0, "large": 436.0, "small": 8.0, "files": 265.0}  # [stack] is none of them
+    assert parts == {"heap": 512.0, "large": 436.0, "small": 10.0, "files": 265.0, "other": 132 / 1024}
     run = {"composition": parts, "sampled_peak": sum(parts.values()), "peak": 1230.0, "trainable_params": 10_000_000,
-           "precision": "mixed_bfloat16"}
+           "precision": "mixed_bfloat16", "poll": 0.25}
     text = "\n".join(memory_bench.composition_lines(run, target_mb=1000.0))
-    assert "| glibc's main heap" in text and "| 512 | 42% |" in text and "| all | 1,221 | 100% |" in text
-    # 1,221 - 436 in the large mappings = 785, leaving 215 under a 1,000 MiB target; 10M weights x 16 bytes = 153 MiB
-    assert "comes to 785 MiB" in text and "would leave 215 MiB" in text and "take 153 MiB" in text
+    assert "| glibc's main heap" in text and "| 512 | 42% |" in text and "| all | 1,223 | 100% |" in text
+    assert "read every 0.25 s" in text
+    # 1,223 - 436 in the large mappings = 787, leaving 213 under a 1,000 MiB target; 10M weights x 16 bytes = 153 MiB
+    assert "holds 787 MiB" in text and "that leaves 213 MiB" in text and "take up to 153 MiB" in text

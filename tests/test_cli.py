@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 
 from tfl import cli
-from tfl.config import Config, ConfigError, DataConfig, FreezeConfig, TrainConfig, config_from_dict
+from tfl.config import CompareConfig, Config, ConfigError, DataConfig, FreezeConfig, TrainConfig, config_from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +47,16 @@ def test_every_config_field_has_a_flag_with_help():
             assert values[name].help.strip()
 
 
+@pytest.mark.parametrize("mode,labels,share,strategies", [
+    ("train", True, 0.0, ("fine_tune",)), ("tune", True, 0.0, ("fine_tune",)),
+    ("self_train", True, 0.4, ("fine_tune",)), ("auto", True, 0.0, ("fine_tune",)),
+    ("auto", False, 0.4, ("fine_tune",)), ("compare", True, 0.0, ("zero_shot", "fine_tune")),
+    ("compare", True, 0.4, ("self_training",))])
+def test_a_token_budget_is_accepted_wherever_a_model_trains(mode, labels, share, strategies):
+    Config(mode=mode, model_dir="runs/x", data=DataConfig(tokens_per_batch=512, labels=labels),
+           train=TrainConfig(pseudo_label_share=share), compare=CompareConfig(strategies=strategies)).validate()
+
+
 @pytest.mark.parametrize("config,needle", [
     (Config(data=DataConfig(batch_size=0)), "--batch_size must be a positive number"),
     (Config(data=DataConfig(source="rotten_tomatoes")), "expected <kind>:<name>"),
@@ -60,9 +70,16 @@ def test_every_config_field_has_a_flag_with_help():
     (Config(data=DataConfig(tokens_per_batch=512), train=TrainConfig(gradient_accumulation_steps=2)),
      "would average batches of unequal sizes"),
     (Config(data=DataConfig(tokens_per_batch=512), train=TrainConfig(tpu="local")), "drop it on a TPU"),
-    (Config(mode="zero_shot", data=DataConfig(tokens_per_batch=512)), "--mode=zero_shot trains nothing here"),
-    (Config(mode="self_train", data=DataConfig(tokens_per_batch=512), train=TrainConfig(pseudo_label_share=0.0)),
-     "--mode=self_train trains nothing here"),
+    (Config(mode="zero_shot", data=DataConfig(tokens_per_batch=512)), "--mode=zero_shot trains nothing: drop it"),
+    (Config(mode="self_train", data=DataConfig(tokens_per_batch=512)),
+     "--mode=self_train without --pseudo_label_share trains nothing"),
+    (Config(mode="auto", data=DataConfig(tokens_per_batch=512, labels=False)),
+     "--mode=auto without --pseudo_label_share trains nothing"),
+    (Config(mode="compare", data=DataConfig(tokens_per_batch=512),
+            compare=CompareConfig(strategies=("zero_shot", "self_training"))),
+     "--mode=compare without --pseudo_label_share trains nothing"),
+    (Config(mode="self_train", data=DataConfig(tokens_per_batch=512), train=TrainConfig(pseudo_label_share=-0.1)),
+     "--pseudo_label_share must be in"),
 ])
 def test_config_validation_names_the_problem(config, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):

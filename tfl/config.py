@@ -194,8 +194,6 @@ class Config:
         _check_non_negative("lora_rank", f.lora_rank)
         _check_non_negative("unfreeze_every_epochs", f.unfreeze_every_epochs)
         _check_non_negative("tokens_per_batch", d.tokens_per_batch)
-        if d.tokens_per_batch:
-            self._check_token_budget()
         if not 0.0 < d.validation_fraction < 1.0 or not 0.0 < d.test_fraction < 1.0 \
                 or d.validation_fraction + d.test_fraction >= 1.0:
             raise ConfigError("--validation_fraction and --test_fraction must each be in (0, 1) and sum "
@@ -244,6 +242,8 @@ class Config:
             raise ConfigError(f"--label_fraction must be in (0, 1]; got {d.label_fraction} (no labels at all: "
                               "--mode=auto --nolabels)")
         self._check_mode_options()
+        if d.tokens_per_batch:
+            self._check_token_budget()
         if f.trainable:
             try:
                 re.compile(f.trainable)
@@ -269,11 +269,24 @@ class Config:
         if t.strategy == "tpu" or t.tpu:
             raise ConfigError("--tokens_per_batch gives each bucket its own batch size, and a TPU needs full batches "
                               "of one size: drop it on a TPU")
-        trains = self.mode not in ("zero_shot", "rank", "predict") and (self.mode != "self_train"
-                                                                         or t.pseudo_label_share > 0)
-        if not trains:
-            raise ConfigError(f"--tokens_per_batch sizes training batches, and --mode={self.mode} trains nothing here "
-                              "(self_train fine-tunes only with --pseudo_label_share > 0): drop it")
+        if not self._trains_a_model():
+            fine_tunes = " without --pseudo_label_share" if self.mode in ("self_train", "auto", "compare") else ""
+            raise ConfigError(f"--tokens_per_batch sizes training batches, and --mode={self.mode}{fine_tunes} trains "
+                              "nothing: drop it")
+
+    def _trains_a_model(self) -> bool:
+        """Whether the run trains a model on batches (which --tokens_per_batch sizes)."""
+        fine_tunes_pseudo_labels = self.train.pseudo_label_share > 0
+        if self.mode in ("train", "tune"):
+            return True
+        if self.mode == "self_train":
+            return fine_tunes_pseudo_labels
+        if self.mode == "auto":  # --nolabels: zero-shot and a probe, and a fine-tune only with a share
+            return self.data.labels or fine_tunes_pseudo_labels
+        if self.mode == "compare":  # an unknown strategy name is reported later, as such
+            return fine_tunes_pseudo_labels or any(getattr(COMPARE_STRATEGIES.get(s), "uses_labels", True)
+                                                   for s in self.compare.strategies)
+        return False  # zero_shot, rank, predict
 
     def _check_mode_options(self) -> None:
         """The options of one --mode (compare, rank, auto, predict)."""
