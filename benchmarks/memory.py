@@ -282,9 +282,10 @@ def run_composition(poll_seconds: float = 0.25) -> dict:
     """The one-epoch command (RUN_FLAGS) in a fresh process, its resident memory polled; at each new high, its
     composition by kind of mapping. Returns the composition at the highest sample, that sample, and the run's
     own peak (metrics.json's peak_rss_mb, the kernel's exact high-water mark) and trainable parameters."""
-    with tempfile.TemporaryDirectory() as model_dir:
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = os.path.join(scratch, "run")  # a new folder: tfl refuses one that holds other files
         command = [sys.executable, os.path.join(ROOT, "main.py"), *RUN_FLAGS, f"--model_dir={model_dir}"]
-        log = open(os.path.join(model_dir, "stderr.log"), "w+", encoding="utf-8")  # a pipe could fill and block it
+        log = open(os.path.join(scratch, "stderr.log"), "w+", encoding="utf-8")  # a pipe could fill and block it
         child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
         highest, composition = 0.0, {}
         while child.poll() is None:

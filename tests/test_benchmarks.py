@@ -375,3 +375,18 @@ def test_memory_composition_sorts_resident_memory_by_kind_of_mapping(memory_benc
     assert "read every 0.25 s" in text
     # 1,223 - 436 in the large mappings = 787, leaving 213 under a 1,000 MiB target; 10M weights x 16 bytes = 153 MiB
     assert "holds 787 MiB" in text and "that leaves 213 MiB" in text and "take up to 153 MiB" in text
+
+
+def test_the_memory_composition_of_a_real_command_adds_up_to_its_resident_memory(memory_bench, tiny_bert_preset,
+                                                                                  tmp_path, monkeypatch):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\n" + "".join(f"the {'great' if i % 2 else 'awful'} film {i % 5},{i % 2}\n"
+                                             for i in range(60)))
+    monkeypatch.setattr(memory_bench, "RUN_FLAGS", (f"--flagfile={ROOT}/configs/base.flags", f"--source=csv:{data}",
+                                                    f"--backbone={tiny_bert_preset}", "--sequence_length=16",
+                                                    "--batch_size=8", "--epochs=1", "--noexport"))
+    run = memory_bench.run_composition(poll_seconds=0.05)
+    assert set(run["composition"]) == set(memory_bench.COMPOSITION) and run["trainable_params"] > 0
+    # every mapping is counted, so the highest sample is the process's resident memory then: below its true peak
+    assert 300 < run["sampled_peak"] <= run["peak"] + 1, run
+    assert run["composition"]["files"] > 100  # TensorFlow's own libraries at least
