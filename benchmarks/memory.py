@@ -285,24 +285,22 @@ def run_composition(poll_seconds: float = 0.25) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = os.path.join(scratch, "run")  # a new folder: tfl refuses one that holds other files
         command = [sys.executable, os.path.join(ROOT, "main.py"), *RUN_FLAGS, f"--model_dir={model_dir}"]
-        log = open(os.path.join(scratch, "stderr.log"), "w+", encoding="utf-8")  # a pipe could fill and block it
-        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
-        highest, composition = 0.0, {}
-        while child.poll() is None:
-            try:
-                with open(f"/proc/{child.pid}/smaps", encoding="ascii", errors="replace") as smaps:
-                    sample = smaps_composition(smaps.read())
-            except OSError:  # the process ended between the poll and the read
-                break
-            if sum(sample.values()) > highest:
-                highest, composition = sum(sample.values()), sample
-            time.sleep(poll_seconds)
-        child.wait()
-        log.seek(0)
-        stderr = log.read()
-        log.close()
-        if child.returncode != 0:
-            raise SystemExit(f"benchmarks/memory.py: {' '.join(command)} failed:\n{stderr[-2000:]}")
+        with open(os.path.join(scratch, "stderr.log"), "w+", encoding="utf-8") as log:  # a pipe could fill up
+            child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
+            highest, composition = 0.0, {}
+            while child.poll() is None:
+                try:
+                    with open(f"/proc/{child.pid}/smaps", encoding="ascii", errors="replace") as smaps:
+                        sample = smaps_composition(smaps.read())
+                except OSError:  # the process ended between the poll and the read
+                    break
+                if sum(sample.values()) > highest:
+                    highest, composition = sum(sample.values()), sample
+                time.sleep(poll_seconds)
+            child.wait()
+            log.seek(0)
+            if child.returncode != 0:
+                raise SystemExit(f"benchmarks/memory.py: {' '.join(command)} failed:\n{log.read()[-2000:]}")
         with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as f:
             metrics = json.load(f)
     return {"composition": composition, "sampled_peak": highest, "peak": metrics["peak_rss_mb"], "poll": poll_seconds,

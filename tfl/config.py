@@ -24,6 +24,7 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "pooled")
 TUNE_MIN_EPOCHS = 3  # Hyperband (factor 3) with fewer epochs has one bracket of one trial: a single random draw
 MODES = ("train", "zero_shot", "self_train", "compare", "predict", "rank", "auto", "tune")
+PSEUDO_LABEL_MODES = ("self_train", "auto", "compare")  # the modes --pseudo_label_share fine-tunes in
 TRANSFERS = ("", "structure", "parameter")
 
 
@@ -208,7 +209,7 @@ class Config:
             raise ConfigError(f"--warmup_fraction must be in [0, 1); got {t.warmup_fraction}")
         if not 0.0 <= t.pseudo_label_share <= 1.0:
             raise ConfigError(f"--pseudo_label_share must be in [0, 1] (0 = no fine-tune); got {t.pseudo_label_share}")
-        if t.pseudo_label_share and self.mode not in ("self_train", "auto", "compare"):
+        if t.pseudo_label_share and self.mode not in PSEUDO_LABEL_MODES:
             raise ConfigError(f"--pseudo_label_share is for --mode=self_train, auto --nolabels or the compare strategy "
                               f"self_training; --mode={self.mode} does not use it: drop it")
         for name, value, choices in [("task", m.task, TASKS), ("precision", t.precision, PRECISIONS),
@@ -270,7 +271,7 @@ class Config:
             raise ConfigError("--tokens_per_batch gives each bucket its own batch size, and a TPU needs full batches "
                               "of one size: drop it on a TPU")
         if not self._trains_a_model():
-            fine_tunes = " without --pseudo_label_share" if self.mode in ("self_train", "auto", "compare") else ""
+            fine_tunes = " without --pseudo_label_share" if self.mode in PSEUDO_LABEL_MODES else ""
             raise ConfigError(f"--tokens_per_batch sizes training batches, and --mode={self.mode}{fine_tunes} trains "
                               "nothing: drop it")
 
