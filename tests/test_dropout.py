@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.conftest import VOCAB
@@ -10,7 +11,7 @@ HALF_WORD_SCALE = 65536 / (65536 - 6554)
 
 
 def test_half_word_dropout_keeps_the_rate_and_the_expectation():
-    x = tf.ones((1000, 999))  # odd size: the last 32-bit word is half used
+    x = tf.ones((999, 999))  # an odd size: the last 32-bit word is half used
     seed = tf.constant([3, 4], tf.int32)
     y = dropout.half_word_dropout(x, 0.1, seed).numpy()
     kept = y != 0
@@ -23,7 +24,7 @@ def test_half_word_dropout_keeps_the_rate_and_the_expectation():
     assert (other != kept).mean() > 0.1
 
 
-def test_half_word_dropout_gradient_is_the_mask():
+def test_half_word_dropout_gradient_is_the_mask_and_it_compiles_with_xla():
     x = tf.random.stateless_normal((7, 33), seed=[0, 1], dtype=tf.bfloat16)
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -33,6 +34,8 @@ def test_half_word_dropout_gradient_is_the_mask():
     nonzero_x = x.numpy() != 0
     np.testing.assert_array_equal(gradient[nonzero_x], expected[nonzero_x])
     assert y.dtype == tf.bfloat16
+    compiled = tf.function(dropout.half_word_dropout, jit_compile=True)
+    np.testing.assert_array_equal(compiled(x, 0.25, tf.constant([1, 2], tf.int32)).numpy(), y.numpy())
 
 
 def tiny_bert(dropout_rate: float):
@@ -47,23 +50,32 @@ def bert_inputs():
             "padding_mask": tf.constant([[True] * 5 + [False]] * 3)}
 
 
-def test_draw_half_words_patches_a_keras_hub_bert_and_keeps_its_config_and_inference():
+@pytest.fixture
+def draws(monkeypatch):
+    """Counts the calls of half_word_dropout (each is one layer's draw, eagerly or while a function traces)."""
+    calls = []
+    drawn = dropout.half_word_dropout
+    monkeypatch.setattr(dropout, "half_word_dropout", lambda *args: calls.append(1) or drawn(*args))
+    return calls
+
+
+def test_every_dropout_of_a_keras_hub_bert_draws_half_words_and_inference_is_unchanged(draws):
     backbone = tiny_bert(0.1)
     inputs = bert_inputs()
     before = backbone(inputs, training=False)["sequence_output"].numpy()
     # The embeddings' dropout, and per transformer layer: attention probabilities, attention output, feed-forward.
-    assert dropout.draw_half_words(backbone) == 1 + 3 * 2
-    assert dropout.draw_half_words(backbone) == 0  # already patched
+    assert dropout.use_half_word_dropout(backbone) == 1 + 3 * 2
+    assert dropout.use_half_word_dropout(backbone) == 0  # already patched
     np.testing.assert_array_equal(backbone(inputs, training=False)["sequence_output"].numpy(), before)
+    assert not draws
+    trained = backbone(inputs, training=True)["sequence_output"].numpy()
+    assert len(draws) == 7 and np.all(np.isfinite(trained)) and not np.array_equal(trained, before)
     embeddings_dropout = backbone.get_layer("embeddings_dropout")
     assert type(embeddings_dropout) is keras.layers.Dropout and embeddings_dropout.get_config()["rate"] == 0.1
-    # In training, the patched call runs: kept values carry the rounded rate's scale, inside a tf.function too.
-    x = tf.ones((64, 64))
-    y = tf.function(lambda: embeddings_dropout(x, training=True))().numpy()
+    y = tf.function(lambda: embeddings_dropout(tf.ones((64, 64)), training=True))().numpy()
     np.testing.assert_allclose(y[y != 0], HALF_WORD_SCALE, rtol=1e-7)
-    assert 0.8 < (y != 0).mean() < 0.97
-    trained = backbone(inputs, training=True)["sequence_output"].numpy()
-    assert np.all(np.isfinite(trained)) and not np.array_equal(trained, before)
+    embeddings_dropout.rate = 1.0  # a rate changed later that 16 bits cannot draw: Keras's own dropout
+    assert not embeddings_dropout(tf.ones((4, 4)), training=True).numpy().any()
 
 
 def test_draw_half_words_leaves_what_it_cannot_draw_the_same():
@@ -71,17 +83,48 @@ def test_draw_half_words_leaves_what_it_cannot_draw_the_same():
     x = keras.layers.Dropout(0.5, noise_shape=(None, 1, 8))(inputs)  # one mask shared along an axis
     x = keras.layers.Dropout(0.0)(x)
     model = keras.Model(inputs, keras.layers.Dropout(1e-6)(x))  # rounds to 0 of 65536
-    assert dropout.draw_half_words(model) == 0
-    assert dropout.draw_half_words(tiny_bert(0.0)) == 0
+    assert dropout.use_half_word_dropout(model) == 0
+    assert dropout.use_half_word_dropout(tiny_bert(0.0)) == 0
 
 
-def test_a_tfl_backbone_on_the_cpu_draws_half_words(tmp_path):
+def tiny_preset(folder) -> str:
     import keras_hub
 
+    tiny_bert(0.1).save_to_preset(str(folder))
+    keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True).save_to_preset(str(folder))
+    return str(folder)
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="patched on a CPU only")
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_a_tfl_model_on_the_cpu_trains_with_half_word_dropout_and_saves_keras_dropout(tmp_path, draws,
+                                                                                     jit_compile):
+    from tfl import train
+    from tfl.backbones import build_backbone
+    from tfl.runner import build_model
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        backbone = build_backbone(tiny_preset(tmp_path), sequence_length=8, dtype="mixed_bfloat16")
+        model = build_model(backbone, ["awful", "great"])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    train.compile_model(model, train.make_optimizer(1e-3, 4), task="classification", num_labels=2,
+                        jit_compile=jit_compile)
+    x = backbone.preprocess(tf.constant(["a great film", "an awful plot"] * 4))
+    history = model.fit(x, tf.constant([1, 0] * 4), batch_size=4, epochs=2, verbose=0)
+    assert len(draws) >= 7 and np.all(np.isfinite(history.history["loss"]))  # traced through fit's step
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    reloaded = [la for la in keras.models.load_model(path, compile=False)._flatten_layers()
+                if isinstance(la, keras.layers.Dropout)]
+    assert reloaded and not [la for la in reloaded if "call" in vars(la)]  # Keras's own dropout, as stored
+
+
+def test_a_backbone_built_for_another_device_keeps_keras_dropout(tmp_path, monkeypatch):
+    from tfl import devices
     from tfl.backbones import build_backbone
 
-    tiny_bert(0.1).save_to_preset(str(tmp_path))
-    keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True).save_to_preset(str(tmp_path))
-    backbone = build_backbone(str(tmp_path), sequence_length=8)
-    dropouts = [la for la in backbone.keras_hub_backbone._flatten_layers() if type(la) is keras.layers.Dropout]
-    assert len(dropouts) == 7 and all("call" in vars(la) for la in dropouts)
+    monkeypatch.setattr(devices, "device_kind", lambda strategy=None: "gpu")
+    backbone = build_backbone(tiny_preset(tmp_path), sequence_length=8)
+    assert dropout.use_half_word_dropout(backbone.keras_hub_backbone) == 7  # none was patched before
