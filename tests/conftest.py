@@ -40,18 +40,27 @@ def write_sentiment_csv(path, rows: int = 500):
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "great", "awful", "film", "movie", "plot"]
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_preset(tmp_path_factory):
-    """A saved keras-hub preset folder of a 2-layer BERT with a 12-token vocabulary (random weights)."""
+def tiny_bert(dropout: float = 0.0):
+    """A 2-layer BERT backbone with a 12-token vocabulary (random weights)."""
     import keras_hub
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    backbone = keras_hub.models.BertBackbone(vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=8,
-                                             intermediate_dim=16, max_sequence_length=16, dropout=0.0)
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True)
-    backbone.save_to_preset(str(folder))
-    tokenizer.save_to_preset(str(folder))
+    return keras_hub.models.BertBackbone(vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=8,
+                                         intermediate_dim=16, max_sequence_length=16, dropout=dropout)
+
+
+def save_tiny_bert_preset(folder, dropout: float = 0.0) -> str:
+    """``tiny_bert(dropout)`` and its tokenizer saved as a keras-hub preset folder."""
+    import keras_hub
+
+    tiny_bert(dropout).save_to_preset(str(folder))
+    keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True).save_to_preset(str(folder))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_preset(tmp_path_factory):
+    """A saved keras-hub preset folder of a 2-layer BERT with a 12-token vocabulary (random weights, no dropout)."""
+    return save_tiny_bert_preset(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import VOCAB
+from tests.conftest import save_tiny_bert_preset, tiny_bert
 from tfl import dropout
 
 # The scale a kept value gets at rate 0.1 rounded to 1/65536 (6554/65536): 1.1111281..., not Keras's 1.1111111...
@@ -36,13 +36,6 @@ def test_half_word_dropout_gradient_is_the_mask_and_it_compiles_with_xla():
     assert y.dtype == tf.bfloat16
     compiled = tf.function(dropout.half_word_dropout, jit_compile=True)
     np.testing.assert_array_equal(compiled(x, 0.25, tf.constant([1, 2], tf.int32)).numpy(), y.numpy())
-
-
-def tiny_bert(dropout_rate: float):
-    import keras_hub
-
-    return keras_hub.models.BertBackbone(vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=8,
-                                         intermediate_dim=16, max_sequence_length=16, dropout=dropout_rate)
 
 
 def bert_inputs():
@@ -78,21 +71,13 @@ def test_every_dropout_of_a_keras_hub_bert_draws_half_words_and_inference_is_unc
     assert not embeddings_dropout(tf.ones((4, 4)), training=True).numpy().any()
 
 
-def test_draw_half_words_leaves_what_it_cannot_draw_the_same():
+def test_use_half_word_dropout_leaves_what_it_cannot_draw_as_keras_has_it():
     inputs = keras.Input((4, 8))
     x = keras.layers.Dropout(0.5, noise_shape=(None, 1, 8))(inputs)  # one mask shared along an axis
     x = keras.layers.Dropout(0.0)(x)
     model = keras.Model(inputs, keras.layers.Dropout(1e-6)(x))  # rounds to 0 of 65536
     assert dropout.use_half_word_dropout(model) == 0
     assert dropout.use_half_word_dropout(tiny_bert(0.0)) == 0
-
-
-def tiny_preset(folder) -> str:
-    import keras_hub
-
-    tiny_bert(0.1).save_to_preset(str(folder))
-    keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True).save_to_preset(str(folder))
-    return str(folder)
 
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="patched on a CPU only")
@@ -105,7 +90,8 @@ def test_a_tfl_model_on_the_cpu_trains_with_half_word_dropout_and_saves_keras_dr
 
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        backbone = build_backbone(tiny_preset(tmp_path), sequence_length=8, dtype="mixed_bfloat16")
+        preset = save_tiny_bert_preset(tmp_path, dropout=0.1)
+        backbone = build_backbone(preset, sequence_length=8, dtype="mixed_bfloat16")
         model = build_model(backbone, ["awful", "great"])
     finally:
         keras.config.set_dtype_policy("float32")
@@ -126,5 +112,5 @@ def test_a_backbone_built_for_another_device_keeps_keras_dropout(tmp_path, monke
     from tfl.backbones import build_backbone
 
     monkeypatch.setattr(devices, "device_kind", lambda strategy=None: "gpu")
-    backbone = build_backbone(tiny_preset(tmp_path), sequence_length=8)
+    backbone = build_backbone(save_tiny_bert_preset(tmp_path, dropout=0.1), sequence_length=8)
     assert dropout.use_half_word_dropout(backbone.keras_hub_backbone) == 7  # none was patched before
