@@ -258,7 +258,8 @@ def epoch_rows(arch_name: str, arch: dict, data: dict, batch: int) -> dict:
             "torch_shapes": len({tuple(b[0].shape) for b in tb})}
 
 
-def measure(directory: str, out: str, steps: int, smoke: bool, budget_seconds: float, only: str = "") -> None:
+def measure(directory: str, out: str, steps: int, smoke: bool, budget_seconds: float, only: str = "",
+            batches: tuple = (32, 256)) -> None:
     """Every measurement, each section written to ``out`` as soon as it is done (a time limit keeps the rest)."""
     import jax
     import keras
@@ -285,11 +286,11 @@ def measure(directory: str, out: str, steps: int, smoke: bool, budget_seconds: f
     if smoke:
         data["token_ids"], data["labels"] = data["token_ids"][:SMOKE["sentences"]], data["labels"][:SMOKE["sentences"]]
     architectures = SMOKE["architectures"] if smoke else ARCHITECTURES
-    small, large = SMOKE["batches"] if smoke else (32, 256)
+    batches = SMOKE["batches"] if smoke else batches
     rng = np.random.RandomState(0)
     # BERT-base's fixed step first: it is the issue's target, and a time limit keeps what was done first
-    plan = [("fixed", name, batch) for name in reversed(architectures) for batch in (small, large)]
-    plan += [("epochs", name, small) for name in architectures]
+    plan = [("fixed", name, batch) for name in reversed(architectures) for batch in batches]
+    plan += [("epochs", name, batches[0]) for name in architectures]  # the first batch size: tfl's default, 32
     plan = [row for row in plan if only in f"{row[0]} {row[1]}"]  # --only: rerun the rows a time limit cut off
     began = time.perf_counter()
     for section, name, batch in plan:
@@ -318,8 +319,8 @@ def merged(runs: list) -> dict:
     one's time limit cut off): rows in order, every run's peaks kept."""
     results = dict(runs[0], fixed=[], epochs=[], peaks=[])
     for number, run in enumerate(runs, 1):
-        results["fixed"] += run["fixed"]
-        results["epochs"] += run["epochs"]
+        results["fixed"] += [dict(row, run=number) for row in run["fixed"]]
+        results["epochs"] += [dict(row, run=number) for row in run["epochs"]]
         results["peaks"] += [(f"run {number} start", run["peak_tflops"])] + (
             [(f"run {number} end", run["peak_tflops_after"])] if "peak_tflops_after" in run else [])
     return results
@@ -344,8 +345,9 @@ def render(runs: list, source: str) -> str:
              f"BertForSequenceClassification, transformers {v['transformers']}, torch {v['torch']}, bf16 autocast, "
              "eager), on the same card in one process. Weights are random from each architecture's config (speed "
              "does not depend on them). Both sides use AdamW with global-norm clipping at 1.0, as tfl does.\n",
-             f"{len(runs)} run(s) of `measure` on this machine" + (", the later ones redoing the rows that an "
-                                                                   "earlier one's time limit cut off"
+             f"{len(runs)} run(s) of `measure` on this machine" + (", the later ones redoing rows that an "
+                                                                   "earlier one's time limit cut off or adding "
+                                                                   "batch sizes (`--only`, `--batches`)"
                                                                    if len(runs) > 1 else "")
              + f". bf16 matmul peak ({results['matmul_n']}³) measured on the card: "
              + "; ".join(f"{when}: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
@@ -354,13 +356,14 @@ def render(runs: list, source: str) -> str:
              "the datasheet's), and counts model FLOPs "
              "(6 x non-embedding parameters x tokens + attention; padded tokens count as work).\n",
              f"## Fixed-shape fine-tune step ({SEQ} tokens)\n",
-             "| model | batch | Keras/JAX + XLA | MFU | torch bf16 autocast | MFU | Keras / torch |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | batch | run | Keras/JAX + XLA | MFU | torch bf16 autocast | MFU | Keras / torch |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in [r for r in results["fixed"] if "error" in r] + [r for r in results["epochs"] if "error" in r]:
-        lines.insert(-2, f"Not measured: {row['architecture']} at batch {row['batch']}: {row['error'][:300]}\n")
+        lines.insert(-2, f"Not measured: {row['architecture']} at batch {row['batch']} (run {row['run']}): "
+                         f"{row['error'][:300]}\n")
     for row in [r for r in results["fixed"] if "error" not in r]:
         flops = row["flops_per_example"]
-        lines.append(f"| {row['architecture']} | {row['batch']} | {row['keras_ex_s']:,.0f} ex/s | "
+        lines.append(f"| {row['architecture']} | {row['batch']} | {row['run']} | {row['keras_ex_s']:,.0f} ex/s | "
                      f"{mfu(flops * row['keras_ex_s'], 1):.0%} | {row['torch_ex_s']:,.0f} ex/s | "
                      f"{mfu(flops * row['torch_ex_s'], 1):.0%} | {row['keras_ex_s'] / row['torch_ex_s']:.2f}x |")
     epochs = [r for r in results["epochs"] if "error" not in r]
@@ -418,11 +421,13 @@ def main() -> int:
     parser.add_argument("--budget_seconds", type=float, default=1e9, help="start no new row after this")
     parser.add_argument("--only", default="", help="only the rows whose 'section architecture' holds this")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few sentences, on any machine")
+    parser.add_argument("--batches", default="32,256", help="fixed-step batch sizes; epochs use the first")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.dir)
     elif args.step == "measure":
-        measure(args.dir, args.out, args.steps, args.smoke, args.budget_seconds, args.only)
+        measure(args.dir, args.out, args.steps, args.smoke, args.budget_seconds, args.only,
+                tuple(int(b) for b in args.batches.split(",")))
     else:
         with open(args.results) as handle:
             text = render(json.load(handle)["runs"], args.results)
