@@ -300,8 +300,8 @@ def test_gpu_doc_names_each_peak_by_the_run_and_moment_it_was_measured(gpu_bench
     text = gpu_bench.render([run([row], after=False), run([dict(row, batch=256)], after=True)], "r.json")
     assert "run 1 start: jax 700, torch 690; run 2 start: jax 700, torch 690; run 2 end: jax 800, torch 650" in text
     assert "run 1 end" not in text and "against the highest of these, 800 TFLOP/s" in text
-    assert "| BERT-base | 32 | 1,000 ex/s | 25% | 500 ex/s | 12% | 2.00x |" in text  # 2e14 FLOP/s of 800e12
-    assert "| BERT-base | 256 |" in text and "25% of the measured matmul peak" in text and "| **no** |" in text
+    assert "| BERT-base | 32 | 1 | 1,000 ex/s | 25% | 500 ex/s | 12% | 2.00x |" in text  # 2e14 FLOP/s of 800e12
+    assert "| BERT-base | 256 | 2 |" in text and "25% of the measured matmul peak" in text and "| **no** |" in text
 
 
 @pytest.fixture(scope="module")
