@@ -135,11 +135,12 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
         # update_step sees backend variables without Keras paths: look factors up by the optimizer's index.
         self._factors = [float(self.lr_multipliers.get(v.path, 1.0)) for v in variables]
 
-    def update_step(self, gradient, variable, learning_rate):
+    def scaled_learning_rate(self, variable, learning_rate):
         factor = self._factors[self._get_variable_index(variable)]
-        if factor != 1.0:
-            learning_rate = learning_rate * factor
-        return super().update_step(gradient, variable, learning_rate)
+        return learning_rate * factor if factor != 1.0 else learning_rate
+
+    def update_step(self, gradient, variable, learning_rate):
+        return super().update_step(gradient, variable, self.scaled_learning_rate(variable, learning_rate))
 
     def get_config(self):
         return {**super().get_config(), "lr_multipliers": self.lr_multipliers}

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tfl import heads, storage
 from tfl.freezing import LayerwiseAdamW
+from tfl.fused_adam import use_fused_adam
 from tfl.keras_workarounds import CSVLogger, clip_with_tensorflow, patch_keras_for_distribution, with_loss_scaling
 
 
@@ -61,7 +62,7 @@ def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: f
                   gradient_accumulation_steps=gradient_accumulation_steps if gradient_accumulation_steps > 1 else None)
     optimizer = (LayerwiseAdamW(lr_multipliers=lr_multipliers, **kwargs) if lr_multipliers
                  else keras.optimizers.AdamW(**kwargs))
-    return clip_with_tensorflow(optimizer)
+    return use_fused_adam(clip_with_tensorflow(optimizer))
 
 
 def batch_counter(optimizer: keras.optimizers.Optimizer):
