@@ -14,7 +14,8 @@ def test_flat_split_accepts_projections_that_contract_trailing_input_axes_only()
     for equation in ("abc,dce->abde",  # the contracted axis is not the kernel's first
                      "abc,cd->adb",  # the output is reordered
                      "abcd,abde->abce",  # a batch axis shared with the kernel
-                     "abc,dc->abd", "...b,bc->...c", "abc,de->abde"):
+                     "abc,dc->abd", "...b,bc->...c", "abc,de->abde",
+                     "abb,bbc->ac", "acc,ccd->ad", "abc,cde->abdd"):  # an axis twice: a diagonal, not a sum
         assert flat_matmul.flat_split(equation) is None, equation
 
 

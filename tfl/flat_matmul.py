@@ -18,12 +18,13 @@ import tensorflow as tf
 def flat_split(equation: str):
     """(contracted axes, kernel's output axes) when ``equation`` contracts the input's trailing axes with the
     kernel's leading ones in the same order and the output is the input's leading axes then the kernel's rest
-    (e.g. "abc,cde->abde", "abcd,cde->abe"); else None."""
+    (e.g. "abc,cde->abde", "abcd,cde->abe"), each axis named once per operand; else None."""
     inputs, _, output = equation.partition("->")
     x, _, kernel = inputs.partition(",")
     contracted = "".join(axis for axis in kernel if axis in x and axis not in output)
     n = len(contracted)
-    if (not n or "." in equation or len(set(x + kernel)) != len(set(x)) + len(kernel) - n
+    if (not n or "." in equation or any(len(set(part)) != len(part) for part in (x, kernel, output))
+            or len(set(x + kernel)) != len(set(x)) + len(kernel) - n
             or not x.endswith(contracted) or not kernel.startswith(contracted)
             or output != x[:-n] + kernel[n:]):
         return None

@@ -7,9 +7,12 @@ benchmarks/profile_step.py). TensorFlow's own ResourceApplyAdam kernel makes the
 
     m += (g - m)(1 - β1);  v += (g² - v)(1 - β2);  var -= m·α / (√v + ε),  α = lr·√(1 - β2^t) / (1 - β1^t)
 
-which is Keras's Adam formula term for term (keras/src/optimizers/adam.py). The decoupled weight decay keeps Keras's
-place and learning rate (var -= var·wd·lr with the schedule's rate, before the moments), in two ops instead of three.
-A sparse gradient (an embedding's) is made dense first, as Keras's update does.
+which is Keras's Adam formula term for term (keras/src/optimizers/adam.py), except that the kernel takes 1 - β in
+float32 from β where Keras takes it in Python's double (1.3e-5 apart, relative, for β2 = 0.999). The decoupled weight
+decay keeps Keras's place and learning rate (var -= var·wd·lr with the schedule's rate, before the moments), in two
+ops instead of three. A sparse gradient (an embedding's) is made dense, its repeated rows summed: what Keras's update
+sees after tfl's clipping (keras_workarounds.clip_with_tensorflow), so without that clipping a sparse gradient keeps
+Keras's own update. Not used under a TPUStrategy (the kernel path is not tested on one; XLA fuses Keras's ops there).
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ def use_fused_adam(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Op
     kernel for float32 variables; other variables, AMSGrad and other backends keep Keras's update. Patched on this
     instance only, so its class and config (what model.keras and backups store) stay Keras's."""
     if (keras.backend.backend() != "tensorflow" or not isinstance(optimizer, keras.optimizers.Adam)
-            or optimizer.amsgrad or "update_step" in vars(optimizer) and _is_fused(optimizer.update_step)):
+            or optimizer.amsgrad or "update_step" in vars(optimizer) and _is_fused(optimizer.update_step)
+            or isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy)):
         return optimizer
     keras_update = optimizer.update_step  # the class's, or clip_with_tensorflow's wrapper of it
+    rows_summed = getattr(keras_update, "sums_rows", False)
     scaled = getattr(optimizer, "scaled_learning_rate", lambda variable, learning_rate: learning_rate)
 
     def update_step(gradient, variable, learning_rate):
         if optimizer.weight_decay and optimizer._use_weight_decay(variable):
             _decay(variable, optimizer.weight_decay, optimizer.learning_rate)
-        if variable.dtype != tf.float32:
+        if variable.dtype != tf.float32 or isinstance(gradient, tf.IndexedSlices) and not rows_summed:
             return keras_update(gradient, variable, learning_rate)
         return _apply_adam(optimizer, gradient, variable, scaled(variable, learning_rate))
 

@@ -132,6 +132,7 @@ def clip_with_tensorflow(optimizer: keras.optimizers.Optimizer) -> keras.optimiz
         def update_with_summed_rows(gradient, variable, learning_rate):
             return update_step(summed_rows(gradient), variable, learning_rate)
 
+        update_with_summed_rows.sums_rows = True  # tfl.fused_adam relies on it for sparse gradients
         optimizer._clip_gradients, optimizer.update_step = clip, update_with_summed_rows
     return optimizer
 
