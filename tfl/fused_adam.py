@@ -2,8 +2,9 @@
 
 Keras's AdamW on TensorFlow updates each variable with about a dozen element-wise ops (the two moments, the step,
 the weight decay), each a pass over the variable. On Rotten Tomatoes' short sentences, where the matmuls are small,
-that was the largest cost of a MiniLM step after the matmuls (23% of op time at 32 x 24 tokens, measured with
-benchmarks/profile_step.py). TensorFlow's own ResourceApplyAdam kernel makes the same update in one pass:
+that is the largest cost of a MiniLM step after the matmuls (see `benchmarks/profile_step.py --seq=24`; what this
+change is worth on real batches: docs/cpu_patches.md). TensorFlow's own ResourceApplyAdam kernel makes the same update
+in one pass:
 
     m += (g - m)(1 - β1);  v += (g² - v)(1 - β2);  var -= m·α / (√v + ε),  α = lr·√(1 - β2^t) / (1 - β1^t)
 
