@@ -64,7 +64,8 @@ def _apply_adam(optimizer, gradient, variable, learning_rate):
     beta_1, beta_2 = tf.cast(optimizer.beta_1, tf.float32), tf.cast(optimizer.beta_2, tf.float32)
     return tf.raw_ops.ResourceApplyAdam(
         var=_tf_variable(variable).handle, m=_tf_variable(m).handle, v=_tf_variable(v).handle,
-        beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, tf.float32), beta1=beta_1, beta2=beta_2,
+        beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, tf.float32),
+        beta1=beta_1, beta2=beta_2,
         epsilon=tf.cast(optimizer.epsilon, tf.float32), grad=tf.cast(tf.convert_to_tensor(gradient), tf.float32))
 
 
