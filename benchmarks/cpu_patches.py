@@ -29,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
 from tfl import data as data_lib  # noqa: E402
-from tfl import dropout, train  # noqa: E402
+from tfl import dropout, storage, train  # noqa: E402
 from tfl.backbones import build_backbone  # noqa: E402
 from tfl.runner import build_model  # noqa: E402
 
@@ -128,9 +128,7 @@ def main() -> int:
     results = measure(args.batches, args.rounds)
     command = " ".join([".venv/bin/python benchmarks/cpu_patches.py"] + sys.argv[1:])
     text = document(results, peaks, command, time.perf_counter() - started)
-    with open(args.out + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(args.out + ".tmp", args.out)
+    storage.write_text_atomically(args.out, text)
     print(text)
     return 0
 

@@ -432,11 +432,11 @@ def main() -> int:
         measure(args.dir, args.out, args.steps, args.smoke, args.budget_seconds, args.only,
                 tuple(int(b) for b in args.batches.split(",")))
     else:
+        from tfl.storage import write_text_atomically  # here, with tfl: measure runs where tfl cannot
+
         with open(args.results) as handle:
             text = render(json.load(handle)["runs"], args.results)
-        with open(args.out + ".tmp", "w") as handle:
-            handle.write(text)
-        os.replace(args.out + ".tmp", args.out)
+        write_text_atomically(args.out, text)
         print(text)
     return 0
 

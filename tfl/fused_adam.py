@@ -27,7 +27,7 @@ def use_fused_adam(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Op
     kernel for float32 variables; other variables, AMSGrad and other backends keep Keras's update. Patched on this
     instance only, so its class and config (what model.keras and backups store) stay Keras's."""
     if (keras.backend.backend() != "tensorflow" or not isinstance(optimizer, keras.optimizers.Adam)
-            or optimizer.amsgrad or "update_step" in vars(optimizer) and _is_fused(optimizer.update_step)
+            or optimizer.amsgrad or _is_fused(optimizer.update_step)
             or isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy)):
         return optimizer
     keras_update = optimizer.update_step  # the class's, or clip_with_tensorflow's wrapper of it
@@ -36,7 +36,8 @@ def use_fused_adam(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Op
 
     def update_step(gradient, variable, learning_rate):
         if optimizer.weight_decay and optimizer._use_weight_decay(variable):
-            _decay(variable, optimizer.weight_decay, optimizer.learning_rate)
+            # Keras's apply passes its schedule's rate, read once per step: the rate its decay uses
+            _decay(variable, optimizer.weight_decay, learning_rate)
         if variable.dtype != tf.float32 or isinstance(gradient, tf.IndexedSlices) and not rows_summed:
             return keras_update(gradient, variable, learning_rate)
         return _apply_adam(optimizer, gradient, variable, scaled(variable, learning_rate))
