@@ -302,7 +302,27 @@ def test_gpu_doc_names_each_peak_by_the_run_and_moment_it_was_measured(gpu_bench
     assert "run 1 start: jax 700, torch 690; run 2 start: jax 700, torch 690; run 2 end: jax 800, torch 650" in text
     assert "run 1 end" not in text and "against the highest of these, 800 TFLOP/s" in text
     assert "| BERT-base | 32 | 1 | 1,000 ex/s | 25% | 500 ex/s | 12% | 2.00x |" in text  # 2e14 FLOP/s of 800e12
-    assert "| BERT-base | 256 | 2 |" in text and "25% of the measured matmul peak" in text and "| **no** |" in text
+    assert "| BERT-base | 256 | 2 |" in text and "25.0% of the measured matmul peak" in text and "| **no** |" in text
+
+
+def test_gpu_doc_shows_the_dropout_variants_and_judges_the_target_on_tfls(gpu_bench):
+    run = {"device": "GPU", "date": "d", "matmul_n": 8192, "epochs": [],
+           "versions": dict.fromkeys(["keras", "keras_hub", "jax", "torch", "transformers"], "v"),
+           "peak_tflops": {"jax": 800.0, "torch": 790.0},
+           "fixed": [{"architecture": "BERT-base", "batch": 512, "keras_ex_s": 1000.0, "torch_ex_s": 1000.0,
+                      "flops_per_example": 3e11}],
+           "dropout": [{"architecture": "BERT-base", "batch": 512, "flops_per_example": 3e11, "patched_dropouts": 38,
+                        "port_check": {"kept_share": 0.9, "kept_value": 1.111119},
+                        "keras_ex_s": {"keras": 1000.0, "tfl": 1100.0, "none": 1200.0}},
+                       {"architecture": "BERT-base", "batch": 1024, "error": "OOM"}]}
+    text = gpu_bench.render([run], "r.json")
+    # 1,100 ex/s x 3e11 FLOP = 3.3e14 FLOP/s of 8e14: 41.25%; Keras's dropout 37.5%
+    assert "| BERT-base | 512 | 1 | 1,000 ex/s | 38% | 1,100 ex/s | 41% | 1,200 ex/s | 45% | 1.10x |" in text
+    assert "41.2% of the measured matmul peak with tfl's dropout" in text and "37.5% with Keras's" in text
+    assert "| yes |" in text and "Not measured (dropout rows): BERT-base at batch 1024 (run 1): OOM" in text
+    below = dict(run, dropout=[dict(run["dropout"][0], keras_ex_s={"keras": 1000.0, "tfl": 1060.0, "none": 1.0})])
+    assert "39.8% of the measured matmul peak" in gpu_bench.render([below], "r.json")
+    assert "| **no** |" in gpu_bench.render([below], "r.json")
 
 
 @pytest.fixture(scope="module")
