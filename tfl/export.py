@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfl import backbones as backbones_lib
 from tfl import heads
+from tfl import keras_workarounds
 from tfl import storage
 from tfl.data.sources import IMAGE, TEXT, TOKEN_IDS
 
@@ -96,7 +97,8 @@ def export_serving_model(model: keras.Model, backbone: backbones_lib.Backbone, l
     final = next_version_dir(export_root)
     staging = storage.temporary_name(final)
     try:
-        archive.write_out(staging, verbose=False)
+        with keras_workarounds.no_default_serving_traces():
+            archive.write_out(staging, verbose=False)
         storage.move_folder(staging, final)
     except (OSError, tf.errors.OpError) as e:
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
