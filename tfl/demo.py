@@ -253,4 +253,8 @@ def main(argv: list, out: str = "") -> int:
 
 
 if __name__ == "__main__":
+    import atexit
+    import gc
+
+    atexit.register(gc.freeze)  # skips the exit's last collection over everything the runs left (see main.py)
     sys.exit(main(sys.argv[1:]))
