@@ -17,8 +17,8 @@ measure times, on the same card in one process:
   - one real Rotten Tomatoes training epoch (tfl's training split, tokenised here by tfl): Keras in tfl's
     8 length buckets (each bucket's last batch padded to full size with zero sample weights, so one compile per
     bucket), torch with per-batch dynamic padding on a shuffled order;
-  - the fixed-shape step, Keras only, with Keras's dropout, with tfl's half-word dropout ported to JAX (tfl's TF
-    step does not use Keras's dropout, see tfl/dropout.py), and with none (dropout's share of the step).
+  - the fixed-shape step, Keras only, with each of DROPOUTS: Keras/JAX's own, Keras's TF dropout (what tfl runs
+    on a GPU) and tfl's CPU half-word dropout, both ported to JAX, and none (dropout's share of the step).
 Weights are random from each architecture's config: speed does not depend on their values (the asset's
 90 MB of weights is more than a call can carry). MFU = model FLOPs (6 x non-embedding params x tokens +
 attention, padded tokens counted) / time / the bf16 peak measured in the same run.
@@ -80,59 +80,91 @@ def prepare(directory: str) -> None:
 
 # --- there: Keras (JAX backend) and torch on the card ----------------------------------------------------------
 
-# --dropout variants (Keras only): "keras" = Keras's own (jax.random's threefry, one 32-bit draw per element);
-# "tfl" = tfl.dropout.half_word_dropout as XLA compiles tfl's TF step (Philox bits, 16 per element, one scaled
-# multiply); "none" = rate 0 (not a fine-tune recipe: dropout's share of the step, and with it Keras's attention
-# takes ops.dot_product_attention instead of its einsum path, as it does whenever attention dropout is 0).
-DROPOUTS = ("keras", "tfl", "none")
+# --dropout variants (Keras only), each ported to JAX where it is not JAX's own:
+#   "keras": Keras/JAX's own dropout (jax.random's threefry, one 32-bit draw per element), runs 1-3's stand-in;
+#   "philox": Keras's TF dropout (tf.nn.experimental.stateless_dropout: a Philox uniform per element compared with
+#             the rate, then a select), which is what tfl runs on a GPU: its half-word dropout is patched in on
+#             CPUs only (tfl/backbones.py). The closest stand-in for tfl on a GPU;
+#   "half_word": tfl.dropout.half_word_dropout (16 Philox bits per element, one scaled multiply): tfl's CPU
+#             dropout, what using it on GPUs too would give;
+#   "none": rate 0 (not a recipe: dropout's share of the step; with attention dropout at 0, Keras's attention
+#           also switches to ops.dot_product_attention from its einsum path).
+DROPOUTS = ("keras", "philox", "half_word", "none")
 _HALF_WORD_VALUES = 1 << 16
 
 
+def _philox_bits(seed, count: int):
+    """``count`` 32-bit Philox words (XLA's RngBitGenerator, which TF's stateless draws compile to) for a
+    Keras seed (2 uint32)."""
+    import jax
+    import jax.numpy as jnp
+
+    key = jnp.concatenate([jnp.asarray(seed, jnp.uint32).reshape(-1)[:2], jnp.zeros(2, jnp.uint32)])
+    return jax.lax.rng_bit_generator(key, (count,), dtype=jnp.uint32,
+                                     algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)[1]
+
+
 def half_word_dropout_jax(inputs, rate: float, seed):
-    """tfl.dropout.half_word_dropout in JAX: under XLA, TF's stateless uniform draws are Philox bits, as here."""
+    """tfl.dropout.half_word_dropout in JAX: each 32-bit word split into two 16-bit draws, one scaled multiply."""
     import jax
     import jax.numpy as jnp
 
     threshold = round(rate * _HALF_WORD_VALUES)
-    key = jnp.concatenate([jnp.asarray(seed, jnp.uint32).reshape(-1)[:2], jnp.zeros(2, jnp.uint32)])
-    _, words = jax.lax.rng_bit_generator(key, ((inputs.size + 1) // 2,), dtype=jnp.uint32,
-                                         algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)
+    words = _philox_bits(seed, (inputs.size + 1) // 2)
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:inputs.size].reshape(inputs.shape)
     scale = jnp.asarray(_HALF_WORD_VALUES / (_HALF_WORD_VALUES - threshold), inputs.dtype)
     return inputs * ((halves >= threshold).astype(inputs.dtype) * scale)
 
 
-def use_half_word_dropout_jax(model) -> int:
-    """As tfl.dropout.use_half_word_dropout: patches the call of each plain Dropout instance; returns how many."""
+def philox_dropout_jax(inputs, rate: float, seed):
+    """Keras's TF dropout in JAX: a uniform draw per element (24 bits of a Philox word) in the input's dtype,
+    kept where >= rate, kept values scaled by 1 / (1 - rate), the rest set to 0 by a select."""
+    import jax.numpy as jnp
+
+    uniform = (_philox_bits(seed, inputs.size) >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+    keep = uniform.reshape(inputs.shape).astype(inputs.dtype) >= jnp.asarray(rate, inputs.dtype)
+    return jnp.where(keep, inputs * jnp.asarray(1 / (1 - rate), inputs.dtype), jnp.zeros((), inputs.dtype))
+
+
+PORTED_DROPOUTS = {"philox": philox_dropout_jax, "half_word": half_word_dropout_jax}
+
+
+def use_dropout_jax(model, kind: str) -> int:
+    """As tfl.dropout.use_half_word_dropout: patches the call of each plain Dropout instance with one of
+    PORTED_DROPOUTS; returns how many."""
     import keras
 
-    patched = 0
+    dropout, patched = PORTED_DROPOUTS[kind], 0
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if type(layer) is keras.layers.Dropout and layer.noise_shape is None and 0 < layer.rate < 1:
             def call(inputs, training=False, layer=layer):
                 if not training:
                     return inputs
-                return half_word_dropout_jax(inputs, layer.rate, layer.seed_generator.next())
+                return dropout(inputs, layer.rate, layer.seed_generator.next())
             layer.call = call
             patched += 1
     return patched
 
 
-def check_half_word_dropout_jax(rate: float = 0.1) -> dict:
-    """The port's kept share and kept value on a million ones, and that two draws differ: run before its timings."""
+def check_ported_dropouts(rate: float = 0.1) -> dict:
+    """Each port's kept share and kept value on a million ones, and that two seeds draw differently: run on the
+    card before the timings."""
     import jax.numpy as jnp
 
-    ones = jnp.ones((1000, 1000), jnp.float32)
-    first = np.asarray(half_word_dropout_jax(ones, rate, jnp.array([1, 2], jnp.uint32)))
-    second = np.asarray(half_word_dropout_jax(ones, rate, jnp.array([1, 3], jnp.uint32)))
-    kept = first[first != 0]
-    expected = _HALF_WORD_VALUES / (_HALF_WORD_VALUES - round(rate * _HALF_WORD_VALUES))
-    result = {"kept_share": kept.size / first.size, "kept_value": float(kept.mean()), "expected_value": expected,
-              "draws_differ": bool((first != second).any())}
-    if not (abs(result["kept_share"] - (1 - rate)) < 0.002 and np.allclose(kept, expected)
-            and result["draws_differ"]):
-        raise AssertionError(f"the JAX port of tfl's dropout is wrong: {result}")
-    return result
+    ones, checks = jnp.ones((1000, 1000), jnp.float32), {}
+    for kind, dropout in PORTED_DROPOUTS.items():
+        first = np.asarray(dropout(ones, rate, jnp.array([1, 2], jnp.uint32)))
+        second = np.asarray(dropout(ones, rate, jnp.array([1, 3], jnp.uint32)))
+        kept = first[first != 0]
+        threshold = round(rate * _HALF_WORD_VALUES)
+        expected = (_HALF_WORD_VALUES / (_HALF_WORD_VALUES - threshold) if kind == "half_word"
+                    else float(np.float32(1) / np.float32(1 - rate)))
+        checks[kind] = {"kept_share": kept.size / first.size, "kept_value": float(kept.mean()),
+                        "expected_value": expected, "draws_differ": bool((first != second).any())}
+        if not (abs(checks[kind]["kept_share"] - (1 - rate)) < 0.002 and np.allclose(kept, expected)
+                and checks[kind]["draws_differ"]):
+            raise AssertionError(f"the JAX port of the {kind} dropout is wrong: {checks[kind]}")
+    return checks
 
 
 def keras_classifier(arch: dict, dropout: str = "keras"):
@@ -146,7 +178,7 @@ def keras_classifier(arch: dict, dropout: str = "keras"):
         dropout=0.0 if dropout == "none" else 0.1)
     classifier = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2, preprocessor=None,
                                                      dropout=0.0 if dropout == "none" else 0.1)
-    patched = use_half_word_dropout_jax(classifier) if dropout == "tfl" else 0
+    patched = use_dropout_jax(classifier, dropout) if dropout in PORTED_DROPOUTS else 0
     # The same layers as a plain functional model: keras-hub's own fit would route batches through grain or
     # tf.data, which the GPU machine lacks (tfl's TF path feeds tf.data batches to the same layers).
     model = keras.Model(classifier.inputs, classifier.outputs)
@@ -292,17 +324,24 @@ def fixed_rows(arch_name: str, arch: dict, batch: int, steps: int, rng) -> dict:
 
 def dropout_rows(arch_name: str, arch: dict, batch: int, steps: int, rng) -> dict:
     """Keras-only ex/s of the fixed-shape step with each of DROPOUTS, one after another in one process."""
+    import keras
+
     ids = rng.randint(1000, VOCAB, size=(batch, SEQ)).astype(np.int32)
     labels = rng.randint(0, 2, size=batch).astype(np.int32)
     row = {"architecture": arch_name, "batch": batch, "flops_per_example": flops_per_sequence(arch, SEQ),
-           "port_check": check_half_word_dropout_jax(), "keras_ex_s": {}}
+           "port_checks": check_ported_dropouts(), "keras_ex_s": {}}
     for dropout in DROPOUTS:
-        model = keras_classifier(arch, dropout)
-        if dropout == "tfl":
-            row["patched_dropouts"] = model.patched_dropouts  # 3 per encoder layer, embeddings', the head's
-        keras_fit_seconds(model, [keras_batch(ids, labels)] * 3)  # compile
-        row["keras_ex_s"][dropout] = batch * steps / keras_fit_seconds(model, [keras_batch(ids, labels)] * steps)
-        del model
+        try:
+            model = keras_classifier(arch, dropout)
+            if dropout in PORTED_DROPOUTS:  # 3 per encoder layer, the embeddings', the head's
+                row.setdefault("patched_dropouts", {})[dropout] = model.patched_dropouts
+            keras_fit_seconds(model, [keras_batch(ids, labels)] * 3)  # compile
+            row["keras_ex_s"][dropout] = batch * steps / keras_fit_seconds(model, [keras_batch(ids, labels)] * steps)
+        except Exception as error:
+            raise RuntimeError(f"the {dropout} variant: {type(error).__name__}: {error}") from error
+        finally:
+            model = None
+            keras.backend.clear_session()  # the last variant's model and compiled step must not hold the card
     return row
 
 
@@ -406,7 +445,18 @@ def merged(runs: list) -> dict:
             results[section] += [dict(row, run=number) for row in run.get(section, [])]
         results["peaks"] += [(f"run {number} start", run["peak_tflops"])] + (
             [(f"run {number} end", run["peak_tflops_after"])] if "peak_tflops_after" in run else [])
+    results["dropout"] = [_with_current_names(row) for row in results["dropout"]]
     return results
+
+
+def _with_current_names(row: dict) -> dict:
+    """A dropout row as the current measure writes it: run 4 (before the philox variant) called the half-word
+    port "tfl" and kept one port check."""
+    if "keras_ex_s" not in row or "tfl" not in row["keras_ex_s"]:
+        return row
+    rates = {("half_word" if k == "tfl" else k): v for k, v in row["keras_ex_s"].items()}
+    return dict(row, keras_ex_s=rates, port_checks={"half_word": row["port_check"]},
+                patched_dropouts={"half_word": row["patched_dropouts"]})
 
 
 def render(runs: list, source: str) -> str:
@@ -471,19 +521,12 @@ def render(runs: list, source: str) -> str:
                      f"{mfu(row['torch_flops'], t[1]):.0%} | {t[1] / k[1]:.2f}x | {t[0] / k[0]:.2f}x |")
     paid = [break_even(row) for row in results["epochs"] if "error" not in row]
     lines += ["\n## What the epochs say\n"] + paid if paid else []
-    base = [mfu(r["flops_per_example"] * r["keras_ex_s"], 1) for r in results["fixed"]
-            if "BERT-base" in r["architecture"] and "error" not in r]
-    ported = [mfu(r["flops_per_example"] * r["keras_ex_s"]["tfl"], 1) for r in results["dropout"]
-              if "BERT-base" in r["architecture"] and "error" not in r]
-    if base or ported:
-        best = max(ported or base)
-        measured = f"{best:.1%} of the measured matmul peak" + (
-            " with tfl's dropout (the closer stand-in: tfl's step draws its dropout so), "
-            f"{max(base, default=0):.1%} with Keras's" if ported else "")
-        lines += ["\n## Target (issue #17)\n", "| target | measured | met |", "|---|---|---|",
-                  f"| BERT-base fine-tune ≥ 40% of the card's bf16 peak | {measured} (best fixed-shape batch; the "
-                  f"Keras/JAX stand-in for tfl) | {'yes' if best >= 0.4 else '**no**'} |"]
+    lines += target_lines(results, mfu)
     return "\n".join(lines) + "\n"
+
+
+DROPOUT_NAMES = {"keras": "Keras/JAX's own", "philox": "Keras's TF dropout (tfl on a GPU)",
+                 "half_word": "tfl's half-word (tfl on a CPU)", "none": "none"}
 
 
 def dropout_section(results: dict, mfu) -> list:
@@ -491,24 +534,49 @@ def dropout_section(results: dict, mfu) -> list:
     rows = [r for r in results["dropout"] if "error" not in r]
     if not rows:
         return []
-    lines = ["\n## Dropout in the step: Keras's, tfl's, none (Keras/JAX only)\n",
-             "tfl's TF step does not use Keras's dropout: it draws 16 random bits per element "
-             "(`tfl.dropout.half_word_dropout`), and under XLA TF's stateless draws are Philox bits. The stand-in's "
-             "JAX port of it (`half_word_dropout_jax`, checked on the card before its timings: kept share "
-             f"{rows[0]['port_check']['kept_share']:.4f} at rate 0.1, kept value "
-             f"{rows[0]['port_check']['kept_value']:.6f}; {rows[0]['patched_dropouts']} Dropout layers patched in "
-             f"{rows[0]['architecture']}) is the closer stand-in for tfl; Keras's own dropout under "
-             "JAX draws a 32-bit threefry word per element. \"None\" sets every rate to 0: not a recipe, but "
-             "dropout's share of the step (with attention dropout at 0, Keras's attention also switches to "
-             "`ops.dot_product_attention`). The three are timed one after another in one process.\n",
-             "| model | batch | run | Keras's dropout | MFU | tfl's dropout | MFU | none | MFU | tfl's / Keras's |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    checks = "; ".join(f"{kind}: kept share {check['kept_share']:.4f} at rate 0.1, kept value {check['kept_value']:.6f}"
+                       for kind, check in rows[-1]["port_checks"].items())
+    lines = ["\n## Dropout in the step (Keras/JAX only)\n",
+             "The same fixed-shape step with four dropouts, each timed after the other in one process. tfl does not "
+             "run Keras/JAX's dropout (jax.random's threefry, one 32-bit draw per element): on a GPU it runs Keras's "
+             "TF dropout (a uniform draw per element, compared with the rate, then a select; TF's stateless draws are "
+             "Philox bits), on a CPU its own half-word dropout (`tfl/dropout.py`: 16 Philox bits per element, one "
+             "scaled multiply; `tfl/backbones.py` patches it in on CPUs only). Both are ported to JAX here on XLA's "
+             "Philox bit generator (`philox_dropout_jax`, `half_word_dropout_jax`); the ports are checked on the card "
+             f"before the timings (run {rows[-1]['run']}: {checks}). How XLA lowers TF's own bfloat16 uniform draw "
+             "was not checked: the philox port draws a 32-bit word per element. \"None\" sets every rate to 0: not "
+             "a recipe, dropout's share of the step (with attention dropout at 0, Keras's attention also switches "
+             "to `ops.dot_product_attention`).\n",
+             "| model | batch | run | " + " | ".join(f"{DROPOUT_NAMES[d]} | MFU" for d in DROPOUTS) + " |",
+             "|---|---|---|" + "---|---|" * len(DROPOUTS)]
     for row in rows:
         rate = row["keras_ex_s"]
-        cells = " | ".join(f"{rate[d]:,.0f} ex/s | {mfu(row['flops_per_example'] * rate[d], 1):.0%}" for d in DROPOUTS)
-        lines.append(f"| {row['architecture']} | {row['batch']} | {row['run']} | {cells} | "
-                     f"{rate['tfl'] / rate['keras']:.2f}x |")
+        cells = " | ".join(f"{rate[d]:,.0f} ex/s | {mfu(row['flops_per_example'] * rate[d], 1):.0%}" if d in rate
+                           else "not measured | -" for d in DROPOUTS)
+        lines.append(f"| {row['architecture']} | {row['batch']} | {row['run']} | {cells} |")
     return lines
+
+
+def target_lines(results: dict, mfu) -> list:
+    """Issue #17's GPU target, judged on the closest stand-in for tfl measured: Keras's TF dropout ported (what
+    tfl runs on a GPU) where a run measured it, else Keras/JAX's own dropout."""
+    bert = lambda rows: [r for r in rows if "BERT-base" in r["architecture"] and "error" not in r]  # noqa: E731
+    candidates = [(mfu(r["flops_per_example"] * r["keras_ex_s"]["philox"], 1), r, "philox")
+                  for r in bert(results["dropout"]) if "philox" in r["keras_ex_s"]]
+    if not candidates:
+        candidates = [(mfu(r["flops_per_example"] * r["keras_ex_s"], 1), r, "keras") for r in bert(results["fixed"])]
+    if not candidates:
+        return []
+    best, row, kind = max(candidates, key=lambda c: c[0])
+    measured = (f"{best:.1%} of the measured matmul peak, batch {row['batch']}, run {row['run']}, with "
+                f"{DROPOUT_NAMES[kind]} dropout")
+    if kind == "philox":
+        others = ", ".join(f"{DROPOUT_NAMES[d]} {mfu(row['flops_per_example'] * row['keras_ex_s'][d], 1):.1%}"
+                           for d in ("keras", "half_word") if d in row["keras_ex_s"])
+        measured += f" (same run and batch: {others})"
+    return ["\n## Target (issue #17)\n", "| target | measured | met |", "|---|---|---|",
+            f"| BERT-base fine-tune ≥ 40% of the card's bf16 peak | {measured}; the Keras/JAX stand-in for tfl, "
+            f"best fixed-shape batch | {'yes' if best >= 0.4 else '**no**'} |"]
 
 
 def break_even(row: dict) -> str:
