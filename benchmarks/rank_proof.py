@@ -27,7 +27,11 @@ examples, the head's initialisation and the shuffling):
 
 Everything in --out is written by this script; a rerun replaces it. The measurements go beside it (--out with
 .json for .md, e.g. docs/transferability.json; commit it with the document) and into <work_dir>/results.json, so
-``--render_only`` can write the document again without training. ``--quick``: tiny caps (one small
+``--render_only`` can write the document again without training. ``--label_free=FLAGFILE`` (default
+configs/self_train_rt.flags; empty: none) then runs that no-labels command as a user would (``main.py`` in a fresh
+process: zero-shot by label descriptions, then self-training) and adds its test accuracies, plain zero-shot against
+self-trained, to the document (issue #16); ``--label_free_only`` runs just that and adds it to the stored
+measurements. ``--quick``: tiny caps (one small
 task, MiniLM-L3 only, 96 examples, two steps per fine-tune, one seed) for a smoke test in a few minutes.
 --bucket_shapes replaces the recipe's length buckets: each bucket shape is one more trace of the training
 and evaluation steps per candidate, which a one-epoch run on a few hundred examples does not earn back.
@@ -46,6 +50,7 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -396,8 +401,69 @@ def summary_markdown(results: list) -> list:
     return lines + [""]
 
 
-def document(results: list, host: dict, command: str, seconds: float, note: str = "") -> str:
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+def label_free_result(flagfile: str, work_dir: str) -> dict:
+    """``python main.py --flagfile=FLAGFILE`` in a fresh process, as a user runs it; its metrics.json, trimmed to
+    what the document shows."""
+    flagfile, model_dir = os.path.abspath(flagfile), os.path.join(os.path.abspath(work_dir), "label_free")
+    if not os.path.isfile(flagfile):
+        raise SystemExit(f"error: --label_free={flagfile} is not a file; name a no-labels flagfile such as "
+                         "configs/self_train_rt.flags")
+    command = [sys.executable, os.path.join(ROOT, "main.py"), f"--flagfile={flagfile}", f"--model_dir={model_dir}",
+               "--overwrite"]
+    started = time.time()
+    if subprocess.run(command, cwd=ROOT).returncode:
+        raise SystemExit(f"error: `{shlex.join(command)}` failed (its own error is above); nothing was written")
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    tuned = metrics.get("fine_tune") or {}
+    return {"flagfile": os.path.relpath(flagfile, ROOT), "seconds": time.time() - started,
+            "sizes": metrics["data"]["sizes"],
+            "source": metrics["data"]["source"], "backbone": metrics["config"]["model"]["backbone"],
+            "zero_shot": metrics["zero_shot"], "probe_test": metrics["probe_test"],
+            "probe_validation": metrics["rounds"][-1]["validation"] if metrics["rounds"] else None,
+            "fine_tune": {k: tuned[k] for k in ("validation", "test", "examples") if k in tuned},
+            "pseudo_label_share": metrics["config"]["train"]["pseudo_label_share"],
+            "date": now()}
+
+
+LABEL_FREE_FLAGFILE = "configs/self_train_rt.flags"
+LABEL_FREE_TARGET = 0.75  # issue #16: Rotten Tomatoes test accuracy with no labels
+
+
+def label_free_markdown(result: dict) -> list:
+    """The no-labels section: plain zero-shot against self-training, validation and test, from ``result``."""
+    if not result:
+        return []
+    accuracy = lambda metrics: f"{100 * metrics['accuracy']:.1f}%" if metrics else "-"  # noqa: E731
+    tuned = result["fine_tune"]
+    rows = [("plain zero-shot (label descriptions)", result["zero_shot"]["validation"], result["zero_shot"]["test"]),
+            ("self-trained probe on frozen embeddings (last round)", result["probe_validation"], result["probe_test"])]
+    if tuned:
+        rows.append((f"encoder fine-tuned on the surest {result['pseudo_label_share']:.0%} of the training texts with "
+                     f"their zero-shot labels ({tuned['examples']:,} texts)", tuned["validation"], tuned["test"]))
+    best = rows[-1][2]["accuracy"]
+    sizes = result["sizes"]
+    return (["## No labels: zero-shot, then self-training", "",
+            f"`python main.py --flagfile={result['flagfile']}` ({result['source']}, {result['backbone']}), run by "
+            f"this script in a fresh process on {result['date']}, {result['seconds'] / 60:.1f} min: no training label "
+            f"is read ({sizes['train']:,} unlabelled training texts); the label descriptions are the flagfile's "
+            f"`--label_descriptions` (its comments say how they were chosen); validation {sizes['validation']:,} "
+            f"texts; the test split ({sizes['test']:,} texts) is scored once per stage.", "",
+            "| | validation accuracy | test accuracy |", "|---|---|---|"]
+            + [f"| {name} | {accuracy(validation)} | {accuracy(test)} |" for name, validation, test in rows]
+            + ["", f"Issue #16's target with no labels, test accuracy ≥ {LABEL_FREE_TARGET:.0%}: "
+               f"{100 * best:.1f}%, {'met' if best >= LABEL_FREE_TARGET else '**not met**'} "
+               f"({100 * (best - result['zero_shot']['test']['accuracy']):+.1f} points over plain zero-shot).", ""])
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def document(results: list, host: dict, command: str, seconds: float, note: str = "",
+             label_free: Optional[dict] = None, date: str = "") -> str:
+    """The whole document; ``date``: when the measurements were taken (a rendering's stored date), else now."""
+    date = date or now()
     flags = ", ".join(host["flags"]) or "none of avx512f/avx512_bf16/amx_bf16"
     lines = ["# Transferability ranking vs. fine-tuned accuracy", "",
              f"Written by `{command}` on {date}, in {seconds / 60:.1f} min. Do not edit: rerun the command."
@@ -407,7 +473,7 @@ def document(results: list, host: dict, command: str, seconds: float, note: str 
              f"{host['gflops_bfloat16']:.0f} GFLOP/s; load average (1, 5, 15 min) {host['load_average']} at the start, "
              f"{host['load_average_end']} at the end (the machine was shared).", "",
              INTRO, "", "<!-- generated by benchmarks/rank_proof.py -->", ""]
-    lines += summary_markdown(results)
+    lines += summary_markdown(results) + label_free_markdown(label_free)
     for result in results:
         lines += task_markdown(result)
     return "\n".join(lines)
@@ -435,12 +501,21 @@ def main() -> int:
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "rank_proof"))
     parser.add_argument("--quick", action="store_true", help="tiny caps: a smoke test in a few minutes")
     parser.add_argument("--merge", default="", help="--render_only: more work_dirs whose tasks join the document")
+    parser.add_argument("--label_free", default=None,
+                        help="after the tasks: this no-labels flagfile, run as main.py runs it (empty: none; default "
+                             f"{LABEL_FREE_FLAGFILE}, none with --quick)")
+    parser.add_argument("--label_free_only", action="store_true",
+                        help="run only --label_free and add it to the stored measurements (as --render_only reads)")
     parser.add_argument("--render_only", action="store_true",
                         help="no training: rewrite --out from <work_dir>/results.json (else the copy beside --out, "
                              "e.g. docs/transferability.json), auto's picks made again by the current tfl.auto.choose")
     args = parser.parse_args()
     if args.render_only:
         return render_only(args)
+    if args.label_free is None:
+        args.label_free = "" if args.quick else LABEL_FREE_FLAGFILE
+    if args.label_free_only:
+        return label_free_only(args)
     if args.quick:
         args.tasks, args.backbones = args.tasks.split(",")[0], "asset:minilm_l3"
         args.examples, args.validation_examples, args.test_examples, args.seeds = 96, 32, 64, 1
@@ -462,18 +537,43 @@ def main() -> int:
         text = document(results, host, command, time.time() - started)
         if len(results) < len(tasks):
             text += f"\n(unfinished: {len(tasks) - len(results)} more task(s) to go)\n"
-        write(args, text, {"host": host, "command": command, "seconds": time.time() - started, "results": results})
+        write(args, text, {"host": host, "command": command, "seconds": time.time() - started, "results": results,
+                           "date": now()})
+    if args.label_free:
+        print(f"proof: no labels, {args.label_free}", flush=True)
+        label_free = label_free_result(args.label_free, args.work_dir)
+        text = document(results, host, command, time.time() - started, label_free=label_free)
+        write(args, text, {"host": host, "command": command, "seconds": time.time() - started, "results": results,
+                           "label_free": label_free, "date": now()})
     print(text)
     return 0
 
 
-def render_only(args) -> int:
+def label_free_only(args) -> int:
+    """--label_free_only: runs --label_free and adds it to the measurements the document renders (the copy beside
+    --out, e.g. docs/transferability.json, else <work_dir>/results.json), then renders them."""
+    if not args.label_free:
+        raise SystemExit("error: --label_free_only needs --label_free=<a no-labels flagfile>")
+    beside = results_beside(args.out) if args.out else ""
+    path = beside if beside and os.path.exists(beside) else stored_results(args)
+    with open(path) as f:
+        stored = json.load(f)
+    stored["label_free"] = label_free_result(args.label_free, args.work_dir)
+    stored["label_free_command"] = "PYTHONPATH=. .venv/bin/python benchmarks/rank_proof.py " + shlex.join(sys.argv[1:])
+    with open(path, "w") as f:
+        json.dump(stored, f, indent=1, default=float)
+    return render_only(args, [stored])
+
+
+def render_only(args, runs: Optional[list] = None) -> int:
     """--render_only: the document from the stored measurements (<work_dir>/results.json, then each --merge
-    folder's tasks); the rows, runs and timings are as measured."""
-    runs = []
-    for path in [stored_results(args)] + [os.path.join(m, "results.json") for m in args.merge.split(",") if m]:
-        with open(path) as f:
-            runs.append(json.load(f))
+    folder's tasks), or from ``runs`` (those measurements, already read); the rows, runs and timings are as
+    measured."""
+    if runs is None:
+        runs = []
+        for path in [stored_results(args)] + [os.path.join(m, "results.json") for m in args.merge.split(",") if m]:
+            with open(path) as f:
+                runs.append(json.load(f))
     stored, results, seen = runs[0], [], set()
     for result in [r for run in runs for r in run["results"]]:
         if result["task"] in seen:  # a task in two runs: the first one's
@@ -494,7 +594,13 @@ def render_only(args) -> int:
         note += (f" The tasks {', '.join(r['task'] for r in other['results'])} come from a second run on the same "
                  f"host, `{other['command']}` ({other['seconds'] / 60:.1f} min; matmul peak then float32 "
                  f"{other['host']['gflops_float32']:.0f} GFLOP/s), merged with `--merge`.")
-    text = document(results, stored["host"], stored["command"], sum(r["seconds"] for r in runs), note)
+    label_free = stored.get("label_free")
+    if label_free and stored.get("label_free_command"):
+        note += (f" The no-labels section was measured afterwards by `{stored['label_free_command']}` "
+                 f"({label_free['seconds'] / 60:.1f} min), on the same host.")
+    date = stored.get("date") or f"a date its results.json does not hold (rendered again on {now()})"
+    text = document(results, stored["host"], stored["command"], sum(r["seconds"] for r in runs), note, label_free,
+                    date)
     write(args, text, None)  # the document only: each run's results.json stays as that run wrote it
     print(text)
     return 0

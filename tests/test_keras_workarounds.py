@@ -265,7 +265,7 @@ class _CountingTraces(keras.layers.Layer):
         return inputs
 
 
-def _write_an_archive(path, workaround: bool) -> int:
+def _write_an_archive(path, workaround: bool) -> tuple:
     inputs = keras.Input((4,))
     inner = keras.Model(inputs, _CountingTraces()(keras.layers.Dense(3)(inputs)))
     outer = keras.Model(inputs, keras.layers.Dense(2)(inner(inputs)))

@@ -167,3 +167,63 @@ def test_probe_accuracies_fit_on_the_training_features_and_score_the_test_split(
                                    modality="text", label_names=["a", "b"])
     accuracies = rank_proof.probe_accuracies([], train, train_labels, splits, "all")
     assert accuracies["good"] == 1.0 and accuracies["noise"] < 0.8
+
+
+def test_the_label_free_section_runs_the_no_labels_command_as_a_user_does(rank_proof, tmp_path, text_csv,
+                                                                        tiny_bert_preset):
+    import json
+
+    descriptions = tmp_path / "descriptions.json"
+    descriptions.write_text(json.dumps({"neg": ["an awful film"], "pos": ["a great film"]}))
+    flagfile = tmp_path / "self_train.flags"
+    flagfile.write_text(f"--flagfile={ROOT}/configs/base.flags\n--mode=self_train\n--source=csv:{text_csv}\n"
+                        f"--backbone={tiny_bert_preset}\n--pooling=mean\n--sequence_length=16\n--batch_size=8\n"
+                        f"--label_descriptions={descriptions}\n--pseudo_label_share=0.5\n--epochs=1\n")
+    result = rank_proof.label_free_result(str(flagfile), str(tmp_path / "work"))
+    with open(tmp_path / "work" / "label_free" / "metrics.json") as f:
+        metrics = json.load(f)
+    assert result["zero_shot"]["test"] == metrics["zero_shot"]["test"]
+    assert result["fine_tune"]["test"] == metrics["test"]
+    text = "\n".join(rank_proof.label_free_markdown(result))
+    test = lambda m: f"{100 * m['accuracy']:.1f}%"  # noqa: E731
+    assert f"| plain zero-shot (label descriptions) | {test(metrics['zero_shot']['validation'])} | " \
+           f"{test(metrics['zero_shot']['test'])} |" in text
+    assert f"| {test(metrics['fine_tune']['validation'])} | {test(metrics['test'])} |" in text
+    assert f"test accuracy ≥ 75%: {test(metrics['test'])}, " in text
+    assert ("**not met**" in text) == (metrics["test"]["accuracy"] < 0.75)
+
+
+def test_the_label_free_result_is_kept_with_the_stored_measurements_and_rendered(rank_proof, tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    accuracy = lambda a: {"accuracy": a}  # noqa: E731
+    made = {"flagfile": "f.flags", "seconds": 120.0, "sizes": {"train": 80, "validation": 10, "test": 10},
+            "source": "csv:x", "backbone": "b", "zero_shot": {"validation": accuracy(0.7), "test": accuracy(0.69)},
+            "probe_test": accuracy(0.7), "probe_validation": accuracy(0.71), "pseudo_label_share": 0.4,
+            "fine_tune": {"validation": accuracy(0.76), "test": accuracy(0.755), "examples": 32}, "date": "d"}
+    monkeypatch.setattr(rank_proof, "label_free_result", lambda flagfile, work_dir: made)
+    logme = {"a@1": 1.0, "a@2": 2.0}
+    host = {"node": "h", "cpus": 2, "model": "m", "flags": [], "gflops_float32": 100.0, "gflops_bfloat16": 200.0,
+            "load_average": [0.0] * 3, "load_average_end": [0.0] * 3}
+    stored = {"host": host, "command": "rank_proof.py --tasks=t", "seconds": 60.0,
+              "results": [rank_proof.judge_task("t", [_stored_seed(0, {"a@1": 0.7, "a@2": 0.8}, logme)])]}
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "results.json").write_text(json.dumps(stored, default=float))
+    args = argparse.Namespace(work_dir=str(work), out=str(tmp_path / "docs" / "transferability.md"), merge="",
+                              label_free="f.flags")
+    assert rank_proof.label_free_only(args) == 0
+    kept = json.loads((work / "results.json").read_text())  # no copy beside --out yet: the work_dir's is updated
+    assert kept["label_free"] == made and kept["results"] == json.loads(json.dumps(stored["results"], default=float))
+    text = (tmp_path / "docs" / "transferability.md").read_text()
+    assert "| plain zero-shot (label descriptions) | 70.0% | 69.0% |" in text
+    assert "(32 texts) | 76.0% | 75.5% |" in text and "≥ 75%: 75.5%, met (+6.5 points over plain zero-shot)" in text
+    assert "The no-labels section was measured afterwards by" in text
+    # With measurements beside --out (the committed ones), those are updated and the work_dir's left alone
+    beside = tmp_path / "docs" / "transferability.json"
+    beside.write_text(json.dumps(stored, default=float))
+    (work / "results.json").write_text('{"other": "run"}')
+    assert rank_proof.label_free_only(args) == 0
+    assert json.loads(beside.read_text())["label_free"] == made
+    assert json.loads((work / "results.json").read_text()) == {"other": "run"}
