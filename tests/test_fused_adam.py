@@ -103,3 +103,60 @@ def test_what_it_cannot_fuse_keeps_keras_update():
     reference.apply([tf.constant([1.0, -1.0, 0.0], tf.bfloat16)], [expected])
     np.testing.assert_allclose(tf.cast(variable.value, tf.float32), tf.cast(expected.value, tf.float32))
     assert not np.allclose(tf.cast(variable.value, tf.float32), 1.0)
+
+
+MIRRORED = """
+import json
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+from tfl import fused_adam, keras_workarounds
+
+calls = []
+apply_adam = fused_adam._apply_adam
+fused_adam._apply_adam = lambda *args: calls.append(1) or apply_adam(*args)
+
+
+def train(fused, replicas=2):
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"][:replicas])
+    x = np.array([[1, 1, 2, 3], [3, 3, 3, 4], [5, 1, 6, 6], [2, 7, 7, 0]])
+    y = np.array([1.0, 0.0, 1.0, 0.0])
+    with strategy.scope():
+        inputs = keras.Input((4,), dtype="int32")
+        pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(8, 3)(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
+        optimizer = keras_workarounds.clip_with_tensorflow(keras.optimizers.AdamW(
+            0.1, weight_decay=0.3, beta_1=0.5, beta_2=0.75, epsilon=1e-3, global_clipnorm=0.05))
+        if fused:
+            fused_adam.use_fused_adam(optimizer)
+        model.compile(optimizer, "mse")
+    if replicas > 1:
+        keras_workarounds.patch_keras_for_distribution(model, strategy)
+    before = [w.numpy().tolist() for w in model.weights]
+    model.fit(x, y, batch_size=4, epochs=6, shuffle=False, verbose=0)
+    return {"weights": [w.numpy().tolist() for w in model.weights], "before": before}
+
+
+runs = {"keras_2": train(False, 2)}
+keras_calls = len(calls)
+runs.update(fused_2=train(True, 2))
+print(json.dumps({"runs": runs, "keras_calls": keras_calls, "fused_calls": len(calls)}))
+"""
+
+
+def test_under_mirrored_strategy_the_fused_update_ends_where_keras_adamw_does():
+    """Two replicas (two logical CPUs, a fresh process): the fused kernel updates each replica's copy of the
+    weights (and its slots) as Keras's AdamW does."""
+    from test_keras_workarounds import run_in_fresh_process
+
+    out = run_in_fresh_process(MIRRORED)
+    runs = out["runs"]
+    assert out["keras_calls"] == 0 and out["fused_calls"] >= 3, out  # traced per variable (and per replica)
+    assert runs["fused_2"]["before"] == runs["keras_2"]["before"]
+    for fused, keras_weights, before in zip(runs["fused_2"]["weights"], runs["keras_2"]["weights"],
+                                            runs["keras_2"]["before"]):
+        np.testing.assert_allclose(fused, keras_weights, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(fused, before, atol=1e-3)  # it trained
