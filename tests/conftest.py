@@ -40,19 +40,19 @@ def write_sentiment_csv(path, rows: int = 500):
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "great", "awful", "film", "movie", "plot"]
 
 
-def tiny_bert(dropout: float = 0.0):
+def tiny_bert(dropout: float = 0.0, max_sequence_length: int = 16):
     """A 2-layer BERT backbone with a 12-token vocabulary (random weights)."""
     import keras_hub
 
     return keras_hub.models.BertBackbone(vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=8,
-                                         intermediate_dim=16, max_sequence_length=16, dropout=dropout)
+                                         intermediate_dim=16, max_sequence_length=max_sequence_length, dropout=dropout)
 
 
-def save_tiny_bert_preset(folder, dropout: float = 0.0) -> str:
-    """``tiny_bert(dropout)`` and its tokenizer saved as a keras-hub preset folder."""
+def save_tiny_bert_preset(folder, dropout: float = 0.0, max_sequence_length: int = 16) -> str:
+    """``tiny_bert(dropout, max_sequence_length)`` and its tokenizer saved as a keras-hub preset folder."""
     import keras_hub
 
-    tiny_bert(dropout).save_to_preset(str(folder))
+    tiny_bert(dropout, max_sequence_length).save_to_preset(str(folder))
     keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True).save_to_preset(str(folder))
     return str(folder)
 

@@ -200,15 +200,10 @@ def check_served(export_path: str, kind: str, inputs: list, label_names: list) -
 @pytest.fixture(scope="module")
 def hub_stand_ins(tmp_path_factory, tiny_vit_preset):
     """A tiny BERT with BERT-base's 512 positions (the configs ask for up to 128 tokens), and the tiny ViT."""
-    import keras_hub
+    from conftest import save_tiny_bert_preset
 
-    from conftest import VOCAB
-
-    folder = tmp_path_factory.mktemp("tiny_bert_512")
-    keras_hub.models.BertBackbone(vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=8,
-                                  intermediate_dim=16, max_sequence_length=512).save_to_preset(str(folder))
-    keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True).save_to_preset(str(folder))
-    return {"tiny_bert": str(folder), "tiny_vit": tiny_vit_preset}
+    folder = save_tiny_bert_preset(tmp_path_factory.mktemp("tiny_bert_512"), dropout=0.1, max_sequence_length=512)
+    return {"tiny_bert": folder, "tiny_vit": tiny_vit_preset}
 
 
 @pytest.fixture(scope="module")
