@@ -335,6 +335,8 @@ def dropout_rows(arch_name: str, arch: dict, batch: int, steps: int, rng) -> dic
             model = keras_classifier(arch, dropout)
             if dropout in PORTED_DROPOUTS:  # 3 per encoder layer, the embeddings', the head's
                 row.setdefault("patched_dropouts", {})[dropout] = model.patched_dropouts
+                if not model.patched_dropouts:  # else the variant would time Keras/JAX's own dropout
+                    raise RuntimeError("no Dropout layer was patched")
             keras_fit_seconds(model, [keras_batch(ids, labels)] * 3)  # compile
             row["keras_ex_s"][dropout] = batch * steps / keras_fit_seconds(model, [keras_batch(ids, labels)] * steps)
         except Exception as error:

@@ -575,6 +575,12 @@ def render_only(args, runs: Optional[list] = None) -> int:
             with open(path) as f:
                 runs.append(json.load(f))
     stored, results, seen = runs[0], [], set()
+    beside = results_beside(args.out) if args.out else ""
+    if "label_free" not in stored and beside and os.path.exists(beside) and stored_results(args) != beside:
+        with open(beside) as f:
+            if "label_free" in json.load(f):
+                print(f"note: {beside} holds a no-labels section that {stored_results(args)} lacks; to render the "
+                      f"measurements beside --out, pass a --work_dir without a results.json", file=sys.stderr)
     for result in [r for run in runs for r in run["results"]]:
         if result["task"] in seen:  # a task in two runs: the first one's
             continue
@@ -597,7 +603,7 @@ def render_only(args, runs: Optional[list] = None) -> int:
     label_free = stored.get("label_free")
     if label_free and stored.get("label_free_command"):
         note += (f" The no-labels section was measured afterwards by `{stored['label_free_command']}` "
-                 f"({label_free['seconds'] / 60:.1f} min), on the same host.")
+                 f"({label_free['seconds'] / 60:.1f} min).")
     date = stored.get("date") or f"a date its results.json does not hold (rendered again on {now()})"
     text = document(results, stored["host"], stored["command"], sum(r["seconds"] for r in runs), note, label_free,
                     date)

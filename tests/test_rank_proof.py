@@ -110,6 +110,7 @@ def test_render_only_writes_the_document_from_the_stored_measurements(rank_proof
     assert rank_proof.render_only(args) == 0
     text = (tmp_path / "docs" / "transferability.md").read_text()
     assert "Rendered again from its results.json" in text and "## t" in text
+    assert "on a date its results.json does not hold (rendered again on" in text  # not the rendering's date
     # The stored accuracies (means over the seeds) are the document's; auto's picks are made again by the current
     # rule, not copied: the stored seeds say a@2, and tfl.auto.choose fine-tunes the best LogME's whole backbone.
     assert "| `a@3` | 3.0000 |" in text and "0.810 ± 0.030" in text
@@ -206,7 +207,7 @@ def test_the_label_free_result_is_kept_with_the_stored_measurements_and_rendered
     logme = {"a@1": 1.0, "a@2": 2.0}
     host = {"node": "h", "cpus": 2, "model": "m", "flags": [], "gflops_float32": 100.0, "gflops_bfloat16": 200.0,
             "load_average": [0.0] * 3, "load_average_end": [0.0] * 3}
-    stored = {"host": host, "command": "rank_proof.py --tasks=t", "seconds": 60.0,
+    stored = {"host": host, "command": "rank_proof.py --tasks=t", "seconds": 60.0, "date": "2026-01-02 03:04 UTC",
               "results": [rank_proof.judge_task("t", [_stored_seed(0, {"a@1": 0.7, "a@2": 0.8}, logme)])]}
     work = tmp_path / "work"
     work.mkdir()
@@ -220,6 +221,7 @@ def test_the_label_free_result_is_kept_with_the_stored_measurements_and_rendered
     assert "| plain zero-shot (label descriptions) | 70.0% | 69.0% |" in text
     assert "(32 texts) | 76.0% | 75.5% |" in text and "≥ 75%: 75.5%, met (+6.5 points over plain zero-shot)" in text
     assert "The no-labels section was measured afterwards by" in text
+    assert "Written by `rank_proof.py --tasks=t` on 2026-01-02 03:04 UTC, in 1.0 min." in text  # the run's date
     # With measurements beside --out (the committed ones), those are updated and the work_dir's left alone
     beside = tmp_path / "docs" / "transferability.json"
     beside.write_text(json.dumps(stored, default=float))
