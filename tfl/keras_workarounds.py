@@ -176,8 +176,8 @@ def no_default_serving_traces():
     Before saving, the archive walks every object it tracks to collect lookup tables (a tokenizer's
     vocabulary). On each Keras model the walk reads ``_default_save_signature``, a property that builds a new
     ``tf.function`` over the model's inputs, and traces it: once per model (a tfl classifier, its keras-hub
-    backbone, ...), a third of the export's time for a MiniLM classifier, for a function the archive never
-    saves (it writes only its own endpoints and variables). The property answers None inside, as it does for a
+    backbone, ...), about a quarter of the export's time for a MiniLM classifier, for a function the archive
+    never saves (it writes only its own endpoints and variables). The property answers None inside, as it does for a
     layer that is not a model. Not thread-safe: it swaps a class attribute for the duration.
 
     Upstream: no report found; the walk is ``keras.src.export.saved_model_export_archive``'s
