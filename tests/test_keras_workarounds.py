@@ -290,3 +290,53 @@ def test_export_traces_each_models_default_serving_function_and_tfl_does_not(tmp
     from keras.src.backend.tensorflow.layer import TFLayer
 
     assert outer._default_save_signature is not None and "_default_save_signature" in vars(TFLayer)  # restored
+
+
+CLIPPED_ON_REPLICAS = """
+import json
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+from tfl import keras_workarounds
+
+replicas, tfl_clipping = {replicas}, {tfl_clipping}
+keras.utils.set_random_seed(0)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"][:replicas])
+with strategy.scope():
+    inputs = keras.Input((4,), dtype="int32")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(8, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
+    optimizer = keras.optimizers.SGD(0.5, global_clipnorm=0.05)  # the gradient's norm is well above it
+    if tfl_clipping:
+        keras_workarounds.clip_with_tensorflow(optimizer)
+    model.compile(optimizer, "mse")
+if replicas > 1:
+    keras_workarounds.patch_keras_for_distribution(model, strategy)
+before = [w.numpy() for w in model.weights]
+x = np.array([[1, 1, 2, 3], [3, 3, 3, 4], [5, 1, 6, 6], [2, 7, 7, 0]])
+model.fit(x, np.array([1.0, 0.0, 1.0, 0.0]), batch_size=4, epochs=1, shuffle=False, verbose=0)
+print(json.dumps({{"updates": [(w.numpy() - b).tolist() for w, b in zip(model.weights, before)]}}))
+"""
+
+
+def _clipped_update(replicas: int, tfl_clipping: bool) -> list:
+    """One SGD step with clipping active, on 1 or 2 replicas (a fresh process each: two logical CPUs)."""
+    out = run_in_fresh_process(CLIPPED_ON_REPLICAS.format(replicas=replicas, tfl_clipping=tfl_clipping))
+    return [np.array(update) for update in out["updates"]]
+
+
+def test_keras_clips_each_replica_before_the_sum_and_tfl_clips_the_sum():
+    one = _clipped_update(1, True)
+    assert all(np.abs(u).max() > 0 for u in one)
+    for ours, single in zip(_clipped_update(2, True), one):  # two replicas: the update of one device
+        np.testing.assert_allclose(ours, single, rtol=1e-5, atol=1e-7)
+    keras_single = _clipped_update(1, False)
+    for ours, theirs in zip(one, keras_single):  # one replica: Keras's clipping and tfl's are the same
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+    # Keras on two replicas: each replica's half of the gradient is clipped to the norm, then the halves are
+    # summed, so the step is nearly twice the clipped one (fails the day Keras clips the sum: drop the workaround
+    # then)
+    for theirs, single in zip(_clipped_update(2, False), keras_single):
+        assert np.linalg.norm(theirs) > 1.5 * np.linalg.norm(single)

@@ -119,14 +119,36 @@ def clip_with_tensorflow(optimizer: keras.optimizers.Optimizer) -> keras.optimiz
     Adam's squared-gradient moment sees the square of the sum. Patched on this optimizer instance only, so
     its config and class (what model.keras and backups store) stay Keras's.
 
+    With several replicas (MirroredStrategy, several workers, a TPU), Keras clips each replica's gradient before
+    the replicas' gradients are summed, so the update could be up to N times the clip norm; here the sum is
+    clipped, as one device clips the gradient of the whole batch.
+
     Upstream: no report of this case found; tensorflow/tensorflow#80895 tracks memory that repeated training
-    in one process never gives back.
+    in one process never gives back. Keras's per-replica clipping: no report found either (Keras 3.15's
+    ``BaseOptimizer.apply`` calls ``_clip_gradients`` before ``_backend_update_step`` all-reduces).
     """
     if optimizer.global_clipnorm:
-        def clip(grads):
+        def clip_by_global_norm(grads):
             parts = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
             norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(part)) for part in parts]))  # as Keras's
             return tf.clip_by_global_norm(list(grads), optimizer.global_clipnorm, use_norm=norm)[0]
+
+        def several_replicas() -> bool:
+            return tf.distribute.get_strategy().num_replicas_in_sync > 1
+
+        def clip(grads):  # Keras's place, before the replicas' gradients are summed: only on one replica
+            return grads if several_replicas() else clip_by_global_norm(grads)
+
+        all_reduce_sum = optimizer._all_reduce_sum_gradients
+
+        def sum_then_clip(grads_and_vars):  # every replica clips the same sum the same way
+            summed = list(all_reduce_sum(grads_and_vars))
+            if not several_replicas():
+                return summed
+            present = [i for i, (g, _) in enumerate(summed) if g is not None]
+            for i, g in zip(present, clip_by_global_norm([summed[i][0] for i in present])):
+                summed[i] = (g, summed[i][1])
+            return summed
 
         # Rows are summed at the update, after the replicas' gradients are reduced: the reduction of sparse
         # gradients concatenates them, so a row one replica has once can come twice.
@@ -137,6 +159,7 @@ def clip_with_tensorflow(optimizer: keras.optimizers.Optimizer) -> keras.optimiz
 
         update_with_summed_rows.sums_rows = True  # tfl.fused_adam relies on it for sparse gradients
         optimizer._clip_gradients, optimizer.update_step = clip, update_with_summed_rows
+        optimizer._all_reduce_sum_gradients = sum_then_clip
     return optimizer
 
 
