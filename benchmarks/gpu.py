@@ -300,15 +300,25 @@ def matmul_peaks(n: int = 8192, repeats: int = 10) -> dict:
     return {"jax": jax_rate, "torch": 2 * n ** 3 * repeats / (time.perf_counter() - started) / 1e12}
 
 
+def random_batch(batch: int, rng) -> tuple:
+    """``batch`` x 128 random token ids and random binary labels."""
+    return (rng.randint(1000, VOCAB, size=(batch, SEQ)).astype(np.int32),
+            rng.randint(0, 2, size=batch).astype(np.int32))
+
+
+def keras_examples_per_second(model, ids, labels, steps: int) -> float:
+    """ex/s of ``steps`` fit steps on one batch, after 3 untimed ones (the compile)."""
+    keras_fit_seconds(model, [keras_batch(ids, labels)] * 3)
+    return len(ids) * steps / keras_fit_seconds(model, [keras_batch(ids, labels)] * steps)
+
+
 def fixed_rows(arch_name: str, arch: dict, batch: int, steps: int, rng) -> dict:
     """ex/s of a fixed-shape step (``batch`` x 128 random tokens) for both sides; the first steps untimed."""
     import torch
 
-    ids = rng.randint(1000, VOCAB, size=(batch, SEQ)).astype(np.int32)
-    labels = rng.randint(0, 2, size=batch).astype(np.int32)
+    ids, labels = random_batch(batch, rng)
     model = keras_classifier(arch)
-    keras_fit_seconds(model, [keras_batch(ids, labels)] * 3)  # compile
-    keras_rate = batch * steps / keras_fit_seconds(model, [keras_batch(ids, labels)] * steps)
+    keras_rate = keras_examples_per_second(model, ids, labels, steps)
     del model
     tmodel, optimizer = torch_parts(arch)
     part = torch.from_numpy(ids).long().to(device())
@@ -326,8 +336,7 @@ def dropout_rows(arch_name: str, arch: dict, batch: int, steps: int, rng) -> dic
     """Keras-only ex/s of the fixed-shape step with each of DROPOUTS, one after another in one process."""
     import keras
 
-    ids = rng.randint(1000, VOCAB, size=(batch, SEQ)).astype(np.int32)
-    labels = rng.randint(0, 2, size=batch).astype(np.int32)
+    ids, labels = random_batch(batch, rng)
     row = {"architecture": arch_name, "batch": batch, "flops_per_example": flops_per_sequence(arch, SEQ),
            "port_checks": check_ported_dropouts(), "keras_ex_s": {}}
     for dropout in DROPOUTS:
@@ -337,8 +346,7 @@ def dropout_rows(arch_name: str, arch: dict, batch: int, steps: int, rng) -> dic
                 row.setdefault("patched_dropouts", {})[dropout] = model.patched_dropouts
                 if not model.patched_dropouts:  # else the variant would time Keras/JAX's own dropout
                     raise RuntimeError("no Dropout layer was patched")
-            keras_fit_seconds(model, [keras_batch(ids, labels)] * 3)  # compile
-            row["keras_ex_s"][dropout] = batch * steps / keras_fit_seconds(model, [keras_batch(ids, labels)] * steps)
+            row["keras_ex_s"][dropout] = keras_examples_per_second(model, ids, labels, steps)
         except Exception as error:
             raise RuntimeError(f"the {dropout} variant: {type(error).__name__}: {error}") from error
         finally:
