@@ -229,3 +229,14 @@ def test_the_label_free_result_is_kept_with_the_stored_measurements_and_rendered
     assert rank_proof.label_free_only(args) == 0
     assert json.loads(beside.read_text())["label_free"] == made
     assert json.loads((work / "results.json").read_text()) == {"other": "run"}
+
+
+def test_a_missing_no_labels_flagfile_is_a_one_line_error(rank_proof, tmp_path):
+    import argparse
+
+    with pytest.raises(SystemExit, match=r"^error: --label_free=.*missing\.flags is not a file; name a no-labels"):
+        rank_proof.label_free_result(str(tmp_path / "missing.flags"), str(tmp_path / "work"))
+    assert not (tmp_path / "work").exists()  # nothing run, nothing written
+    args = argparse.Namespace(work_dir=str(tmp_path / "work"), out="", merge="", label_free="")
+    with pytest.raises(SystemExit, match=r"^error: --label_free_only needs --label_free=<a no-labels flagfile>$"):
+        rank_proof.label_free_only(args)
