@@ -10,8 +10,6 @@ import time
 
 PROCESS_STARTED = time.time()  # before the heavy imports: metrics.json's timings count the imports from here
 
-import atexit  # noqa: E402
-import gc  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -57,8 +55,7 @@ def fail(message: str) -> int:
 
 
 if __name__ == "__main__":
-    # At exit Python's last garbage collection walks every object the run leaves (TensorFlow's graphs, Keras's
-    # layers): 1.7 s of a one-epoch MiniLM command, after everything is written. Frozen objects are skipped;
-    # atexit's other handlers (log flushes) run as before.
-    atexit.register(gc.freeze)
+    from tfl.costs import skip_exit_collection
+
+    skip_exit_collection()
     app.run(main, flags_parser=lambda argv: cli.parse_flags_or_exit(argv, FLAGS))

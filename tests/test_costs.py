@@ -111,3 +111,26 @@ def test_trim_heap_gives_freed_memory_inside_the_heap_back():
     done = subprocess.run([sys.executable, "-c", TRIM_CHILD], capture_output=True, text=True, check=True)
     before, after, kept = done.stdout.split()
     assert float(before) - float(after) > 250  # of the 380 MiB freed between the kept blocks
+
+
+EXIT_CHILD = """
+import atexit, gc, sys
+from tfl.costs import skip_exit_collection
+
+# Registered first, so it runs last: it sees what the interpreter's final collection would see.
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, flush=True))
+if sys.argv[1] == "skip":
+    skip_exit_collection()
+atexit.register(lambda: print("later handler ran", flush=True))  # registered after: runs before the freeze
+keep = [[i] for i in range(1000)]
+"""
+
+
+@pytest.mark.parametrize("mode, frozen", [("skip", True), ("plain", False)])
+def test_skip_exit_collection_freezes_what_is_left_at_exit_and_other_handlers_still_run(mode, frozen):
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", EXIT_CHILD, mode], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    assert "later handler ran" in out
+    assert f"frozen at exit: {frozen}" in out

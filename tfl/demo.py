@@ -253,8 +253,7 @@ def main(argv: list, out: str = "") -> int:
 
 
 if __name__ == "__main__":
-    import atexit
-    import gc
+    from tfl.costs import skip_exit_collection
 
-    atexit.register(gc.freeze)  # skips the exit's last collection over everything the runs left (see main.py)
+    skip_exit_collection()
     sys.exit(main(sys.argv[1:]))
