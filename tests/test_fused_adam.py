@@ -106,13 +106,7 @@ def test_what_it_cannot_fuse_keeps_keras_update():
 
 
 MIRRORED = """
-import json
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-import numpy as np
-from tfl import fused_adam, keras_workarounds
+from tfl import fused_adam
 
 calls = []
 apply_adam = fused_adam._apply_adam
@@ -120,25 +114,15 @@ fused_adam._apply_adam = lambda *args: calls.append((args[2].name, args[2].devic
 
 
 def train(fused):
-    keras.utils.set_random_seed(0)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    x = np.array([[1, 1, 2, 3], [3, 3, 3, 4], [5, 1, 6, 6], [2, 7, 7, 0]])
-    y = np.array([1.0, 0.0, 1.0, 0.0])
-    with strategy.scope():
-        inputs = keras.Input((4,), dtype="int32")
-        pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(8, 3)(inputs))
-        model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
+    def adamw():
         optimizer = keras_workarounds.clip_with_tensorflow(keras.optimizers.AdamW(
             0.1, weight_decay=0.3, beta_1=0.5, beta_2=0.75, epsilon=1e-3, global_clipnorm=0.05))
-        if fused:
-            fused_adam.use_fused_adam(optimizer)
-        model.compile(optimizer, "mse")
-    keras_workarounds.patch_keras_for_distribution(model, strategy)
-    before = [w.numpy().tolist() for w in model.weights]
-    model.fit(x, y, batch_size=4, epochs=6, shuffle=False, verbose=0)
+        return fused_adam.use_fused_adam(optimizer) if fused else optimizer
+
+    model, strategy, before = fit_on_replicas(adamw, epochs=6)
     # each replica's own copy of each weight
     replicas = [[v.numpy().tolist() for v in strategy.experimental_local_results(w.value)] for w in model.weights]
-    return {"replicas": replicas, "before": before}
+    return {"replicas": replicas, "before": [b.tolist() for b in before]}
 
 
 runs = {"keras": train(False)}
@@ -151,9 +135,9 @@ print(json.dumps({"runs": runs, "keras_calls": keras_calls, "fused_calls": sorte
 def test_under_mirrored_strategy_the_fused_update_ends_where_keras_adamw_does():
     """Two replicas (two logical CPUs, a fresh process): the fused kernel updates each replica's copy of the
     weights (and its slots) as Keras's AdamW does."""
-    from test_keras_workarounds import run_in_fresh_process
+    from test_keras_workarounds import ON_TWO_CPU_REPLICAS, run_in_fresh_process
 
-    out = run_in_fresh_process(MIRRORED)
+    out = run_in_fresh_process(ON_TWO_CPU_REPLICAS + MIRRORED)
     runs = out["runs"]
     # traced for each weight (embedding, kernel, bias) on each replica's device
     assert out["keras_calls"] == 0 and len(out["fused_calls"]) == 6, out["fused_calls"]

@@ -292,7 +292,10 @@ def test_export_traces_each_models_default_serving_function_and_tfl_does_not(tmp
     assert outer._default_save_signature is not None and "_default_save_signature" in vars(TFLayer)  # restored
 
 
-CLIPPED_ON_REPLICAS = """
+# A fresh process's prelude: two logical CPUs, and ``fit_on_replicas``, which trains one tiny model (an embedding,
+# mean-pooled, a dense unit) on 1 or 2 of them with the optimizer ``make_optimizer()`` builds in the strategy's
+# scope; it returns (model, strategy, the weights before). Tests append their own lines and print one JSON line.
+ON_TWO_CPU_REPLICAS = """
 import json
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -301,29 +304,38 @@ import keras
 import numpy as np
 from tfl import keras_workarounds
 
-replicas, tfl_clipping = {replicas}, {tfl_clipping}
-keras.utils.set_random_seed(0)
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"][:replicas])
-with strategy.scope():
-    inputs = keras.Input((4,), dtype="int32")
-    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(8, 3)(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
+
+def fit_on_replicas(make_optimizer, replicas=2, epochs=1):
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"][:replicas])
+    with strategy.scope():
+        inputs = keras.Input((4,), dtype="int32")
+        pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(8, 3)(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
+        model.compile(make_optimizer(), "mse")
+    if replicas > 1:
+        keras_workarounds.patch_keras_for_distribution(model, strategy)
+    before = [w.numpy() for w in model.weights]
+    x = np.array([[1, 1, 2, 3], [3, 3, 3, 4], [5, 1, 6, 6], [2, 7, 7, 0]])
+    model.fit(x, np.array([1.0, 0.0, 1.0, 0.0]), batch_size=4, epochs=epochs, shuffle=False, verbose=0)
+    return model, strategy, before
+"""
+
+CLIPPED_ON_REPLICAS = """
+def sgd():
     optimizer = keras.optimizers.SGD(0.5, global_clipnorm=0.05)  # the gradient's norm is well above it
-    if tfl_clipping:
-        keras_workarounds.clip_with_tensorflow(optimizer)
-    model.compile(optimizer, "mse")
-if replicas > 1:
-    keras_workarounds.patch_keras_for_distribution(model, strategy)
-before = [w.numpy() for w in model.weights]
-x = np.array([[1, 1, 2, 3], [3, 3, 3, 4], [5, 1, 6, 6], [2, 7, 7, 0]])
-model.fit(x, np.array([1.0, 0.0, 1.0, 0.0]), batch_size=4, epochs=1, shuffle=False, verbose=0)
-print(json.dumps({{"updates": [(w.numpy() - b).tolist() for w, b in zip(model.weights, before)]}}))
+    return keras_workarounds.clip_with_tensorflow(optimizer) if tfl_clipping else optimizer
+
+
+model, _, before = fit_on_replicas(sgd, replicas)
+print(json.dumps({"updates": [(w.numpy() - b).tolist() for w, b in zip(model.weights, before)]}))
 """
 
 
 def _clipped_update(replicas: int, tfl_clipping: bool) -> list:
     """One SGD step with clipping active, on 1 or 2 replicas (a fresh process each: two logical CPUs)."""
-    out = run_in_fresh_process(CLIPPED_ON_REPLICAS.format(replicas=replicas, tfl_clipping=tfl_clipping))
+    out = run_in_fresh_process(ON_TWO_CPU_REPLICAS + f"replicas, tfl_clipping = {replicas}, {tfl_clipping}\n"
+                               + CLIPPED_ON_REPLICAS)
     return [np.array(update) for update in out["updates"]]
 
 
