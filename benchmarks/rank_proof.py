@@ -507,8 +507,9 @@ def main() -> int:
     parser.add_argument("--label_free_only", action="store_true",
                         help="run only --label_free and add it to the stored measurements (as --render_only reads)")
     parser.add_argument("--render_only", action="store_true",
-                        help="no training: rewrite --out from <work_dir>/results.json (else the copy beside --out, "
-                             "e.g. docs/transferability.json), auto's picks made again by the current tfl.auto.choose")
+                        help="no training: rewrite --out from the measurements beside it (e.g. docs/transferability"
+                             ".json; else <work_dir>/results.json), auto's picks made again by the current "
+                             "tfl.auto.choose")
     args = parser.parse_args()
     if args.render_only:
         return render_only(args)
@@ -550,12 +551,11 @@ def main() -> int:
 
 
 def label_free_only(args) -> int:
-    """--label_free_only: runs --label_free and adds it to the measurements the document renders (the copy beside
-    --out, e.g. docs/transferability.json, else <work_dir>/results.json), then renders them."""
+    """--label_free_only: runs --label_free and adds it to the stored measurements (``stored_results``), then
+    renders them."""
     if not args.label_free:
         raise SystemExit("error: --label_free_only needs --label_free=<a no-labels flagfile>")
-    beside = results_beside(args.out) if args.out else ""
-    path = beside if beside and os.path.exists(beside) else stored_results(args)
+    path = stored_results(args)
     with open(path) as f:
         stored = json.load(f)
     stored["label_free"] = label_free_result(args.label_free, args.work_dir)
@@ -566,7 +566,7 @@ def label_free_only(args) -> int:
 
 
 def render_only(args, runs: Optional[list] = None) -> int:
-    """--render_only: the document from the stored measurements (<work_dir>/results.json, then each --merge
+    """--render_only: the document from the stored measurements (``stored_results``, then each --merge
     folder's tasks), or from ``runs`` (those measurements, already read); the rows, runs and timings are as
     measured."""
     if runs is None:
@@ -575,12 +575,6 @@ def render_only(args, runs: Optional[list] = None) -> int:
             with open(path) as f:
                 runs.append(json.load(f))
     stored, results, seen = runs[0], [], set()
-    beside = results_beside(args.out) if args.out else ""
-    if "label_free" not in stored and beside and os.path.exists(beside) and stored_results(args) != beside:
-        with open(beside) as f:
-            if "label_free" in json.load(f):
-                print(f"note: {beside} holds a no-labels section that {stored_results(args)} lacks; to render the "
-                      f"measurements beside --out, pass a --work_dir without a results.json", file=sys.stderr)
     for result in [r for run in runs for r in run["results"]]:
         if result["task"] in seen:  # a task in two runs: the first one's
             continue
@@ -619,11 +613,11 @@ def results_beside(out: str) -> str:
 
 
 def stored_results(args) -> str:
-    """The measurements --render_only reads: <work_dir>/results.json, else the committed copy beside --out."""
-    stored = os.path.join(args.work_dir, "results.json")
-    if not os.path.exists(stored) and args.out and os.path.exists(results_beside(args.out)):
-        return results_beside(args.out)
-    return stored
+    """The measurements that --render_only renders and --label_free_only adds to, one order for both: the copy
+    beside --out (e.g. docs/transferability.json, committed with its document), else <work_dir>/results.json
+    (a run with no --out). A full run writes both alike."""
+    beside = results_beside(args.out) if args.out else ""
+    return beside if beside and os.path.exists(beside) else os.path.join(args.work_dir, "results.json")
 
 
 def write(args, text: str, results) -> None:

@@ -75,9 +75,15 @@ def test_measurements_are_written_beside_the_document_and_read_back_from_there(r
     assert (tmp_path / "docs" / "transferability.md").read_text() == "# doc\n"
     beside = tmp_path / "docs" / "transferability.json"
     assert json.loads(beside.read_text()) == json.loads((tmp_path / "work" / "results.json").read_text())
-    assert rank_proof.stored_results(args) == str(tmp_path / "work" / "results.json")  # the run's own first
+    # One order for --render_only and --label_free_only: the copy beside the document first (the committed one),
+    # whether or not a work_dir holds a run; without it (no --out, or none written yet) the work_dir's
+    assert rank_proof.stored_results(args) == str(beside)
     fresh = argparse.Namespace(work_dir=str(tmp_path / "elsewhere"), out=args.out)  # a clone: no work_dir
     assert rank_proof.stored_results(fresh) == str(beside)
+    no_out = argparse.Namespace(work_dir=args.work_dir, out="")
+    assert rank_proof.stored_results(no_out) == str(tmp_path / "work" / "results.json")
+    beside.unlink()
+    assert rank_proof.stored_results(args) == str(tmp_path / "work" / "results.json")
 
 
 def _stored_seed(seed, accuracy, logme):
@@ -222,13 +228,16 @@ def test_the_label_free_result_is_kept_with_the_stored_measurements_and_rendered
     assert "(32 texts) | 76.0% | 75.5% |" in text and "≥ 75%: 75.5%, met (+6.5 points over plain zero-shot)" in text
     assert "The no-labels section was measured afterwards by" in text
     assert "Written by `rank_proof.py --tasks=t` on 2026-01-02 03:04 UTC, in 1.0 min." in text  # the run's date
-    # With measurements beside --out (the committed ones), those are updated and the work_dir's left alone
+    # With measurements beside --out (the committed ones), those are updated and the work_dir's left alone; and
+    # --render_only then reads the same copy, so the no-labels section stays in the document
     beside = tmp_path / "docs" / "transferability.json"
     beside.write_text(json.dumps(stored, default=float))
-    (work / "results.json").write_text('{"other": "run"}')
+    (work / "results.json").write_text(json.dumps(stored, default=float))
     assert rank_proof.label_free_only(args) == 0
     assert json.loads(beside.read_text())["label_free"] == made
-    assert json.loads((work / "results.json").read_text()) == {"other": "run"}
+    assert "label_free" not in json.loads((work / "results.json").read_text())
+    assert rank_proof.render_only(args) == 0
+    assert "The no-labels section was measured afterwards by" in (tmp_path / "docs" / "transferability.md").read_text()
 
 
 def test_a_missing_no_labels_flagfile_is_a_one_line_error(rank_proof, tmp_path):
