@@ -76,3 +76,37 @@ def test_predict_needs_a_run_with_an_export(tmp_path):
     result = run_main("--mode=predict", f"--model_dir={tmp_path}", "--input=hello")
     assert result.returncode == 2 and "has no export" in result.stderr
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == "[]"
+
+
+def test_predict_with_a_keras_hub_text_export_in_a_fresh_process(tiny_bert_preset, tmp_path):
+    """The command line's predict loads a keras-hub (BERT) export, whose graph tokenizes with TensorFlow Text's
+    ops, in a process that has imported neither keras-hub nor tensorflow_text before (main.py --mode=predict)."""
+    import tensorflow as tf
+
+    from tfl import export as export_lib
+    from tfl.backbones import build_backbone
+    from tfl.runner import build_model
+
+    backbone = build_backbone(tiny_bert_preset, sequence_length=8)
+    model = build_model(backbone, ["neg", "pos"], head_dropout=0.0)
+    texts = ["the great film", "an awful plot"]
+    positive = model.predict(backbone.preprocess.preprocessor(tf.constant(texts)), verbose=0)[:, 0]  # one sigmoid
+    export_lib.export_serving_model(model, backbone, ["neg", "pos"], "classification", str(tmp_path / "export"))
+    new = tmp_path / "new.csv"
+    new.write_text("text\n" + "\n".join(texts) + "\n")
+    result = run_main("--mode=predict", f"--model_dir={tmp_path}", f"--input=csv:{new}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["input"] for r in rows] == texts
+    assert [r["label"] for r in rows] == ["pos" if p > 0.5 else "neg" for p in positive]
+    assert [float(r["p(pos)"]) for r in rows] == pytest.approx(positive, abs=1e-5)
+    assert [float(r["p(neg)"]) for r in rows] == pytest.approx(1 - positive, abs=1e-5)
+
+
+def test_an_export_that_does_not_load_is_a_one_line_error(tmp_path):
+    (tmp_path / "export" / "1").mkdir(parents=True)
+    (tmp_path / "export" / "1" / "saved_model.pb").write_bytes(b"not a saved model")
+    result = run_main("--mode=predict", f"--model_dir={tmp_path}", "--input=hello")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Cannot load the export" in errors[0]

@@ -35,6 +35,19 @@ def latest_export(model_dir: str) -> str:
     return os.path.join(root, str(max(versions)))
 
 
+def load_serving_function(path: str):
+    """The export's ``serving_default``. A keras-hub text export tokenizes in its graph with TensorFlow Text's
+    ops, which only an import of ``tensorflow_text`` registers: without it the load fails ("Op type not
+    registered 'RegexSplitWithOffsets'"), so it is imported here, as any serving process must."""
+    import tensorflow_text  # noqa: F401  (registers the ops; a tfl dependency)
+
+    try:
+        return tf.saved_model.load(path).signatures["serving_default"]
+    except (tf.errors.OpError, OSError, RuntimeError, ValueError, KeyError) as e:
+        raise DataError(f"Cannot load the export {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        "give the folder of a finished tfl run whose export/<version>/ is complete")
+
+
 def read_inputs(inputs: Union[str, list], text_column: str = "text") -> tuple:
     """(values for the serving signature, what to print for each in the ``input`` column)."""
     if isinstance(inputs, (list, tuple)):
@@ -70,7 +83,7 @@ def _trained_modality(model_dir: str) -> Optional[str]:
 
 def predict(model_dir: str, inputs: Union[str, list], *, text_column: str = "text") -> list:
     """One dict per input: ``input``, ``label`` and ``p(<class>)`` for each class, from the latest export."""
-    serve = tf.saved_model.load(latest_export(model_dir)).signatures["serving_default"]
+    serve = load_serving_function(latest_export(model_dir))
     values, shown = read_inputs(inputs, text_column)
     trained_on = _trained_modality(model_dir)
     images_given = isinstance(inputs, str) and inputs.startswith("images:")
