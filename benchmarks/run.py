@@ -11,7 +11,8 @@ Needs the offline assets (make assets). Sections:
   3. a Rotten Tomatoes fine-tune epoch with length bucketing vs. padding every batch to 128: one
      epoch's batches are built, --steps of them drawn at random (so in the epoch's own proportions of
      bucket shapes) are timed, and the mean time per batch is scaled to the epoch's batch count; what the
-     first epoch pays on top (the first step of each distinct batch shape: tracing, XLA compiles) is timed too;
+     first epoch pays on top (tracing, XLA compiles, each shape's first run) is timed too, through ``fit`` on
+     the pipeline's own element spec, as tfl trains;
   4. a linear-probe epoch after the first: head on cached features vs. recomputing the backbone;
   5. input pipeline overhead: the real tf.data pipeline vs. the same batches as tensors already in memory;
   6. where the default step's time goes: the step's matmul shapes alone (benchmarks/matmul_shapes.py),
@@ -166,22 +167,36 @@ def plain_keras_classifier(preset: str, dtype: str, jit: bool):
 
 def epoch_seconds(model, batches, steps: int, seed: int = 0) -> tuple:
     """(seconds for one epoch of ``batches``, its batch count, the first epoch's extra seconds, its distinct
-    batch shapes): ``steps``
-    batches drawn at random from one epoch (so bucket shapes in the epoch's proportions) are timed, and the
-    mean time x count is the epoch. Before the clock starts, every distinct shape of the epoch (each bucket's
-    full and partial batch) runs twice: what its first step costs beyond its second (tracing, and under XLA
-    a compile) is what the first epoch pays on top, summed."""
+    batch shapes). The extra is measured first, on the untraced ``model``, as tfl's training pays it
+    (``first_pass_extra``); then ``steps`` batches drawn at random from one epoch (so bucket shapes in the
+    epoch's proportions) are timed, after every distinct shape has run, and the mean time x count is the epoch."""
     epoch = list(batches)
-    first_extra = 0.0
-    for shape in {tuple(b[0]["token_ids"].shape) for b in epoch}:
-        batch = next(b for b in epoch if tuple(b[0]["token_ids"].shape) == shape)
-        first_extra += first_step_extra(model, batch, calls=2)
+    distinct = {}
+    for batch in epoch:
+        distinct.setdefault(tuple(batch[0]["token_ids"].shape), batch)
+    first_extra = first_pass_extra(model, list(distinct.values()), batches.element_spec)
+    for batch in distinct.values():  # train_on_batch's own trace (it does not reuse fit's): not timed
+        first_step_extra(model, batch, calls=2)
     picks = np.random.RandomState(seed).choice(len(epoch), min(steps, len(epoch)), replace=False)
     started = time.perf_counter()
     for i in picks:
         model.train_on_batch(*epoch[i])
-    shapes = len({tuple(b[0]["token_ids"].shape) for b in epoch})
-    return (time.perf_counter() - started) / len(picks) * len(epoch), len(epoch), first_extra, shapes
+    return (time.perf_counter() - started) / len(picks) * len(epoch), len(epoch), first_extra, len(distinct)
+
+
+def first_pass_extra(model, distinct: list, element_spec) -> float:
+    """What a first epoch pays on top of a later one: ``model.fit`` (as tfl trains) over one batch of each
+    distinct shape, with the input pipeline's own element spec (its lengths open, as a bucketed pipeline's
+    are), on a model never trained, minus a second pass over the same batches. The first pass holds the step's
+    trace (once: the spec leaves the shapes open), under XLA a compile per shape, and each shape's first run;
+    ``fit``'s own per-call costs cancel."""
+    dataset = tf.data.Dataset.from_generator(lambda: iter(distinct), output_signature=element_spec)
+    seconds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        model.fit(dataset, epochs=1, verbose=0)
+        seconds.append(time.perf_counter() - started)
+    return seconds[0] - seconds[1]
 
 
 def bucket_shaped(batch: tuple, length: int) -> tuple:
@@ -308,7 +323,7 @@ def epoch_rows(new_model, splits, steps: int) -> tuple:
         seconds, count, first_extra, shapes = epoch_seconds(model, batches, steps)
         epochs[name] = (seconds, first_extra, shapes)
         rows.append((f"RT fine-tune epoch, {name}", f"{seconds:.0f} s/epoch ({count} batches); the first epoch "
-                     f"{first_extra:+.0f} s ({shapes} batch shapes, from an untraced model)",
+                     f"{first_extra:+.0f} s ({shapes} batch shapes, from an untraced model, through fit as tfl trains)",
                      f"padding {data_lib.padding_fraction(lengths, boundaries or [SEQ]):.1%}"))
     rows.append(("bucketing speed-up per epoch", f"{epochs['pad to 128'][0] / epochs['8 length buckets'][0]:.2f}x", ""))
     return rows, epochs, bounds

@@ -31,16 +31,30 @@ def _batch(length, label):
 
 
 class _Recorder:
-    """A model whose first step of each shape takes ``first`` seconds longer (as a trace would)."""
+    """A model whose first step of each shape takes ``first`` seconds longer (as a trace would) in
+    ``train_on_batch``, and whose ``fit`` traces once, on the dataset's spec, whatever the shapes (as Keras's)."""
 
     def __init__(self, first=0.0):
-        self.shapes, self.first = [], first
+        self.shapes, self.fitted, self.first, self.fit_traced = [], [], first, False
 
     def train_on_batch(self, x, y):
         shape = int(x["token_ids"].shape[1])
         if shape not in self.shapes:
             time.sleep(self.first)
         self.shapes.append(shape)
+
+    def fit(self, dataset, epochs=1, verbose=0):
+        assert epochs == 1 and dataset.element_spec[0]["token_ids"].shape.as_list() == [None, None]
+        if not self.fit_traced:
+            time.sleep(self.first)
+            self.fit_traced = True
+        self.fitted += [int(x["token_ids"].shape[1]) for x, _ in dataset]
+
+
+def _dataset(batches):
+    """``batches`` as a bucketed pipeline yields them: lengths left open in the element spec."""
+    spec = ({"token_ids": tf.TensorSpec([None, None], tf.int32)}, tf.TensorSpec([None], tf.int32))
+    return tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=spec)
 
 
 def test_in_memory_holds_the_same_batches_whatever_their_shapes(bench):
@@ -54,11 +68,13 @@ def test_an_epoch_is_timed_on_batches_drawn_from_all_of_it(bench):
     # group_by_window emits the common shape first: the first batches alone would all be length 3.
     epoch = [_batch(3, 0)] * 8 + [_batch(9, 0)] * 2
     model = _Recorder(first=0.2)
-    seconds, count, first_extra, shapes = bench.epoch_seconds(model, epoch, steps=10)
+    seconds, count, first_extra, shapes = bench.epoch_seconds(model, _dataset(epoch), steps=10)
     assert count == 10 and seconds >= 0 and shapes == 2
+    # The first epoch's extra through fit, as tfl trains: one batch of each shape, twice; one trace
+    assert model.fitted == [3, 9, 3, 9]
+    assert 0.15 < first_extra < 0.35
     traced, timed = model.shapes[:4], model.shapes[4:]
-    assert sorted(traced) == [3, 3, 9, 9]  # each shape run twice (first call against second) before the clock
-    assert 0.35 < first_extra < 1.0  # two shapes' first steps, 0.2 s each
+    assert sorted(traced) == [3, 3, 9, 9]  # then each shape run twice by train_on_batch before the clock
     assert seconds < 0.2  # the timed batches were all second calls
     assert sorted(timed) == [3] * 8 + [9] * 2  # every batch of the epoch, in its proportions
 
