@@ -210,3 +210,44 @@ def test_other_os_errors_pass_through(tmp_path, monkeypatch):
             job.run_checked(Config(model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run")), verbose=0)
     with pytest.raises(job.DiskFullError):  # a library run says so too
         job.run(Config(model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run")), verbose=0)
+
+
+def test_a_library_run_refuses_a_folder_with_another_config_and_overwrite_starts_over(text_csv, tmp_path):
+    import tfl
+    from tfl.config import Config, DataConfig, ModelConfig, TrainConfig
+
+    def config(epochs, **kwargs):
+        return Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=8, maxlen=8, num_words=50),
+                      model=ModelConfig(backbone="lstm", lstm_units=8),
+                      train=TrainConfig(epochs=epochs, precision="float32"), model_dir=str(tmp_path / "run"),
+                      export=False, **kwargs)
+
+    tfl.run(config(1), verbose=0)
+    (tmp_path / "run" / "backup").mkdir()
+    (tmp_path / "run" / "backup" / "stale.txt").write_text("the first run's resume state")
+    with pytest.raises(ConfigError, match="holds a run with a different config"):
+        tfl.run(config(2), verbose=0)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 1  # untouched
+    metrics = tfl.run(config(2, overwrite=True), verbose=0)
+    assert len(metrics["history"]["loss"]) == 2 and not (tmp_path / "run" / "backup" / "stale.txt").exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("error, kept", [(run_dir.FolderBusyError("held by another run"), True),
+                                         (ConfigError("a user mistake"), False)])
+def test_a_failed_start_removes_the_folder_it_created_but_never_one_another_run_holds(tmp_path, monkeypatch,
+                                                                                        error, kept):
+    from tfl import job
+    from tfl.config import Config
+
+    model_dir = tmp_path / "run"
+
+    def fail_after_the_folder_appears(config, verbose, process_started=None):
+        model_dir.mkdir()  # e.g. another run created it and took its lock between the check and ours
+        (model_dir / "its_file.txt").write_text("another run's")
+        raise error
+
+    monkeypatch.setattr(job, "_run_in_folder", fail_after_the_folder_appears)
+    with pytest.raises(ConfigError):
+        job.run_checked(Config(model_dir=str(model_dir)))
+    assert model_dir.exists() == kept

@@ -91,20 +91,25 @@ def check_before_run(config: Config) -> None:
 
 def run(config: Config, verbose: int = 1) -> dict:
     """Trains, evaluates and exports as ``config`` says (or runs its other --mode); writes everything under
-    ``config.model_dir``. A library run keeps a config.json it finds there (it resumes that run)."""
+    ``config.model_dir``. As on the command line, a folder that holds a run of the same config resumes it; one
+    with a different config is refused unless ``overwrite=True``, which starts over (only a tfl run folder)."""
     config.validate()
-    return _run_in_folder(config, verbose, command_line=False)
+    check_model_dir(config)
+    return _run_in_folder(config, verbose)
 
 
 def run_checked(config: Config, verbose: int = 1, process_started: Optional[float] = None) -> dict:
     """main.py's run, after check_before_run: --overwrite clears the folder (only a tfl run folder), the
     resolved config is written next to the run, and a run that fails on a user mistake leaves no folder
     behind. ``process_started``: see run_mode."""
-    created = bool(config.model_dir) and not tf.io.gfile.exists(config.model_dir)
+    # Only the process that writes the run (the chief; not predict) can have created its folder.
+    writes = bool(config.model_dir) and is_chief() and config.mode != "predict"
+    created = writes and not tf.io.gfile.exists(config.model_dir)
     try:
-        return _run_in_folder(config, verbose, command_line=True, process_started=process_started)
-    except USER_ERRORS:
-        if created and tf.io.gfile.exists(config.model_dir):
+        return _run_in_folder(config, verbose, process_started=process_started)
+    except USER_ERRORS as e:
+        # A folder another live run holds is that run's, even if it appeared after the check above.
+        if created and not isinstance(e, run_dir.FolderBusyError) and tf.io.gfile.exists(config.model_dir):
             tf.io.gfile.rmtree(config.model_dir)  # also gives back what the failed run wrote
         raise
 
@@ -124,18 +129,16 @@ def disk_full_message(error: Exception, model_dir: str) -> str:
     return f"no space left on the disk {where}: free space on that disk{kept}"
 
 
-def _run_in_folder(config: Config, verbose: int, *, command_line: bool,
-                   process_started: Optional[float] = None) -> dict:
+def _run_in_folder(config: Config, verbose: int, *, process_started: Optional[float] = None) -> dict:
     try:
-        return _run_in_folder_unchecked(config, verbose, command_line=command_line, process_started=process_started)
+        return _run_in_folder_unchecked(config, verbose, process_started=process_started)
     except (OSError, tf.errors.OpError) as e:  # h5py, numpy and TensorFlow each report a full disk their way
         if isinstance(e, DiskFullError) or not is_disk_full(e):
             raise
         raise DiskFullError(disk_full_message(e, config.model_dir)) from e
 
 
-def _run_in_folder_unchecked(config: Config, verbose: int, *, command_line: bool,
-                             process_started: Optional[float] = None) -> dict:
+def _run_in_folder_unchecked(config: Config, verbose: int, *, process_started: Optional[float] = None) -> dict:
     # In a multi-worker job only the chief writes the run; predict only reads it.
     if not config.model_dir or not is_chief() or config.mode == "predict":
         return run_mode(config, verbose, process_started)
@@ -143,13 +146,11 @@ def _run_in_folder_unchecked(config: Config, verbose: int, *, command_line: bool
     # recognise it later.
     run_dir.check_writable(config.model_dir)
     with run_dir.locked(config.model_dir):
-        if command_line and config.overwrite:
+        if config.overwrite:
             # --overwrite starts over: an old run's resume state must not leak into the new one.
             run_dir.clear_for_overwrite(config.model_dir)
         else:
             run_dir.check_starts_cleanly(config.model_dir)
         run_dir.mark(config.model_dir)
-        config_path = os.path.join(config.model_dir, "config.json")
-        if command_line or not tf.io.gfile.exists(config_path):
-            storage.write_json_atomically(config_path, config.to_dict())
+        storage.write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
         return run_mode(config, verbose, process_started)

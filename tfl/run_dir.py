@@ -222,6 +222,10 @@ class _Lock:
 _held = set()  # lock paths this process holds: nested acquire() calls are no-ops
 
 
+class FolderBusyError(ConfigError):
+    """Another live run holds the folder's lock: the folder is that run's, whoever created it."""
+
+
 def acquire(model_dir: str):
     """Takes the run folder's lock, or raises ConfigError naming the live run that holds it.
 
@@ -236,7 +240,7 @@ def acquire(model_dir: str):
         if existing is not None:
             reason = _stale_reason(existing)
             if reason is None:
-                raise ConfigError(
+                raise FolderBusyError(
                     f"--model_dir={model_dir} is being written by another run (host {existing.get('host')}, "
                     f"pid {existing.get('pid')}); wait for it to finish or use another --model_dir")
             print(f"tfl: taking over the lock in {model_dir}: {reason}", file=sys.stderr)
@@ -244,7 +248,7 @@ def acquire(model_dir: str):
         if _write_lock(path, payload, exclusive=True):
             _held.add(path)
             return _Lock(path, payload)
-    raise ConfigError(f"--model_dir={model_dir} is contended by other runs; use another --model_dir")
+    raise FolderBusyError(f"--model_dir={model_dir} is contended by other runs; use another --model_dir")
 
 
 @contextlib.contextmanager
