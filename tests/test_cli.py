@@ -8,7 +8,8 @@ import pytest
 from absl import flags
 
 from tfl import cli
-from tfl.config import CompareConfig, Config, ConfigError, DataConfig, FreezeConfig, TrainConfig, config_from_dict
+from tfl.config import (CompareConfig, Config, ConfigError, DataConfig, FreezeConfig, ModelConfig, TrainConfig,
+                        config_from_dict)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +65,20 @@ def test_a_token_budget_is_accepted_wherever_a_model_trains(mode, labels, share,
     (Config(freeze=FreezeConfig(trainable="(")), "not a valid regular expression"),
     (Config(freeze=FreezeConfig(layer_lr_decay=1.5)), "--layer_lr_decay must be in"),
     (Config(data=DataConfig(tokens_per_batch=-1)), "--tokens_per_batch must be >= 0"),
+    (Config(data=DataConfig(shuffle_buffer=0)), "--shuffle_buffer must be a positive number"),
+    (Config(model=ModelConfig(head_hidden_units=-1)), "--head_hidden_units must be >= 0"),
+    (Config(train=TrainConfig(steps_per_execution=0)), "--steps_per_execution must be a positive number"),
+    (Config(train=TrainConfig(max_steps_per_epoch=-3)), "--max_steps_per_epoch must be >= 0"),
+    (Config(train=TrainConfig(weight_decay=-0.1)), "--weight_decay must be >= 0"),
+    (Config(data=DataConfig(maxlen=0)), "--maxlen must be a positive number"),
+    (Config(data=DataConfig(classes=(0, 0, 1))), "names a class twice"),
+    (Config(freeze=FreezeConfig(lora_rank=4, unfreeze_every_epochs=1)), "--unfreeze_every_epochs would unfreeze"),
+    (Config(model=ModelConfig(source_model="runs/src")), "--source_model is read only with --transfer"),
+    (Config(mode="compare"), "--mode=compare needs --model_dir"),
+    (Config(mode="compare", model_dir="x", freeze=FreezeConfig(unfreeze_every_epochs=1)),
+     "sets each strategy's freezing itself"),
+    (Config(mode="compare", model_dir="x", compare=CompareConfig(probe_learning_rate=-1.0)),
+     "--probe_learning_rate must be > 0"),
     (Config(data=DataConfig(tokens_per_batch=512, bucket_shapes=0)), "it needs --bucket_shapes > 0"),
     (Config(data=DataConfig(tokens_per_batch=512), train=TrainConfig(max_steps_per_epoch=2)),
      "--max_steps_per_epoch cannot count"),
@@ -75,7 +90,7 @@ def test_a_token_budget_is_accepted_wherever_a_model_trains(mode, labels, share,
      "--mode=self_train without --pseudo_label_share trains nothing"),
     (Config(mode="auto", data=DataConfig(tokens_per_batch=512, labels=False)),
      "--mode=auto without --pseudo_label_share trains nothing"),
-    (Config(mode="compare", data=DataConfig(tokens_per_batch=512),
+    (Config(mode="compare", data=DataConfig(tokens_per_batch=512), model_dir="x",
             compare=CompareConfig(strategies=("zero_shot", "self_training"))),
      "--mode=compare without --pseudo_label_share trains nothing"),
     (Config(mode="self_train", data=DataConfig(tokens_per_batch=512), train=TrainConfig(pseudo_label_share=-0.1)),

@@ -184,17 +184,7 @@ class Config:
             raise ConfigError(
                 f"--source='{d.source}' is not valid; expected <kind>:<name> with kind one of "
                 f"{list(DATA_SOURCES)}, e.g. --source=asset:rotten_tomatoes")
-        _check_positive("batch_size", d.batch_size)
-        _check_non_negative("eval_batch_size", d.eval_batch_size)
-        _check_positive("epochs", t.epochs)
-        _check_positive("gradient_accumulation_steps", t.gradient_accumulation_steps)
-        _check_positive("sequence_length", m.sequence_length)
-        _check_non_negative("max_examples", d.max_examples)
-        _check_non_negative("freeze_blocks", f.freeze_blocks)
-        _check_non_negative("backbone_depth", m.backbone_depth)
-        _check_non_negative("lora_rank", f.lora_rank)
-        _check_non_negative("unfreeze_every_epochs", f.unfreeze_every_epochs)
-        _check_non_negative("tokens_per_batch", d.tokens_per_batch)
+        self._check_counts()
         if not 0.0 < d.validation_fraction < 1.0 or not 0.0 < d.test_fraction < 1.0 \
                 or d.validation_fraction + d.test_fraction >= 1.0:
             raise ConfigError("--validation_fraction and --test_fraction must each be in (0, 1) and sum "
@@ -224,6 +214,12 @@ class Config:
                               "--freeze_blocks, --trainable and --unfreeze_every_epochs; drop one of them")
         if f.lora_rank and (f.freeze_blocks or f.trainable):
             raise ConfigError("--lora_rank freezes the backbone's own weights already; drop --freeze_blocks/--trainable")
+        if f.lora_rank and f.unfreeze_every_epochs:  # unfreezing a block would make its LoRA-frozen kernels train
+            raise ConfigError("--lora_rank trains adapters on a frozen backbone, and --unfreeze_every_epochs would "
+                              "unfreeze the backbone's own weights block by block: drop one of them")
+        if m.source_model and not m.transfer and self.mode in ("train", "tune"):
+            raise ConfigError("--source_model is read only with --transfer; add --transfer=parameter (its weights) or "
+                              "--transfer=structure (its architecture), or drop --source_model")
         for name, value, choices in [("mode", self.mode, MODES), ("transfer", m.transfer, TRANSFERS),
                                      ("transfer_vocabulary", m.transfer_vocabulary, ("target", "source")),
                                      ("transfer_head", m.transfer_head, ("new", "source"))]:
@@ -255,6 +251,33 @@ class Config:
         if t.strategy == "tpu" and not t.tpu:
             raise ConfigError("--strategy=tpu needs --tpu=local|<grpc address>|<TPU name>")
         return self
+
+    def _check_counts(self) -> None:
+        """Sizes and counts: each positive, or non-negative where 0 means off or automatic."""
+        d, m, f, t = self.data, self.model, self.freeze, self.train
+        _check_positive("batch_size", d.batch_size)
+        _check_non_negative("eval_batch_size", d.eval_batch_size)
+        _check_positive("epochs", t.epochs)
+        _check_positive("gradient_accumulation_steps", t.gradient_accumulation_steps)
+        _check_positive("sequence_length", m.sequence_length)
+        _check_non_negative("max_examples", d.max_examples)
+        _check_non_negative("freeze_blocks", f.freeze_blocks)
+        _check_non_negative("backbone_depth", m.backbone_depth)
+        _check_non_negative("lora_rank", f.lora_rank)
+        _check_non_negative("unfreeze_every_epochs", f.unfreeze_every_epochs)
+        _check_non_negative("tokens_per_batch", d.tokens_per_batch)
+        for name, value in [("shuffle_buffer", d.shuffle_buffer), ("num_words", d.num_words), ("maxlen", d.maxlen),
+                            ("lstm_units", m.lstm_units), ("embedding_dim", m.embedding_dim),
+                            ("steps_per_execution", t.steps_per_execution)]:
+            _check_positive(name, value)
+        for name, value in [("bucket_shapes", d.bucket_shapes), ("image_size", m.image_size),
+                            ("head_hidden_units", m.head_hidden_units), ("max_steps_per_epoch", t.max_steps_per_epoch),
+                            ("early_stopping_patience", t.early_stopping_patience),
+                            ("save_every_steps", t.save_every_steps), ("weight_decay", t.weight_decay)]:
+            _check_non_negative(name, value)
+        if len(set(d.classes)) != len(d.classes) or any(c < 0 for c in d.classes):
+            raise ConfigError(f"--classes={','.join(map(str, d.classes))} names a class twice or a negative id; give "
+                              "each label id to keep once, e.g. --classes=0,1,2")
 
     def _check_token_budget(self) -> None:
         """--tokens_per_batch: one batch size per length bucket, so the examples per step vary."""
@@ -296,6 +319,14 @@ class Config:
                               f"self_train; --mode={self.mode} learns from labels")
         if self.mode == "tune" and not self.model_dir:
             raise ConfigError("--mode=tune needs --model_dir (each trial is a run under <model_dir>/trials/)")
+        if self.mode == "compare" and not self.model_dir:
+            raise ConfigError("--mode=compare needs --model_dir (each strategy's runs go under <model_dir>/runs/, "
+                              "the report beside them)")
+        if self.mode == "compare" and self.freeze.unfreeze_every_epochs:
+            raise ConfigError("--mode=compare sets each strategy's freezing itself, and --unfreeze_every_epochs would "
+                              "change every strategy's (a partial fine-tune would no longer be partial): drop it")
+        if not self.compare.probe_learning_rate > 0:
+            raise ConfigError(f"--probe_learning_rate must be > 0; got {self.compare.probe_learning_rate}")
         if self.mode == "tune" and self.train.epochs < TUNE_MIN_EPOCHS:
             raise ConfigError(f"--mode=tune needs --epochs >= {TUNE_MIN_EPOCHS} (got {self.train.epochs}): Hyperband "
                               f"hands trials 1 epoch, then {TUNE_MIN_EPOCHS}; with fewer it runs a single trial")
