@@ -19,7 +19,7 @@ def test_timed_adds_up_each_stage_also_when_it_raises():
     with pytest.raises(ZeroDivisionError), timed(timings, "broken"):
         1 / 0
     assert timings["load"] >= 0.1 and timings["load"] < 5
-    assert set(timings) == {"load", "broken"} and timings["broken"] >= 0
+    assert set(timings) == {"load", "broken"} and 0 <= timings["broken"] < timings["load"]  # recorded, and short
     with timed(None, "nowhere"):  # a caller that keeps no timings
         pass
 

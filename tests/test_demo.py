@@ -132,3 +132,15 @@ def test_a_child_process_gives_its_exit_code_its_output_and_its_own_peak(capsys)
 def test_a_child_killed_by_a_signal_is_one_error_line(capsys):
     rc, _ = demo.run_process([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     assert rc == 1 and "was killed by signal 9 (out of memory?)" in capsys.readouterr().err
+
+
+def test_a_demo_job_never_deletes_a_folder_that_is_not_a_tfl_run(tmp_path, capsys):
+    """The demo writes each job to <out>/<job> and starts it over there (overwrite=True): a tfl run there is
+    cleared, any other folder is refused with one line and left as it was."""
+    mine = tmp_path / "imdb_quick"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own")
+    assert demo.main(["--job=imdb_quick", "--quick", f"--out={tmp_path}"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: --overwrite clears only a folder that holds a tfl run")
+    assert sorted(os.listdir(mine)) == ["notes.txt"] and (mine / "notes.txt").read_text() == "the user's own"

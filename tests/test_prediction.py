@@ -110,3 +110,11 @@ def test_an_export_that_does_not_load_is_a_one_line_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Cannot load the export" in errors[0]
+
+
+def test_predictions_never_overwrite_the_input_file(trained_run, tmp_path):
+    data = tmp_path / "x.csv"
+    data.write_text("text\nhello\n")
+    result = run_main("--mode=predict", f"--model_dir={trained_run}", f"--input=csv:{data}", f"--output={data}")
+    assert result.returncode == 2 and "is the --input file itself" in result.stderr
+    assert data.read_text() == "text\nhello\n"

@@ -251,3 +251,12 @@ def test_a_failed_start_removes_the_folder_it_created_but_never_one_another_run_
     with pytest.raises(ConfigError):
         job.run_checked(Config(model_dir=str(model_dir)))
     assert model_dir.exists() == kept
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_an_unreadable_config_json_in_the_model_dir_is_one_line(text_csv, tmp_path, content):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(content)
+    result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "holds a config.json that is not a tfl config" in the_error(result)
+    assert (tmp_path / "run" / "config.json").read_text() == content

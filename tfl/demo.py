@@ -134,12 +134,12 @@ def run_job(name: str, out: str, quick: bool, refresh_docs: bool, verbose: bool)
     """One job, in this process (the child that ``run_in_child`` starts): 0, or 2 after one error line."""
     flagfile, source_job = next((f, s) for n, f, s in DEMO_JOBS + DOCS_JOBS if n == name)
     with quiet.tensorflow_start(quiet=not verbose):
+        from tfl.config import ConfigError
         from tfl.job import DiskFullError, run
     config = job_config(name, flagfile, source_job, out, quick, refresh_docs)
-    shutil.rmtree(config.model_dir, ignore_errors=True)
-    try:
+    try:  # overwrite=True: a tfl run there starts over (files tfl did not write stay); any other folder is refused
         run(config, verbose=quiet.keras_verbose())
-    except DiskFullError as e:
+    except (DiskFullError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if config.mode == "compare" and refresh_docs:

@@ -68,7 +68,13 @@ def check_model_dir(config: Config) -> None:
         return
     path = os.path.join(config.model_dir, "config.json")
     if tf.io.gfile.exists(path) and not config.overwrite:
-        previous = json.loads(storage.read_bytes(path))
+        try:
+            previous = json.loads(storage.read_bytes(path))
+        except (ValueError, tf.errors.OpError):
+            previous = None  # unreadable: it cannot be the same config
+        if not isinstance(previous, dict):
+            raise ConfigError(f"--model_dir={config.model_dir} holds a config.json that is not a tfl config; use a "
+                              "new --model_dir, or --overwrite to replace the run there")
         try:  # through the dataclasses, so sections added since that run compare as their defaults
             previous = config_from_dict(previous).to_dict()
         except (TypeError, ValueError):

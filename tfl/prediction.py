@@ -12,6 +12,7 @@ Each row holds the input, the predicted label and one probability per class.
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import os
 from typing import Optional, Union
@@ -39,7 +40,7 @@ def load_serving_function(path: str):
     """The export's ``serving_default``. A keras-hub text export tokenizes in its graph with TensorFlow Text's
     ops, which only an import of ``tensorflow_text`` registers: without it the load fails ("Op type not
     registered 'RegexSplitWithOffsets'"), so it is imported here, as any serving process must."""
-    import tensorflow_text  # noqa: F401  (registers the ops; a tfl dependency)
+    importlib.import_module("tensorflow_text")  # registers the ops (a tfl dependency)
 
     try:
         return tf.saved_model.load(path).signatures["serving_default"]
@@ -113,6 +114,11 @@ def predict(model_dir: str, inputs: Union[str, list], *, text_column: str = "tex
 def run_predict(config, verbose: int = 1) -> dict:
     """--mode=predict: ``config.predict.input`` through the run's export, as CSV to ``config.predict.output``
     (or stdout)."""
+    _, _, input_path = config.predict.input.partition(":")
+    if config.predict.output and config.predict.input.startswith(("csv:", "jsonl:", "images:")) and \
+            os.path.abspath(config.predict.output) == os.path.abspath(input_path):
+        raise DataError(f"--output={config.predict.output} is the --input file itself; give another path for the "
+                        "predictions (the input is never overwritten)")
     rows = predict(config.model_dir, config.predict.input, text_column=config.data.text_column)
     text = write_predictions(rows, config.predict.output)
     if not config.predict.output:
