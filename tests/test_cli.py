@@ -250,7 +250,8 @@ def test_the_readmes_library_example_runs_as_written():
     exec(block, namespace)
     model, train = namespace["model"], namespace["train"]
     assert isinstance(model, keras.Model)
-    frozen = [row for row in namespace["tfl"].freeze(namespace["backbone"], freeze_blocks=3) if row["status"] == "frozen"]
+    table = namespace["tfl"].freeze(namespace["backbone"], freeze_blocks=3)
+    frozen = [row for row in table if row["status"] == "frozen"]
     assert [row["block"] for row in frozen] == ["embeddings", "transformer_layer_0", "transformer_layer_1"]
     inputs, labels = next(iter(train))
     probabilities = model(inputs, training=False)
