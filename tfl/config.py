@@ -184,6 +184,9 @@ class Config:
             raise ConfigError(
                 f"--source='{d.source}' is not valid; expected <kind>:<name> with kind one of "
                 f"{list(DATA_SOURCES)}, e.g. --source=asset:rotten_tomatoes")
+        if kind != "tfds" and (d.train_split, d.validation_split, d.test_split) != ("train", "", "test"):
+            raise ConfigError(f"--train_split, --validation_split and --test_split name splits of a tfds: source; "
+                              f"--source={d.source} is split by --validation_fraction and --test_fraction: drop them")
         self._check_counts()
         if not 0.0 < d.validation_fraction < 1.0 or not 0.0 < d.test_fraction < 1.0 \
                 or d.validation_fraction + d.test_fraction >= 1.0:
