@@ -1,6 +1,7 @@
 """What a run costs: wall seconds per stage and per epoch, and the process's peak resident memory, for
 metrics.json's ``timings`` and ``peak_rss_mb``; giving memory back between runs (``release_memory``,
-``trim_heap``); a quicker exit (``skip_exit_collection``); and the estimate of a run's seconds that auto's budget uses (``training_seconds``).
+``trim_heap``); a quicker exit (``skip_exit_collection``); and the estimate of a run's seconds that auto's
+budget uses (``training_seconds``).
 
     timings = {}
     with timed(timings, "data_load"):
