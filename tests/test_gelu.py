@@ -1,0 +1,89 @@
+"""tfl.gelu: keras-hub's tanh-approximate GELU computed in float32 under bfloat16, patched per layer instance."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import save_tiny_bert_preset, tiny_bert
+from tfl import gelu
+
+
+def _value_and_gradient(function, x):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = function(x)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.range(1.0, 1.0 + x.shape[-1]))
+    return tf.cast(y, tf.float32).numpy(), tf.cast(tape.gradient(loss, x), tf.float32).numpy()
+
+
+def test_float32_gelu_is_tensorflows_gelu_in_float32_and_rounds_once_to_bfloat16():
+    x32 = tf.random.stateless_normal([64, 48], [3, 4]) * 3
+    x16 = tf.cast(x32, tf.bfloat16)
+    exact, exact_gradient = _value_and_gradient(lambda v: tf.nn.gelu(v, approximate=True), tf.cast(x16, tf.float32))
+    ours, our_gradient = _value_and_gradient(gelu.gelu_tanh_in_float32, x16)
+    assert gelu.gelu_tanh_in_float32(x16).dtype == tf.bfloat16
+    # float32 inside, one rounding to bfloat16 at the end: within half a bfloat16 unit of the float32 value
+    np.testing.assert_array_equal(ours, tf.cast(tf.cast(exact, tf.bfloat16), tf.float32).numpy())
+    np.testing.assert_array_equal(our_gradient, tf.cast(tf.cast(exact_gradient, tf.bfloat16), tf.float32).numpy())
+    # computed in bfloat16 throughout (Keras as shipped), the error is larger
+    plain, _ = _value_and_gradient(lambda v: tf.nn.gelu(v, approximate=True), x16)
+    assert np.abs(plain - exact).max() > np.abs(ours - exact).max()
+    # float32 inputs: tf.nn.gelu itself
+    np.testing.assert_array_equal(gelu.gelu_tanh_in_float32(x32).numpy(), tf.nn.gelu(x32, approximate=True).numpy())
+
+
+def test_every_feed_forward_gelu_of_a_keras_hub_bert_is_patched_and_its_config_stays_keras_hubs():
+    backbone = tiny_bert(0.0)
+    inputs = {"token_ids": tf.constant([[2, 5, 7, 9, 3, 0]] * 2), "segment_ids": tf.zeros((2, 6), tf.int32),
+              "padding_mask": tf.constant([[True] * 5 + [False]] * 2)}
+    before = backbone(inputs)["sequence_output"].numpy()
+    configs = [la.get_config() for la in backbone._flatten_layers() if isinstance(la, keras.layers.Dense)]
+    calls = []
+    original = gelu.gelu_tanh_in_float32
+    gelu.gelu_tanh_in_float32 = lambda x: calls.append(1) or original(x)
+    try:
+        assert gelu.use_float32_gelu(backbone) == 2  # one feed-forward layer per transformer layer
+        assert gelu.use_float32_gelu(backbone) == 0  # already patched
+        after = backbone(inputs)["sequence_output"].numpy()
+    finally:
+        gelu.gelu_tanh_in_float32 = original
+    assert len(calls) == 2
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)  # float32 model: the same function
+    assert [la.get_config() for la in backbone._flatten_layers() if isinstance(la, keras.layers.Dense)] == configs
+    intermediate = [la for la in backbone._flatten_layers() if la.name == "feedforward_intermediate_dense"]
+    assert intermediate and all(la.activation.__name__ == "gelu_approximate" for la in intermediate)
+
+
+def test_layers_with_another_activation_are_left_alone():
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(4, activation="gelu")(inputs)  # Keras's own gelu, not keras-hub's
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="relu")(x))
+    assert gelu.use_float32_gelu(model) == 0
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="patched on a CPU only")
+def test_a_tfl_bfloat16_model_on_the_cpu_trains_with_it_and_saves_keras_hubs_gelu(tmp_path):
+    from tfl import train
+    from tfl.backbones import build_backbone
+    from tfl.runner import build_model
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        backbone = build_backbone(save_tiny_bert_preset(tmp_path), sequence_length=8, dtype="mixed_bfloat16")
+        model = build_model(backbone, ["awful", "great"])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    patched = [la for la in backbone.keras_hub_backbone._flatten_layers() if "call" in vars(la)
+               and isinstance(la, keras.layers.Dense)]
+    assert len(patched) == 2  # build_backbone applied it on the CPU
+    train.compile_model(model, train.make_optimizer(1e-3, 4), task="classification", num_labels=2, jit_compile=False)
+    x = backbone.preprocess(tf.constant(["a great film", "an awful plot"] * 4))
+    history = model.fit(x, tf.constant([1, 0] * 4), batch_size=4, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"])) and history.history["loss"][-1] < history.history["loss"][0]
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path, compile=False)
+    dense = [la for la in reloaded._flatten_layers() if la.name == "feedforward_intermediate_dense"]
+    assert len(dense) == 2 and not [la for la in dense if "call" in vars(la)]  # keras-hub's own layer, as stored
+    assert all(la.activation.__name__ == "gelu_approximate" for la in dense)

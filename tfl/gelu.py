@@ -1,0 +1,61 @@
+"""keras-hub's tanh-approximate GELU computed in float32 when its input is bfloat16 (or float16).
+
+On a CPU the feed-forward GELU of a transformer fine-tune is one of the largest costs after the matmuls (in
+docs/benchmarks.md's op profile of a MiniLM step, up to a fifth of all op time on a host whose matmuls run on
+AMX). Under mixed_bfloat16 it runs in bfloat16, and TensorFlow's CPU kernels for element-wise bfloat16 ops are
+slower than for float32 (each element converted on the way in and out): forward and backward of
+``tf.nn.gelu(approximate=True)`` on one MiniLM feed-forward activation (4096 x 1536) took 56 ms in bfloat16
+and 36 ms cast to float32 and back, here (2026-11-28). The result is at least as precise; the cast back is
+the same rounding to bfloat16 that the layer's output has anyway.
+
+``use_float32_gelu`` swaps it in for keras-hub's ``gelu_approximate`` on the Dense layers of a built model, on
+each instance and only while that layer's own ``call`` runs, so the layers' class and config (what model.keras
+stores) stay keras-hub's and no keras-hub code is copied.
+
+    hub_backbone = keras_hub.models.Backbone.from_preset("bert_tiny_en_uncased", dtype="mixed_bfloat16")
+    tfl.gelu.use_float32_gelu(hub_backbone)   # -> the number of layers patched
+"""
+import keras
+import tensorflow as tf
+
+_HALF_PRECISION = (tf.bfloat16, tf.float16)
+
+
+def gelu_tanh_in_float32(x: tf.Tensor) -> tf.Tensor:
+    """tf.nn.gelu(x, approximate=True), computed in float32 for a bfloat16/float16 ``x``, in x's dtype."""
+    x = tf.convert_to_tensor(x)
+    if x.dtype not in _HALF_PRECISION:
+        return tf.nn.gelu(x, approximate=True)
+    return tf.cast(tf.nn.gelu(tf.cast(x, tf.float32), approximate=True), x.dtype)
+
+
+def _is_keras_hub_gelu_approximate(activation) -> bool:
+    return (getattr(activation, "__name__", "") == "gelu_approximate"
+            and getattr(activation, "__module__", "").startswith("keras_hub"))
+
+
+def use_float32_gelu(model: keras.Layer) -> int:
+    """Make every Dense / EinsumDense inside ``model`` whose activation is keras-hub's ``gelu_approximate``
+    compute it with ``gelu_tanh_in_float32``; returns how many were patched (an already patched layer is left
+    alone)."""
+    patched = 0
+    for layer in model._flatten_layers(include_self=True, recursive=True):  # as tfl.dropout walks them
+        if (isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) and "call" not in vars(layer)
+                and _is_keras_hub_gelu_approximate(layer.activation)):
+            layer.call = _call_with_float32_gelu(layer)
+            patched += 1
+    return patched
+
+
+def _call_with_float32_gelu(layer: keras.layers.Layer):
+    keras_call = layer.call
+
+    def call(*args, **kwargs):
+        original = layer.activation
+        layer.activation = gelu_tanh_in_float32  # only while the layer's own call runs: its config keeps keras-hub's
+        try:
+            return keras_call(*args, **kwargs)
+        finally:
+            layer.activation = original
+
+    return call
