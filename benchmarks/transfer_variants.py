@@ -63,7 +63,7 @@ def main() -> int:
     from tfl.report import strategy_config
     from tfl.runner import train_and_evaluate
 
-    base = config_from_flagfile(args.flagfile, source_model=args.source_model)
+    base = config_from_flagfile(args.flagfile, source_model=args.source_model, model_dir=args.work_dir)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

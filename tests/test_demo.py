@@ -88,10 +88,11 @@ def test_a_quick_demo_job_runs_and_reports_its_seconds_and_peak_memory(capsys, m
 def test_copy_report_takes_the_report_not_the_run_folders_markers(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("report.md", "report.json", "plot.png", "config.json", ".tfl-run.json", ".tfl-lock.json", "x.txt"):
+    for name in ("report.md", "report.json", "learning_curves.png", "config.json", ".tfl-run.json", ".tfl-lock.json",
+                 "x.txt", "notes.md", "photo.png"):  # the last two: a user's files in a reused folder
         (run / name).write_text("{}")
     demo.copy_report(str(run), str(tmp_path / "docs"))
-    assert sorted(os.listdir(tmp_path / "docs")) == ["plot.png", "report.json", "report.md"]
+    assert sorted(os.listdir(tmp_path / "docs")) == ["learning_curves.png", "report.json", "report.md"]
 
 
 def test_a_full_disk_stops_the_demo_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

@@ -63,7 +63,7 @@ def test_layers_with_another_activation_are_left_alone():
 
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="patched on a CPU only")
-def test_a_tfl_bfloat16_model_on_the_cpu_trains_with_it_and_saves_keras_hubs_gelu(tmp_path):
+def test_a_tfl_bfloat16_model_on_the_cpu_trains_with_it_and_saves_keras_hubs_gelu(tmp_path, monkeypatch):
     from tfl import train
     from tfl.backbones import build_backbone
     from tfl.runner import build_model
@@ -79,7 +79,11 @@ def test_a_tfl_bfloat16_model_on_the_cpu_trains_with_it_and_saves_keras_hubs_gel
     assert len(patched) == 2  # build_backbone applied it on the CPU
     train.compile_model(model, train.make_optimizer(1e-3, 4), task="classification", num_labels=2, jit_compile=False)
     x = backbone.preprocess(tf.constant(["a great film", "an awful plot"] * 4))
+    dtypes = []
+    original = gelu.gelu_tanh_in_float32
+    monkeypatch.setattr(gelu, "gelu_tanh_in_float32", lambda v: dtypes.append(v.dtype) or original(v))
     history = model.fit(x, tf.constant([1, 0] * 4), batch_size=4, epochs=3, verbose=0)
+    assert dtypes and set(dtypes) == {tf.bfloat16}  # fit's traced step called it, on bfloat16 activations
     assert np.all(np.isfinite(history.history["loss"])) and history.history["loss"][-1] < history.history["loss"][0]
     path = str(tmp_path / "model.keras")
     model.save(path)

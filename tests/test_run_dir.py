@@ -260,3 +260,21 @@ def test_an_unreadable_config_json_in_the_model_dir_is_one_line(text_csv, tmp_pa
     result = run_main(f"--source=csv:{text_csv}", *QUICK, f"--model_dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "holds a config.json that is not a tfl config" in the_error(result)
     assert (tmp_path / "run" / "config.json").read_text() == content
+
+
+def test_a_run_that_finds_another_config_under_the_lock_stops_and_leaves_the_folder(text_csv, tmp_path):
+    """Another run wrote its run into the folder after this one's first check: checked again under the lock."""
+    from tfl import job
+    from tfl.config import Config, DataConfig, ModelConfig
+
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    run_dir.mark(str(model_dir))
+    other = Config(data=DataConfig(source=f"csv:{text_csv}"), model=ModelConfig(backbone="lstm", lstm_units=9),
+                   model_dir=str(model_dir))
+    (model_dir / "config.json").write_text(other.to_json())
+    ours = Config(data=DataConfig(source=f"csv:{text_csv}"), model=ModelConfig(backbone="lstm", lstm_units=8),
+                  model_dir=str(model_dir))
+    with pytest.raises(run_dir.FolderBusyError, match="holds a run with a different config"):
+        job._run_in_folder(ours, verbose=0)  # past run_checked's first check, as in the race
+    assert json.loads((model_dir / "config.json").read_text())["model"]["lstm_units"] == 9

@@ -149,7 +149,8 @@ HELP = {
     "save_every_steps": "Save the resume state (weights, optimizer, epoch) every N steps; 0 = at epoch ends only.",
     "deterministic": "Enable TensorFlow op determinism: two runs with the same --seed give identical metrics.",
     "cache_frozen_features": "With --freeze_all, compute the backbone's features once and train the head on them.",
-    "model_dir": "Where checkpoints, logs, metrics.json, model.keras and export/<version>/ go.",
+    "model_dir": "Where checkpoints, logs, metrics.json, model.keras and export/<version>/ go (needed by "
+                 "--mode=compare and tune, which write several runs under it).",
     "seed": "Seed for splits, initialisation and shuffling.",
     "export": "Export a SavedModel with a raw-input serving signature.",
     "overwrite": "Start over in a --model_dir that holds a tfl run (with a different config): clears it first. "

@@ -123,10 +123,14 @@ def refresh_readme(readme: str = os.path.join(ROOT, "README.md"), docs: str = DO
         f.write(pattern.sub(lambda _: block, text))
 
 
+REPORT_FILES = ("report.md", "report.json", "learning_curves.png", "label_fractions.png")  # what compare writes
+
+
 def copy_report(model_dir: str, docs: str) -> None:
+    """The compare report's own files (never anything else a reused folder may hold) into ``docs``."""
     os.makedirs(docs, exist_ok=True)
-    for file in os.listdir(model_dir):
-        if file.endswith((".md", ".png", ".json")) and file != "config.json" and not file.startswith("."):
+    for file in REPORT_FILES:
+        if os.path.exists(os.path.join(model_dir, file)):
             shutil.copy(os.path.join(model_dir, file), docs)
 
 

@@ -1,12 +1,12 @@
 """keras-hub's tanh-approximate GELU computed in float32 when its input is bfloat16 (or float16).
 
-On a CPU the feed-forward GELU of a transformer fine-tune is one of the largest costs after the matmuls (in
-docs/benchmarks.md's op profile of a MiniLM step, up to a fifth of all op time on a host whose matmuls run on
-AMX). Under mixed_bfloat16 it runs in bfloat16, and TensorFlow's CPU kernels for element-wise bfloat16 ops are
-slower than for float32 (each element converted on the way in and out): forward and backward of
-``tf.nn.gelu(approximate=True)`` on one MiniLM feed-forward activation (4096 x 1536) took 56 ms in bfloat16
-and 36 ms cast to float32 and back, here (2026-11-28). The result is at least as precise; the cast back is
-the same rounding to bfloat16 that the layer's output has anyway.
+On a CPU the feed-forward GELU of a transformer fine-tune is one of the largest costs after the matmuls (the
+op profile in docs/benchmarks.md, ``benchmarks/profile_step.py``), the more so on hosts whose matmuls run on
+AMX. Under mixed_bfloat16 it runs in bfloat16, and TensorFlow's CPU kernels for element-wise bfloat16 ops are
+slower than for float32 (each element converted on the way in and out), so the eight element-wise ops of
+``tf.nn.gelu(approximate=True)`` and their gradients run faster cast to float32 and back; docs/cpu_patches.md
+measures what that is worth on a whole step. The result is at least as precise; the cast back is the same
+rounding to bfloat16 that the layer's output has anyway.
 
 ``use_float32_gelu`` swaps it in for keras-hub's ``gelu_approximate`` on the Dense layers of a built model, on
 each instance and only while that layer's own ``call`` runs, so the layers' class and config (what model.keras

@@ -74,7 +74,7 @@ def check_model_dir(config: Config) -> None:
             previous = None  # unreadable: it cannot be the same config
         if not isinstance(previous, dict):
             raise ConfigError(f"--model_dir={config.model_dir} holds a config.json that is not a tfl config; use a "
-                              "new --model_dir, or --overwrite to replace the run there")
+                              "new --model_dir (or --overwrite, if the folder holds a tfl run)")
         try:  # through the dataclasses, so sections added since that run compare as their defaults
             previous = config_from_dict(previous).to_dict()
         except (TypeError, ValueError):
@@ -156,6 +156,10 @@ def _run_in_folder_unchecked(config: Config, verbose: int, *, process_started: O
             # --overwrite starts over: an old run's resume state must not leak into the new one.
             run_dir.clear_for_overwrite(config.model_dir)
         else:
+            try:  # again under the lock: another run may have written the folder since the check before it
+                check_model_dir(config)
+            except ConfigError as e:
+                raise run_dir.FolderBusyError(str(e)) from e
             run_dir.check_starts_cleanly(config.model_dir)
         run_dir.mark(config.model_dir)
         storage.write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())

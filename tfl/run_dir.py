@@ -223,7 +223,8 @@ _held = set()  # lock paths this process holds: nested acquire() calls are no-op
 
 
 class FolderBusyError(ConfigError):
-    """Another live run holds the folder's lock: the folder is that run's, whoever created it."""
+    """Another run holds the folder's lock, or wrote its run there first: the folder is that run's, whoever
+    created it (a failed start must not remove it)."""
 
 
 def acquire(model_dir: str):
