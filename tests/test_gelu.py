@@ -17,18 +17,22 @@ def _value_and_gradient(function, x):
     return tf.cast(y, tf.float32).numpy(), tf.cast(tape.gradient(loss, x), tf.float32).numpy()
 
 
-def test_float32_gelu_is_tensorflows_gelu_in_float32_and_rounds_once_to_bfloat16():
+def test_float32_gelu_is_tensorflows_gelu_in_float32_and_its_gradient_is_as_exact():
     x32 = tf.random.stateless_normal([64, 48], [3, 4]) * 3
     x16 = tf.cast(x32, tf.bfloat16)
-    exact, exact_gradient = _value_and_gradient(lambda v: tf.nn.gelu(v, approximate=True), tf.cast(x16, tf.float32))
+    x64 = tf.cast(x16, tf.float64)  # the reference: float64 autodiff of TensorFlow's own formula
+    exact, exact_gradient = _value_and_gradient(lambda v: tf.nn.gelu(v, approximate=True), x64)
+    exact_in_float32, _ = _value_and_gradient(lambda v: tf.nn.gelu(v, approximate=True), tf.cast(x16, tf.float32))
     ours, our_gradient = _value_and_gradient(gelu.gelu_tanh_in_float32, x16)
     assert gelu.gelu_tanh_in_float32(x16).dtype == tf.bfloat16
-    # float32 inside, one rounding to bfloat16 at the end: within half a bfloat16 unit of the float32 value
-    np.testing.assert_array_equal(ours, tf.cast(tf.cast(exact, tf.bfloat16), tf.float32).numpy())
-    np.testing.assert_array_equal(our_gradient, tf.cast(tf.cast(exact_gradient, tf.bfloat16), tf.float32).numpy())
-    # computed in bfloat16 throughout (Keras as shipped), the error is larger
-    plain, _ = _value_and_gradient(lambda v: tf.nn.gelu(v, approximate=True), x16)
+    # The value: TensorFlow's GELU in float32, rounded once to bfloat16
+    np.testing.assert_array_equal(ours, tf.cast(tf.cast(exact_in_float32, tf.bfloat16), tf.float32).numpy())
+    # The closed-form gradient: within bfloat16's rounding (2^-8 relative) of the float64 derivative
+    np.testing.assert_allclose(our_gradient, exact_gradient, rtol=2 ** -8, atol=1e-6 * np.abs(exact_gradient).max())
+    # computed in bfloat16 throughout (Keras as shipped), both are further off
+    plain, plain_gradient = _value_and_gradient(lambda v: tf.nn.gelu(v, approximate=True), x16)
     assert np.abs(plain - exact).max() > np.abs(ours - exact).max()
+    assert np.abs(plain_gradient - exact_gradient).max() > np.abs(our_gradient - exact_gradient).max()
     # float32 inputs: tf.nn.gelu itself
     np.testing.assert_array_equal(gelu.gelu_tanh_in_float32(x32).numpy(), tf.nn.gelu(x32, approximate=True).numpy())
 
