@@ -37,7 +37,7 @@ def test_float32_gelu_is_tensorflows_gelu_in_float32_and_its_gradient_is_as_exac
     np.testing.assert_array_equal(gelu.gelu_tanh_in_float32(x32).numpy(), tf.nn.gelu(x32, approximate=True).numpy())
 
 
-def test_every_feed_forward_gelu_of_a_keras_hub_bert_is_patched_and_its_config_stays_keras_hubs():
+def test_every_feed_forward_gelu_of_a_keras_hub_bert_is_patched_and_its_config_stays_keras_hubs(monkeypatch):
     backbone = tiny_bert(0.0)
     inputs = {"token_ids": tf.constant([[2, 5, 7, 9, 3, 0]] * 2), "segment_ids": tf.zeros((2, 6), tf.int32),
               "padding_mask": tf.constant([[True] * 5 + [False]] * 2)}
@@ -45,18 +45,21 @@ def test_every_feed_forward_gelu_of_a_keras_hub_bert_is_patched_and_its_config_s
     configs = [la.get_config() for la in backbone._flatten_layers() if isinstance(la, keras.layers.Dense)]
     calls = []
     original = gelu.gelu_tanh_in_float32
-    gelu.gelu_tanh_in_float32 = lambda x: calls.append(1) or original(x)
-    try:
-        assert gelu.use_float32_gelu(backbone) == 2  # one feed-forward layer per transformer layer
-        assert gelu.use_float32_gelu(backbone) == 0  # already patched
-        after = backbone(inputs)["sequence_output"].numpy()
-    finally:
-        gelu.gelu_tanh_in_float32 = original
+    monkeypatch.setattr(gelu, "gelu_tanh_in_float32", lambda x: calls.append(1) or original(x))
+    assert gelu.use_float32_gelu(backbone) == 2  # one feed-forward layer per transformer layer
+    assert gelu.use_float32_gelu(backbone) == 0  # already patched
+    after = backbone(inputs)["sequence_output"].numpy()
     assert len(calls) == 2
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)  # float32 model: the same function
     assert [la.get_config() for la in backbone._flatten_layers() if isinstance(la, keras.layers.Dense)] == configs
     intermediate = [la for la in backbone._flatten_layers() if la.name == "feedforward_intermediate_dense"]
     assert intermediate and all(la.activation.__name__ == "gelu_approximate" for la in intermediate)
+    # An activation set on a patched layer afterwards is the one that runs (e.g. the exact GELU)
+    for layer in intermediate:
+        layer.activation = keras.activations.relu
+    calls.clear()
+    relu = backbone(inputs)["sequence_output"].numpy()
+    assert not calls and not np.allclose(relu, before, atol=1e-4)
 
 
 def test_layers_with_another_activation_are_left_alone():

@@ -75,6 +75,8 @@ def _call_with_float32_gelu(layer: keras.layers.Layer):
 
     def call(*args, **kwargs):
         original = layer.activation
+        if not _is_keras_hub_gelu_approximate(original):  # set to another activation since: that one runs
+            return keras_call(*args, **kwargs)
         layer.activation = gelu_tanh_in_float32  # only while the layer's own call runs: its config keeps keras-hub's
         try:
             return keras_call(*args, **kwargs)
