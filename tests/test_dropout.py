@@ -107,10 +107,13 @@ def test_a_tfl_model_on_the_cpu_trains_with_half_word_dropout_and_saves_keras_dr
     assert reloaded and not [la for la in reloaded if "call" in vars(la)]  # Keras's own dropout, as stored
 
 
-def test_a_backbone_built_for_another_device_keeps_keras_dropout(tmp_path, monkeypatch):
-    from tfl import devices
+@pytest.mark.parametrize("kind, patched", [("gpu", True), ("tpu", False)])
+def test_a_gpu_backbone_draws_half_words_too_and_a_tpu_one_keeps_keras_dropout(tmp_path, monkeypatch, kind, patched):
+    from tfl import devices, gelu
     from tfl.backbones import build_backbone
 
-    monkeypatch.setattr(devices, "device_kind", lambda strategy=None: "gpu")
+    monkeypatch.setattr(devices, "device_kind", lambda strategy=None: kind)
     backbone = build_backbone(save_tiny_bert_preset(tmp_path, dropout=0.1), sequence_length=8)
-    assert dropout.use_half_word_dropout(backbone.keras_hub_backbone) == 7  # none was patched before
+    # what is left unpatched afterwards: none when the build patched all 7, else all 7
+    assert dropout.use_half_word_dropout(backbone.keras_hub_backbone) == (0 if patched else 7)
+    assert gelu.use_float32_gelu(backbone.keras_hub_backbone) == 2  # the float32 GELU is for CPUs only

