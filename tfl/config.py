@@ -258,22 +258,17 @@ class Config:
     def _check_counts(self) -> None:
         """Sizes and counts: each positive, or non-negative where 0 means off or automatic."""
         d, m, f, t = self.data, self.model, self.freeze, self.train
-        _check_positive("batch_size", d.batch_size)
-        _check_non_negative("eval_batch_size", d.eval_batch_size)
-        _check_positive("epochs", t.epochs)
-        _check_positive("gradient_accumulation_steps", t.gradient_accumulation_steps)
-        _check_positive("sequence_length", m.sequence_length)
-        _check_non_negative("max_examples", d.max_examples)
-        _check_non_negative("freeze_blocks", f.freeze_blocks)
-        _check_non_negative("backbone_depth", m.backbone_depth)
-        _check_non_negative("lora_rank", f.lora_rank)
-        _check_non_negative("unfreeze_every_epochs", f.unfreeze_every_epochs)
-        _check_non_negative("tokens_per_batch", d.tokens_per_batch)
-        for name, value in [("shuffle_buffer", d.shuffle_buffer), ("num_words", d.num_words), ("maxlen", d.maxlen),
+        for name, value in [("batch_size", d.batch_size), ("epochs", t.epochs), ("sequence_length", m.sequence_length),
+                            ("gradient_accumulation_steps", t.gradient_accumulation_steps),
+                            ("shuffle_buffer", d.shuffle_buffer), ("num_words", d.num_words), ("maxlen", d.maxlen),
                             ("lstm_units", m.lstm_units), ("embedding_dim", m.embedding_dim),
                             ("steps_per_execution", t.steps_per_execution)]:
             _check_positive(name, value)
-        for name, value in [("bucket_shapes", d.bucket_shapes), ("image_size", m.image_size),
+        for name, value in [("eval_batch_size", d.eval_batch_size), ("max_examples", d.max_examples),
+                            ("freeze_blocks", f.freeze_blocks), ("backbone_depth", m.backbone_depth),
+                            ("lora_rank", f.lora_rank), ("unfreeze_every_epochs", f.unfreeze_every_epochs),
+                            ("tokens_per_batch", d.tokens_per_batch),
+                            ("bucket_shapes", d.bucket_shapes), ("image_size", m.image_size),
                             ("head_hidden_units", m.head_hidden_units), ("max_steps_per_epoch", t.max_steps_per_epoch),
                             ("early_stopping_patience", t.early_stopping_patience),
                             ("save_every_steps", t.save_every_steps), ("weight_decay", t.weight_decay)]:

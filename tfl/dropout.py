@@ -18,6 +18,8 @@ stay Keras's and no keras-hub code is copied. A copy rebuilt from the config (``
 import keras
 import tensorflow as tf
 
+from tfl.layer_calls import patch_layer_calls
+
 _HALF_WORD_VALUES = 1 << 16
 
 
@@ -43,15 +45,11 @@ def use_half_word_dropout(model: keras.Layer) -> int:
     """Make every plain ``keras.layers.Dropout`` inside ``model`` (nested layers included) draw with
     ``half_word_dropout`` in training; returns how many were patched. Left as Keras's: a Dropout with a
     ``noise_shape`` (one mask shared along some axes), one whose rounded rate is 0 or 1, one already patched."""
-    patched = 0
-    # Keras 3 has no public walk over nested layers (keras-hub's encoder layers hold their Dropouts as
-    # attributes); _flatten_layers is the one Keras's own tracking uses.
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        if (type(layer) is keras.layers.Dropout and layer.noise_shape is None and "call" not in vars(layer)
-                and _drawable(layer.rate)):
-            layer.call = _half_word_call(layer)
-            patched += 1
-    return patched
+    return patch_layer_calls(model, _wants_half_words, _half_word_call)
+
+
+def _wants_half_words(layer: keras.Layer) -> bool:
+    return type(layer) is keras.layers.Dropout and layer.noise_shape is None and _drawable(layer.rate)
 
 
 def _half_word_call(layer: keras.layers.Dropout):

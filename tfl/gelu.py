@@ -21,6 +21,8 @@ import math
 import keras
 import tensorflow as tf
 
+from tfl.layer_calls import patch_layer_calls
+
 _HALF_PRECISION = (tf.bfloat16, tf.float16)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # tf.nn.gelu's 0.7978845608028654
 _CUBIC = 0.044715
@@ -61,13 +63,12 @@ def use_float32_gelu(model: keras.Layer) -> int:
     """Make every Dense / EinsumDense inside ``model`` whose activation is keras-hub's ``gelu_approximate``
     compute it with ``gelu_tanh_in_float32``; returns how many were patched (an already patched layer is left
     alone)."""
-    patched = 0
-    for layer in model._flatten_layers(include_self=True, recursive=True):  # as tfl.dropout walks them
-        if (isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) and "call" not in vars(layer)
-                and _is_keras_hub_gelu_approximate(layer.activation)):
-            layer.call = _call_with_float32_gelu(layer)
-            patched += 1
-    return patched
+    return patch_layer_calls(model, _wants_float32_gelu, _call_with_float32_gelu)
+
+
+def _wants_float32_gelu(layer: keras.Layer) -> bool:
+    return (isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+            and _is_keras_hub_gelu_approximate(layer.activation))
 
 
 def _call_with_float32_gelu(layer: keras.layers.Layer):
