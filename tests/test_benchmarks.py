@@ -136,6 +136,16 @@ def test_targets_against_the_peer_are_unmet_when_the_peer_did_not_run(bench):
     assert "| a | 0.90x | **no** |" in bench.target_rows([("a", "0.90x", False)])
 
 
+def test_the_epoch_targets_are_judged_for_fixed_batches_and_for_the_token_budget_each_on_its_own_epochs(bench):
+    epochs = {"8 length buckets": (100.0, 20.0, 8), bench.BUDGET_ROW: (80.0, 25.0, 8)}
+    peer = {"fixed_step_ex_s": 10.0, "epoch_seconds": 140.0, "first_epoch_extra_seconds": 1.0}
+    targets = bench.target_list(12.0, epochs, peer)
+    assert [(measured, met) for _, measured, met in targets] == [
+        ("1.20x", True), ("1.40x", False), ("1.18x", False),  # 140 / 100; 141 / 120
+        ("1.75x", True), ("1.34x", False)]  # 140 / 80; 141 / 105
+    assert "--tokens_per_batch=1024" in targets[3][0] and "docs/token_budget.md" in targets[3][0]
+
+
 def test_findings_say_so_when_no_op_outside_the_matmuls_is_named(profiler):
     assert "No op outside the matmuls" in profiler.findings({("MatMul", "a"): 1.0, ("_XlaRun", "cluster"): 1.0})
 
