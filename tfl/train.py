@@ -18,7 +18,8 @@ import tensorflow as tf
 from tfl import heads, storage
 from tfl.freezing import LayerwiseAdamW
 from tfl.fused_adam import use_fused_adam
-from tfl.keras_workarounds import CSVLogger, clip_with_tensorflow, patch_keras_for_distribution, with_loss_scaling
+from tfl.keras_workarounds import (CSVLogger, build_optimizer_eagerly, clip_with_tensorflow, patch_keras_for_distribution,
+                                   with_loss_scaling)
 
 
 # ---- optimizer and schedule -----------------------------------------------------------------
@@ -186,6 +187,7 @@ def compile_model(model: keras.Model, optimizer, *, task: str, num_labels: int, 
     loss, metrics = heads.loss_and_metrics(task, num_labels)
     model.compile(optimizer=with_loss_scaling(model, optimizer), loss=loss, metrics=metrics, jit_compile=jit_compile,
                   steps_per_execution=steps_per_execution)
+    build_optimizer_eagerly(model)  # else built inside the first trace, which then runs twice
 
 
 def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset, *, task: str, num_labels: int,
