@@ -86,7 +86,7 @@ def prepare(directory: str) -> None:
 #   "philox": Keras's TF dropout (tf.nn.experimental.stateless_dropout: a Philox uniform per element compared with
 #             the rate, then a select): what tfl ran on a GPU until run 6 measured this table;
 #   "half_word": tfl.dropout.half_word_dropout (16 Philox bits per element, one scaled multiply): what tfl runs
-#             on CPUs and, since run 6 measured it 8% faster than "philox" here, on GPUs (tfl/backbones.py);
+#             on CPUs and, since run 6 measured it faster than "philox" here, on GPUs in bf16 (tfl/backbones.py);
 #   "none": rate 0 (not a recipe: dropout's share of the step; with attention dropout at 0, Keras's attention
 #           also switches to ops.dot_product_attention from its einsum path).
 DROPOUTS = ("keras", "philox", "half_word", "none")
@@ -536,7 +536,7 @@ def render(runs: list, source: str) -> str:
 
 
 DROPOUT_NAMES = {"keras": "Keras/JAX's own", "philox": "Keras's TF dropout (tfl on a GPU before run 6)",
-                 "half_word": "tfl's half-word (tfl on a CPU or GPU)", "none": "none"}
+                 "half_word": "tfl's half-word (tfl on a CPU, or a GPU in bf16)", "none": "none"}
 
 
 def dropout_section(results: dict, mfu) -> list:
@@ -550,10 +550,10 @@ def dropout_section(results: dict, mfu) -> list:
              "The same fixed-shape step with four dropouts, each timed after the other in one process. tfl does not "
              "run Keras/JAX's dropout (jax.random's threefry, one 32-bit draw per element): on a GPU it runs Keras's "
              "TF dropout (a uniform draw per element, compared with the rate, then a select; TF's stateless draws are "
-             "Philox bits) until run 6 measured this table; it now runs its own half-word dropout on CPUs and GPUs "
-             "(`tfl/dropout.py`: 16 Philox bits per element, one scaled multiply; `tfl/backbones.py` patches it in "
-             "everywhere but on TPUs; its TensorFlow form compiles with XLA in tfl's tests, on a CPU: this machine "
-             "has no TensorFlow to run it on the card). Both are ported to JAX here on XLA's "
+             "Philox bits) until run 6 measured this table; it now runs its own half-word dropout on CPUs, and on GPUs "
+             "in bfloat16 as measured here (`tfl/dropout.py`: 16 Philox bits per element, one scaled multiply; "
+             "`tfl/backbones.py` patches it in; not on TPUs; its TensorFlow form compiles with XLA in tfl's tests, "
+             "on a CPU: this machine has no TensorFlow to run it on the card). Both are ported to JAX here on XLA's "
              "Philox bit generator (`philox_dropout_jax`, `half_word_dropout_jax`); the ports are checked on the card "
              f"before the timings (run {rows[-1]['run']}: {checks}). How XLA lowers TF's own bfloat16 uniform draw "
              "was not checked: the philox port draws a 32-bit word per element. \"None\" sets every rate to 0: not "

@@ -346,7 +346,7 @@ def test_gpu_target_is_judged_on_the_dropout_tfl_runs_on_a_gpu(gpu_bench):
     # The half-word port's 1,060 ex/s x 3e11 FLOP = 3.18e14 FLOP/s of 8e14: 39.75%, below the target though
     # Keras's TF dropout (41.25%) and the fixed row (41.25%) are above it: tfl runs the half-word dropout
     assert "| BERT-base | 512 | 1 | 1,000 ex/s | 38% | 1,100 ex/s | 41% | 1,060 ex/s | 40% | 1,200 ex/s | 45% |" in text
-    assert "39.8% of the measured matmul peak, batch 512, run 1, with tfl's half-word (tfl on a CPU or GPU)" in text
+    assert "39.8% of the measured matmul peak, batch 512, run 1, with tfl's half-word (tfl on a CPU, or a GPU in bf16)" in text
     assert "Keras/JAX's own 37.5%, Keras's TF dropout (tfl on a GPU before run 6) 41.2%" in text
     assert "| **no** |" in text and "Not measured (dropout rows): BERT-base at batch 1024 (run 1): OOM" in text
     faster = dict(run["dropout"][0]["keras_ex_s"], half_word=1070.0)

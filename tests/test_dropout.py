@@ -80,10 +80,8 @@ def test_use_half_word_dropout_leaves_what_it_cannot_draw_as_keras_has_it():
     assert dropout.use_half_word_dropout(tiny_bert(0.0)) == 0
 
 
-@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="patched on a CPU only")
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_a_tfl_model_on_the_cpu_trains_with_half_word_dropout_and_saves_keras_dropout(tmp_path, draws,
-                                                                                     jit_compile):
+def test_a_bfloat16_tfl_model_trains_with_half_word_dropout_and_saves_keras_dropout(tmp_path, draws, jit_compile):
     from tfl import train
     from tfl.backbones import build_backbone
     from tfl.runner import build_model
@@ -107,13 +105,15 @@ def test_a_tfl_model_on_the_cpu_trains_with_half_word_dropout_and_saves_keras_dr
     assert reloaded and not [la for la in reloaded if "call" in vars(la)]  # Keras's own dropout, as stored
 
 
-@pytest.mark.parametrize("kind, patched", [("gpu", True), ("tpu", False)])
-def test_a_gpu_backbone_draws_half_words_too_and_a_tpu_one_keeps_keras_dropout(tmp_path, monkeypatch, kind, patched):
+@pytest.mark.parametrize("kind, dtype, patched", [("gpu", "mixed_bfloat16", True), ("gpu", None, False),
+                                                 ("tpu", "mixed_bfloat16", False)])
+def test_a_bfloat16_gpu_backbone_draws_half_words_too_and_others_keep_keras_dropout(tmp_path, monkeypatch, kind,
+                                                                                   dtype, patched):
     from tfl import devices, gelu
     from tfl.backbones import build_backbone
 
     monkeypatch.setattr(devices, "device_kind", lambda strategy=None: kind)
-    backbone = build_backbone(save_tiny_bert_preset(tmp_path, dropout=0.1), sequence_length=8)
+    backbone = build_backbone(save_tiny_bert_preset(tmp_path, dropout=0.1), sequence_length=8, dtype=dtype)
     # what is left unpatched afterwards: none when the build patched all 7, else all 7
     assert dropout.use_half_word_dropout(backbone.keras_hub_backbone) == (0 if patched else 7)
     assert gelu.use_float32_gelu(backbone.keras_hub_backbone) == 2  # the float32 GELU is for CPUs only

@@ -2,8 +2,9 @@
 
 On a CPU, dropout's cost in a transformer fine-tune is its random numbers: in docs/benchmarks.md's profile of a
 MiniLM step, the random draws of Keras's dropout (one Philox word per element) were the largest operation after
-the matmuls. Splitting each 32-bit word into two 16-bit halves draws half as many. On a GPU the same change made
-a BERT-base step faster too (docs/benchmarks-gpu.md, measured on an H200 through a JAX port of this function). The rate is rounded to a
+the matmuls. Splitting each 32-bit word into two 16-bit halves draws half as many. On a GPU in bfloat16 the same
+change made a BERT-base step faster too (docs/benchmarks-gpu.md: measured on an H200 through a JAX port of this
+function; this TensorFlow form has not run on a GPU). The rate is rounded to a
 multiple of 1/65536 (0.1 -> 0.100006) and the kept values are scaled by the rounded rate's 1 / (1 - rate), so
 the output's expectation is the input up to the scale's rounding in the input's dtype (as with Keras's dropout).
 

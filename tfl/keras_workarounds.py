@@ -112,13 +112,15 @@ def build_optimizer_eagerly(model: keras.Model) -> None:
     Without a distribution strategy in use, Keras defers that build to the first trace of the train step, so the
     optimizer's variables are created inside the ``tf.function``: each through TensorFlow's slow lifted
     initialisation, and a function that creates variables is traced twice. For the MiniLM classifier of
-    configs/minilm_rotten_tomatoes.flags, the first ``fit`` call over one batch took 12.0 s, against 0.4 s for
-    this build plus 5.7 s (one trace) after it.
+    configs/minilm_rotten_tomatoes.flags that was about half of the first ``fit`` call's time (once measured,
+    with a throwaway script; docs/benchmarks.md's first-epoch row and docs/memory.md show the effect).
 
     Upstream: no report found; ``keras.src.backend.tensorflow.trainer``'s ``_maybe_symbolic_build`` returns early
     when no strategy is set ("defer building to when the train/test/predict function gets traced").
     """
     optimizer = model.optimizer
+    if model._distribute_strategy is not None:  # built under a strategy: Keras builds it first, in its scope
+        return
     if optimizer is None or optimizer.built or not all(layer.built for layer in model._flatten_layers()):
         return  # a model built by its first call (no input shape yet) leaves the build to the first trace
     optimizer.build(model.trainable_variables)
