@@ -9,6 +9,11 @@ backend, compiled by XLA as `--jit_compile=auto` chooses on a GPU, in mixed_bflo
     KERAS_BACKEND=jax python3 benchmarks/gpu.py measure --dir=DIR --out=R.json   # there: no tfl, no TF
     .venv/bin/python benchmarks/gpu.py render --results=R.json --out=docs/benchmarks-gpu.md
 
+The lent machine's image (Python 3.12) has had neither Keras 3.15 nor keras-hub, and in run 6 not optree or
+namex either: carry their wheels (`pip download --no-deps --only-binary=:all: --python-version 3.12
+--platform manylinux_2_28_x86_64 -d .whl keras==3.15.1 keras-hub==0.32.0 optree namex`) and install there with
+`pip install --no-deps` those that `python3 -c "import <module>"` does not find.
+
 measure times, on the same card in one process:
   - the card's bf16 matmul peak (8192³, in JAX and in torch), the denominator of every MFU figure;
   - a fixed-shape fine-tune step (batch x 128 tokens) of MiniLM (all-MiniLM-L6-v2's shape) and BERT-base,
