@@ -23,8 +23,8 @@ measure times, on the same card in one process:
     8 length buckets (each bucket's last batch padded to full size with zero sample weights, so one compile per
     bucket), torch with per-batch dynamic padding on a shuffled order;
   - the fixed-shape step, Keras only, with each of DROPOUTS: Keras/JAX's own, Keras's TF dropout (what tfl ran
-    on a GPU before run 6) and tfl's half-word dropout (what it runs on CPUs and GPUs), both ported to JAX, and
-    none (dropout's share of the step).
+    on a GPU before run 6) and tfl's half-word dropout (what it runs on CPUs, and on GPUs in bf16), both ported
+    to JAX, and none (dropout's share of the step).
 Weights are random from each architecture's config: speed does not depend on their values (the asset's
 90 MB of weights is more than a call can carry). MFU = model FLOPs (6 x non-embedding params x tokens +
 attention, padded tokens counted) / time / the bf16 peak measured in the same run.

@@ -188,10 +188,11 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
     on_tpu = kind == "tpu" or bool(tf.config.list_logical_devices("TPU"))  # TPUs keep Keras's: not measured there
     # Half the random draws: dropout's main cost on a CPU. On a GPU only as measured there: in bfloat16, where a JAX
     # port of it sped up an H200's BERT-base step (docs/benchmarks-gpu.md; its TensorFlow form has not run on a GPU).
-    if not on_tpu and (kind == "cpu" or "bfloat16" in (dtype or keras.config.dtype_policy().name)):
-        dropout.use_half_word_dropout(hub_backbone)
-    if not on_tpu and kind == "cpu":
-        gelu.use_float32_gelu(hub_backbone)  # TensorFlow's bfloat16 element-wise kernels are slow on a CPU
+    if not on_tpu:
+        if kind == "cpu" or "bfloat16" in (dtype or keras.config.dtype_policy().name):
+            dropout.use_half_word_dropout(hub_backbone)
+        if kind == "cpu":
+            gelu.use_float32_gelu(hub_backbone)  # TensorFlow's bfloat16 element-wise kernels are slow on a CPU
     inputs = hub_backbone.input
     if "token_ids" in inputs if isinstance(inputs, dict) else False:
         longest = getattr(hub_backbone, "max_sequence_length", None)

@@ -118,9 +118,9 @@ def build_optimizer_eagerly(model: keras.Model) -> None:
     Upstream: no report found; ``keras.src.backend.tensorflow.trainer``'s ``_maybe_symbolic_build`` returns early
     when no strategy is set ("defer building to when the train/test/predict function gets traced").
     """
-    optimizer = model.optimizer
     if model._distribute_strategy is not None:  # built under a strategy: Keras builds it first, in its scope
         return
+    optimizer = model.optimizer
     if optimizer is None or optimizer.built or not all(layer.built for layer in model._flatten_layers()):
         return  # a model built by its first call (no input shape yet) leaves the build to the first trace
     optimizer.build(model.trainable_variables)
