@@ -50,8 +50,12 @@ def tiny_bert(dropout: float = 0.0, max_sequence_length: int = 16):
 
 def save_tiny_bert_preset(folder, dropout: float = 0.0, max_sequence_length: int = 16) -> str:
     """``tiny_bert(dropout, max_sequence_length)`` and its tokenizer saved as a keras-hub preset folder."""
+    import keras
     import keras_hub
 
+    # Seeded: else its weights follow whatever the worker's tests drew before, and a test that trains it (two
+    # replicas learning in test_distribute) passed or failed by the order of the tests.
+    keras.utils.set_random_seed(0)
     tiny_bert(dropout, max_sequence_length).save_to_preset(str(folder))
     keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True).save_to_preset(str(folder))
     return str(folder)
