@@ -1,7 +1,6 @@
 """Each Keras workaround in tfl/keras_workarounds.py, checked both ways: plain Keras still has the bug
 (so the day an upgrade fixes it, the test says to drop the workaround), and the workaround fixes it."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -254,42 +253,6 @@ def test_keras_saves_weights_through_memory_and_tfl_through_a_file():
     # workaround then); through a file, far less.
     assert out["above"]["keras"] > 150, out
     assert out["above"]["disk"] < out["above"]["keras"] - 100, out
-
-
-class _CountingTraces(keras.layers.Layer):
-    """Identity that counts how often it is called: in a tf.function, once per trace."""
-    calls = 0
-
-    def call(self, inputs):
-        type(self).calls += 1
-        return inputs
-
-
-def _write_an_archive(path, workaround: bool) -> tuple:
-    inputs = keras.Input((4,))
-    inner = keras.Model(inputs, _CountingTraces()(keras.layers.Dense(3)(inputs)))
-    outer = keras.Model(inputs, keras.layers.Dense(2)(inner(inputs)))
-    archive = keras.export.ExportArchive()
-    archive.track(outer)
-    archive.add_endpoint("serve", lambda x: outer(x), input_signature=[tf.TensorSpec([None, 4], tf.float32)])
-    _CountingTraces.calls = 0
-    with keras_workarounds.no_default_serving_traces() if workaround else contextlib.nullcontext():
-        archive.write_out(str(path), verbose=False)
-    return _CountingTraces.calls, outer
-
-
-def test_export_traces_each_models_default_serving_function_and_tfl_does_not(tmp_path):
-    keras_traces, _ = _write_an_archive(tmp_path / "keras", workaround=False)
-    tfl_traces, outer = _write_an_archive(tmp_path / "tfl", workaround=True)
-    # The endpoint is traced the same either way; Keras also traces a default serving function of each of the
-    # two models (fails the day Keras stops: drop the workaround then).
-    assert keras_traces >= tfl_traces + 2, (keras_traces, tfl_traces)
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    served = tf.saved_model.load(str(tmp_path / "tfl")).signatures["serve"](tf.constant(x))
-    np.testing.assert_allclose(list(served.values())[0].numpy(), outer(x).numpy(), rtol=1e-6)
-    from keras.src.backend.tensorflow.layer import TFLayer
-
-    assert outer._default_save_signature is not None and "_default_save_signature" in vars(TFLayer)  # restored
 
 
 # A fresh process's prelude: two logical CPUs, and ``fit_on_replicas``, which trains one tiny model (an embedding,

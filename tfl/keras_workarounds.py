@@ -6,13 +6,10 @@ test in tests/test_keras_workarounds.py that fails the day Keras fixes it, so th
     keras_workarounds.build_optimizer_eagerly(model)                    # after model.compile
     optimizer = keras_workarounds.clip_with_tensorflow(optimizer)      # when it has global_clipnorm
     keras_workarounds.save_weights_through_disk(model, "model.keras")   # instead of model.save
-    with keras_workarounds.no_default_serving_traces():                 # around ExportArchive.write_out
-        archive.write_out(path)
 """
 
 from __future__ import annotations
 
-import contextlib
 from unittest import mock
 
 import keras
@@ -212,26 +209,3 @@ def save_weights_through_disk(model: keras.Model, path: str) -> None:
         return
     with mock.patch.object(saving_lib, "is_memory_sufficient", lambda _: False):
         model.save(path)
-
-
-@contextlib.contextmanager
-def no_default_serving_traces():
-    """Inside it, Keras models have no default serving function, so ``ExportArchive.write_out`` traces none.
-
-    Before saving, the archive walks every object it tracks to collect lookup tables (a tokenizer's
-    vocabulary). On each Keras model the walk reads ``_default_save_signature``, a property that builds a new
-    ``tf.function`` over the model's inputs, and traces it: once per model (a tfl classifier, its keras-hub
-    backbone, ...), about a quarter of the export's time for a MiniLM classifier, for a function the archive
-    never saves (it writes only its own endpoints and variables). The property answers None inside, as it does for a
-    layer that is not a model. Not thread-safe: it swaps a class attribute for the duration.
-
-    Upstream: no report found; the walk is ``keras.src.export.saved_model_export_archive``'s
-    ``_filter_and_track_resources``, the property ``keras.src.backend.tensorflow.layer.TFLayer``'s.
-    """
-    from keras.src.backend.tensorflow.layer import TFLayer
-
-    if "_default_save_signature" not in vars(TFLayer):  # a Keras that has dropped it: nothing to avoid
-        yield
-        return
-    with mock.patch.object(TFLayer, "_default_save_signature", property(lambda self: None)):
-        yield
