@@ -86,8 +86,8 @@ def serving_module(model: keras.Model, backbone: backbones_lib.Backbone, label_n
     more: the weights it reads (not the optimizer's slots) and the preprocessor's tokenizer tables.
 
     Not Keras's ExportArchive (3.15): it saves every weight twice, as the Keras variable ``track`` lists and as
-    the tf.Variable the endpoint captures (keras-team/keras#23553; 177 MB for the MiniLM classifier, 90 MB
-    here, and twice the weights' memory in a serving process), and it traces the endpoint twice."""
+    the tf.Variable the endpoint captures (keras-team/keras#23553: 177 MB for the MiniLM classifier, 90 MB
+    here; a serving process that loads it holds the extra copy too), and it traces the endpoint twice."""
     function, signature = ServingFunctions(model, backbone, label_names, task).endpoint()
     serving_default = tf.function(function, input_signature=signature, autograph=False).get_concrete_function()
     module = tf.Module()
