@@ -167,6 +167,10 @@ def test_export_stores_each_weight_once_traces_once_and_leaves_the_optimizer_out
     path = export_lib.export_serving_model(model, backbone, ["neg", "pos"], "classification", str(tmp_path / "tfl"))
     assert len(traces) == 1
     assert _stored_values(path) == model.count_params()
+    loaded = tf.saved_model.load(path)  # the endpoint is also an attribute, as Keras's archive made it
+    np.testing.assert_allclose(loaded.serving_default(tf.constant(["a fine film"]))["probabilities"].numpy(),
+                               loaded.signatures["serving_default"](inputs=tf.constant(["a fine film"]))
+                               ["probabilities"].numpy())
     # Keras's own archive stores each weight twice (keras-team/keras#23553): fails the day Keras fixes it, when
     # tfl could go back to keras.export.ExportArchive.
     archive = keras.export.ExportArchive()

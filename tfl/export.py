@@ -83,7 +83,10 @@ def next_version_dir(export_root: str) -> str:
 
 def serving_module(model: keras.Model, backbone: backbones_lib.Backbone, label_names: list, task: str) -> tuple:
     """(module, serving_default): the endpoint traced once, and a tf.Module holding what it needs and nothing
-    more: the weights it reads (not the optimizer's slots) and the preprocessor's tokenizer tables.
+    more: the weights it reads (not the optimizer's slots), the preprocessing layer's lookup tables (a
+    tokenizer's vocabulary, the LSTM vectorizer's) and the endpoint itself (``loaded.serving_default``).
+    The preprocessing layers tfl builds hold no weights; one that did would be stored twice (as its layer's and
+    as read), and a lookup table inside the model itself would not be tracked (none is today).
 
     Not Keras's ExportArchive (3.15): it saves every weight twice, as the Keras variable ``track`` lists and as
     the tf.Variable the endpoint captures (keras-team/keras#23553: 177 MB for the MiniLM classifier, 90 MB
@@ -96,6 +99,7 @@ def serving_module(model: keras.Model, backbone: backbones_lib.Backbone, label_n
     layer = getattr(backbone.preprocess, "preprocessor", backbone.preprocess)
     if isinstance(layer, keras.layers.Layer):
         module.preprocessor = layer
+    module.serving_default = serving_default
     return module, serving_default
 
 

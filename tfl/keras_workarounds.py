@@ -6,6 +6,9 @@ test in tests/test_keras_workarounds.py that fails the day Keras fixes it, so th
     keras_workarounds.build_optimizer_eagerly(model)                    # after model.compile
     optimizer = keras_workarounds.clip_with_tensorflow(optimizer)      # when it has global_clipnorm
     keras_workarounds.save_weights_through_disk(model, "model.keras")   # instead of model.save
+
+Not a patch, so not here: the export bypasses Keras's ExportArchive (tfl/export.py says why; its test in
+tests/test_export.py fails the day Keras fixes keras-team/keras#23553).
 """
 
 from __future__ import annotations
