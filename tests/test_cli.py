@@ -216,6 +216,27 @@ def _documented_commands():
     return [c for c in commands if c and c[0].startswith("--") and "--helpfull" not in c]
 
 
+def test_a_flag_that_the_mode_does_not_read_is_refused_by_name(tmp_path):
+    flagfile = tmp_path / "compare.flags"
+    flagfile.write_text(f"--flagfile={ROOT}/configs/base.flags\n--mode=compare\n--seeds=2\n--strategies=fine_tune\n")
+    values = fresh_flags()
+    values(["main.py", f"--flagfile={flagfile}", "--mode=train"])  # a compare flagfile run as one training
+    with pytest.raises(ConfigError, match=r"^--strategies, --seeds are read by --mode=compare only, and would "
+                                          r"change nothing with --mode=train: drop them or use that mode$"):
+        cli.config_from_flags(values)
+    values = fresh_flags()
+    values(["main.py", "--mode=train", "--budget_minutes=5"])
+    with pytest.raises(ConfigError, match=r"^--budget_minutes is read by --mode=auto or tune only"):
+        cli.config_from_flags(values)
+    for mode in ("auto", "tune"):  # the modes that read it accept it; so does compare its own flags
+        values = fresh_flags()
+        values(["main.py", f"--mode={mode}", "--budget_minutes=5"])
+        assert cli.config_from_flags(values).auto.budget_minutes == 5
+    values = fresh_flags()
+    values(["main.py", f"--flagfile={flagfile}"])
+    assert cli.config_from_flags(values).compare.seeds == 2
+
+
 def test_every_documented_command_parses_into_a_valid_config():
     """The README's and the notebook's commands must keep working as flags and configs change."""
     commands = _documented_commands()

@@ -27,7 +27,7 @@ from tfl.config import config_from_dict
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.flags")))
 REHEARSED = [c for c in CONFIGS if c != "base.flags"]  # base.flags is covered through the others
-QUICK = ["--max_steps_per_epoch=2", "--seeds=1", "--batch_size=8"]
+QUICK = ["--max_steps_per_epoch=2", "--batch_size=8"]
 # Internet-only names and the stand-in each gets (same classes, tiny and random).
 HUB_STAND_INS = {"bert_base_en_uncased": "tiny_bert", "vit_base_patch16_224_imagenet": "tiny_vit"}
 
@@ -163,6 +163,8 @@ def rehearse(name: str, tmp_root, monkeypatch, presets: dict, done: dict) -> dic
         epochs = TUNE_MIN_EPOCHS
         args.append("--budget_minutes=0.05")
     args += QUICK + [f"--epochs={epochs}"] + stand_in_args(config, presets)
+    if config.mode == "compare":  # one seed per strategy (other modes refuse --seeds: they do not read it)
+        args.append("--seeds=1")
     if len(config.compare.label_fractions) > 1:  # the smallest (the riskiest: a handful of labels) stands for all;
         # several fractions in one report are tested in tests/test_transfer.py
         args.append(f"--label_fractions={config.compare.label_fractions[0]}")

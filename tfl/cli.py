@@ -24,6 +24,15 @@ _SECTIONS = {
     "auto": config_lib.AutoConfig,
 }
 _TOP_LEVEL = ("mode", "model_dir", "seed", "export", "overwrite")
+# Flags that only some modes read: given with another --mode (on the command line or in a flagfile), they
+# would change nothing, so the run stops and says so.
+MODES_READING = {
+    **{name: ("compare",) for name in ("strategies", "seeds", "label_fractions")},
+    "probe_learning_rate": ("compare", "auto"),
+    **{name: ("rank", "auto") for name in ("backbones", "rank_examples", "depths")},
+    "budget_minutes": ("auto", "tune"),
+    **{name: ("predict",) for name in ("input", "output")},
+}
 
 # Help strings, one per Config field; the defaults come from the dataclasses themselves. The flags that
 # name an extension point get theirs from its table when the flags are defined (table_help).
@@ -200,6 +209,14 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
                     raise config_lib.ConfigError(f"--{name}={','.join(values[name])} must be a comma-separated "
                                                  f"list of {cast.__name__} values")
         sections[key] = section(**values)
+    mode = flag_values["mode"].value
+    ignored = [name for name, modes in MODES_READING.items() if flag_values[name].present and mode not in modes]
+    if ignored:
+        modes = sorted({m for name in ignored for m in MODES_READING[name]})
+        raise config_lib.ConfigError(
+            f"--{', --'.join(ignored)} {'is' if len(ignored) == 1 else 'are'} read by --mode={' or '.join(modes)} "
+            f"only, and would change nothing with --mode={mode}: drop {'it' if len(ignored) == 1 else 'them'} or "
+            "use that mode")
     return config_lib.Config(**sections, **{n: flag_values[n].value for n in _TOP_LEVEL})
 
 

@@ -18,6 +18,7 @@ them, so a plain ``make demo`` leaves a clone's tracked files alone and no resul
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -83,9 +84,12 @@ def job_config(name: str, flagfile: str, source_job, out: str, quick: bool, refr
         overrides.update(DEMO_ONLY_OVERRIDES.get(name, {}))
     if source_job:
         overrides["source_model"] = f"{out}/{source_job}"
-    if quick:  # --seeds only matters to compare jobs
-        overrides.update(max_examples=400, max_steps_per_epoch=4, epochs=1, seeds=1)
-    return config_from_flagfile(flagfile, **overrides)
+    if quick:
+        overrides.update(max_examples=400, max_steps_per_epoch=4, epochs=1)
+    config = config_from_flagfile(flagfile, **overrides)
+    if quick and config.mode == "compare":  # one seed per strategy (the other modes refuse --seeds)
+        config = dataclasses.replace(config, compare=dataclasses.replace(config.compare, seeds=1)).validate()
+    return config
 
 
 def results_markdown(docs: str = DOCS) -> str:
