@@ -87,6 +87,19 @@ def test_a_run_from_before_markers_can_be_resumed_and_overwritten(tmp_path):
     assert os.listdir(old) == []
 
 
+@pytest.mark.parametrize("config_json", ["{}", '{"data": {}, "model": {}, "train": {}, "mode": "train"}', "[]",
+                                         '{"data": [], "model": {}, "train": {}, "mode": "train"}'])
+def test_someone_elses_config_and_metrics_are_not_taken_for_a_run(tmp_path, config_json):
+    (tmp_path / "config.json").write_text(config_json)  # every Config field has a default: {} alone would parse
+    (tmp_path / "metrics.json").write_text("{}")
+    assert not run_dir.looks_like_a_tfl_run(str(tmp_path))
+    with pytest.raises(ConfigError, match="holds other files"):
+        run_dir.check_starts_cleanly(str(tmp_path))
+    with pytest.raises(ConfigError, match="nothing was deleted"):
+        run_dir.clear_for_overwrite(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.json"]
+
+
 def test_lock_takeover_says_so_and_nested_acquire_is_a_no_op(tmp_path, capsys):
     lock_path = tmp_path / run_dir.LOCK
     lock_path.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 12345, "heartbeat": "x"}))

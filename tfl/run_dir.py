@@ -72,6 +72,10 @@ RUN_ENTRIES = {"config.json", "metrics.json", "model.keras", "best.weights.h5", 
                "fine_tune", MARKER}
 
 
+# The sections every tfl config.json has had, marker or not (later ones, e.g. predict, may be missing).
+OLD_RUN_SECTIONS = {"mode", "data", "model", "train"}
+
+
 def _is_tfl_entry(name: str) -> bool:
     return name in RUN_ENTRIES or ".tmp-" in name  # staging names of atomic writes
 
@@ -84,8 +88,14 @@ def looks_like_a_tfl_run(model_dir: str) -> bool:
 
     config_path = os.path.join(model_dir, "config.json")
     try:
-        config_from_dict(json.loads(storage.read_bytes(config_path)))
-    except (ValueError, TypeError, tf.errors.OpError):
+        values = json.loads(storage.read_bytes(config_path))
+        config_from_dict(values)
+        # Every field has a default, so {} (anyone's config.json) would parse: a tfl one names its sections.
+        named = values["data"].get("source") and values["model"].get("backbone") if OLD_RUN_SECTIONS <= set(values) \
+            else False
+        if not named:
+            return False
+    except (ValueError, TypeError, AttributeError, tf.errors.OpError):
         return False
     return any(tf.io.gfile.exists(os.path.join(model_dir, name)) for name in ("metrics.json", "backup"))
 
