@@ -25,8 +25,13 @@ def test_float32_gelu_is_tensorflows_gelu_in_float32_and_its_gradient_is_as_exac
     exact_in_float32, _ = _value_and_gradient(lambda v: tf.nn.gelu(v, approximate=True), tf.cast(x16, tf.float32))
     ours, our_gradient = _value_and_gradient(gelu.gelu_tanh_in_float32, x16)
     assert gelu.gelu_tanh_in_float32(x16).dtype == tf.bfloat16
-    # The value: TensorFlow's GELU in float32, rounded once to bfloat16
-    np.testing.assert_array_equal(ours, tf.cast(tf.cast(exact_in_float32, tf.bfloat16), tf.float32).numpy())
+    # The value: the same function in float32 (as a sigmoid), rounded once to bfloat16: within bfloat16's
+    # rounding of the float64 value, and as close to it as TensorFlow's own float32 GELU rounded to bfloat16
+    rounded = tf.cast(tf.cast(exact_in_float32, tf.bfloat16), tf.float32).numpy()
+    np.testing.assert_allclose(ours, exact, rtol=2 ** -8, atol=1e-6)
+    assert np.abs(ours - exact).max() <= np.abs(rounded - exact).max()
+    exact_rounded = tf.cast(tf.cast(tf.cast(exact, tf.float32), tf.bfloat16), tf.float32).numpy()
+    assert np.mean(ours == exact_rounded) >= np.mean(rounded == exact_rounded)  # 98.5% here against 91.7%
     # The closed-form gradient: within bfloat16's rounding (2^-8 relative) of the float64 derivative
     np.testing.assert_allclose(our_gradient, exact_gradient, rtol=2 ** -8, atol=1e-6 * np.abs(exact_gradient).max())
     # computed in bfloat16 throughout (Keras as shipped), both are further off
