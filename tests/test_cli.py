@@ -221,13 +221,18 @@ def test_a_flag_that_the_mode_does_not_read_is_refused_by_name(tmp_path):
     flagfile.write_text(f"--flagfile={ROOT}/configs/base.flags\n--mode=compare\n--seeds=2\n--strategies=fine_tune\n")
     values = fresh_flags()
     values(["main.py", f"--flagfile={flagfile}", "--mode=train"])  # a compare flagfile run as one training
-    with pytest.raises(ConfigError, match=r"^--strategies, --seeds are read by --mode=compare only, and would "
-                                          r"change nothing with --mode=train: drop them or use that mode$"):
+    with pytest.raises(ConfigError, match=r"^--strategies \(--mode=compare\), --seeds \(--mode=compare\) would "
+                                          r"change nothing with --mode=train: drop them, or use a mode that reads "
+                                          r"them$"):
         cli.config_from_flags(values)
     values = fresh_flags()
-    values(["main.py", "--mode=train", "--budget_minutes=5"])
-    with pytest.raises(ConfigError, match=r"^--budget_minutes is read by --mode=auto or tune only"):
+    values(["main.py", "--mode=train", "--budget_minutes=5", "--input=x"])
+    with pytest.raises(ConfigError, match=r"^--budget_minutes \(--mode=auto or tune\), --input \(--mode=predict\) "):
         cli.config_from_flags(values)
+    values = fresh_flags()
+    values(["main.py", "--mode=trian", "--seeds=2"])  # a mistyped mode: validate() names it, not the flags
+    with pytest.raises(ConfigError, match=r"mode"):
+        cli.config_from_flags(values).validate()
     for mode in ("auto", "tune"):  # the modes that read it accept it; so does compare its own flags
         values = fresh_flags()
         values(["main.py", f"--mode={mode}", "--budget_minutes=5"])

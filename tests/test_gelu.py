@@ -17,7 +17,7 @@ def _value_and_gradient(function, x):
     return tf.cast(y, tf.float32).numpy(), tf.cast(tape.gradient(loss, x), tf.float32).numpy()
 
 
-def test_float32_gelu_is_tensorflows_gelu_in_float32_and_its_gradient_is_as_exact():
+def test_float32_gelu_is_tensorflows_gelu_computed_in_float32_and_its_gradient_is_as_exact():
     x32 = tf.random.stateless_normal([64, 48], [3, 4]) * 3
     x16 = tf.cast(x32, tf.bfloat16)
     x64 = tf.cast(x16, tf.float64)  # the reference: float64 autodiff of TensorFlow's own formula

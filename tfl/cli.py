@@ -130,7 +130,7 @@ HELP = {
                           "(--epochs, --learning_rate) on this share of the training texts that zero-shot is surest "
                           "of, balanced per class, with their zero-shot labels (validation only scores, and with "
                           "--early_stopping_patience picks the epoch); 0 = the probe only.",
-    "probe_learning_rate": "--mode=compare: learning rate of the linear_probe strategy (head only).",
+    "probe_learning_rate": "--mode=compare (and auto's probe): learning rate of the linear_probe strategy (head only).",
     "seeds": "--mode=compare: runs per strategy (seeds --seed, --seed+1, ...).",
     "label_fractions": "--mode=compare: shares of the labelled training split to learn from, e.g. 0.05,0.2,1.0.",
     "mode": "train (one run), zero_shot (no training: similarity to label descriptions), self_train (no labels: "
@@ -140,7 +140,8 @@ HELP = {
             "then choose backbone, depth and strategy within --budget_minutes and run the choice: report.md) or "
             "tune (a KerasTuner Hyperband search over learning rate, epochs, frozen blocks and LoRA rank for "
             "--backbone within --budget_minutes: report.md with every trial).",
-    "backbones": "--mode=rank: candidates, comma-separated: asset:minilm, asset:minilm_l3, asset:efficientnet_lite0, "
+    "backbones": "--mode=rank and auto: candidates, comma-separated: asset:minilm, asset:minilm_l3, "
+                 "asset:efficientnet_lite0, "
                  "keras-hub encoder presets or folders, lstm/small_cnn run folders; each at every depth plus a "
                  "randomly initialised control. Empty = the offline zoo for the data's modality (and --source_model).",
     "budget_minutes": "--mode=auto: minutes for the whole run (ranking, then the chosen training); the choice "
@@ -150,8 +151,10 @@ HELP = {
               "then self-training on the unlabelled training texts; validation and test labels only score).",
     "backbone_depth": "keras-hub text encoders: keep only the first N transformer blocks, the features after "
                       "block N mean- or cls-pooled (--mode=rank's depth N, which --mode=auto picks); 0 = all.",
-    "rank_examples": "--mode=rank: score on at most this many training examples, drawn stratified from --seed.",
-    "depths": "--mode=rank: which depths of each backbone to score: all (every block; 0 = the embeddings alone), "
+    "rank_examples": "--mode=rank and auto: score on at most this many training examples, drawn stratified from "
+                     "--seed.",
+    "depths": "--mode=rank and auto: which depths of each backbone to score: all (every block; 0 = the "
+              "embeddings alone), "
               "last (each backbone's output) or a comma list such as 1,3. Random-init controls are always scored.",
     "input": "--mode=predict: a text, csv:<path> or jsonl:<path> (the --text_column), or images:<folder>.",
     "output": "--mode=predict: where to write the predictions CSV (input, label, p(<class>) ...); empty = stdout.",
@@ -211,12 +214,11 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
         sections[key] = section(**values)
     mode = flag_values["mode"].value
     ignored = [name for name, modes in MODES_READING.items() if flag_values[name].present and mode not in modes]
-    if ignored:
-        modes = sorted({m for name in ignored for m in MODES_READING[name]})
-        raise config_lib.ConfigError(
-            f"--{', --'.join(ignored)} {'is' if len(ignored) == 1 else 'are'} read by --mode={' or '.join(modes)} "
-            f"only, and would change nothing with --mode={mode}: drop {'it' if len(ignored) == 1 else 'them'} or "
-            "use that mode")
+    if ignored and mode in config_lib.MODES:  # an unknown --mode is reported as such, by validate()
+        readers = ", ".join(f"--{name} (--mode={' or '.join(MODES_READING[name])})" for name in ignored)
+        raise config_lib.ConfigError(f"{readers} would change nothing with --mode={mode}: drop "
+                                     f"{'it' if len(ignored) == 1 else 'them'}, or use a mode that reads "
+                                     f"{'it' if len(ignored) == 1 else 'them'}")
     return config_lib.Config(**sections, **{n: flag_values[n].value for n in _TOP_LEVEL})
 
 

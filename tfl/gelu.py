@@ -41,7 +41,7 @@ def gelu_tanh_in_float32(x: tf.Tensor) -> tf.Tensor:
 
 @tf.custom_gradient
 def _half_precision_gelu(x: tf.Tensor):
-    # The backward pass keeps only x (in its own dtype) and recomputes the tanh in float32: autodiff of the
+    # The backward pass keeps only x (in its own dtype) and recomputes the sigmoid in float32: autodiff of the
     # float32 ops would keep several float32 copies of the activation per layer (about 150 MB more at the peak
     # of a MiniLM fine-tune, measured with main.py here).
     def gradient(upstream):

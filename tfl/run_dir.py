@@ -72,8 +72,8 @@ RUN_ENTRIES = {"config.json", "metrics.json", "model.keras", "best.weights.h5", 
                "fine_tune", MARKER}
 
 
-# The sections every tfl config.json has had, marker or not (later ones, e.g. predict, may be missing).
-OLD_RUN_SECTIONS = {"mode", "data", "model", "train"}
+# The sections every tfl config.json has had, marker or not (later ones, e.g. mode or predict, may be missing).
+OLD_RUN_SECTIONS = {"data", "model", "train"}
 
 
 def _is_tfl_entry(name: str) -> bool:
