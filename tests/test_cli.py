@@ -230,6 +230,11 @@ def test_a_flag_that_the_mode_does_not_read_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"^--budget_minutes \(--mode=auto or tune\), --input \(--mode=predict\) "):
         cli.config_from_flags(values)
     values = fresh_flags()
+    values(["main.py", "--mode=rank", "--label_descriptions=0=bad;1=good"])
+    with pytest.raises(ConfigError,
+                       match=r"^--label_descriptions \(--mode=zero_shot or self_train or auto or compare\)"):
+        cli.config_from_flags(values)
+    values = fresh_flags()
     values(["main.py", "--mode=trian", "--seeds=2"])  # a mistyped mode: validate() names it, not the flags
     with pytest.raises(ConfigError, match=r"mode"):
         cli.config_from_flags(values).validate()

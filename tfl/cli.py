@@ -32,6 +32,7 @@ MODES_READING = {
     **{name: ("rank", "auto") for name in ("backbones", "rank_examples", "depths")},
     "budget_minutes": ("auto", "tune"),
     **{name: ("predict",) for name in ("input", "output")},
+    "label_descriptions": ("zero_shot", "self_train", "auto", "compare"),  # compare: its zero-shot/self-training
 }
 
 # Help strings, one per Config field; the defaults come from the dataclasses themselves. The flags that
