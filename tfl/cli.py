@@ -217,9 +217,9 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
     ignored = [name for name, modes in MODES_READING.items() if flag_values[name].present and mode not in modes]
     if ignored and mode in config_lib.MODES:  # an unknown --mode is reported as such, by validate()
         readers = ", ".join(f"--{name} (--mode={' or '.join(MODES_READING[name])})" for name in ignored)
-        raise config_lib.ConfigError(f"{readers} would change nothing with --mode={mode}: drop "
-                                     f"{'it' if len(ignored) == 1 else 'them'}, or use a mode that reads "
-                                     f"{'it' if len(ignored) == 1 else 'them'}")
+        them = "it" if len(ignored) == 1 else "them"
+        raise config_lib.ConfigError(f"{readers} would change nothing with --mode={mode}: drop {them}, or use a "
+                                     f"mode that reads {them}")
     return config_lib.Config(**sections, **{n: flag_values[n].value for n in _TOP_LEVEL})
 
 

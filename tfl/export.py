@@ -81,8 +81,8 @@ def next_version_dir(export_root: str) -> str:
     return os.path.join(export_root, str(max(versions, default=0) + 1))
 
 
-def serving_module(model: keras.Model, backbone: backbones_lib.Backbone, label_names: list, task: str) -> tuple:
-    """(module, serving_default): the endpoint traced once, and a tf.Module holding what it needs and nothing
+def serving_module(model: keras.Model, backbone: backbones_lib.Backbone, label_names: list, task: str) -> tf.Module:
+    """The endpoint traced once (``module.serving_default``), in a tf.Module holding what it needs and nothing
     more: the weights it reads (not the optimizer's slots), the preprocessing layer's lookup tables (a
     tokenizer's vocabulary, the LSTM vectorizer's) and the endpoint itself (``loaded.serving_default``).
     The preprocessing layers tfl builds hold no weights; one that did would be stored twice (as its layer's and
@@ -100,17 +100,17 @@ def serving_module(model: keras.Model, backbone: backbones_lib.Backbone, label_n
     if isinstance(layer, keras.layers.Layer):
         module.preprocessor = layer
     module.serving_default = serving_default
-    return module, serving_default
+    return module
 
 
 def export_serving_model(model: keras.Model, backbone: backbones_lib.Backbone, label_names: list, task: str,
                          export_root: str) -> str:
     """Saves a SavedModel with a raw-input ``serving_default`` under a new version folder; returns it."""
-    module, serving_default = serving_module(model, backbone, label_names, task)
+    module = serving_module(model, backbone, label_names, task)
     final = next_version_dir(export_root)
     staging = storage.temporary_name(final)
     try:
-        tf.saved_model.save(module, staging, signatures={"serving_default": serving_default})
+        tf.saved_model.save(module, staging, signatures={"serving_default": module.serving_default})
         storage.move_folder(staging, final)
     except (OSError, tf.errors.OpError) as e:
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]

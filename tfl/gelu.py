@@ -49,13 +49,18 @@ def _half_precision_gelu(x: tf.Tensor):
         # is very negative.
         x32 = tf.cast(x, tf.float32)
         x_squared = tf.square(x32)
-        s = tf.sigmoid(x32 * (_TWO_C + _TWO_C * _CUBIC * x_squared))
+        s = _sigmoid_of_twice_u(x32, x_squared)
         twice_slope = _TWO_C + 3.0 * _TWO_C * _CUBIC * x_squared
         derivative = s + x32 * (s - tf.square(s)) * twice_slope
         return tf.cast(tf.cast(upstream, tf.float32) * derivative, x.dtype)
 
     x32 = tf.cast(x, tf.float32)
-    return tf.cast(x32 * tf.sigmoid(x32 * (_TWO_C + _TWO_C * _CUBIC * tf.square(x32))), x.dtype), gradient
+    return tf.cast(x32 * _sigmoid_of_twice_u(x32, tf.square(x32)), x.dtype), gradient
+
+
+def _sigmoid_of_twice_u(x32: tf.Tensor, x_squared: tf.Tensor) -> tf.Tensor:
+    """sigmoid(2u) = 0.5 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), from x and x^2 in float32."""
+    return tf.sigmoid(x32 * (_TWO_C + _TWO_C * _CUBIC * x_squared))
 
 
 def _is_keras_hub_gelu_approximate(activation) -> bool:

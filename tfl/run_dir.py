@@ -91,9 +91,8 @@ def looks_like_a_tfl_run(model_dir: str) -> bool:
         values = json.loads(storage.read_bytes(config_path))
         config_from_dict(values)
         # Every field has a default, so {} (anyone's config.json) would parse: a tfl one names its sections.
-        named = values["data"].get("source") and values["model"].get("backbone") if OLD_RUN_SECTIONS <= set(values) \
-            else False
-        if not named:
+        if not (OLD_RUN_SECTIONS <= set(values) and values["data"].get("source")
+                and values["model"].get("backbone")):
             return False
     except (ValueError, TypeError, AttributeError, tf.errors.OpError):
         return False
