@@ -469,18 +469,21 @@ def test_each_cpu_patches_variant_has_exactly_the_changes_of_its_row(patches_ben
         layers = list(model._flatten_layers())
         rows.append((sum(isinstance(la, keras.layers.Dropout) and "call" in vars(la) for la in layers),
                      fused_adam._is_fused(model.optimizer.update_step),
-                     sum(isinstance(la, keras.layers.Dense) and "call" in vars(la) for la in layers)))
-    # the tiny BERT has 7 dropouts and 2 feed-forward GELUs
-    assert rows == [(0, False, 0), (7, False, 0), (7, True, 0), (7, True, 2)], rows
+                     sum(isinstance(la, keras.layers.Dense) and "call" in vars(la) for la in layers),
+                     sum(isinstance(la, keras.layers.LayerNormalization) and "call" in vars(la) for la in layers)))
+    # the tiny BERT has 7 dropouts, 2 feed-forward GELUs and 5 layer norms (the embeddings' and 2 per layer)
+    assert rows == [(0, False, 0, 0), (7, False, 0, 0), (7, True, 0, 0), (7, True, 2, 0), (7, True, 2, 5)], rows
     assert [getattr(module, name) for module, name in patches_bench.PATCHES] == originals  # switches put back
 
 
 def test_the_cpu_patches_doc_gives_each_rows_speed_up_from_its_best_round(patches_bench):
-    results = {"seconds": [[10.0, 9.0], [8.0, 9.5], [5.0, 5.5], [4.0, 4.5]], "boundaries": [13, 64], "batches": 4,
+    results = {"seconds": [[10.0, 9.0], [8.0, 9.5], [5.0, 5.5], [4.0, 4.5], [4.0, 3.6]], "boundaries": [13, 64],
+               "batches": 4,
                "rounds": 2, "epoch_batches": 324, "mean_length": 30.0}
     text = patches_bench.document(results, {"float32": 200.0, "bfloat16": 400.0}, "cmd", 60.0)
     assert "| Keras and keras-hub as shipped | 10.0, 9.0 | 9.0 |  | 1.000x |" in text
     assert "| + half-word dropout | 8.0, 9.5 | 8.0 | 1.125x | 1.125x |" in text
     assert "| + fused AdamW | 5.0, 5.5 | 5.0 | 1.600x | 1.800x |" in text
-    assert "| + GELU in float32 (tfl's default) | 4.0, 4.5 | 4.0 | 1.250x | 2.250x |" in text
+    assert "| + GELU in float32 | 4.0, 4.5 | 4.0 | 1.250x | 2.250x |" in text
+    assert "| + layer-norm gradient in closed form (tfl's default) | 4.0, 3.6 | 3.6 | 1.111x | 2.500x |" in text
     assert "bfloat16 400 GFLOP/s" in text and "`cmd`" in text

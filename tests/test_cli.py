@@ -247,6 +247,21 @@ def test_a_flag_that_the_mode_does_not_read_is_refused_by_name(tmp_path):
     assert cli.config_from_flags(values).compare.seeds == 2
 
 
+
+def test_auto_without_labels_refuses_the_ranking_flags_it_would_ignore():
+    values = fresh_flags()
+    values(["main.py", "--mode=auto", "--nolabels", "--backbones=asset:minilm,asset:minilm_l3", "--depths=all"])
+    with pytest.raises(ConfigError, match=r"^--backbones, --depths: --mode=auto --nolabels ranks nothing .*drop them, "
+                                          r"or give labels$"):
+        cli.config_from_flags(values)
+    values = fresh_flags()  # with labels, auto ranks the same flags
+    values(["main.py", "--mode=auto", "--backbones=asset:minilm,asset:minilm_l3", "--depths=1,3"])
+    assert cli.config_from_flags(values).rank.depths == "1,3"
+    values = fresh_flags()  # its --rank_examples is left alone: the flagfile serves both
+    values(["main.py", f"--flagfile={ROOT}/configs/auto_rotten_tomatoes.flags", "--nolabels"])  # as its comment says
+    assert not cli.config_from_flags(values).validate().data.labels
+
+
 def test_every_documented_command_parses_into_a_valid_config():
     """The README's and the notebook's commands must keep working as flags and configs change."""
     commands = _documented_commands()

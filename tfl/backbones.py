@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import keras
 import tensorflow as tf
 
-from tfl import assets, devices, dropout, gelu, small_models
+from tfl import assets, devices, dropout, gelu, layer_norm, small_models
 from tfl.backbone_types import Backbone, BackboneError, Block  # noqa: F401 (re-exported: tfl.backbones.Backbone)
 from tfl.data.sources import IMAGE, IMAGE_FILE, TEXT, TOKEN_IDS
 from tfl.images import decode_image_bytes, decode_image_file, fit_images  # noqa: F401 (re-exported)
@@ -193,6 +193,7 @@ def build_keras_hub_backbone(preset: str, sequence_length: int, pooling: str, dt
             dropout.use_half_word_dropout(hub_backbone)
         if kind == "cpu":
             gelu.use_float32_gelu(hub_backbone)  # TensorFlow's bfloat16 element-wise kernels are slow on a CPU
+            layer_norm.use_closed_form_layer_norm(hub_backbone)  # fewer float32 passes than autodiff's
     inputs = hub_backbone.input
     if "token_ids" in inputs if isinstance(inputs, dict) else False:
         longest = getattr(hub_backbone, "max_sequence_length", None)

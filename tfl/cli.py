@@ -34,6 +34,9 @@ MODES_READING = {
     **{name: ("predict",) for name in ("input", "output")},
     "label_descriptions": ("zero_shot", "self_train", "auto", "compare"),  # compare: its zero-shot/self-training
 }
+# --mode=auto --nolabels ranks nothing (zero-shot, then self-training), so these would change nothing. Not
+# --rank_examples: configs/auto_rotten_tomatoes.flags sets it for its labelled run and says to add --nolabels.
+UNREAD_WITHOUT_LABELS = ("backbones", "depths", "probe_learning_rate")
 
 # Help strings, one per Config field; the defaults come from the dataclasses themselves. The flags that
 # name an extension point get theirs from its table when the flags are defined (table_help).
@@ -220,6 +223,11 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
         them = "it" if len(ignored) == 1 else "them"
         raise config_lib.ConfigError(f"{readers} would change nothing with --mode={mode}: drop {them}, or use a "
                                      f"mode that reads {them}")
+    unread = [name for name in UNREAD_WITHOUT_LABELS if flag_values[name].present]
+    if mode == "auto" and not flag_values["labels"].value and unread:
+        raise config_lib.ConfigError(f"{', '.join('--' + n for n in unread)}: --mode=auto --nolabels ranks nothing "
+                                     "(zero-shot by --label_descriptions, then self-training on --backbone): drop "
+                                     f"{'it' if len(unread) == 1 else 'them'}, or give labels")
     return config_lib.Config(**sections, **{n: flag_values[n].value for n in _TOP_LEVEL})
 
 

@@ -1,0 +1,111 @@
+"""tfl.layer_norm: Keras's LayerNormalization with a closed-form gradient for half-precision inputs, per instance."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import save_tiny_bert_preset, tiny_bert
+from tfl import layer_norm
+
+
+def _values_and_gradients(function, x, gamma, beta):
+    upstream = tf.random.stateless_normal(x.shape, [9, 9], dtype=tf.float64)  # a different weight per element
+    with tf.GradientTape() as tape:
+        tape.watch([x, gamma, beta])
+        y = function(x, gamma, beta)
+        loss = tf.reduce_sum(tf.cast(y, tf.float64) * upstream)
+    return [tf.cast(v, tf.float64).numpy() for v in [y] + tape.gradient(loss, [x, gamma, beta])]
+
+
+def _keras_layer_norm(x, gamma, beta):
+    return keras.ops.layer_normalization(x, gamma, beta, epsilon=1e-12)
+
+
+def test_the_closed_form_gradient_is_kerass_layer_norm_gradient():
+    x32 = tf.random.stateless_normal([4, 6, 48], [1, 2]) * 3 + 1
+    gamma = tf.random.stateless_normal([48], [3, 4]) * 0.2 + 1
+    beta = tf.random.stateless_normal([48], [5, 6]) * 0.2
+    x16 = tf.cast(x32, tf.bfloat16)
+    # the reference: Keras's own layer norm, differentiated by TensorFlow in float64, on the same bfloat16 values
+    exact = _values_and_gradients(_keras_layer_norm, tf.cast(x16, tf.float64), tf.cast(gamma, tf.float64),
+                                  tf.cast(beta, tf.float64))
+    ours = _values_and_gradients(lambda x, g, b: layer_norm.layer_norm_last_axis(x, g, b, 1e-12), x16, gamma, beta)
+    assert layer_norm.layer_norm_last_axis(x16, gamma, beta, 1e-12).dtype == tf.bfloat16
+    keras_ours = _values_and_gradients(_keras_layer_norm, x16, gamma, beta)  # Keras as shipped, same input
+    for name, mine, reference, keras_value in zip(["value", "d/dx", "d/dgamma", "d/dbeta"], ours, exact, keras_ours):
+        scale = np.abs(reference).max()
+        assert scale > 0.1, name  # a gradient that vanished would pass any tolerance
+        # within bfloat16's rounding (the value and d/dx are bfloat16, and the gradient arriving at the
+        # bfloat16 output is rounded to bfloat16 before the weights' float32 sums)
+        np.testing.assert_allclose(mine, reference, rtol=2 ** -8, atol=2 ** -8 * scale, err_msg=name)
+        if name in ("d/dgamma", "d/dbeta"):  # the same rounded upstream and float32 sums as Keras's autodiff
+            np.testing.assert_allclose(mine, keras_value, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+    # Keras's float32 autodiff of the same bfloat16 input rounds d/dx no closer than the closed form does
+    assert np.abs(ours[1] - exact[1]).max() <= np.abs(keras_ours[1] - exact[1]).max() * 1.01
+    # float32 inputs: the same function, differentiated by TensorFlow
+    np.testing.assert_allclose(layer_norm.layer_norm_last_axis(x32, gamma, beta, 1e-12).numpy(),
+                               keras.ops.layer_normalization(x32, gamma, beta, epsilon=1e-12).numpy(), atol=1e-5)
+
+
+def test_every_layer_norm_of_a_keras_hub_bert_is_patched_and_its_config_stays_kerass(monkeypatch):
+    backbone = tiny_bert(0.0)
+    inputs = {"token_ids": tf.constant([[2, 5, 7, 9, 3, 0]] * 2), "segment_ids": tf.zeros((2, 6), tf.int32),
+              "padding_mask": tf.constant([[True] * 5 + [False]] * 2)}
+    norms = [la for la in backbone._flatten_layers() if isinstance(la, keras.layers.LayerNormalization)]
+    configs = [la.get_config() for la in norms]
+    calls = []
+    original = layer_norm.layer_norm_last_axis
+    monkeypatch.setattr(layer_norm, "layer_norm_last_axis", lambda *a: calls.append(1) or original(*a))
+    assert layer_norm.use_closed_form_layer_norm(backbone) == len(norms) == 5  # embeddings' + 2 per layer
+    assert layer_norm.use_closed_form_layer_norm(backbone) == 0  # already patched
+    backbone(inputs)
+    assert not calls  # a float32 model runs Keras's own layer norm
+    x = tf.cast(tf.random.stateless_normal([2, 6, norms[0].gamma.shape[0]], [7, 8]), tf.bfloat16)
+    y = norms[0](x)
+    assert calls == [1] and y.dtype == tf.float32  # the layer's own compute dtype, as Keras's call returns
+    expected = keras.ops.layer_normalization(x, norms[0].gamma, norms[0].beta, epsilon=norms[0].epsilon)
+    np.testing.assert_allclose(y.numpy(), tf.cast(expected, tf.float32).numpy(), atol=1e-6)
+    assert [la.get_config() for la in norms] == configs
+
+
+def test_layer_norms_over_other_axes_or_without_an_offset_are_left_alone():
+    inputs = keras.Input((3, 4))
+    x = keras.layers.LayerNormalization(axis=1)(inputs)
+    x = keras.layers.LayerNormalization(center=False)(x)
+    with pytest.warns(UserWarning, match="rms_scaling"):  # deprecated by Keras, still a layer one may meet
+        x = keras.layers.LayerNormalization(rms_scaling=True)(x)
+    model = keras.Model(inputs, keras.layers.LayerNormalization()(x))
+    assert layer_norm.use_closed_form_layer_norm(model) == 1  # the last one only
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="patched on a CPU only")
+def test_a_tfl_bfloat16_model_on_the_cpu_trains_with_it_and_saves_kerass_layer_norm(tmp_path, monkeypatch):
+    from tfl import train
+    from tfl.backbones import build_backbone
+    from tfl.runner import build_model
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        backbone = build_backbone(save_tiny_bert_preset(tmp_path), sequence_length=8, dtype="mixed_bfloat16")
+        model = build_model(backbone, ["awful", "great"])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    patched = [la for la in backbone.keras_hub_backbone._flatten_layers() if "call" in vars(la)
+               and isinstance(la, keras.layers.LayerNormalization)]
+    assert len(patched) == 5  # build_backbone applied it on the CPU
+    train.compile_model(model, train.make_optimizer(1e-3, 4), task="classification", num_labels=2, jit_compile=False)
+    x = backbone.preprocess(tf.constant(["a great film", "an awful plot"] * 4))
+    dtypes = []
+    original = layer_norm.layer_norm_last_axis
+    monkeypatch.setattr(layer_norm, "layer_norm_last_axis", lambda v, *a: dtypes.append(v.dtype) or original(v, *a))
+    gamma = patched[1].gamma.numpy().copy()
+    history = model.fit(x, tf.constant([1, 0] * 4), batch_size=4, epochs=3, verbose=0)
+    assert dtypes and set(dtypes) == {tf.bfloat16}  # fit's traced step called it, on bfloat16 activations
+    assert np.all(np.isfinite(history.history["loss"])) and history.history["loss"][-1] < history.history["loss"][0]
+    assert not np.allclose(patched[1].gamma.numpy(), gamma)  # its scale trained through the closed-form gradient
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path, compile=False)
+    norms = [la for la in reloaded._flatten_layers() if isinstance(la, keras.layers.LayerNormalization)]
+    assert len(norms) == 5 and not [la for la in norms if "call" in vars(la)]  # Keras's own layer, as stored

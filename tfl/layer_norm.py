@@ -1,0 +1,80 @@
+"""Keras's LayerNormalization with its gradient in closed form, for bfloat16 (or float16) inputs.
+
+Keras 3 normalises a half-precision input in float32 and lets TensorFlow differentiate the float32 ops; on a
+CPU, the backward pass of a transformer's layer norms is then one of the larger costs between the matmuls
+(the op profile in docs/benchmarks.md, ``benchmarks/profile_step.py``: the element-wise ``Mul`` passes). Here
+the forward pass computes the same float32 normalisation, and the backward pass is the textbook closed form,
+dx = inv_std (g - mean(g) - x_hat mean(g x_hat)) with g = dy gamma, from the input alone (kept in its own
+half-precision dtype; the mean and inverse standard deviation per position are small). Autodiff keeps float32
+copies of each normalised activation for the backward pass instead. docs/cpu_patches.md measures what it is
+worth on a whole step.
+
+``use_closed_form_layer_norm`` swaps it in for the ``call`` of every LayerNormalization inside a built model
+that normalises over the last axis with a scale and an offset (keras-hub's transformer encoders), on each
+instance: the layers' class and config (what model.keras stores) stay Keras's, and a float32 input runs
+Keras's own code.
+
+    hub_backbone = keras_hub.models.Backbone.from_preset("bert_tiny_en_uncased", dtype="mixed_bfloat16")
+    tfl.layer_norm.use_closed_form_layer_norm(hub_backbone)   # -> the number of layers patched
+"""
+
+import keras
+import tensorflow as tf
+
+from tfl.layer_calls import patch_layer_calls
+
+_HALF_PRECISION = (tf.bfloat16, tf.float16)
+
+
+def layer_norm_last_axis(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float) -> tf.Tensor:
+    """(x - mean) / sqrt(variance + epsilon) * gamma + beta over x's last axis, computed in float32, in x's
+    dtype; for a bfloat16/float16 ``x`` with the gradient in closed form."""
+    x = tf.convert_to_tensor(x)
+    gamma, beta = tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32)
+    if x.dtype not in _HALF_PRECISION:
+        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return (x - mean) * tf.math.rsqrt(variance + epsilon) * tf.cast(gamma, x.dtype) + tf.cast(beta, x.dtype)
+
+    @tf.custom_gradient
+    def normalise(x, gamma, beta):
+        x32 = tf.cast(x, tf.float32)
+        mean, variance = tf.nn.moments(x32, axes=[-1], keepdims=True)
+        inv_std = tf.math.rsqrt(variance + epsilon)
+
+        def gradient(upstream):
+            dy = tf.cast(upstream, tf.float32)
+            x_hat = (tf.cast(x, tf.float32) - mean) * inv_std  # recomputed: keeping it would hold a float32 copy
+            g = dy * gamma
+            dx = inv_std * (g - tf.reduce_mean(g, axis=-1, keepdims=True)
+                            - x_hat * tf.reduce_mean(g * x_hat, axis=-1, keepdims=True))
+            positions = list(range(len(x.shape) - 1))
+            return (tf.cast(dx, x.dtype), tf.reduce_sum(dy * x_hat, axis=positions),
+                    tf.reduce_sum(dy, axis=positions))
+
+        return tf.cast((x32 - mean) * inv_std * gamma + beta, x.dtype), gradient
+
+    return normalise(x, gamma, beta)
+
+
+def use_closed_form_layer_norm(model: keras.Layer) -> int:
+    """Make every LayerNormalization inside ``model`` that normalises over the last axis with a scale and an
+    offset compute ``layer_norm_last_axis`` on bfloat16/float16 inputs; returns how many were patched (an
+    already patched layer is left alone)."""
+    return patch_layer_calls(model, _normalises_last_axis, _call_in_closed_form)
+
+
+def _normalises_last_axis(layer: keras.Layer) -> bool:
+    return (isinstance(layer, keras.layers.LayerNormalization) and layer.axis in (-1, [-1], (-1,))
+            and layer.center and layer.scale and not layer.rms_scaling)
+
+
+def _call_in_closed_form(layer: keras.layers.LayerNormalization):
+    keras_call = layer.call
+
+    def call(inputs, *args, **kwargs):
+        if args or kwargs or tf.as_dtype(inputs.dtype) not in _HALF_PRECISION:
+            return keras_call(inputs, *args, **kwargs)
+        outputs = layer_norm_last_axis(inputs, layer.gamma, layer.beta, layer.epsilon)
+        return tf.cast(outputs, layer.compute_dtype)  # as Keras's call ends
+
+    return call
