@@ -7,7 +7,8 @@ Five MiniLM classifiers in one process, each adding one change to the one before
 feed-forward GELU computed in float32 (tfl/gelu.py); + the layer norms' gradient in closed form (tfl/layer_norm.py),
 which is tfl's default. Two other changes were measured here on 2026-11-28 and dropped: keras-hub's attention
 projections as one 2-D matmul (1.006x), and the attention softmax computed in float32 with its gradient in closed
-form (0.97x against the layer-norm row: best rounds 16.6 s against 16.1 s). Each trains on the same
+form (0.97x against the layer-norm row in a separate run of this script with a sixth row: best rounds 16.6 s against
+16.1 s). Each trains on the same
 ``--batches`` batches drawn at random from one epoch of configs/minilm_rotten_tomatoes.flags' length buckets
 (batch 32, sequence length 64, mixed_bfloat16), every bucket shape traced first; the variants take turns within
 each round, in a rotated order, so a host that slows down mid-run slows them all. The host's matmul peak is

@@ -220,13 +220,15 @@ def activations_text(default: dict, returned: dict) -> list:
 
     measured = (f"Per sentence in a batch, from the difference between batches of {BATCHES[0]} and {BATCHES[1]}: "
                 f"{slopes(returned)} with freed memory returned ({slopes(default)} as tfl runs).")
-    if returned["per_sentence"][top] < 1.0:
+    floor = returned["rows"][-1][1] + batch * returned["per_sentence"][top]
+    # A floor above the measured peak, or a slope below 1 MiB at any length, is noise (one step's transient), not
+    # activations per sentence.
+    if min(returned["per_sentence"].values()) < 1.0 or floor > returned["peak"]:
         return [f"{measured} That is no measurable transient: on this host a step's activations do not show "
                 "above the resident memory before it, even with freed memory returned, while *resident after* "
                 "grows from one batch shape to the next and stays; so neither the activations per sentence nor a "
                 "floor can be read from these stages here. The gradient-accumulation table below measures each "
                 "setting's peak directly."]
-    floor = returned["rows"][-1][1] + batch * returned["per_sentence"][top]
     return [
         f"{measured[:-2]}, where a step partly reuses what earlier steps freed): with freed memory returned, "
         f"the activations' true size. A batch of {batch} at the widest "

@@ -247,7 +247,6 @@ def test_a_flag_that_the_mode_does_not_read_is_refused_by_name(tmp_path):
     assert cli.config_from_flags(values).compare.seeds == 2
 
 
-
 def test_auto_without_labels_refuses_the_ranking_flags_it_would_ignore():
     values = fresh_flags()
     values(["main.py", "--mode=auto", "--nolabels", "--backbones=asset:minilm,asset:minilm_l3", "--depths=all"])

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from test_cli import ROOT
 
 SCRIPT = """
@@ -279,17 +281,22 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import tfl
 from tfl.config import Config, DataConfig, ModelConfig, TrainConfig
-source, backbone, model_dir = sys.argv[1:]
+source, backbone, model_dir, precision = sys.argv[1:]
 config = Config(data=DataConfig(source=source, batch_size=8, max_examples=32),
                 model=ModelConfig(backbone=backbone, sequence_length=8, head_dropout=0.0),
-                train=TrainConfig(epochs=1, precision="float32", strategy="mirrored"), model_dir=model_dir)
+                train=TrainConfig(epochs=1, precision=precision, strategy="mirrored"), model_dir=model_dir)
 metrics = tfl.run(config, verbose=0)
 print(json.dumps({"replicas": metrics["replicas"], "export_path": metrics["export_path"]}))
 """
 
 
-def test_a_model_trained_on_two_replicas_exports_each_weight_once_and_serves(text_csv, tmp_path, tiny_bert_preset):
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])  # bfloat16: tfl's CPU patches run per replica
+def test_a_model_trained_on_two_replicas_exports_each_weight_once_and_serves(text_csv, tmp_path, tiny_bert_preset,
+                                                                             precision):
     """A mirrored variable is one weight per replica in memory; the export must store (and serve) it once."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
     from test_export import _stored_values, reload_in_fresh_process
 
     from tfl.backbones import build_backbone
@@ -297,12 +304,19 @@ def test_a_model_trained_on_two_replicas_exports_each_weight_once_and_serves(tex
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     result = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, f"csv:{text_csv}", tiny_bert_preset,
-                             str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+                             str(tmp_path / "run"), precision], capture_output=True, text=True, env=env, timeout=600,
+                            cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads(result.stdout.strip().splitlines()[-1])
     assert run["replicas"] == 2
-    same_model = build_model(build_backbone(tiny_bert_preset, sequence_length=8), ["neg", "pos"], head_dropout=0.0)
-    assert _stored_values(run["export_path"]) == same_model.count_params()
-    served = reload_in_fresh_process(run["export_path"], "text", ["a fine film", "a dull plot"])
-    probabilities = served["probabilities"]
-    assert len(probabilities) == 2 and all(abs(sum(p) - 1.0) < 1e-5 for p in probabilities)
+    backbone = build_backbone(tiny_bert_preset, sequence_length=8)
+    assert _stored_values(run["export_path"]) == build_model(backbone, ["neg", "pos"], head_dropout=0.0).count_params()
+    texts = ["a fine film", "a dull plot"]
+    served = reload_in_fresh_process(run["export_path"], "text", texts)
+    # the run's own model.keras (Keras's layers, as stored) gives the same probabilities, up to bfloat16 roundings
+    trained = keras.models.load_model(str(tmp_path / "run" / "model.keras"), compile=False)
+    expected = trained.predict(backbone.preprocess(tf.constant(texts)), verbose=0)
+    # (its one sigmoid unit is the served second class)
+    np.testing.assert_allclose(np.array(served["probabilities"])[:, 1], expected[:, 0],
+                               atol=1e-5 if precision == "float32" else 2 ** -7)
+

@@ -109,7 +109,7 @@ def test_a_bfloat16_tfl_model_trains_with_half_word_dropout_and_saves_keras_drop
                                                  ("tpu", "mixed_bfloat16", False)])
 def test_a_bfloat16_gpu_backbone_draws_half_words_too_and_others_keep_keras_dropout(tmp_path, monkeypatch, kind,
                                                                                    dtype, patched):
-    from tfl import devices, gelu
+    from tfl import devices, gelu, layer_norm
     from tfl.backbones import build_backbone
 
     monkeypatch.setattr(devices, "device_kind", lambda strategy=None: kind)
@@ -117,3 +117,4 @@ def test_a_bfloat16_gpu_backbone_draws_half_words_too_and_others_keep_keras_drop
     # what is left unpatched afterwards: none when the build patched all 7, else all 7
     assert dropout.use_half_word_dropout(backbone.keras_hub_backbone) == (0 if patched else 7)
     assert gelu.use_float32_gelu(backbone.keras_hub_backbone) == 2  # the float32 GELU is for CPUs only
+    assert layer_norm.use_closed_form_layer_norm(backbone.keras_hub_backbone) == 5  # so is the layer-norm one

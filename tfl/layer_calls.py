@@ -1,6 +1,6 @@
 """Replace the ``call`` of chosen layers inside a built model, on each instance only: their class and config
 (what model.keras stores) stay as they were, so a copy rebuilt from the config (``clone_model``, ``load_model``,
-``copy.deepcopy``) runs the original code again. tfl.dropout and tfl.gelu patch keras-hub's layers this way
+``copy.deepcopy``) runs the original code again. tfl.dropout, tfl.gelu and tfl.layer_norm patch keras-hub's layers this way
 instead of copying keras-hub's code.
 
     patched = tfl.layer_calls.patch_layer_calls(model, lambda layer: ..., lambda layer: new_call)

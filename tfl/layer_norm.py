@@ -3,7 +3,8 @@
 Keras 3 normalises a half-precision input in float32 and lets TensorFlow differentiate the float32 ops; on a
 CPU, the backward pass of a transformer's layer norms is then one of the larger costs between the matmuls
 (the op profile in docs/benchmarks.md, ``benchmarks/profile_step.py``: the element-wise ``Mul`` passes). Here
-the forward pass computes the same float32 normalisation, and the backward pass is the textbook closed form,
+the forward pass is the same normalisation, in float32 (equal to Keras's up to the rounding to the input's
+dtype), and the backward pass is the textbook closed form,
 dx = inv_std (g - mean(g) - x_hat mean(g x_hat)) with g = dy gamma, from the input alone (kept in its own
 half-precision dtype; the mean and inverse standard deviation per position are small). Autodiff keeps float32
 copies of each normalised activation for the backward pass instead. docs/cpu_patches.md measures what it is
@@ -42,18 +43,25 @@ def layer_norm_last_axis(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilo
         inv_std = tf.math.rsqrt(variance + epsilon)
 
         def gradient(upstream):
-            dy = tf.cast(upstream, tf.float32)
-            x_hat = (tf.cast(x, tf.float32) - mean) * inv_std  # recomputed: keeping it would hold a float32 copy
-            g = dy * gamma
-            dx = inv_std * (g - tf.reduce_mean(g, axis=-1, keepdims=True)
-                            - x_hat * tf.reduce_mean(g * x_hat, axis=-1, keepdims=True))
-            positions = list(range(len(x.shape) - 1))
-            return (tf.cast(dx, x.dtype), tf.reduce_sum(dy * x_hat, axis=positions),
-                    tf.reduce_sum(dy, axis=positions))
+            # A custom gradient's ops get no name scope of their own; the op profile attributes ops by name.
+            with tf.name_scope("layer_norm_grad"):
+                return _closed_form_gradient(upstream, x, mean, inv_std, gamma)
 
         return tf.cast((x32 - mean) * inv_std * gamma + beta, x.dtype), gradient
 
     return normalise(x, gamma, beta)
+
+
+def _closed_form_gradient(upstream, x, mean, inv_std, gamma) -> tuple:
+    """(d/dx, d/dgamma, d/dbeta) of the normalisation over the last axis, x_hat recomputed from the
+    half-precision x: keeping it from the forward pass would hold a float32 copy of the activation."""
+    dy = tf.cast(upstream, tf.float32)
+    x_hat = (tf.cast(x, tf.float32) - mean) * inv_std
+    g = dy * gamma
+    dx = inv_std * (g - tf.reduce_mean(g, axis=-1, keepdims=True)
+                    - x_hat * tf.reduce_mean(g * x_hat, axis=-1, keepdims=True))
+    positions = list(range(len(x.shape) - 1))
+    return tf.cast(dx, x.dtype), tf.reduce_sum(dy * x_hat, axis=positions), tf.reduce_sum(dy, axis=positions)
 
 
 def use_closed_form_layer_norm(model: keras.Layer) -> int:
@@ -64,8 +72,10 @@ def use_closed_form_layer_norm(model: keras.Layer) -> int:
 
 
 def _normalises_last_axis(layer: keras.Layer) -> bool:
-    return (isinstance(layer, keras.layers.LayerNormalization) and layer.axis in (-1, [-1], (-1,))
-            and layer.center and layer.scale and not layer.rms_scaling)
+    # Keras's own call only: a subclass with a call of its own keeps it.
+    return (isinstance(layer, keras.layers.LayerNormalization)
+            and type(layer).call is keras.layers.LayerNormalization.call and layer.axis in (-1, [-1], (-1,))
+            and layer.center and layer.scale and not getattr(layer, "rms_scaling", False))
 
 
 def _call_in_closed_form(layer: keras.layers.LayerNormalization):
