@@ -61,6 +61,34 @@ def save_tiny_bert_preset(folder, dropout: float = 0.0, max_sequence_length: int
     return str(folder)
 
 
+def bfloat16_tiny_classifier(folder, dropout: float = 0.0, jit_compile: bool = False) -> tuple:
+    """(backbone, compiled model, token ids of 8 sentences, their labels): tfl's classifier on a tiny BERT preset
+    saved in ``folder``, built in mixed_bfloat16 as on a bfloat16-native CPU (with tfl's CPU patches)."""
+    import keras
+    import tensorflow as tf
+
+    from tfl import train
+    from tfl.backbones import build_backbone
+    from tfl.runner import build_model
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        backbone = build_backbone(save_tiny_bert_preset(folder, dropout=dropout), sequence_length=8,
+                                  dtype="mixed_bfloat16")
+        model = build_model(backbone, ["awful", "great"])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    train.compile_model(model, train.make_optimizer(1e-3, 4), task="classification", num_labels=2,
+                        jit_compile=jit_compile)
+    return (backbone, model, backbone.preprocess(tf.constant(["a great film", "an awful plot"] * 4)),
+            tf.constant([1, 0] * 4))
+
+
+def patched_layers(model, layer_class) -> list:
+    """The ``layer_class`` layers inside ``model`` whose call tfl.layer_calls replaced."""
+    return [la for la in model._flatten_layers() if "call" in vars(la) and isinstance(la, layer_class)]
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_preset(tmp_path_factory):
     """A saved keras-hub preset folder of a 2-layer BERT with a 12-token vocabulary (random weights, no dropout)."""

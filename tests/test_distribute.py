@@ -9,11 +9,14 @@ import pytest
 
 from test_cli import ROOT
 
-SCRIPT = """
+TWO_CPUS = """
 import json, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+"""
+
+SCRIPT = TWO_CPUS + """
 import keras
 source, backbone, strategies, epochs, shuffle_buffer, lstm_dropout = sys.argv[1:]
 if lstm_dropout == "off":
@@ -36,9 +39,14 @@ print(json.dumps(runs))
 def run_replicas(source, backbone, strategies=("mirrored",), epochs=2, shuffle_buffer=10000, lstm_dropout=True):
     """Trains in a fresh process whose CPU is split into 2 logical devices, once per strategy in turn
     (mirrored: 2 replicas; default: 1); returns each run's replicas, history and test metrics."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     args = [source, backbone, ",".join(strategies), str(epochs), str(shuffle_buffer), "on" if lstm_dropout else "off"]
-    result = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True,
+    return run_on_two_cpus(SCRIPT, args)
+
+
+def run_on_two_cpus(script: str, args: list):
+    """``script`` (TWO_CPUS + its own lines) run with ``args`` in a fresh process; the JSON of its last line."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                             env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -274,11 +282,7 @@ def test_a_killed_two_worker_job_resumes_on_both_workers(tmp_path):
     assert len(metrics["history"]["loss"]) == 4 - saved_epoch and metrics["replicas"] == 2
 
 
-EXPORT_SCRIPT = """
-import json, sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+EXPORT_SCRIPT = TWO_CPUS + """
 import tfl
 from tfl.config import Config, DataConfig, ModelConfig, TrainConfig
 source, backbone, model_dir, precision = sys.argv[1:]
@@ -302,12 +306,7 @@ def test_a_model_trained_on_two_replicas_exports_each_weight_once_and_serves(tex
     from tfl.backbones import build_backbone
     from tfl.runner import build_model
 
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, f"csv:{text_csv}", tiny_bert_preset,
-                             str(tmp_path / "run"), precision], capture_output=True, text=True, env=env, timeout=600,
-                            cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = json.loads(result.stdout.strip().splitlines()[-1])
+    run = run_on_two_cpus(EXPORT_SCRIPT, [f"csv:{text_csv}", tiny_bert_preset, str(tmp_path / "run"), precision])
     assert run["replicas"] == 2
     backbone = build_backbone(tiny_bert_preset, sequence_length=8)
     assert _stored_values(run["export_path"]) == build_model(backbone, ["neg", "pos"], head_dropout=0.0).count_params()

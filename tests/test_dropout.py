@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import save_tiny_bert_preset, tiny_bert
+from tests.conftest import bfloat16_tiny_classifier, save_tiny_bert_preset, tiny_bert
 from tfl import dropout
 
 # The scale a kept value gets at rate 0.1 rounded to 1/65536 (6554/65536): 1.1111281..., not Keras's 1.1111111...
@@ -82,21 +82,8 @@ def test_use_half_word_dropout_leaves_what_it_cannot_draw_as_keras_has_it():
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_a_bfloat16_tfl_model_trains_with_half_word_dropout_and_saves_keras_dropout(tmp_path, draws, jit_compile):
-    from tfl import train
-    from tfl.backbones import build_backbone
-    from tfl.runner import build_model
-
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        preset = save_tiny_bert_preset(tmp_path, dropout=0.1)
-        backbone = build_backbone(preset, sequence_length=8, dtype="mixed_bfloat16")
-        model = build_model(backbone, ["awful", "great"])
-    finally:
-        keras.config.set_dtype_policy("float32")
-    train.compile_model(model, train.make_optimizer(1e-3, 4), task="classification", num_labels=2,
-                        jit_compile=jit_compile)
-    x = backbone.preprocess(tf.constant(["a great film", "an awful plot"] * 4))
-    history = model.fit(x, tf.constant([1, 0] * 4), batch_size=4, epochs=2, verbose=0)
+    _, model, x, y = bfloat16_tiny_classifier(tmp_path, dropout=0.1, jit_compile=jit_compile)
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0)
     assert len(draws) >= 7 and np.all(np.isfinite(history.history["loss"]))  # traced through fit's step
     path = str(tmp_path / "model.keras")
     model.save(path)

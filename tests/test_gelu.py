@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import save_tiny_bert_preset, tiny_bert
+from tests.conftest import bfloat16_tiny_classifier, patched_layers, tiny_bert
 from tfl import gelu
 
 
@@ -76,25 +76,12 @@ def test_layers_with_another_activation_are_left_alone():
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="patched on a CPU only")
 def test_a_tfl_bfloat16_model_on_the_cpu_trains_with_it_and_saves_keras_hubs_gelu(tmp_path, monkeypatch):
-    from tfl import train
-    from tfl.backbones import build_backbone
-    from tfl.runner import build_model
-
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        backbone = build_backbone(save_tiny_bert_preset(tmp_path), sequence_length=8, dtype="mixed_bfloat16")
-        model = build_model(backbone, ["awful", "great"])
-    finally:
-        keras.config.set_dtype_policy("float32")
-    patched = [la for la in backbone.keras_hub_backbone._flatten_layers() if "call" in vars(la)
-               and isinstance(la, keras.layers.Dense)]
-    assert len(patched) == 2  # build_backbone applied it on the CPU
-    train.compile_model(model, train.make_optimizer(1e-3, 4), task="classification", num_labels=2, jit_compile=False)
-    x = backbone.preprocess(tf.constant(["a great film", "an awful plot"] * 4))
+    backbone, model, x, y = bfloat16_tiny_classifier(tmp_path)
+    assert len(patched_layers(backbone.keras_hub_backbone, keras.layers.Dense)) == 2  # build_backbone applied it
     dtypes = []
     original = gelu.gelu_tanh_in_float32
     monkeypatch.setattr(gelu, "gelu_tanh_in_float32", lambda v: dtypes.append(v.dtype) or original(v))
-    history = model.fit(x, tf.constant([1, 0] * 4), batch_size=4, epochs=3, verbose=0)
+    history = model.fit(x, y, batch_size=4, epochs=3, verbose=0)
     assert dtypes and set(dtypes) == {tf.bfloat16}  # fit's traced step called it, on bfloat16 activations
     assert np.all(np.isfinite(history.history["loss"])) and history.history["loss"][-1] < history.history["loss"][0]
     path = str(tmp_path / "model.keras")
