@@ -37,7 +37,10 @@ def use_fused_adam(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Op
     def update_step(gradient, variable, learning_rate):
         if optimizer.weight_decay and optimizer._use_weight_decay(variable):
             # Keras's apply passes its schedule's rate, read once per step: the rate its decay uses
-            _decay(variable, optimizer.weight_decay, learning_rate)
+            # Once the gradient is there: the decay needs nothing else, so TensorFlow would otherwise run it at
+            # any time, the embedding's variable-sized temporary at the peak of the activations among them.
+            with tf.control_dependencies([gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient]):
+                _decay(variable, optimizer.weight_decay, learning_rate)
         if variable.dtype != tf.float32 or isinstance(gradient, tf.IndexedSlices) and not rows_summed:
             return keras_update(gradient, variable, learning_rate)
         return _apply_adam(optimizer, gradient, variable, scaled(variable, learning_rate))

@@ -4,8 +4,9 @@ On a CPU the feed-forward GELU of a transformer fine-tune is one of the largest 
 op profile in docs/benchmarks.md, ``benchmarks/profile_step.py``), the more so on hosts whose matmuls run on
 AMX. Under mixed_bfloat16 it runs in bfloat16, and TensorFlow's CPU kernels for element-wise bfloat16 ops are
 slower than for float32 (each element converted on the way in and out), so it runs cast to float32 and back,
-and the gradient is the derivative in closed form, in float32 too, from the input alone; docs/cpu_patches.md
-measures what that is worth on a whole step. It is the same function written with a sigmoid,
+and the gradient is the derivative in closed form, computed in float32 in the forward pass from the values it
+already has and kept for the backward pass in place of the input; docs/cpu_patches.md measures what that is worth
+on a whole step. It is the same function written with a sigmoid,
 x sigmoid(2u) for 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3): five element-wise passes instead of
 ``tf.nn.gelu``'s eight, one of them a slow Pow (in a throwaway timing of one (32, 128, 1536) activation, forward
 and backward, 47 ms instead of 62). The result is at least as precise; the cast back is the same rounding to
@@ -41,23 +42,25 @@ def gelu_tanh_in_float32(x: tf.Tensor) -> tf.Tensor:
 
 @tf.custom_gradient
 def _half_precision_gelu(x: tf.Tensor):
-    # The backward pass keeps only x (in its own dtype) and recomputes the sigmoid in float32: autodiff of the
-    # float32 ops would keep several float32 copies of the activation per layer (about 150 MB more at the peak
-    # of a MiniLM fine-tune, measured with main.py here).
-    def gradient(upstream):
-        # d/dx [x sigmoid(2u)] = s + x s (1 - s) 2 du/dx with s = sigmoid(2u): no 1 + tanh(u) to cancel where u
-        # is very negative. (A custom gradient's ops get no name scope of their own: the op profile reads this one.)
-        with tf.name_scope("gelu_grad"):
-            x32 = tf.cast(x, tf.float32)
-            x_squared = tf.square(x32)
-            s = _sigmoid_of_twice_u(x32, x_squared)
-            twice_slope = _TWO_C + 3.0 * _TWO_C * _CUBIC * x_squared
-            derivative = s + x32 * (s - tf.square(s)) * twice_slope
-            return tf.cast(tf.cast(upstream, tf.float32) * derivative, x.dtype)
-
+    # The derivative is computed here, from the forward pass's own float32 values, and kept (in float32: in
+    # bfloat16 it is off by more than bfloat16's rounding of the product) instead of x. A gradient function that
+    # recomputed it from x would not save that memory: TensorFlow runs its ops that need only x as soon as the
+    # forward pass has x, and holds every layer's result until the backward pass reaches it.
     with tf.name_scope("gelu"):
         x32 = tf.cast(x, tf.float32)
-        return tf.cast(x32 * _sigmoid_of_twice_u(x32, tf.square(x32)), x.dtype), gradient
+        x_squared = tf.square(x32)
+        s = _sigmoid_of_twice_u(x32, x_squared)
+        y32 = x32 * s
+        # d/dx [x sigmoid(2u)] = s + x s (1 - s) 2 du/dx with s = sigmoid(2u): no 1 + tanh(u) to cancel where u
+        # is very negative
+        derivative = s + y32 * (1.0 - s) * (_TWO_C + 3.0 * _TWO_C * _CUBIC * x_squared)
+
+    def gradient(upstream):
+        # A custom gradient's ops get no name scope of their own: the op profile reads this one.
+        with tf.name_scope("gelu_grad"):
+            return tf.cast(tf.cast(upstream, tf.float32) * derivative, x.dtype)
+
+    return tf.cast(y32, x.dtype), gradient
 
 
 def _sigmoid_of_twice_u(x32: tf.Tensor, x_squared: tf.Tensor) -> tf.Tensor:

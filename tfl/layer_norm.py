@@ -5,10 +5,9 @@ CPU, the backward pass of a transformer's layer norms is then one of the larger 
 (the op profile in docs/benchmarks.md, ``benchmarks/profile_step.py``: the element-wise ``Mul`` passes). Here
 the forward pass is the same normalisation, in float32 (equal to Keras's up to the rounding to the input's
 dtype), and the backward pass is the textbook closed form,
-dx = inv_std (g - mean(g) - x_hat mean(g x_hat)) with g = dy gamma, from the input alone (kept in its own
-half-precision dtype; the mean and inverse standard deviation per position are small). Autodiff keeps float32
-copies of each normalised activation for the backward pass instead. docs/cpu_patches.md measures what it is
-worth on a whole step.
+dx = inv_std (g - mean(g) - x_hat mean(g x_hat)) with g = dy gamma, from the forward pass's float32 x_hat and
+inverse standard deviation per position, kept in place of the input. Autodiff keeps several float32 tensors per
+layer norm for the backward pass instead. docs/cpu_patches.md measures what it is worth on a whole step.
 
 ``use_closed_form_layer_norm`` swaps it in for the ``call`` of every LayerNormalization inside a built model
 that normalises over the last axis with a scale and an offset (keras-hub's transformer encoders), on each
@@ -41,27 +40,28 @@ def layer_norm_last_axis(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilo
         x32 = tf.cast(x, tf.float32)
         mean, variance = tf.nn.moments(x32, axes=[-1], keepdims=True)
         inv_std = tf.math.rsqrt(variance + epsilon)
+        # Kept for the backward pass instead of x: TensorFlow would compute it there as soon as the forward pass
+        # has x, and hold it until the gradient arrives, so keeping it costs nothing more and saves the recompute.
+        x_hat = (x32 - mean) * inv_std
 
         def gradient(upstream):
             # A custom gradient's ops get no name scope of their own; the op profile attributes ops by name.
             with tf.name_scope("layer_norm_grad"):
-                return _closed_form_gradient(upstream, x, mean, inv_std, gamma)
+                return _closed_form_gradient(upstream, x_hat, inv_std, gamma, x.dtype)
 
-        return tf.cast((x32 - mean) * inv_std * gamma + beta, x.dtype), gradient
+        return tf.cast(x_hat * gamma + beta, x.dtype), gradient
 
     return normalise(x, gamma, beta)
 
 
-def _closed_form_gradient(upstream, x, mean, inv_std, gamma) -> tuple:
-    """(d/dx, d/dgamma, d/dbeta) of the normalisation over the last axis, x_hat recomputed from the
-    half-precision x: keeping it from the forward pass would hold a float32 copy of the activation."""
+def _closed_form_gradient(upstream, x_hat, inv_std, gamma, dtype) -> tuple:
+    """(d/dx, d/dgamma, d/dbeta) of the normalisation over the last axis, from x_hat = (x - mean) inv_std."""
     dy = tf.cast(upstream, tf.float32)
-    x_hat = (tf.cast(x, tf.float32) - mean) * inv_std
     g = dy * gamma
     dx = inv_std * (g - tf.reduce_mean(g, axis=-1, keepdims=True)
                     - x_hat * tf.reduce_mean(g * x_hat, axis=-1, keepdims=True))
-    positions = list(range(len(x.shape) - 1))
-    return tf.cast(dx, x.dtype), tf.reduce_sum(dy * x_hat, axis=positions), tf.reduce_sum(dy, axis=positions)
+    positions = list(range(len(x_hat.shape) - 1))
+    return tf.cast(dx, dtype), tf.reduce_sum(dy * x_hat, axis=positions), tf.reduce_sum(dy, axis=positions)
 
 
 def use_closed_form_layer_norm(model: keras.Layer) -> int:
