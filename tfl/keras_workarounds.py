@@ -6,6 +6,7 @@ test in tests/test_keras_workarounds.py that fails the day Keras fixes it, so th
     keras_workarounds.build_optimizer_eagerly(model)                    # after model.compile
     optimizer = keras_workarounds.clip_with_tensorflow(optimizer)      # when it has global_clipnorm
     keras_workarounds.save_weights_through_disk(model, "model.keras")   # instead of model.save
+    with keras_workarounds.saving_without_copies(): model.save_weights(path)  # around a save
 
 Not a patch, so not here: the export bypasses Keras's ExportArchive (tfl/export.py says why; its test in
 tests/test_export.py fails the day Keras fixes keras-team/keras#23553).
@@ -13,9 +14,11 @@ tests/test_export.py fails the day Keras fixes keras-team/keras#23553).
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfl.devices import in_multi_worker_mode
@@ -210,5 +213,35 @@ def save_weights_through_disk(model: keras.Model, path: str) -> None:
     if not hasattr(saving_lib, "is_memory_sufficient"):  # a Keras that decides otherwise: its own way
         model.save(path)
         return
-    with mock.patch.object(saving_lib, "is_memory_sufficient", lambda _: False):
+    with mock.patch.object(saving_lib, "is_memory_sufficient", lambda _: False), saving_without_copies():
         model.save(path)
+
+
+@contextlib.contextmanager
+def saving_without_copies():
+    """Keras's weight files written from the variables' own buffers while the body runs (model.save,
+    save_weights, the backup and checkpoint callbacks).
+
+    Keras's H5 store turns each value into an array with ``np.array``: a copy, and for a variable a copy of a
+    copy, so each save holds twice the largest variable at once (MiniLM's embedding table, or its AdamW slot:
+    89 MB) at every epoch end (the backup, the best checkpoint) and at the end of a run, on top of everything
+    training holds then. Here an array is taken as it is and a variable's current value is read as a view of its
+    buffer (TensorFlow copies a variable's buffer before updating it while a read of it is alive). The optimizer
+    still hands each slot over as one copy (``variable.numpy()``). The files are the same.
+
+    Upstream: no report found; the copy is ``keras.src.saving.saving_lib.H5IOStore.__setitem__``'s
+    ``backend.convert_to_numpy``.
+    """
+    from keras.src.saving import saving_lib
+
+    keras_convert = saving_lib.backend.convert_to_numpy
+
+    def convert(value):
+        if isinstance(value, np.ndarray):
+            return value
+        if isinstance(value, keras.Variable) and tf.executing_eagerly():
+            return np.asarray(tf.convert_to_tensor(value))  # an eager tensor's array is a view of its buffer
+        return keras_convert(value)
+
+    with mock.patch.object(saving_lib.backend, "convert_to_numpy", convert):
+        yield

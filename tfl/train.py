@@ -19,7 +19,7 @@ from tfl import heads, storage
 from tfl.freezing import LayerwiseAdamW
 from tfl.fused_adam import use_fused_adam
 from tfl.keras_workarounds import (CSVLogger, build_optimizer_eagerly, clip_with_tensorflow, patch_keras_for_distribution,
-                                   with_loss_scaling)
+                                   saving_without_copies, with_loss_scaling)
 
 
 # ---- optimizer and schedule -----------------------------------------------------------------
@@ -115,7 +115,7 @@ def describe_backup(model_dir: str) -> Optional[str]:
 
 
 class Backup(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore (weights, optimizer, epoch; the previous copy kept), with four changes:
+    """Keras' BackupAndRestore (weights, optimizer, epoch; the previous copy kept), with five changes:
 
     - with an integer ``save_freq`` it saves at every epoch end too: Keras then saves only every N
       batches, so a kill right after an epoch would lose it;
@@ -123,7 +123,8 @@ class Backup(keras.callbacks.BackupAndRestore):
       gradual unfreezing compiles one optimizer per stage, and only the first stage a rerun trains
       restores; a backup from the previous stage's end holds an optimizer with other variables;
     - the backup stays after each model.fit: fit() removes it (``remove``) once every stage is done;
-    - a mid-epoch save records the epoch in progress, also in a resumed process.
+    - a mid-epoch save records the epoch in progress, also in a resumed process;
+    - it writes without Keras's copies of the weights (keras_workarounds.saving_without_copies).
     """
 
     def __init__(self, backup_dir: str, save_freq="epoch"):
@@ -151,9 +152,20 @@ class Backup(keras.callbacks.BackupAndRestore):
             self._save_model()
             self._batches_seen_since_last_saving = 0  # the next save N steps after this one
 
+    def _save_model(self):
+        with saving_without_copies():
+            super()._save_model()
+
     def remove(self) -> None:
         if tf.io.gfile.exists(self.backup_dir):
             tf.io.gfile.rmtree(self.backup_dir)
+
+
+class BestWeights(keras.callbacks.ModelCheckpoint):
+    """Keras's ModelCheckpoint, written without Keras's copies of the weights (saving_without_copies)."""
+    def _save_model(self, *args, **kwargs):
+        with saving_without_copies():
+            super()._save_model(*args, **kwargs)
 
 
 def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: bool = True,
@@ -174,8 +186,8 @@ def make_callbacks(model_dir: str, *, early_stopping_patience: int = 0, backup: 
     if backup:
         callbacks.append(Backup(os.path.join(model_dir, "backup"), save_freq=save_every_steps or "epoch"))
     callbacks += [
-        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_loss",
-                                        save_best_only=True, save_weights_only=True),
+        BestWeights(os.path.join(model_dir, "best.weights.h5"), monitor="val_loss", save_best_only=True,
+                    save_weights_only=True),
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
         CSVLogger(os.path.join(model_dir, "training_log.csv"), append=True),
     ]
