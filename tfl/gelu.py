@@ -44,8 +44,8 @@ def gelu_tanh_in_float32(x: tf.Tensor) -> tf.Tensor:
 def _half_precision_gelu(x: tf.Tensor):
     # The derivative is computed here, from the forward pass's own float32 values, and kept (in float32: in
     # bfloat16 it is off by more than bfloat16's rounding of the product) instead of x. A gradient function that
-    # recomputed it from x would not save that memory: TensorFlow runs its ops that need only x as soon as the
-    # forward pass has x, and holds every layer's result until the backward pass reaches it.
+    # recomputed it from x would not save that memory in a tf.function (how Keras trains): TensorFlow runs its ops
+    # that need only x as soon as the forward pass has x, and holds every layer's result until the backward pass.
     with tf.name_scope("gelu"):
         x32 = tf.cast(x, tf.float32)
         x_squared = tf.square(x32)

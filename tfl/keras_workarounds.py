@@ -226,15 +226,21 @@ def saving_without_copies():
     copy, so each save holds twice the largest variable at once (MiniLM's embedding table, or its AdamW slot:
     89 MB) at every epoch end (the backup, the best checkpoint) and at the end of a run, on top of everything
     training holds then. Here an array is taken as it is and a variable's current value is read as a view of its
-    buffer (TensorFlow copies a variable's buffer before updating it while a read of it is alive). The optimizer
-    still hands each slot over as one copy (``variable.numpy()``). The files are the same.
+    buffer where TensorFlow allows one (a variable in host memory; TensorFlow copies a variable's buffer before
+    updating it while a read of it is alive), else as one copy. The optimizer still hands each slot over as one
+    copy (``variable.numpy()``). The files are the same. The patch is Keras's backend function itself, for the
+    whole process while the body runs: for a save on the main thread, as Keras's callbacks and tfl save. Another
+    backend, or a Keras without that function: nothing is changed.
 
     Upstream: no report found; the copy is ``keras.src.saving.saving_lib.H5IOStore.__setitem__``'s
     ``backend.convert_to_numpy``.
     """
     from keras.src.saving import saving_lib
 
-    keras_convert = saving_lib.backend.convert_to_numpy
+    keras_convert = getattr(saving_lib.backend, "convert_to_numpy", None)
+    if keras.backend.backend() != "tensorflow" or keras_convert is None:
+        yield
+        return
 
     def convert(value):
         if isinstance(value, np.ndarray):

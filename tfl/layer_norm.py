@@ -40,8 +40,8 @@ def layer_norm_last_axis(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilo
         x32 = tf.cast(x, tf.float32)
         mean, variance = tf.nn.moments(x32, axes=[-1], keepdims=True)
         inv_std = tf.math.rsqrt(variance + epsilon)
-        # Kept for the backward pass instead of x: TensorFlow would compute it there as soon as the forward pass
-        # has x, and hold it until the gradient arrives, so keeping it costs nothing more and saves the recompute.
+        # Kept for the backward pass instead of x: in a tf.function TensorFlow would compute it there as soon as the
+        # forward pass has x and hold it until the gradient arrives, so keeping it costs nothing more.
         x_hat = (x32 - mean) * inv_std
 
         def gradient(upstream):
