@@ -204,7 +204,8 @@ def save_weights_through_disk(model: keras.Model, path: str) -> None:
     weights and the optimizer's slots once more (MiniLM with AdamW: 272 MB), resident at the very end of a
     run, where they set the peak of a fine-tune or the demo. Its own low-memory path, taken here, writes them
     to a temporary file in the same folder and copies that into the zip; the file is the same. Remote paths
-    (gs://) stay in memory as Keras keeps them: it has no local folder there.
+    (gs://) stay in memory as Keras keeps them: it has no local folder there. Either way the weights are written
+    without Keras's copies of each value (``saving_without_copies``).
 
     Upstream: no report found; the in-memory choice is ``keras.src.saving.saving_lib.is_memory_sufficient``.
     """
