@@ -81,6 +81,29 @@ def test_release_memory_drops_keras_state_of_finished_runs_and_keeps_the_dtype_p
         keras.config.set_dtype_policy("float32")
 
 
+def test_release_traced_functions_frees_the_traces_and_keras_traces_again_when_the_model_trains_again():
+    import weakref
+
+    import keras
+
+    from tfl.costs import release_traced_functions
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x, y = np.ones((8, 3), "float32"), np.zeros((8, 1), "float32")
+    model.fit(x, y, epochs=1, verbose=0)
+    model.evaluate(x, y, verbose=0)
+    model.predict(x, verbose=0)
+    traced = [weakref.ref(f) for f in (model.train_function, model.test_function, model.predict_function)]
+    assert all(t() is not None for t in traced)
+    release_traced_functions(model)
+    assert [t() for t in traced] == [None, None, None]  # freed, graphs and all, not merely dropped by the model
+    before = model.get_weights()[0].copy()
+    model.fit(x, y, epochs=1, verbose=0)
+    assert model.train_function is not None and not np.array_equal(model.get_weights()[0], before)
+
+
 TRIM_CHILD = """
 import platform
 from tfl.costs import trim_heap

@@ -1,5 +1,7 @@
 """tfl.validation: the validation split is scored once at the last epoch, with the logs Keras would have."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -84,6 +86,38 @@ def test_a_run_scores_validation_once_and_the_callbacks_still_see_it(text_csv, t
     log = (tmp_path / "run" / "training_log.csv").read_text().splitlines()
     assert "val_loss" in log[0] and len(log) == 3 and "" not in log[-1].split(",")  # the last epoch logged in full
     assert (tmp_path / "run" / "best.weights.h5").exists()
+
+
+def test_the_last_epochs_validation_and_the_export_trace_after_the_training_traces_are_freed(text_csv, tmp_path,
+                                                                                          monkeypatch):
+    """Training's traced functions are released once its last step is done, so that the final validation's and
+    the export's traces reuse their memory (tfl.costs.release_traced_functions)."""
+    from tfl import costs, export, runner
+
+    events = []
+    real_release = costs.release_traced_functions
+
+    def release(model):
+        events.append(("release", model.train_function is not None))
+        real_release(model)
+
+    monkeypatch.setattr(validation, "release_traced_functions", release)
+    monkeypatch.setattr(runner, "release_traced_functions", release)
+    real_predict = validation.predict_with_labels
+    monkeypatch.setattr(validation, "predict_with_labels",
+                        lambda model, *a: events.append(("validation", model.train_function)) or real_predict(model, *a))
+    real_export = export.export_serving_model
+    monkeypatch.setattr(export, "export_serving_model",
+                        lambda model, *a: events.append(("export", model.train_function)) or real_export(model, *a))
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, maxlen=8, num_words=50),
+                    model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run"),
+                    train=TrainConfig(epochs=2, learning_rate=1e-2, precision="float32"))
+    metrics = tfl.run(config, verbose=0)
+    # At the last epoch's end the train function still existed and was freed before the validation's trace;
+    # released again (predict and test functions) before the export.
+    assert events == [("release", True), ("validation", None), ("release", False), ("export", None)]
+    assert metrics["validation"]["accuracy"] == pytest.approx(metrics["history"]["val_accuracy"][-1])
+    assert os.path.isdir(metrics["export_path"])
 
 
 def test_with_gradual_unfreezing_every_epoch_has_its_validation_and_the_last_is_tfls(text_csv, tmp_path):

@@ -1,7 +1,7 @@
 """What a run costs: wall seconds per stage and per epoch, and the process's peak resident memory, for
 metrics.json's ``timings`` and ``peak_rss_mb``; giving memory back between runs (``release_memory``,
-``trim_heap``); a quicker exit (``skip_exit_collection``); and the estimate of a run's seconds that auto's
-budget uses (``training_seconds``).
+``trim_heap``) and within a run once training is over (``release_traced_functions``); a quicker exit
+(``skip_exit_collection``); and the estimate of a run's seconds that auto's budget uses (``training_seconds``).
 
     timings = {}
     with timed(timings, "data_load"):
@@ -95,6 +95,19 @@ def release_memory() -> None:
     policy = keras.config.dtype_policy()
     keras.backend.clear_session(free_memory=True)
     keras.config.set_dtype_policy(policy)
+    trim_heap()
+
+
+def release_traced_functions(model: keras.Model) -> None:
+    """Frees ``model``'s traced train, test and predict functions (their graphs and kernels: ~50-75 MiB for a
+    MiniLM fine-tune) once its training and scoring are over, so that the traces still to come (the final
+    validation's, the export's) reuse that memory instead of adding to the peak. Keras traces them again if
+    the model is used again."""
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            delattr(model, name)  # not only set to None: TensorFlow's tracking of the model keeps a traced
+            setattr(model, name, None)  # predict function as a dependency until the attribute is deleted
+    gc.collect()  # a tf.function's objects hold cycles
     trim_heap()
 
 

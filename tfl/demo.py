@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from tfl import quiet
+from tfl import quiet, text_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs", "demo")
@@ -141,6 +141,7 @@ def copy_report(model_dir: str, docs: str) -> None:
 def run_job(name: str, out: str, quick: bool, refresh_docs: bool, verbose: bool) -> int:
     """One job, in this process (the child that ``run_in_child`` starts): 0, or 2 after one error line."""
     flagfile, source_job = next((f, s) for n, f, s in DEMO_JOBS + DOCS_JOBS if n == name)
+    text_ops.load_on_demand()  # as main.py does: TensorFlow Text's op libraries load as used
     with quiet.tensorflow_start(quiet=not verbose):
         from tfl.config import ConfigError
         from tfl.job import DiskFullError, run

@@ -12,7 +12,6 @@ Each row holds the input, the predicted label and one probability per class.
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import os
 from typing import Optional, Union
@@ -20,7 +19,7 @@ from typing import Optional, Union
 import numpy as np
 import tensorflow as tf
 
-from tfl import storage
+from tfl import storage, text_ops
 from tfl.data.sources import IMAGE_EXTENSIONS, DataError, read_csv_rows, read_jsonl_rows
 
 BATCH = 64
@@ -39,9 +38,10 @@ def latest_export(model_dir: str) -> str:
 def load_serving_function(path: str):
     """The export's ``serving_default``. A keras-hub text export tokenizes in its graph with TensorFlow Text's
     ops, which only an import of ``tensorflow_text`` registers: without it the load fails ("Op type not
-    registered 'RegexSplitWithOffsets'"), so it is imported here, as any serving process must."""
+    registered 'RegexSplitWithOffsets'"), so it is imported here, as any serving process must (all of it, also
+    in the command's process, where tfl.text_ops loads it as used)."""
     try:
-        importlib.import_module("tensorflow_text")  # registers the ops (a tfl dependency)
+        text_ops.load_all()  # registers the ops (a tfl dependency)
     except ImportError:
         pass  # an LSTM or image export loads without it; a text export then fails below, in one line
     try:

@@ -28,7 +28,7 @@ from tfl import heads, train
 from tfl import transfer as transfer_lib
 from tfl.config import ACCUMULATION_ON_ONE_DEVICE, Config, ConfigError
 from tfl.batches import batch_count, batches_for, image_file_decoder
-from tfl.costs import EpochTimes, peak_rss_mb, timed
+from tfl.costs import EpochTimes, peak_rss_mb, release_traced_functions, timed
 from tfl.train import cache_features
 from tfl.outputs import write_outputs
 from tfl.storage import write_json_atomically
@@ -132,6 +132,11 @@ def train_and_evaluate(config: Config, verbose: int = 1, *, process_started: Opt
         metrics = evaluate_model(config, splits, backbone, model, mapping, batches, training, devices, score_test)
     writes = bool(config.model_dir) and devices.chief
     if writes:
+        # Training and scoring are over: what only they use (traced functions, the input pipelines and their
+        # buffers) is freed for the export's trace to reuse, which would otherwise set the run's peak memory.
+        training.pop("predict_step", None)
+        batches = None
+        release_traced_functions(model)
         write_outputs(config, splits, backbone, model, metrics, timings)
     timings["total"] = round(time.time() - (started if process_started is None else process_started), 3)
     metrics.update(timings=timings, peak_rss_mb=peak_rss_mb(), wall_seconds=round(time.time() - started, 2))

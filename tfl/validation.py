@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfl import heads
+from tfl.costs import release_traced_functions
 from tfl.train import predict_with_labels, traced_for_any_shape
 
 
@@ -41,6 +42,7 @@ class FinalValidation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch != self.last_epoch or self.model.stop_training:  # stopped: a non-finite loss, about to raise
             return
+        release_traced_functions(self.model)  # the run's last training step is done: this trace reuses its memory
         self.predict_step = traced_for_any_shape(self.model)
         outputs, labels = predict_with_labels(self.model, self.validation, self.predict_step)
         self.metrics = heads.evaluation_metrics(self.task, self.num_labels, outputs, labels)
