@@ -12,7 +12,8 @@ transient above the resident memory before a step is what that step holds while 
 the backward pass, gradients); its growth with the batch is the memory per example. Compare with the run's own
 figure, ``peak_rss_mb`` in a run's metrics.json. Last, the whole one-epoch command of
 configs/minilm_rotten_tomatoes.flags in a fresh process, and what is resident at its peak by kind of mapping
-(/proc/<pid>/smaps: files, glibc's heap, large and small anonymous mappings).
+(/proc/<pid>/smaps: files, glibc's heap, large and small anonymous mappings). Imported as main.py imports them:
+TensorFlow Text's op libraries load as they are used (tfl.text_ops).
 """
 
 import argparse
@@ -35,6 +36,11 @@ def resident_mb() -> float:
 
 
 STARTED_MB = resident_mb()
+
+from tfl import text_ops  # noqa: E402
+
+if __name__ == "__main__":  # as main.py does (never on import: a test process keeps the whole package)
+    text_ops.load_on_demand()  # TensorFlow Text's op libraries load as keras-hub uses them
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -133,8 +139,8 @@ def measure_in_this_process(returned: bool, precision: str = "auto") -> dict:
         return_freed_memory_at_once()
     assets.asset_path("minilm")  # the packaged encoder; a clear error if it is not fetched
     stages = Stages()
-    stages.rows.append(("Python + TensorFlow, Keras, keras-hub imported", resident_mb(), costs.peak_rss_mb(),
-                        resident_mb() - STARTED_MB, None))
+    stages.rows.append(("Python + TensorFlow, Keras, keras-hub imported (TensorFlow Text's op libraries as used)",
+                        resident_mb(), costs.peak_rss_mb(), resident_mb() - STARTED_MB, None))
     texts, total = longest_texts_first()
     stages.mark(f"Rotten Tomatoes loaded ({total:,d} sentences)")
     precision = devices.resolve_precision(precision)
@@ -241,6 +247,10 @@ def activations_text(default: dict, returned: dict) -> list:
         "once removes the last part but makes every step pay page faults for its activations again, so tfl "
         "keeps glibc's default and only gives the heap's free memory back between runs "
         "(`tfl.costs.release_memory`, which compare and tune call; the demo runs each job in a process of its own).",
+        "Within a run, tfl frees what training alone used once its last step is done (its traced functions, "
+        "`tfl.costs.release_traced_functions`; before the export also the input pipelines), so that the final "
+        "validation's and the export's traces reuse that memory; and the command loads TensorFlow Text's op "
+        "libraries as keras-hub uses them (`tfl.text_ops`), not all ~22 of them at import.",
         "",
         f"So one fine-tune at batch {batch} and {top} tokens needs at least {floor:,.0f} MiB here (what stays "
         f"resident after the steps with freed memory returned, {returned['rows'][-1][1]:,.0f} MiB, plus that "

@@ -104,8 +104,11 @@ def test_the_last_epochs_validation_and_the_export_trace_after_the_training_trac
     monkeypatch.setattr(validation, "release_traced_functions", release)
     monkeypatch.setattr(runner, "release_traced_functions", release)
     real_predict = validation.predict_with_labels
-    monkeypatch.setattr(validation, "predict_with_labels",
-                        lambda model, *a: events.append(("validation", model.train_function)) or real_predict(model, *a))
+    def predict(model, *args):
+        events.append(("validation", model.train_function))
+        return real_predict(model, *args)
+
+    monkeypatch.setattr(validation, "predict_with_labels", predict)
     real_export = export.export_serving_model
     monkeypatch.setattr(export, "export_serving_model",
                         lambda model, *a: events.append(("export", model.train_function)) or real_export(model, *a))

@@ -100,9 +100,9 @@ def release_memory() -> None:
 
 def release_traced_functions(model: keras.Model) -> None:
     """Frees ``model``'s traced train, test and predict functions (their graphs and kernels: ~50-75 MiB for a
-    MiniLM fine-tune) once its training and scoring are over, so that the traces still to come (the final
-    validation's, the export's) reuse that memory instead of adding to the peak. Keras traces them again if
-    the model is used again."""
+    MiniLM fine-tune) once its training is over, so that the traces still to come (the final validation's,
+    the export's) reuse that memory instead of adding to the peak. Keras traces them again if the model is
+    trained or scored through Keras again."""
     for name in ("train_function", "test_function", "predict_function"):
         if getattr(model, name, None) is not None:
             delattr(model, name)  # not only set to None: TensorFlow's tracking of the model keeps a traced
@@ -113,10 +113,11 @@ def release_traced_functions(model: keras.Model) -> None:
 
 def trim_heap() -> bool:
     """Gives the free memory inside glibc's heap back to the system (malloc_trim): after a run, glibc keeps
-    what the run's tensors freed, for reuse, and the next run's peak would count it. Between runs only: having
-    glibc give each step's activations back as the step frees them (its mmap threshold fixed) makes every step
-    slower, which benchmarks/memory.py measures in docs/memory.md. False where the C library is not glibc
-    (nothing done)."""
+    what the run's tensors freed, for reuse, and the next run's peak would count it. Called between runs, and
+    within a run once training is over (``release_traced_functions``), never between steps: having glibc give
+    each step's activations back as the step frees them (its mmap threshold fixed) makes every step slower,
+    which benchmarks/memory.py measures in docs/memory.md. False where the C library is not glibc (nothing
+    done)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -27,7 +27,8 @@ from tfl.train import predict_with_labels, traced_for_any_shape
 
 class FinalValidation(keras.callbacks.Callback):
     """At the end of epoch ``last_epoch`` (0-based): tfl's metrics of the validation split in ``metrics``, and
-    ``val_loss`` and each compiled metric's ``val_`` value in the epoch's logs."""
+    ``val_loss`` and each compiled metric's ``val_`` value in the epoch's logs. Training is over then: first the
+    model's traced Keras functions are freed (tfl.costs.release_traced_functions; Keras traces again if asked)."""
 
     def __init__(self, validation: tf.data.Dataset, *, task: str, num_labels: int, last_epoch: int):
         super().__init__()
