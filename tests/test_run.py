@@ -266,6 +266,22 @@ def test_backup_is_saved_at_every_epoch_end_also_with_save_every_steps(tmp_path)
     assert metadata.exists()  # fit() removes it once every stage is done, not each model.fit
 
 
+def test_a_run_backs_up_every_epoch_but_its_last_which_fit_would_remove_unread(text_csv, tmp_path, monkeypatch):
+    from tfl import train
+
+    saved_at, removed = [], []
+    real_save, real_remove = train.Backup._save_model, train.Backup.remove
+    monkeypatch.setattr(train.Backup, "_save_model",
+                        lambda self: saved_at.append(self._current_epoch) or real_save(self))
+    monkeypatch.setattr(train.Backup, "remove", lambda self: removed.append(saved_at[:]) or real_remove(self))
+    config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, maxlen=8, num_words=50),
+                    model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run"), export=False,
+                    train=TrainConfig(epochs=3, learning_rate=1e-2, precision="float32"))
+    tfl.run(config, verbose=0)
+    assert saved_at == [1, 2] and removed == [[1, 2]]  # the ends of epochs 1 and 2; none after the third
+    assert not (tmp_path / "run" / "backup").exists()
+
+
 def test_a_resumed_run_records_the_epoch_it_is_in(tmp_path):
     """Kill, resume, kill again: the mid-epoch save after a resume must say the resumed epoch, not 0."""
     from tfl.train import Backup

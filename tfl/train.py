@@ -50,9 +50,8 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "decay": self.decay}
 
 
-def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: float = 0.1,
-                   schedule: str = "linear", weight_decay: float = 0.01,
-                   lr_multipliers: Optional[dict] = None,
+def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: float = 0.1, schedule: str = "linear",
+                   weight_decay: float = 0.01, lr_multipliers: Optional[dict] = None,
                    gradient_accumulation_steps: int = 1) -> keras.optimizers.Optimizer:
     """AdamW with warm-up and decay; per-variable learning-rate factors for layer-wise decay.
 
@@ -85,8 +84,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.failed_at = None
-        self._epoch = 0
+        self.failed_at, self._epoch = None, 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -109,13 +107,11 @@ def read_backup(backup_dir: str) -> Optional[dict]:
 def describe_backup(model_dir: str) -> Optional[str]:
     """'epoch E, batch B' of a resumable backup in ``model_dir``, or None."""
     meta = read_backup(os.path.join(model_dir, "backup")) if model_dir else None
-    if meta is None:
-        return None
-    return f"epoch {meta.get('epoch', 0)}, after batch {meta.get('batch', 0)}"
+    return None if meta is None else f"epoch {meta.get('epoch', 0)}, after batch {meta.get('batch', 0)}"
 
 
 class Backup(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore (weights, optimizer, epoch; the previous copy kept), with five changes:
+    """Keras' BackupAndRestore (weights, optimizer, epoch; the previous copy kept), with six changes:
 
     - with an integer ``save_freq`` it saves at every epoch end too: Keras then saves only every N
       batches, so a kill right after an epoch would lose it;
@@ -124,12 +120,14 @@ class Backup(keras.callbacks.BackupAndRestore):
       restores; a backup from the previous stage's end holds an optimizer with other variables;
     - the backup stays after each model.fit: fit() removes it (``remove``) once every stage is done;
     - a mid-epoch save records the epoch in progress, also in a resumed process;
-    - it writes without Keras's copies of the weights (keras_workarounds.saving_without_copies).
+    - it writes without Keras's copies of the weights (keras_workarounds.saving_without_copies);
+    - no save at the end of the run's last epoch (``run_epochs``, set by fit()): fit() would remove it unread.
     """
 
     def __init__(self, backup_dir: str, save_freq="epoch"):
         super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True, delete_checkpoint=False)
         self.restore, self.restore_optimizer = True, True
+        self.run_epochs = None
 
     def on_train_begin(self, logs=None):
         if self.restore:
@@ -147,6 +145,8 @@ class Backup(keras.callbacks.BackupAndRestore):
         self._current_epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.run_epochs:  # (saving it added the optimizer slots' copies, 45 MiB, to MiniLM's peak)
+            return
         super().on_epoch_end(epoch, logs)
         if self.save_freq != "epoch":
             self._save_model()
@@ -257,7 +257,7 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset,
             # Later stages go on from the model in memory. A backup saved at the end of the previous
             # stage (epoch == first_epoch, batch 0) holds that stage's optimizer: this stage starts a
             # fresh one, as an uninterrupted run does.
-            backup.restore = index == resume_stage
+            backup.restore, backup.run_epochs = index == resume_stage, epochs
             backup.restore_optimizer = not (index > 0 and saved and saved.get("epoch") == first_epoch
                                             and saved.get("batch", 0) == 0)
         model._initial_epoch = None  # Keras keeps a restored epoch for every later fit() of the model
