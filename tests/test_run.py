@@ -266,7 +266,11 @@ def test_backup_is_saved_at_every_epoch_end_also_with_save_every_steps(tmp_path)
     assert metadata.exists()  # fit() removes it once every stage is done, not each model.fit
 
 
-def test_a_run_backs_up_every_epoch_but_its_last_which_fit_would_remove_unread(text_csv, tmp_path, monkeypatch):
+@pytest.mark.parametrize("save_every_steps", [0, 3])
+def test_a_run_backs_up_every_epoch_but_its_last_which_fit_would_remove_unread(text_csv, tmp_path, monkeypatch,
+                                                                              save_every_steps):
+    """The backup at the run's last epoch end would be removed right after, unread: it is not written (also
+    with mid-epoch saves, which record the epoch in progress: 0, 1, 2)."""
     from tfl import train
 
     saved_at, removed = [], []
@@ -276,9 +280,15 @@ def test_a_run_backs_up_every_epoch_but_its_last_which_fit_would_remove_unread(t
     monkeypatch.setattr(train.Backup, "remove", lambda self: removed.append(saved_at[:]) or real_remove(self))
     config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, maxlen=8, num_words=50),
                     model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run"), export=False,
-                    train=TrainConfig(epochs=3, learning_rate=1e-2, precision="float32"))
+                    train=TrainConfig(epochs=3, learning_rate=1e-2, precision="float32",
+                                      save_every_steps=save_every_steps))
     tfl.run(config, verbose=0)
-    assert saved_at == [1, 2] and removed == [[1, 2]]  # the ends of epochs 1 and 2; none after the third
+    epoch_ends = [1, 2]  # the ends of the first and second epochs (the epoch to resume at); none after the third
+    if save_every_steps:
+        assert 3 not in saved_at and 0 in saved_at and set(epoch_ends) <= set(saved_at)
+    else:
+        assert saved_at == epoch_ends
+    assert removed == [saved_at]
     assert not (tmp_path / "run" / "backup").exists()
 
 

@@ -162,7 +162,7 @@ HELP = {
               "last (each backbone's output) or a comma list such as 1,3. Random-init controls are always scored.",
     "input": "--mode=predict: a text, csv:<path> or jsonl:<path> (the --text_column), or images:<folder>.",
     "output": "--mode=predict: where to write the predictions CSV (input, label, p(<class>) ...); empty = stdout.",
-    "save_every_steps": "Save the resume state (weights, optimizer, epoch) every N steps; 0 = at epoch ends only.",
+    "save_every_steps": "Save the resume state (weights, optimizer, epoch) every N steps too; 0 = at epoch ends only.",
     "deterministic": "Enable TensorFlow op determinism: two runs with the same --seed give identical metrics.",
     "cache_frozen_features": "With --freeze_all, compute the backbone's features once and train the head on them.",
     "model_dir": "Where checkpoints, logs, metrics.json, model.keras and export/<version>/ go (needed by "

@@ -111,7 +111,7 @@ class TrainConfig:
     steps_per_execution: int = 1
     gradient_accumulation_steps: int = 1  # one update per N batches (their mean gradient); 1 = every batch
     max_steps_per_epoch: int = 0  # 0 = a full pass
-    save_every_steps: int = 0  # resume state saved every N steps (and at epoch ends); 0 = epoch ends only
+    save_every_steps: int = 0  # resume state saved every N steps (and at epoch ends but the last); 0 = epoch ends
     deterministic: bool = False  # TF op determinism: identical metrics for identical runs (CPU)
     cache_frozen_features: bool = True  # linear probe: compute backbone features once, train the head on them
     pseudo_label_share: float = 0.0  # self_train: fine-tune the encoder on this surest share of pseudo-labels; 0 = off

@@ -115,7 +115,7 @@ def export_serving_model(model: keras.Model, backbone: backbones_lib.Backbone, l
     except (OSError, tf.errors.OpError) as e:
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
         raise ExportError(f"Could not write the export {final} ({reason}); free disk space or use another "
-                          "--model_dir, then rerun the same command (training resumes from its checkpoint)") from e
+                          "--model_dir, then rerun the same command") from e
     finally:
         if tf.io.gfile.exists(staging):
             tf.io.gfile.rmtree(staging)

@@ -145,7 +145,7 @@ class Backup(keras.callbacks.BackupAndRestore):
         self._current_epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.run_epochs:  # (saving it added the optimizer slots' copies, 45 MiB, to MiniLM's peak)
+        if epoch + 1 == self.run_epochs:  # (the save copied each optimizer slot: 45 MiB at once for MiniLM's)
             return
         super().on_epoch_end(epoch, logs)
         if self.save_freq != "epoch":
