@@ -85,6 +85,7 @@ def test_release_traced_functions_frees_the_traces_and_keras_traces_again_when_t
     import weakref
 
     import keras
+    import tensorflow as tf
 
     from tfl.costs import release_traced_functions
 
@@ -95,7 +96,6 @@ def test_release_traced_functions_frees_the_traces_and_keras_traces_again_when_t
     model.fit(x, y, epochs=1, verbose=0)
     model.evaluate(x, y, verbose=0)
     model.predict(x, verbose=0)
-    import tensorflow as tf
 
     def tf_functions(function) -> list:  # Keras's train/test functions are closures over a tf.function
         cells = [c.cell_contents for c in (getattr(function, "__closure__", None) or ())]

@@ -88,10 +88,12 @@ def test_a_run_scores_validation_once_and_the_callbacks_still_see_it(text_csv, t
     assert (tmp_path / "run" / "best.weights.h5").exists()
 
 
+@pytest.mark.parametrize("export_model", [True, False])
 def test_the_last_epochs_validation_and_the_export_trace_after_the_training_traces_are_freed(text_csv, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, export_model):
     """Training's traced functions are released once its last step is done, so that the final validation's and
-    the export's traces reuse their memory (tfl.costs.release_traced_functions)."""
+    the export's traces reuse their memory (tfl.costs.release_traced_functions); without an export, only the
+    validation's reason stands."""
     from tfl import costs, export, runner
 
     events = []
@@ -104,6 +106,7 @@ def test_the_last_epochs_validation_and_the_export_trace_after_the_training_trac
     monkeypatch.setattr(validation, "release_traced_functions", release)
     monkeypatch.setattr(runner, "release_traced_functions", release)
     real_predict = validation.predict_with_labels
+
     def predict(model, *args):
         events.append(("validation", model.train_function))
         return real_predict(model, *args)
@@ -113,14 +116,15 @@ def test_the_last_epochs_validation_and_the_export_trace_after_the_training_trac
     monkeypatch.setattr(export, "export_serving_model",
                         lambda model, *a: events.append(("export", model.train_function)) or real_export(model, *a))
     config = Config(data=DataConfig(source=f"csv:{text_csv}", batch_size=4, maxlen=8, num_words=50),
-                    model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run"),
+                    model=ModelConfig(backbone="lstm"), model_dir=str(tmp_path / "run"), export=export_model,
                     train=TrainConfig(epochs=2, learning_rate=1e-2, precision="float32"))
     metrics = tfl.run(config, verbose=0)
     # At the last epoch's end the train function still existed and was freed before the validation's trace;
-    # released again (predict and test functions) before the export.
-    assert events == [("release", True), ("validation", None), ("release", False), ("export", None)]
+    # released again (the scoring's trace, the input pipelines) before the export, and only then.
+    exported = [("release", False), ("export", None)] if export_model else []
+    assert events == [("release", True), ("validation", None)] + exported
     assert metrics["validation"]["accuracy"] == pytest.approx(metrics["history"]["val_accuracy"][-1])
-    assert os.path.isdir(metrics["export_path"])
+    assert os.path.isdir(metrics["export_path"]) if export_model else "export_path" not in metrics
 
 
 def test_with_gradual_unfreezing_every_epoch_has_its_validation_and_the_last_is_tfls(text_csv, tmp_path):

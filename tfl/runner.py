@@ -131,12 +131,13 @@ def train_and_evaluate(config: Config, verbose: int = 1, *, process_started: Opt
     with timed(timings, "evaluation"):
         metrics = evaluate_model(config, splits, backbone, model, mapping, batches, training, devices, score_test)
     writes = bool(config.model_dir) and devices.chief
-    if writes:
+    if writes and config.export:
         # Training and scoring are over: what only they use (traced functions, the input pipelines and their
         # buffers) is freed for the export's trace to reuse, which would otherwise set the run's peak memory.
         training.pop("predict_step", None)
         batches = None
         release_traced_functions(model)
+    if writes:
         write_outputs(config, splits, backbone, model, metrics, timings)
     timings["total"] = round(time.time() - (started if process_started is None else process_started), 3)
     metrics.update(timings=timings, peak_rss_mb=peak_rss_mb(), wall_seconds=round(time.time() - started, 2))

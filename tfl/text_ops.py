@@ -1,11 +1,11 @@
 """TensorFlow Text's op libraries loaded as they are used, not all at import: for the command's own process.
 
 keras-hub imports ``tensorflow_text`` whole, and its package imports all of its ~22 op libraries: 116 MiB
-resident after TensorFlow and Keras (measured here), where a keras-hub BERT classifier uses four of them (normalize,
-regex split, fast WordPiece, the packer's trimmer). In a one-epoch MiniLM fine-tune command, the run's peak
-fell by 84 MiB. ``load_on_demand()``, called before keras-hub
-is imported, puts a stand-in for the package in ``sys.modules`` whose attributes import the one submodule
-that defines them (and so load its library) on first use:
+resident after TensorFlow and Keras (measured here), where a keras-hub BERT classifier uses four of them
+(normalize, regex split, fast WordPiece, the packer's trimmer). In a one-epoch MiniLM fine-tune command, the
+run's peak fell by 84 MiB. ``load_on_demand()``, called before keras-hub is imported, puts a stand-in for the
+package in ``sys.modules`` whose attributes import the one submodule that defines them (and so load its
+library) on first use:
 
     from tfl import text_ops
     text_ops.load_on_demand()   # before keras-hub's import
